@@ -1,0 +1,8 @@
+"""tgo: the Transformer Geometry Observatory.
+
+Measures the spectral geometry of a Vision Transformer's representations (effective rank, stable
+rank, participation ratio, spectral entropy, flatness, anisotropy, ...) at every site and token
+view, every epoch, and tracks it in MLflow. See METRICS.md for the definitions.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from tgo.cli import main
+
+sys.exit(main())

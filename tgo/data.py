@@ -1,0 +1,289 @@
+"""Datasets and transforms: digits (embedded), synthetic, imagefolder, imagenet100, cifar10/100.
+
+Every dataset yields (image tensor (3, H, W), int label) through timm's transforms
+(`timm.data.create_transform`), so the embedded default and ImageNet-100 share one pipeline.
+`build_datasets(cfg)` returns the train and validation sets and the class count; the fixed probe
+subset is drawn from the validation set (`tgo.probeset`).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
+
+from tgo.config import TrainConfig
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".JPEG")
+
+
+class DataError(ValueError):
+    """Data that tgo cannot train on; the message names the path and what to do."""
+
+
+def imagenet100_classes() -> list[str]:
+    """The 100 WordNet ids of ImageNet-100 (shipped with tgo, as in shared/data)."""
+    return files("tgo").joinpath("data/imagenet100_classes.txt").read_text().split()
+
+
+@dataclass
+class Datasets:
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    notes: list[str]  # plain-language facts about the data to log (incompleteness, sizes)
+
+
+# --------------------------------------------------------------------------------------------------
+# transforms
+# --------------------------------------------------------------------------------------------------
+
+
+def transforms(cfg: TrainConfig, mean, std):
+    """(train, eval) transforms from timm for PIL images at cfg.img_size."""
+    from timm.data import create_transform
+
+    train = create_transform(
+        input_size=cfg.img_size,
+        is_training=True,
+        hflip=cfg.hflip,
+        auto_augment=None if cfg.auto_augment in ("", "none") else cfg.auto_augment,
+        re_prob=cfg.reprob,
+        interpolation="bicubic",
+        mean=mean,
+        std=std,
+        scale=(0.08, 1.0) if cfg.img_size >= 128 else (0.5, 1.0),
+    )
+    evaluate = create_transform(
+        input_size=cfg.img_size, is_training=False, interpolation="bicubic", crop_pct=cfg.crop_pct, mean=mean, std=std
+    )
+    return train, evaluate
+
+
+# --------------------------------------------------------------------------------------------------
+# in-memory datasets: digits and synthetic
+# --------------------------------------------------------------------------------------------------
+
+
+class ArrayImages(Dataset):
+    """Images held in memory as uint8 arrays (N, H, W, 3), returned as PIL through a transform."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None) -> None:
+        self.images, self.labels, self.transform = images, labels.astype(np.int64), transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        img = Image.fromarray(self.images[i])
+        return (self.transform(img) if self.transform else img), int(self.labels[i])
+
+
+def _digits(cfg: TrainConfig):
+    """scikit-learn's handwritten digits (1797 images, 8x8, 17 grey levels), upsampled to
+    img_size with bicubic interpolation and repeated over 3 channels. A fixed stratified split
+    (80 / 20, independent of the training seed) keeps the probe images the same across seeds."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    grey = (digits.images / 16.0 * 255).round().astype(np.uint8)  # (1797, 8, 8)
+    big = np.stack([np.asarray(Image.fromarray(g).resize((cfg.img_size, cfg.img_size), Image.BICUBIC)) for g in grey])
+    rgb = np.repeat(big[..., None], 3, axis=-1)
+    idx_train, idx_val = train_test_split(
+        np.arange(len(rgb)), test_size=0.2, random_state=0, stratify=digits.target
+    )
+    return (rgb[idx_train], digits.target[idx_train]), (rgb[idx_val], digits.target[idx_val]), 10
+
+
+def _synthetic(cfg: TrainConfig):
+    """Class-conditional noise images: each class has a smooth random prototype; an image is its
+    prototype plus noise. Learnable in a few epochs; generated from a fixed seed (0)."""
+    k = cfg.num_classes or 4
+    rng = np.random.default_rng(0)
+    coarse = rng.uniform(0, 255, size=(k, 4, 4, 3)).astype(np.uint8)
+    protos = np.stack([np.asarray(Image.fromarray(c).resize((cfg.img_size, cfg.img_size), Image.BILINEAR)) for c in coarse])
+
+    def make(n):
+        labels = np.arange(n) % k
+        noise = rng.normal(0, 40, size=(n, cfg.img_size, cfg.img_size, 3))
+        return np.clip(protos[labels] + noise, 0, 255).astype(np.uint8), labels
+
+    return make(cfg.synthetic_train_size), make(cfg.synthetic_val_size), k
+
+
+# --------------------------------------------------------------------------------------------------
+# image folders
+# --------------------------------------------------------------------------------------------------
+
+
+def checked_loader(path: str) -> Image.Image:
+    """PIL loader that names the file when it cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            return Image.open(fh).convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"cannot read image {path}: {err}. Remove or replace the file.") from None
+
+
+class ClassFolder(ImageFolder):
+    """torchvision's ImageFolder, optionally restricted to a fixed list of classes (ImageNet-100)."""
+
+    def __init__(self, root: str, classes: list[str] | None = None, **kwargs) -> None:
+        self._only = classes
+        super().__init__(root, loader=checked_loader, **kwargs)
+
+    def find_classes(self, directory):
+        classes, _ = super().find_classes(directory)
+        if self._only is not None:
+            present = set(classes)
+            classes = [c for c in self._only if c in present]
+        return classes, {c: i for i, c in enumerate(classes)}
+
+
+def _split_dir(root: Path, split: str) -> Path:
+    path = root / split
+    if not path.is_dir():
+        raise DataError(
+            f"{path} does not exist: data_dir must hold train/ and val/, each with one folder per "
+            f"class (torchvision's ImageFolder layout), e.g. {root}/train/<class>/<image>.jpg."
+        )
+    return path
+
+
+def _folder(root: Path, split: str, transform, classes=None) -> ClassFolder:
+    path = _split_dir(root, split)
+    try:
+        return ClassFolder(str(path), classes=classes, transform=transform)
+    except FileNotFoundError as err:  # no class folders, or no images in them
+        raise DataError(f"{path}: {err}. Expected one folder per class with images inside.") from None
+
+
+def imagenet100_report(root: str | Path) -> dict:
+    """What an ImageNet-100 tree holds: images per class and split, and what is missing."""
+    root = Path(root)
+    classes = imagenet100_classes()
+    report = {"root": str(root), "missing": {}, "counts": {}}
+    for split in ("train", "val"):
+        counts = {}
+        for c in classes:
+            d = root / split / c
+            counts[c] = sum(1 for f in os.scandir(d) if f.name.endswith(IMG_EXTENSIONS)) if d.is_dir() else 0
+        report["counts"][split] = counts
+        report["missing"][split] = [c for c, n in counts.items() if n == 0]
+    return report
+
+
+def _imagenet100(cfg: TrainConfig, train_tf, eval_tf, notes: list[str]):
+    root = Path(cfg.data_dir)
+    for split in ("train", "val"):
+        _split_dir(root, split)
+    report = imagenet100_report(root)
+    missing = sorted(set(report["missing"]["train"]) | set(report["missing"]["val"]))
+    if missing:
+        shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+        raise DataError(
+            f"ImageNet-100 under {root} is incomplete: {len(missing)} of 100 classes have no images "
+            f"in train/ or val/ ({shown}). Build it with `tgo data imagenet100 --src IMAGENET1K "
+            f"--dst {root}`, which reports what the source lacks."
+        )
+    small = {c: n for c, n in report["counts"]["train"].items() if n < 1000}
+    if small:
+        message = (
+            f"ImageNet-100 under {root}: {len(small)} classes have fewer than 1000 training images "
+            f"(the full set has about 1300 each), smallest {min(small.values())}."
+        )
+        warnings.warn(message)
+        notes.append(message)
+    classes = imagenet100_classes()
+    return _folder(root, "train", train_tf, classes), _folder(root, "val", eval_tf, classes), 100
+
+
+def _cifar(cfg: TrainConfig, train_tf, eval_tf):
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls, k = (CIFAR10, 10) if cfg.dataset == "cifar10" else (CIFAR100, 100)
+    root = cfg.data_dir or os.path.join(os.path.expanduser("~"), ".cache", "tgo", cfg.dataset)
+    try:
+        train = cls(root, train=True, transform=train_tf, download=cfg.download)
+        val = cls(root, train=False, transform=eval_tf, download=cfg.download)
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+        raise DataError(
+            f"{cfg.dataset} not found under {root} ({err}). Pass download=true to let torchvision "
+            f"fetch it (needs internet), or data_dir=<folder holding the extracted archive>."
+        ) from None
+    except OSError as err:  # offline download
+        raise DataError(f"could not download {cfg.dataset} to {root}: {err}. Are you offline?") from None
+    return train, val, k
+
+
+def build_datasets(cfg: TrainConfig) -> Datasets:
+    """The train and validation datasets of a config, with timm's transforms applied."""
+    notes: list[str] = []
+    mean, std = (HALF, HALF) if cfg.dataset in ("digits", "synthetic") else (IMAGENET_MEAN, IMAGENET_STD)
+    train_tf, eval_tf = transforms(cfg, mean, std)
+    if cfg.dataset in ("digits", "synthetic"):
+        (xt, yt), (xv, yv), k = _digits(cfg) if cfg.dataset == "digits" else _synthetic(cfg)
+        train, val = ArrayImages(xt, yt, train_tf), ArrayImages(xv, yv, eval_tf)
+    elif cfg.dataset == "imagefolder":
+        root = Path(cfg.data_dir)
+        train, val = _folder(root, "train", train_tf), _folder(root, "val", eval_tf)
+        if train.classes != val.classes:
+            raise DataError(
+                f"{root}: train/ and val/ have different class folders "
+                f"({len(train.classes)} vs {len(val.classes)}); they must match."
+            )
+        k = len(train.classes)
+    elif cfg.dataset == "imagenet100":
+        train, val, k = _imagenet100(cfg, train_tf, eval_tf, notes)
+    else:
+        train, val, k = _cifar(cfg, train_tf, eval_tf)
+    if cfg.num_classes and cfg.num_classes != k and cfg.dataset != "synthetic":
+        raise DataError(f"num_classes={cfg.num_classes} but {cfg.dataset} has {k} classes; leave num_classes=0.")
+    notes.append(f"{cfg.dataset}: {len(train)} training and {len(val)} validation images, {k} classes.")
+    return Datasets(train, val, k, mean, std, notes)
+
+
+def build_imagenet100(src: str | Path, dst: str | Path, splits=("train", "val")) -> dict:
+    """Make ImageNet-100 under dst as symlinks into an ImageNet-1k class-folder tree at src
+    (src/train/<wnid>/*.JPEG, src/val/<wnid>/*.JPEG). Returns `imagenet100_report(dst)` plus the
+    classes the source lacks; existing links are kept, so it can be re-run to complete a tree."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise DataError(f"--src {src} does not exist; point it at an ImageNet-1k tree with train/ and val/.")
+    lacking: dict[str, list[str]] = {}
+    for split in splits:
+        split_src = src / split
+        if not split_src.is_dir():
+            raise DataError(
+                f"{split_src} does not exist: the ImageNet-1k tree needs {split}/<wnid>/ class folders "
+                "(for val/, sorted into class folders as torchvision's ImageFolder expects)."
+            )
+        lacking[split] = []
+        for wnid in imagenet100_classes():
+            cls_src = split_src / wnid
+            if not cls_src.is_dir():
+                lacking[split].append(wnid)
+                continue
+            cls_dst = dst / split / wnid
+            cls_dst.mkdir(parents=True, exist_ok=True)
+            for entry in os.scandir(cls_src):
+                if entry.name.endswith(IMG_EXTENSIONS):
+                    link = cls_dst / entry.name
+                    if not link.exists():
+                        link.symlink_to(os.path.abspath(entry.path))
+    report = imagenet100_report(dst)
+    report["source_lacks"] = lacking
+    return report

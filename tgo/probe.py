@@ -1,0 +1,299 @@
+"""The geometry probe: one no-grad pass of a timm VisionTransformer over a probe loader, filling one
+streaming accumulator per site and token view, then the spectra and observables of each.
+
+Sites (forward order, METRICS.md), and the norm each is taken after:
+  patch_embed  output of `model.patch_embed` (the patch projection, and its `norm` if the model has
+               one; patch tokens only, so no `cls` view)
+  pos_embed    output of `model._pos_embed`: class/register tokens prepended and the position
+               embedding added, before `norm_pre` (identity in ViT-S/16)
+  block_00 ..  output of each transformer block: the residual stream, *no* norm applied
+  final        output of `model.norm`, the final LayerNorm; its `cls` view is what feeds the head
+Views: `cls` (the class token, N rows), `patch` (every patch token of every image, N x T rows,
+register tokens excluded) and `mean` (per-image mean of the patch tokens, N rows).
+
+The forward is timm's own: `forward_intermediates(..., output_fmt="NLC", return_prefix_tokens=True)`
+gives the block outputs and the final-normed tokens; a forward hook on `model.patch_embed` gives its
+output, from which `model._pos_embed` gives the pos_embed site (a concat and an add, no re-run of the
+patch projection).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from tgo import spectral
+from tgo.accumulate import MomentAccumulator, Precision
+
+VIEWS: tuple[str, ...] = ("cls", "patch", "mean")
+METRIC_PREFIX = "geom"
+
+
+def site_names(model: torch.nn.Module) -> list[str]:
+    """The probe's sites for this model, in forward order: patch_embed, pos_embed, block_XX, final."""
+    return ["patch_embed", "pos_embed", *[f"block_{i:02d}" for i in range(len(model.blocks))], "final"]
+
+
+def metric_key(site: str, view: str, name: str) -> str:
+    """The MLflow metric key of one observable: geom/<site>/<view>/<name> (METRICS.md)."""
+    return f"{METRIC_PREFIX}/{site}/{view}/{name}"
+
+
+@dataclass
+class SiteViewGeometry:
+    """The geometry of one site and view: spectra (float64), observables, sample count."""
+
+    site: str
+    view: str
+    eigenvalues: np.ndarray  # lambda of the covariance, decreasing, length r = min(D, N - 1)
+    singular_values: np.ndarray  # sigma of the centered matrix Xc = sqrt((N - 1) lambda)
+    uncentered_singular_values: np.ndarray  # of X, for RankMe
+    observables: dict[str, float]
+    n_samples: int
+    degenerate: bool = False
+
+
+@dataclass
+class ProbeResult:
+    """Per site and view geometry of one probe pass; `metrics()` gives the MLflow keys."""
+
+    geometry: dict[tuple[str, str], SiteViewGeometry] = field(default_factory=dict)
+
+    def __getitem__(self, site_view: tuple[str, str]) -> SiteViewGeometry:
+        return self.geometry[site_view]
+
+    def __iter__(self):
+        return iter(self.geometry.values())
+
+    def __len__(self) -> int:
+        return len(self.geometry)
+
+    @property
+    def sites(self) -> list[str]:
+        return list(dict.fromkeys(site for site, _ in self.geometry))
+
+    def metrics(self) -> dict[str, float]:
+        """{"geom/<site>/<view>/<name>": value} for every site, view and observable."""
+        return {
+            metric_key(g.site, g.view, name): float(value)
+            for g in self.geometry.values()
+            for name, value in g.observables.items()
+        }
+
+    def degenerate(self) -> list[str]:
+        """The "<site>/<view>" pairs whose representation had no variance."""
+        return [f"{g.site}/{g.view}" for g in self.geometry.values() if g.degenerate]
+
+    def save(self, path: str | Path) -> Path:
+        """Write every spectrum and observable to one compressed .npz file.
+
+        Arrays are keyed "<site>/<view>/<field>" with fields eigenvalues, singular_values,
+        uncentered_singular_values, observables (in `spectral.OBSERVABLE_NAMES` order), n_samples
+        and degenerate; "observable_names" lists the observable order.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays: dict[str, np.ndarray] = {"observable_names": np.array(spectral.OBSERVABLE_NAMES)}
+        for g in self.geometry.values():
+            key = f"{g.site}/{g.view}"
+            arrays[f"{key}/eigenvalues"] = g.eigenvalues
+            arrays[f"{key}/singular_values"] = g.singular_values
+            arrays[f"{key}/uncentered_singular_values"] = g.uncentered_singular_values
+            arrays[f"{key}/observables"] = np.array([g.observables[n] for n in spectral.OBSERVABLE_NAMES])
+            arrays[f"{key}/n_samples"] = np.array(g.n_samples)
+            arrays[f"{key}/degenerate"] = np.array(g.degenerate)
+        with open(path, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ProbeResult":
+        """Read a file written by `save` (no pickles: allow_pickle=False)."""
+        with np.load(Path(path), allow_pickle=False) as data:
+            names = [str(n) for n in data["observable_names"]]
+            pairs = dict.fromkeys(tuple(k.split("/")[:2]) for k in data.files if k.count("/") == 2)
+            geometry = {}
+            for site, view in pairs:
+                key = f"{site}/{view}"
+                geometry[(site, view)] = SiteViewGeometry(
+                    site=site,
+                    view=view,
+                    eigenvalues=data[f"{key}/eigenvalues"],
+                    singular_values=data[f"{key}/singular_values"],
+                    uncentered_singular_values=data[f"{key}/uncentered_singular_values"],
+                    observables=dict(zip(names, map(float, data[f"{key}/observables"]))),
+                    n_samples=int(data[f"{key}/n_samples"]),
+                    degenerate=bool(data[f"{key}/degenerate"]),
+                )
+        return cls(geometry)
+
+
+def _check_model(model: torch.nn.Module) -> None:
+    missing = [a for a in ("patch_embed", "_pos_embed", "blocks", "norm", "forward_intermediates") if not hasattr(model, a)]
+    if missing:
+        raise TypeError(
+            f"probe() needs a timm VisionTransformer (timm.create_model('vit_...')); "
+            f"{type(model).__name__} lacks {', '.join(missing)}."
+        )
+
+
+def _images(batch) -> torch.Tensor:
+    """A loader may yield images, or (images, targets, ...) tuples as torchvision datasets do."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+class _RestoreState:
+    """Puts back every module's train/eval flag and the global RNG states (torch, CUDA, numpy,
+    random) on exit, so a probe in the middle of training never perturbs it."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self):
+        self.modes = [(m, m.training) for m in self.model.modules()]
+        self.torch_rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        self.np_rng = np.random.get_state()
+        self.py_rng = random.getstate()
+        self.model.eval()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for module, mode in self.modes:
+            module.training = mode
+        torch.set_rng_state(self.torch_rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
+        np.random.set_state(self.np_rng)
+        random.setstate(self.py_rng)
+
+
+@torch.no_grad()
+def probe(
+    model: torch.nn.Module,
+    loader: Iterable,
+    *,
+    device: torch.device | str | None = None,
+    precision: Precision = "float64",
+    patch_tokens_per_image: int | None = None,
+    sites: Sequence[str] | None = None,
+    views: Sequence[str] = VIEWS,
+    seed: int = 0,
+    distributed: bool | None = None,
+    progress: bool | None = None,
+) -> ProbeResult:
+    """Measure the spectral geometry of a timm ViT at every site and token view over a probe loader.
+
+    Args:
+        model: a timm `VisionTransformer` (any size; ViT-S/16 is tgo's target).
+        loader: yields image batches (B, 3, H, W), or tuples whose first item is that.
+        device: where to run; default the model's device. Accumulators live there too.
+        precision: "float64" (default) throughout, or "float32" per-batch products about a shift
+            with float64 totals (cheaper on a CPU; see `tgo.accumulate` for where it falls short).
+        patch_tokens_per_image: None (default) uses every patch token of every image for the
+            `patch` view (N x T rows). An int k keeps k random tokens per image (drawn with `seed`,
+            the same positions at every site): the patch view then has N x k rows, its rank
+            measures are bounded by min(D, N k - 1) instead of min(D, N T - 1), and its Gram cost
+            falls by T / k. The cls and mean views are unaffected.
+        sites, views: restrict the measurement (default: every site, every view).
+        seed: seeds the patch-token subsampling only.
+        distributed: sum the accumulators across torch.distributed ranks before the spectra (each
+            rank passes its own shard of the probe set). Default: when a process group is running.
+        progress: a tqdm bar over batches (default: on a terminal only).
+
+    Returns:
+        A `ProbeResult`: eigenvalues, singular values, observables and sample count per site/view.
+    """
+    _check_model(model)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    all_sites = site_names(model)
+    sites = list(all_sites if sites is None else sites)
+    unknown = sorted(set(sites) - set(all_sites)) + sorted(set(views) - set(VIEWS))
+    if unknown:
+        raise ValueError(f"unknown site or view {unknown}; sites are {all_sites}, views {list(VIEWS)}.")
+    if patch_tokens_per_image is not None and patch_tokens_per_image < 1:
+        raise ValueError(f"patch_tokens_per_image must be a positive int or None, got {patch_tokens_per_image}.")
+    n_prefix = int(getattr(model, "num_prefix_tokens", 1))
+    has_cls = getattr(model, "cls_token", None) is not None
+    dim = int(model.embed_dim)
+    dtype = next(model.parameters()).dtype  # the probe runs the model as it is (float32, or float64 in tests)
+    accs: dict[tuple[str, str], MomentAccumulator] = {}
+    for site in sites:
+        for view in views:
+            if view == "cls" and (site == "patch_embed" or not has_cls):
+                continue  # no class token before _pos_embed prepends it
+            accs[(site, view)] = MomentAccumulator(dim, device=device, precision=precision)
+
+    generator = torch.Generator().manual_seed(seed)
+    captured: dict[str, torch.Tensor] = {}
+    hook = model.patch_embed.register_forward_hook(lambda m, i, out: captured.__setitem__("patch", out))
+    try:
+        with _RestoreState(model), torch.autocast(device.type, enabled=False):
+            bar = tqdm(loader, desc="probe", unit="batch", leave=False, disable=None if progress is None else not progress)
+            for batch in bar:
+                images = _images(batch).to(device, dtype=dtype, non_blocking=True)
+                final, blocks = model.forward_intermediates(images, output_fmt="NLC", return_prefix_tokens=True)
+                patch_out = captured.pop("patch")
+                tokens = {  # site -> (prefix tokens (B, P, D) or None, patch tokens (B, T, D))
+                    "patch_embed": (None, patch_out.reshape(patch_out.shape[0], -1, dim)),
+                }
+                pos = model._pos_embed(patch_out)
+                tokens["pos_embed"] = (pos[:, :n_prefix], pos[:, n_prefix:])
+                for i, (spatial, prefix) in enumerate(_pairs(blocks)):
+                    tokens[f"block_{i:02d}"] = (prefix, spatial)
+                tokens["final"] = (final[:, :n_prefix], final[:, n_prefix:])
+                keep = None
+                if patch_tokens_per_image is not None:
+                    t = tokens["final"][1].shape[1]
+                    k = min(patch_tokens_per_image, t)
+                    keep = torch.rand(images.shape[0], t, generator=generator).argsort(dim=1)[:, :k].to(device)
+                for (site, view), acc in accs.items():
+                    prefix, patches = tokens[site]
+                    if view == "cls":
+                        acc.update(prefix[:, 0])
+                    elif view == "mean":
+                        acc.update(patches.mean(dim=1))
+                    else:
+                        if keep is not None:
+                            patches = torch.gather(patches, 1, keep[:, :, None].expand(-1, -1, dim))
+                        acc.update(patches.reshape(-1, dim))
+    finally:
+        hook.remove()
+
+    if distributed is None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    result = ProbeResult()
+    for (site, view), acc in accs.items():
+        if distributed:
+            acc.all_reduce()
+        try:
+            spec = acc.spectra()
+        except ValueError as err:
+            raise ValueError(f"probe site {site}, view {view}: {err}") from None
+        result.geometry[(site, view)] = SiteViewGeometry(
+            site=site,
+            view=view,
+            eigenvalues=spec.eigenvalues,
+            singular_values=spec.singular_values,
+            uncentered_singular_values=spec.uncentered_singular_values,
+            observables=spectral.observables_from_spectra(spec, label=f"{site}/{view}"),
+            n_samples=spec.n_samples,
+            degenerate=spec.degenerate,
+        )
+    return result
+
+
+def _pairs(blocks):
+    """forward_intermediates yields (spatial, prefix) pairs when the model has prefix tokens, and
+    bare spatial tensors when it has none."""
+    for item in blocks:
+        if isinstance(item, tuple):
+            yield item
+        else:
+            yield item, item[:, :0]

@@ -1,0 +1,105 @@
+"""The fixed probe subset: which validation images the geometry probe sees, and a fingerprint of them.
+
+The subset depends only on the dataset's length, the requested size and a seed (numpy's
+`default_rng(seed).choice` without replacement, sorted): the same seed gives the same images
+whatever the batch size, worker count or device. The fingerprint (SHA-256) covers the chosen
+indices and the content of each chosen item, so a later re-probe can tell whether it sees the same
+data: for path-based datasets (torchvision's ImageFolder and anything with `.samples`) the relative
+file path, label and file bytes; otherwise the item's tensor bytes and label.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+
+def probe_indices(n_items: int, size: int, seed: int) -> np.ndarray:
+    """`size` distinct indices of range(n_items), sorted, fixed by `seed`."""
+    if size < 1:
+        raise ValueError(f"probe_size must be at least 1, got {size}.")
+    if size > n_items:
+        raise ValueError(
+            f"probe_size={size} exceeds the {n_items} images of the validation set; "
+            f"choose probe_size <= {n_items}."
+        )
+    return np.sort(np.random.default_rng(seed).choice(n_items, size=size, replace=False))
+
+
+def _item_bytes(dataset: Dataset, index: int) -> bytes:
+    samples = getattr(dataset, "samples", None)
+    if samples is not None:  # ImageFolder: (path, label)
+        path, label = samples[index]
+        root = getattr(dataset, "root", os.path.dirname(path))
+        with open(path, "rb") as fh:
+            content = fh.read()
+        return os.path.relpath(path, root).encode() + f"|{label}|".encode() + content
+    item = dataset[index]
+    parts = item if isinstance(item, (tuple, list)) else (item,)
+    out = b""
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            out += part.detach().cpu().contiguous().numpy().tobytes()
+        else:
+            out += repr(part).encode()
+    return out
+
+
+def fingerprint(dataset: Dataset, indices: np.ndarray) -> str:
+    """SHA-256 over the indices and the content of each indexed item (see module docstring)."""
+    h = hashlib.sha256()
+    h.update(np.asarray(indices, dtype=np.int64).tobytes())
+    for i in indices:
+        h.update(hashlib.sha256(_item_bytes(dataset, int(i))).digest())
+    return h.hexdigest()
+
+
+@dataclass
+class ProbeSet:
+    """A fixed subset of a dataset for the geometry probe: indices, fingerprint and a loader."""
+
+    dataset: Dataset
+    indices: np.ndarray
+    seed: int
+    fingerprint: str
+
+    @classmethod
+    def from_dataset(cls, dataset: Dataset, size: int, seed: int = 0) -> "ProbeSet":
+        indices = probe_indices(len(dataset), size, seed)
+        return cls(dataset, indices, seed, fingerprint(dataset, indices))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def subset(self) -> Subset:
+        return Subset(self.dataset, self.indices.tolist())
+
+    def loader(self, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """A loader over the probe images in index order (no shuffling, no dropped batch). Under
+        DDP, rank r of w takes every w-th image from r on: the shards are disjoint and cover the
+        subset exactly (DistributedSampler would pad with repeats, which would bias the geometry)."""
+        shard = self.indices[rank::world_size].tolist()
+        return DataLoader(
+            Subset(self.dataset, shard),
+            batch_size=batch_size,
+            shuffle=False,
+            drop_last=False,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=False,
+        )
+
+    def record(self) -> dict:
+        """What a run records about its probe set (JSON-serialisable)."""
+        return {
+            "size": int(len(self.indices)),
+            "seed": int(self.seed),
+            "dataset_size": int(len(self.dataset)),
+            "fingerprint": self.fingerprint,
+            "indices": [int(i) for i in self.indices],
+        }

@@ -1,0 +1,188 @@
+"""Everything MLflow: reaching the store, opening or attaching the run, params, batched metrics,
+the artifact layout, and checkpoint I/O.
+
+Artifact layout of a training run:
+  config/config.json                   the resolved TrainConfig
+  probe/probe_set.json                 probe indices, seed, dataset size and data fingerprint
+  geometry/spectra/epoch_XXXX.npz      every probed epoch's spectra (tgo.probe.ProbeResult.save)
+  checkpoints/last.pt                  resumable: model, optimiser, scheduler, scaler, RNG, epoch
+  checkpoints/weights_epoch_XXXX.pt    model weights (state_dict) at the chosen epochs
+Checkpoints are plain dicts of tensors and Python scalars, read with torch.load(weights_only=True):
+an artifact store is not a trusted source of pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import mlflow
+import torch
+from mlflow.entities import Metric, RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+import tgo
+
+PARAM_PREFIX = "config."  # resolved config values; entry-point parameters keep their own names
+MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
+TAGS = ("tgo.kind", "tgo.preset", "tgo.dataset", "tgo.model", "tgo.version")
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message says which and what to do."""
+
+
+def check_tracking() -> str:
+    """Fail early, before any work, when the tracking store cannot be reached. Returns its URI."""
+    uri = mlflow.get_tracking_uri()
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        import requests
+
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=10).raise_for_status()
+        except requests.RequestException as err:
+            raise TrackingError(
+                f"cannot reach the MLflow tracking server at {uri} ({type(err).__name__}). Start it "
+                "(mlflow server --backend-store-uri ... --host ... --port ...), or unset "
+                "MLFLOW_TRACKING_URI to log to ./mlflow.db."
+            ) from None
+    else:
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as err:  # noqa: BLE001 - any backend failure means we cannot log
+            raise TrackingError(f"cannot open the MLflow tracking store {uri}: {err}") from None
+    return uri
+
+
+def get_run(run_id: str):
+    """The run, or a TrackingError naming the id and the store."""
+    try:
+        return MlflowClient().get_run(run_id)
+    except MlflowException:
+        raise TrackingError(
+            f"no run {run_id!r} in the tracking store {mlflow.get_tracking_uri()}; check the id "
+            "(MLflow UI, or mlflow.search_runs()) and MLFLOW_TRACKING_URI."
+        ) from None
+
+
+def start_run(experiment: str, run_name: str = "", resume_run_id: str = "", system_metrics: bool = False):
+    """Open the run to log into.
+
+    - resume_run_id: that run, reopened (status RUNNING). If `mlflow run` launched this process
+      with a run of its own (MLFLOW_RUN_ID), that launcher run is tagged to point at the resumed one.
+    - else MLFLOW_RUN_ID (set by `mlflow run`): attach to it; never set_experiment there.
+    - else a new run in `experiment`.
+    """
+    kwargs: dict[str, Any] = {}
+    if system_metrics:
+        try:
+            import psutil  # noqa: F401
+
+            kwargs["log_system_metrics"] = True
+        except ImportError:
+            pass
+    launcher = os.environ.get("MLFLOW_RUN_ID", "")
+    if resume_run_id:
+        if launcher and launcher != resume_run_id:
+            client = MlflowClient()
+            client.set_tag(launcher, "tgo.resumes", resume_run_id)
+            client.set_tag(launcher, "mlflow.note.content", f"This launcher run resumed run {resume_run_id}; its metrics are there.")
+        return mlflow.start_run(run_id=resume_run_id, **kwargs)
+    if launcher:
+        return mlflow.start_run(run_id=launcher, **kwargs)
+    if mlflow.active_run() is not None:
+        return mlflow.active_run()
+    mlflow.set_experiment(experiment)
+    return mlflow.start_run(run_name=run_name or None, **kwargs)
+
+
+def log_config(run_id: str, config: dict[str, Any], entry_params: dict[str, str] | None = None) -> None:
+    """Log the resolved config as params `config.<field>`, and as config/config.json.
+
+    A param already on the run with another value (a resumed run whose epochs were extended) is
+    not re-logged (MLflow forbids it); the new value goes to a tag `tgo.resumed.<field>`.
+    """
+    client = MlflowClient()
+    existing = client.get_run(run_id).data.params
+    params, tags = [], {}
+    for key, value in config.items():
+        name, text = PARAM_PREFIX + key, str(value)
+        if name not in existing:
+            params.append(mlflow.entities.Param(name, text))
+        elif existing[name] != text:
+            tags[f"tgo.resumed.{key}"] = text
+    client.log_batch(run_id, params=params, tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()])
+    log_json(run_id, config, "config", "config.json")
+
+
+def set_tags(run_id: str, tags: dict[str, Any]) -> None:
+    MlflowClient().log_batch(run_id, tags=[mlflow.entities.RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def base_tags(kind: str, preset: str, dataset: str, model: str) -> dict[str, str]:
+    return {"tgo.kind": kind, "tgo.preset": preset, "tgo.dataset": dataset, "tgo.model": model, "tgo.version": tgo.__version__}
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int) -> None:
+    """All metrics of one step in as few log_batch calls as MLflow allows (one-by-one is 30x slower)."""
+    client = MlflowClient()
+    now = int(time.time() * 1000)
+    items = [Metric(key, float(value), now, int(step)) for key, value in metrics.items()]
+    for i in range(0, len(items), MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=items[i : i + MAX_METRICS_PER_BATCH])
+
+
+def logged_steps(run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in MlflowClient().get_metric_history(run_id, key))
+
+
+def log_json(run_id: str, obj: Any, artifact_path: str, name: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(json.dumps(obj, indent=2, sort_keys=True))
+        MlflowClient().log_artifact(run_id, str(path), artifact_path)
+
+
+def log_file(run_id: str, path: str | Path, artifact_path: str) -> None:
+    MlflowClient().log_artifact(run_id, str(path), artifact_path)
+
+
+def spectra_artifact(epoch: int) -> tuple[str, str]:
+    return "geometry/spectra", f"epoch_{epoch:04d}.npz"
+
+
+def weights_artifact(epoch: int) -> tuple[str, str]:
+    return "checkpoints", f"weights_epoch_{epoch:04d}.pt"
+
+
+def download(run_id: str, artifact: str, dst: str | Path) -> Path:
+    """One artifact of a run, as a local path; TrackingError when the run lacks it."""
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=str(dst)))
+    except (MlflowException, OSError) as err:
+        raise TrackingError(f"run {run_id} has no artifact {artifact} ({err}).") from None
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint written by tgo, read without unpickling arbitrary objects."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def end_run(status: str = "FINISHED", message: str = "") -> None:
+    run = mlflow.active_run()
+    if run is None:
+        return
+    if message:
+        MlflowClient().set_tag(run.info.run_id, "tgo.error", message[:5000])
+    mlflow.end_run(status=status)
+
+
+def is_finished(run) -> bool:
+    return run.info.status == RunStatus.to_string(RunStatus.FINISHED)

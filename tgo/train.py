@@ -1,0 +1,479 @@
+"""The training engine: a timm ViT, timm's optimiser, scheduler and mixup, and the geometry probe
+at epoch 0 (before any update) and after every probed epoch, all tracked in MLflow.
+
+    from tgo.train import run
+    result = run(preset="smoke", epochs=3)          # or run(cfg) with a TrainConfig
+    result.run_id, result.metrics["geom/final/cls/effective_rank"]
+
+Steps: epoch 0 is the network at initialisation (val metrics and geometry, no training);
+epoch e >= 1 is the network after e passes over the training set. Every metric has step = epoch.
+
+Determinism and resume: every epoch re-seeds torch, numpy and random from (seed, epoch), and the
+shuffling generator too, so an epoch depends only on the weights and optimiser state it starts
+from. The checkpoint written after each epoch (checkpoints/last.pt) holds those, so a run killed
+at any point and resumed with resume=<run_id> continues in the same MLflow run, at the next epoch,
+and ends with the metrics an uninterrupted run would have (on the CPU; GPU kernels may not be
+bitwise deterministic).
+
+Distributed: under `torchrun`, each rank trains on its DistributedSampler shard (DDP), validation
+and the probe run on disjoint shards whose sums are all-reduced, and only rank 0 talks to MLflow.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from tgo import tracking
+from tgo.config import ConfigError, TrainConfig, from_dict, resolve
+from tgo.data import build_datasets
+from tgo.model import create_model
+from tgo.probe import ProbeResult, probe
+from tgo.probeset import ProbeSet
+from tgo.spectral import DegenerateGeometryWarning
+
+# Settings that a resumed run may change; any other difference from the run's own config is an error.
+RESUMABLE_CHANGES = ("epochs", "device", "workers", "resume", "compile", "amp", "system_metrics", "run_name", "experiment", "checkpoint_epochs")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example a non-finite loss); the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    """What `run` returns: the MLflow run, and the last epoch's metrics (including geometry)."""
+
+    run_id: str
+    epoch: int
+    metrics: dict[str, float]
+    config: TrainConfig
+    history: dict[int, dict[str, float]] = field(default_factory=dict)  # the epochs run by this call
+
+
+# --------------------------------------------------------------------------------------------------
+# set-up
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def _init_distributed(device: str) -> Dist:
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK: one process group, nccl on GPUs, gloo else."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return d
+
+
+def _device(cfg: TrainConfig, d: Dist) -> torch.device:
+    name = cfg.device.lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device: {cfg.device!r} asked for CUDA, but torch sees no GPU here; use device=cpu.")
+        if name == "cuda":
+            name = f"cuda:{d.local_rank}"
+        torch.cuda.set_device(torch.device(name))
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device: 'mps' is not available on this machine; use device=cpu.")
+    return torch.device(name)
+
+
+def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
+        return None
+    if cfg.amp == "fp16":
+        return torch.float16
+    if cfg.amp == "bf16" or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def _seed_epoch(seed: int, epoch: int) -> int:
+    """One seed per (run seed, epoch): every epoch starts from a known RNG state."""
+    s = (seed * 1_000_003 + epoch) % (2**31)
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
+    return s
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# --------------------------------------------------------------------------------------------------
+# one epoch
+# --------------------------------------------------------------------------------------------------
+
+
+def _autocast(device: torch.device, amp: torch.dtype | None):
+    return torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
+
+
+def train_one_epoch(model, loader, optimizer, loss_fn, mixup, scaler, device, amp, cfg, epoch, d: Dist, channels_last) -> dict[str, float]:
+    """One pass over the training set. Returns train/loss, train/acc1 and train/images_per_s."""
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.float64, device=device)
+    seen = 0
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, disable=not d.main or None)
+    for images, targets in bar:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        hard = targets
+        if mixup is not None:
+            images, targets = mixup(images, targets)
+        with _autocast(device, amp):
+            logits = model(images)
+            loss = loss_fn(logits, targets)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"non-finite training loss ({value}) at epoch {epoch}, after {seen} images. The run "
+                "stops here; its last good checkpoint (checkpoints/last.pt, the previous epoch) is "
+                "kept. Lower lr, enable grad_clip, or use amp=off."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        n = images.shape[0]
+        loss_sum += value * n
+        correct += (logits.detach().argmax(dim=1) == hard).sum()
+        seen += n
+        bar.set_postfix(loss=f"{value:.3f}")
+    stats = torch.tensor([loss_sum.item(), correct.item(), float(seen)], dtype=torch.float64, device=device)
+    if d.enabled:
+        dist.all_reduce(stats)
+    elapsed = time.perf_counter() - start
+    return {
+        "train/loss": stats[0].item() / max(stats[2].item(), 1),
+        "train/acc1": 100.0 * stats[1].item() / max(stats[2].item(), 1),
+        "train/images_per_s": stats[2].item() / elapsed,
+    }
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, amp, d: Dist, num_classes: int, channels_last: bool = False) -> dict[str, float]:
+    """val/loss (cross-entropy on hard labels), val/acc1 and val/acc5 (top-min(5, classes)), in %."""
+    model.eval()
+    k = min(5, num_classes)
+    stats = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-k, count
+    for images, targets in loader:
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, amp):
+            logits = model(images)
+        logits = logits.float()
+        top = logits.topk(k, dim=1).indices
+        stats[0] += F.cross_entropy(logits, targets, reduction="sum")
+        stats[1] += (top[:, 0] == targets).sum()
+        stats[2] += (top == targets[:, None]).any(dim=1).sum()
+        stats[3] += targets.numel()
+    if d.enabled:
+        dist.all_reduce(stats)
+    n = max(stats[3].item(), 1)
+    return {"val/loss": stats[0].item() / n, "val/acc1": 100 * stats[1].item() / n, "val/acc5": 100 * stats[2].item() / n}
+
+
+# --------------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------------
+
+
+def _resume_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
+    """The resumed run's own config, with only the settings of RESUMABLE_CHANGES taken from cfg."""
+    base = from_dict(saved)
+    explicit = {k: getattr(cfg, k) for k in RESUMABLE_CHANGES}
+    defaults = resolve(cfg.preset)
+    conflicts = [
+        f"{k} (run: {getattr(base, k)!r}, given: {getattr(cfg, k)!r})"
+        for k in saved
+        if k not in RESUMABLE_CHANGES and k != "preset" and getattr(cfg, k) != getattr(base, k) and getattr(cfg, k) != getattr(defaults, k)
+    ]
+    if conflicts:
+        raise ConfigError(
+            "resume continues a run with its own settings; these differ from it: " + "; ".join(conflicts)
+            + f". Only {', '.join(RESUMABLE_CHANGES)} may change on resume."
+        )
+    return replace(base, **explicit)
+
+
+def _fetch_resume(cfg: TrainConfig, tmp: str):
+    run = tracking.get_run(cfg.resume)
+    path = tracking.download(cfg.resume, "checkpoints/last.pt", tmp)
+    ckpt = tracking.load_checkpoint(path)
+    return run, ckpt
+
+
+def _checkpoint(model, optimizer, scheduler, scaler, cfg, epoch, metrics, run_id) -> dict:
+    return {
+        "format": "tgo-checkpoint-1",
+        "epoch": epoch,
+        "run_id": run_id,
+        "config": cfg.to_dict(),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": _rng_state(),
+        "metrics": metrics,
+    }
+
+
+def run(cfg: TrainConfig | None = None, **overrides) -> TrainResult:
+    """Train a ViT with per-epoch geometry, tracked in MLflow; return the run id and metrics.
+
+    `cfg` is a TrainConfig, or None to build one from `overrides` (preset="demo" by default,
+    values as Python objects or strings). See tgo.config.TrainConfig for every setting.
+    """
+    if cfg is None:
+        cfg = resolve(overrides.pop("preset", "demo"), **overrides)
+    elif overrides:
+        cfg = resolve(cfg.preset, **{**cfg.to_dict(), **overrides})
+    d = _init_distributed(cfg.device.lower())
+    try:
+        return _run(cfg, d)
+    finally:
+        if d.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(cfg: TrainConfig, d: Dist) -> TrainResult:
+    device = _device(cfg, d)
+    if d.main:
+        tracking.check_tracking()
+    tmp = tempfile.mkdtemp(prefix="tgo-")
+    ckpt = None
+    if cfg.resume:
+        if d.main:
+            resumed_run, ckpt = _fetch_resume(cfg, tmp)
+            if tracking.is_finished(resumed_run) and ckpt["epoch"] >= cfg.epochs:
+                print(f"tgo: run {cfg.resume} already finished {ckpt['epoch']} epochs; pass epochs > {ckpt['epoch']} to extend it.")
+        if d.enabled:
+            box = [ckpt]
+            dist.broadcast_object_list(box, src=0)
+            ckpt = box[0]
+        cfg = _resume_config(cfg, ckpt["config"])
+
+    # ---- data, model, optimisation (all before the run is touched: bad input loses nothing) ----
+    data = build_datasets(cfg)
+    probe_set = ProbeSet.from_dataset(data.val, cfg.probe_size, seed=cfg.probe_seed) if cfg.probe_every else None
+    _seed_epoch(cfg.seed, 0)  # the initial weights depend on the seed alone
+    model = create_model(cfg, data.num_classes).to(device)
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    channels_last = cfg.channels_last and device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.resolved_lr, weight_decay=cfg.weight_decay)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=cfg.sched, num_epochs=max(cfg.epochs, 1), min_lr=cfg.min_lr,
+        warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
+    )
+    amp = _amp_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    mixup = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing, num_classes=data.num_classes)
+        loss_fn = SoftTargetCrossEntropy()
+    elif cfg.smoothing > 0:
+        loss_fn = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
+    else:
+        loss_fn = torch.nn.CrossEntropyLoss()
+    start_epoch = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch = int(ckpt["epoch"]) + 1
+    train_model = model
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
+    pin = device.type == "cuda"
+    generator = torch.Generator()
+    if d.enabled:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(data.train, num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+        train_loader = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers, pin_memory=pin, drop_last=True, generator=generator)
+    else:
+        sampler = None
+        train_loader = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers, pin_memory=pin, drop_last=mixup is not None, generator=generator)
+    if len(train_loader) == 0:
+        raise ConfigError(f"batch_size: {cfg.batch_size} exceeds the {len(data.train)} training images per process; lower it.")
+    val_shard = list(range(d.rank, len(data.val), d.world))
+    val_loader = DataLoader(Subset(data.val, val_shard), batch_size=cfg.probe_batch_size, num_workers=cfg.workers, pin_memory=pin)
+    probe_loader = probe_set.loader(cfg.probe_batch_size, cfg.workers, pin, d.rank, d.world) if probe_set else None
+
+    # ---- the MLflow run (rank 0 only) ----
+    run_id = ""
+    if d.main:
+        active = tracking.start_run(cfg.experiment, cfg.run_name, cfg.resume, cfg.system_metrics)
+        run_id = active.info.run_id
+    try:
+        if d.main:
+            tracking.log_config(run_id, cfg.to_dict())
+            tags = tracking.base_tags("train", cfg.preset, cfg.dataset, cfg.model)
+            tags["tgo.num_classes"] = data.num_classes
+            tags["tgo.data_notes"] = " ".join(data.notes)
+            tags["tgo.world_size"] = d.world
+            if probe_set is not None:
+                tags["tgo.probe_fingerprint"] = probe_set.fingerprint
+                tracking.log_json(run_id, probe_set.record(), "probe", "probe_set.json")
+            tracking.set_tags(run_id, tags)
+            for note in data.notes:
+                print(f"tgo: {note}")
+            if ckpt is not None:
+                _relog_missing(run_id, ckpt)
+                print(f"tgo: resuming run {run_id} at epoch {start_epoch} of {cfg.epochs}.")
+            else:
+                print(f"tgo: run {run_id}: {cfg.model} on {cfg.dataset}, {cfg.epochs} epochs, device {device}.")
+        history: dict[int, dict[str, float]] = {}
+        last_metrics = dict(ckpt["metrics"]) if ckpt is not None else {}
+        keep = cfg.checkpoint_epoch_set()
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            metrics: dict[str, float] = {}
+            if epoch > 0:
+                _seed_epoch(cfg.seed, epoch)
+                generator.manual_seed((cfg.seed * 1_000_003 + epoch) % (2**31))
+                if sampler is not None:
+                    sampler.set_epoch(epoch)
+                metrics["lr"] = optimizer.param_groups[0]["lr"]
+                t0 = time.perf_counter()
+                metrics.update(train_one_epoch(train_model, train_loader, optimizer, loss_fn, mixup, scaler, device, amp, cfg, epoch, d, channels_last))
+                scheduler.step(epoch)
+                metrics.update(evaluate(model, val_loader, device, amp, d, data.num_classes, channels_last))
+                metrics["time/epoch_s"] = time.perf_counter() - t0
+            else:
+                metrics["lr"] = optimizer.param_groups[0]["lr"]
+                metrics.update(evaluate(model, val_loader, device, amp, d, data.num_classes, channels_last))
+            geometry = None
+            if probe_loader is not None and (epoch % cfg.probe_every == 0 or epoch == cfg.epochs):
+                t0 = time.perf_counter()
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", DegenerateGeometryWarning)
+                    geometry = probe(
+                        model, probe_loader, device=device, precision=cfg.probe_precision,
+                        patch_tokens_per_image=cfg.probe_patch_tokens or None, seed=cfg.probe_seed,
+                        distributed=d.enabled, progress=d.main and None,
+                    )
+                metrics["time/probe_s"] = time.perf_counter() - t0
+                metrics.update(geometry.metrics())
+            if d.main:
+                _save_epoch(run_id, tmp, model, optimizer, scheduler, scaler, cfg, epoch, metrics, geometry, keep)
+                tracking.log_metrics(run_id, metrics, step=epoch)
+                if geometry is not None and epoch == start_epoch and geometry.degenerate():
+                    tracking.set_tags(run_id, {"tgo.degenerate_views": ",".join(geometry.degenerate())})
+                _report(epoch, cfg.epochs, metrics)
+            history[epoch] = metrics
+            last_metrics = metrics
+        if d.main:
+            tracking.end_run("FINISHED")
+        return TrainResult(run_id, cfg.epochs, last_metrics, cfg, history)
+    except BaseException as err:
+        if d.main:
+            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+            tracking.end_run(status, f"{type(err).__name__}: {err}")
+        raise
+
+
+def _relog_missing(run_id: str, ckpt: dict) -> None:
+    """A run killed after its checkpoint was written but before the epoch's metrics were logged:
+    log them now from the checkpoint, so no step goes missing (and none is logged twice)."""
+    epoch = int(ckpt["epoch"])
+    if epoch not in tracking.logged_steps(run_id, "val/loss"):
+        tracking.log_metrics(run_id, ckpt["metrics"], step=epoch)
+
+
+def _save_epoch(run_id, tmp, model, optimizer, scheduler, scaler, cfg, epoch, metrics, geometry: ProbeResult | None, keep) -> None:
+    """Artifacts of one epoch, spectra first and the resumable checkpoint last: a kill at any point
+    leaves a checkpoint whose epoch's artifacts are all there."""
+    folder = Path(tmp)
+    if geometry is not None:
+        artifact_dir, name = tracking.spectra_artifact(epoch)
+        tracking.log_file(run_id, geometry.save(folder / name), artifact_dir)
+    if epoch in keep:
+        artifact_dir, name = tracking.weights_artifact(epoch)
+        torch.save(model.state_dict(), folder / name)
+        tracking.log_file(run_id, folder / name, artifact_dir)
+        (folder / name).unlink()
+    path = folder / "last.pt"
+    torch.save(_checkpoint(model, optimizer, scheduler, scaler, cfg, epoch, metrics, run_id), path)
+    tracking.log_file(run_id, path, "checkpoints")
+
+
+def _report(epoch: int, epochs: int, m: dict[str, float]) -> None:
+    parts = [f"epoch {epoch}/{epochs}"]
+    for key, fmt in (("train/loss", "train loss {:.3f}"), ("val/loss", "val loss {:.3f}"), ("val/acc1", "val acc {:.1f}%"),
+                     ("geom/final/cls/effective_rank", "final CLS eff. rank {:.1f}"),
+                     ("geom/final/cls/spectral_anisotropy", "anisotropy {:.3f}"), ("time/epoch_s", "{:.0f} s")):
+        if key in m:
+            parts.append(fmt.format(m[key]))
+    print("tgo: " + ", ".join(parts), flush=True)
