@@ -69,8 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     values = {name: getattr(args, name) for name in C.FIELD_TYPES}
     try:
-        cfg = C.resolve(values.pop("preset"), **values)
-        result = run(cfg)
+        result = run(**values)
     except (C.ConfigError, DataError, TrackingError) as err:
         return _fail(str(err), 2)
     except TrainingError as err:

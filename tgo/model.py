@@ -21,6 +21,9 @@ def create_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
         kwargs["depth"] = cfg.depth
     if not timm.is_model(cfg.model):
         raise ConfigError(f"model: {cfg.model!r} is not a timm model; e.g. vit_small_patch16_224 (timm.list_models('vit_*')).")
+    module = timm.models.model_entrypoint(cfg.model).__module__  # e.g. timm.models.vision_transformer
+    if not module.endswith(("vision_transformer", "deit")):
+        raise ConfigError(f"model: {cfg.model} ({module}) is not a timm VisionTransformer; tgo probes ViTs (vit_*, deit_*).")
     try:
         model = timm.create_model(cfg.model, **kwargs)
     except (TypeError, AssertionError, RuntimeError) as err:

@@ -238,22 +238,22 @@ def evaluate(model, loader, device, amp, d: Dist, num_classes: int, channels_las
 # --------------------------------------------------------------------------------------------------
 
 
-def _resume_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
-    """The resumed run's own config, with only the settings of RESUMABLE_CHANGES taken from cfg."""
+def _resume_config(cfg: TrainConfig, given: set[str], saved: dict) -> TrainConfig:
+    """The resumed run's own config, with the settings of RESUMABLE_CHANGES that were given
+    (`given`: the names set explicitly) taken from cfg. Any other given setting that differs from
+    the run's own is an error: a resumed run continues with what it started with."""
     base = from_dict(saved)
-    explicit = {k: getattr(cfg, k) for k in RESUMABLE_CHANGES}
-    defaults = resolve(cfg.preset)
     conflicts = [
         f"{k} (run: {getattr(base, k)!r}, given: {getattr(cfg, k)!r})"
-        for k in saved
-        if k not in RESUMABLE_CHANGES and k != "preset" and getattr(cfg, k) != getattr(base, k) and getattr(cfg, k) != getattr(defaults, k)
+        for k in sorted(given)
+        if k not in RESUMABLE_CHANGES and k != "preset" and getattr(cfg, k) != getattr(base, k)
     ]
     if conflicts:
         raise ConfigError(
             "resume continues a run with its own settings; these differ from it: " + "; ".join(conflicts)
             + f". Only {', '.join(RESUMABLE_CHANGES)} may change on resume."
         )
-    return replace(base, **explicit)
+    return replace(base, **{k: getattr(cfg, k) for k in RESUMABLE_CHANGES if k in given})
 
 
 def _fetch_resume(cfg: TrainConfig, tmp: str):
@@ -285,18 +285,20 @@ def run(cfg: TrainConfig | None = None, **overrides) -> TrainResult:
     values as Python objects or strings). See tgo.config.TrainConfig for every setting.
     """
     if cfg is None:
-        cfg = resolve(overrides.pop("preset", "demo"), **overrides)
-    elif overrides:
-        cfg = resolve(cfg.preset, **{**cfg.to_dict(), **overrides})
+        given = {k: v for k, v in overrides.items() if v is not None and not (isinstance(v, str) and not v.strip())}
+        cfg = resolve(given.get("preset", "demo"), **{k: v for k, v in given.items() if k != "preset"})
+    else:
+        given = {**cfg.to_dict(), **overrides}
+        cfg = resolve(given.pop("preset"), **given)
     d = _init_distributed(cfg.device.lower())
     try:
-        return _run(cfg, d)
+        return _run(cfg, set(given), d)
     finally:
         if d.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _run(cfg: TrainConfig, d: Dist) -> TrainResult:
+def _run(cfg: TrainConfig, given: set[str], d: Dist) -> TrainResult:
     device = _device(cfg, d)
     if d.main:
         tracking.check_tracking()
@@ -311,11 +313,16 @@ def _run(cfg: TrainConfig, d: Dist) -> TrainResult:
             box = [ckpt]
             dist.broadcast_object_list(box, src=0)
             ckpt = box[0]
-        cfg = _resume_config(cfg, ckpt["config"])
+        cfg = _resume_config(cfg, given, ckpt["config"])
 
     # ---- data, model, optimisation (all before the run is touched: bad input loses nothing) ----
     data = build_datasets(cfg)
-    probe_set = ProbeSet.from_dataset(data.val, cfg.probe_size, seed=cfg.probe_seed) if cfg.probe_every else None
+    probe_set = None
+    if cfg.probe_every:
+        try:
+            probe_set = ProbeSet.from_dataset(data.val, cfg.probe_size, seed=cfg.probe_seed)
+        except ValueError as err:  # a probe larger than the validation set
+            raise ConfigError(str(err)) from None
     _seed_epoch(cfg.seed, 0)  # the initial weights depend on the seed alone
     model = create_model(cfg, data.num_classes).to(device)
     from timm.data import Mixup

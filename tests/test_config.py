@@ -1,0 +1,110 @@
+"""The typed config, presets, and MLproject parameters reaching their command."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tgo import cli
+from tgo.config import FIELD_TYPES, PRESETS, ConfigError, TrainConfig, resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_presets_resolve_and_tgo1_is_the_deit_recipe():
+    for name in PRESETS:
+        cfg = resolve(name, data_dir="/data/imagenet100")
+        assert cfg.preset == name
+    tgo1 = resolve("tgo1", data_dir="/x")
+    assert (tgo1.img_size, tgo1.dataset, tgo1.opt, tgo1.sched) == (224, "imagenet100", "adamw", "cosine")
+    assert tgo1.resolved_lr == pytest.approx(5e-4 * 256 / 512)
+    assert (tgo1.weight_decay, tgo1.warmup_epochs, tgo1.smoothing) == (0.05, 5, 0.1)
+    assert (tgo1.mixup, tgo1.cutmix, tgo1.reprob, tgo1.drop_path) == (0.8, 1.0, 0.25, 0.1)
+    assert tgo1.auto_augment == "rand-m9-mstd0.5-inc1" and tgo1.probe_size == 1000
+    assert resolve("tgo1", data_dir="/x", batch_size=512).resolved_lr == pytest.approx(5e-4)
+
+
+def test_strings_are_parsed_and_empty_means_the_preset_value():
+    cfg = resolve("demo", epochs="3", lr="0.01", compile="true", dataset="", auto_augment="")
+    assert cfg.epochs == 3 and cfg.lr == 0.01 and cfg.compile is True
+    assert cfg.dataset == "digits" and cfg.auto_augment == PRESETS["demo"].get("auto_augment", TrainConfig().auto_augment)
+    assert resolve("demo", epochs="4.0").epochs == 4
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(nonsense=1), "unknown parameter(s) nonsense"),
+        (dict(epochs="x"), "epochs: expected an integer, got 'x'"),
+        (dict(epochs=True), "epochs: expected an integer"),
+        (dict(lr="fast"), "lr: expected a number, got 'fast'"),
+        (dict(lr="nan"), "lr: expected a finite number"),
+        (dict(compile="maybe"), "compile: expected true or false"),
+        (dict(dataset=3), "dataset: expected a string"),
+        (dict(hflip=2), "hflip: must be a number in [0, 1]"),
+        (dict(amp="fp8"), "amp: unknown mode 'fp8'; choose one of auto, bf16, fp16, off"),
+        (dict(mixup=0.8, batch_size=7), "batch_size: mixup/cutmix need an even batch size"),
+        (dict(checkpoint_epochs="0,x"), "checkpoint_epochs: expected epochs separated by commas"),
+        (dict(probe_size=1), "probe_size: must be an integer >= 2"),
+        (dict(probe_precision="float16"), "probe_precision: choose float64 or float32"),
+    ],
+)
+def test_bad_values_name_the_parameter(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        resolve("demo", **overrides)
+    assert message in str(err.value)
+
+
+def test_checkpoint_epochs():
+    assert resolve("demo", epochs=5, checkpoint_epochs="0,2,last").checkpoint_epoch_set() == {0, 2, 5}
+    assert resolve("demo", epochs=3, checkpoint_epochs="all").checkpoint_epoch_set() == {0, 1, 2, 3}
+    assert resolve("demo", checkpoint_epochs="none").checkpoint_epoch_set() == set()
+
+
+def _mlproject():
+    return yaml.safe_load((ROOT / "MLproject").read_text())
+
+
+def test_every_mlproject_parameter_reaches_its_command_and_tgo():
+    project = _mlproject()
+    assert {"main", "train", "train_ddp"} <= set(project["entry_points"])
+    for name, entry in project["entry_points"].items():
+        params, command = entry["parameters"], entry["command"]
+        for param, spec in params.items():
+            assert {"type", "default"} <= set(spec), (name, param)
+            assert spec["type"] in ("string", "float", "path", "uri"), (name, param)
+            assert f"{{{param}}}" in command, f"{name}: parameter {param} does not reach the command"
+        # Every parameter handed to entrypoints/train.py is a TrainConfig field (and nothing else).
+        tgo_args = command.split("entrypoints/train.py", 1)[1]
+        flags = re.findall(r"--(\w+) \{(\w+)\}", tgo_args)
+        assert all(flag == value for flag, value in flags)
+        assert {f for f, _ in flags} == set(FIELD_TYPES), name
+        assert set(params) - {f for f, _ in flags} <= {"nproc_per_node"}
+
+
+def test_a_value_given_to_mlflow_reaches_the_config(monkeypatch):
+    """Render the train command as MLflow does, parse it with tgo's own parser, resolve it."""
+    from mlflow.projects._project_spec import load_project
+
+    entry = load_project(str(ROOT)).get_entry_point("train")
+    values = {"preset": "smoke", "epochs": "3", "lr": "0.002", "probe_size": "16", "checkpoint_epochs": "0,last", "device": "cpu"}
+    command = entry.compute_command(values, storage_dir=None)
+    argv = __import__("shlex").split(command)
+    assert argv[:2] == ["python", "entrypoints/train.py"]
+    args = cli.build_parser().parse_args(["train", *argv[2:]])
+    given = {k: getattr(args, k) for k in FIELD_TYPES}
+    cfg = resolve(given.pop("preset"), **given)
+    assert (cfg.preset, cfg.epochs, cfg.lr, cfg.probe_size, cfg.device) == ("smoke", 3, 0.002, 16, "cpu")
+
+
+def test_cli_help_lists_every_option():
+    out = subprocess.run([sys.executable, "-m", "tgo", "train", "--help"], capture_output=True, text=True, cwd=ROOT).stdout
+    for name in FIELD_TYPES:
+        assert f"--{name}" in out, name
+    top = subprocess.run([sys.executable, "-m", "tgo", "--help"], capture_output=True, text=True, cwd=ROOT).stdout
+    assert "train" in top and "data" in top
+    bad = subprocess.run([sys.executable, "-m", "tgo", "train", "--epochs", "x"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "epochs: expected an integer" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,353 @@
+"""The training entry point end to end: mlflow run, the CLI and the Python call, read back only
+through the tracking API; resume after SIGKILL; DDP on two gloo processes; bad input."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from tgo import cli
+from tgo.probe import ProbeResult, probe, site_names
+from tgo.spectral import OBSERVABLE_NAMES
+
+ROOT = Path(__file__).resolve().parents[1]
+VOLATILE = ("time/", "train/images_per_s", "system/")
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A fresh sqlite tracking store (schema created once, before any subprocess uses it)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    MlflowClient(uri).search_experiments()  # creates the schema
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+def _env(uri: str) -> dict:
+    # As in an activated virtual environment: `python` in MLproject commands is this interpreter.
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(ROOT), PATH=path)
+    env.pop("MLFLOW_RUN_ID", None)
+    return env
+
+
+def _history(run_id: str) -> dict[str, dict[int, float]]:
+    client = MlflowClient()
+    keys = client.get_run(run_id).data.metrics
+    out = {}
+    for key in keys:
+        hist = client.get_metric_history(run_id, key)
+        steps = [m.step for m in hist]
+        assert len(steps) == len(set(steps)), f"{key} has duplicated steps {steps}"
+        out[key] = {m.step: m.value for m in hist}
+    return out
+
+
+def _geom_keys(depth: int) -> set[str]:
+    sites = ["patch_embed", "pos_embed", *[f"block_{i:02d}" for i in range(depth)], "final"]
+    return {
+        f"geom/{s}/{v}/{n}"
+        for s in sites
+        for v in ("cls", "patch", "mean")
+        if (s, v) != ("patch_embed", "cls")
+        for n in OBSERVABLE_NAMES
+    }
+
+
+def test_mlflow_run_end_to_end(store, tmp_path):
+    """`mlflow run . -e train` on the smoke preset, read back through the tracking API only."""
+    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "train", "--env-manager", "local",
+           "--experiment-name", "e2e", "-P", "preset=smoke", "-P", "epochs=2", "-P", "checkpoint_epochs=0,1,last"]
+    proc = subprocess.run(cmd, env=_env(store), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = mlflow.search_runs(experiment_names=["e2e"], output_format="list")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    rid = run.info.run_id
+    history = _history(rid)
+    expected = _geom_keys(depth=2) | {"val/loss", "val/acc1", "val/acc5", "lr", "time/probe_s"}
+    assert expected <= set(history)
+    for key in expected:
+        assert sorted(history[key]) == [0, 1, 2], key
+    for key in ("train/loss", "train/acc1", "time/epoch_s", "train/images_per_s"):
+        assert sorted(history[key]) == [1, 2], key
+    assert all(np.isfinite(v) for h in history.values() for v in h.values())
+    # params: the entry point's own, and the resolved config
+    params = run.data.params
+    assert params["preset"] == "smoke" and params["epochs"] == "2"
+    assert params["config.epochs"] == "2" and params["config.depth"] == "2" and params["config.dataset"] == "synthetic"
+    tags = run.data.tags
+    assert tags["tgo.preset"] == "smoke" and tags["tgo.dataset"] == "synthetic" and tags["tgo.kind"] == "train"
+    assert tags["tgo.model"] == "vit_small_patch16_224" and tags["tgo.version"]
+    # artifacts: spectra every epoch, weights at 0, 1, 2, a resumable checkpoint, probe record
+    dst = tmp_path / "dl"
+    root = Path(mlflow.artifacts.download_artifacts(run_id=rid, dst_path=str(dst)))
+    for epoch in (0, 1, 2):
+        spectra = ProbeResult.load(root / "geometry" / "spectra" / f"epoch_{epoch:04d}.npz")
+        assert spectra.metrics()["geom/final/cls/effective_rank"] == pytest.approx(history["geom/final/cls/effective_rank"][epoch])
+        weights = torch.load(root / "checkpoints" / f"weights_epoch_{epoch:04d}.pt", weights_only=True)
+        assert "pos_embed" in weights
+    last = torch.load(root / "checkpoints" / "last.pt", weights_only=True)
+    assert last["epoch"] == 2 and {"model", "optimizer", "scheduler", "scaler", "rng", "config"} <= set(last)
+    import json
+
+    record = json.loads((root / "probe" / "probe_set.json").read_text())
+    assert record["size"] == 32 and len(record["indices"]) == 32 and record["fingerprint"] == tags["tgo.probe_fingerprint"]
+    config = json.loads((root / "config" / "config.json").read_text())
+    assert config["epochs"] == 2 and config["preset"] == "smoke"
+
+
+def test_python_call_returns_run_id_and_metrics(store):
+    from tgo.train import run
+
+    result = run(preset="smoke", epochs=1, probe_every=1, experiment="py")
+    assert result.epoch == 1 and sorted(result.history) == [0, 1]
+    run_obj = MlflowClient().get_run(result.run_id)
+    assert run_obj.info.status == "FINISHED"
+    for key in ("val/acc1", "geom/final/cls/effective_rank", "geom/block_01/patch/alpha"):
+        assert result.metrics[key] == pytest.approx(run_obj.data.metrics[key])
+    # The logged epoch-0 geometry is the probe of the initial weights: re-probe them independently.
+    from tgo.config import resolve
+    from tgo.data import build_datasets
+    from tgo.model import create_model
+    from tgo.probeset import ProbeSet
+
+    cfg = resolve("smoke", epochs=1)
+    data = build_datasets(cfg)
+    model = create_model(cfg, data.num_classes)
+    path = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="checkpoints/weights_epoch_0000.pt")
+    model.load_state_dict(torch.load(path, weights_only=True))
+    ps = ProbeSet.from_dataset(data.val, cfg.probe_size, seed=cfg.probe_seed)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = probe(model, ps.loader(7)).metrics()
+    for key, value in again.items():
+        assert result.history[0][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+def _train_cmd(*args) -> list[str]:
+    return [sys.executable, str(ROOT / "entrypoints" / "train.py"), *args]
+
+
+def _compare(a: dict, b: dict) -> None:
+    keys = {k for k in a if not k.startswith(VOLATILE)}
+    assert keys == {k for k in b if not k.startswith(VOLATILE)}
+    for key in keys:
+        assert a[key].keys() == b[key].keys(), key
+        for step in a[key]:
+            assert b[key][step] == pytest.approx(a[key][step], rel=1e-6, abs=1e-9), (key, step)
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(store, tmp_path):
+    common = ["--preset", "smoke", "--epochs", "4", "--experiment", "resume"]
+    proc = subprocess.run(_train_cmd(*common, "--run_name", "whole"), env=_env(store), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    whole = re.search(r"run ([0-9a-f]{32}) finished", proc.stdout).group(1)
+
+    # The same run, killed with SIGKILL as soon as it reports epoch 2.
+    victim = subprocess.Popen(_train_cmd(*common, "--run_name", "killed"), env=_env(store), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    run_id = None
+    for line in victim.stdout:
+        found = re.search(r"run ([0-9a-f]{32}):", line)
+        run_id = run_id or (found and found.group(1))
+        if line.startswith("tgo: epoch 2/4"):
+            victim.send_signal(signal.SIGKILL)
+            break
+    victim.wait(timeout=60)
+    assert victim.returncode == -signal.SIGKILL and run_id
+    assert MlflowClient().get_run(run_id).info.status == "RUNNING"  # a killed process cannot say otherwise
+    partial = _history(run_id)
+    assert max(partial["val/loss"]) < 4
+
+    proc = subprocess.run(_train_cmd("--resume", run_id), env=_env(store), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming run {run_id}" in proc.stdout
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+    _compare(_history(whole), _history(run_id))
+
+
+def test_resume_from_a_checkpoint_whose_metrics_were_not_logged(store, tmp_path):
+    """Killed between writing last.pt and logging the epoch: the resume logs that epoch's metrics
+    from the checkpoint, so the history has every step exactly once."""
+    from tgo.train import run
+
+    first = run(preset="smoke", epochs=1, experiment="gap")
+    client = MlflowClient()
+    # A run in the state such a kill leaves: epochs 0-1 artifacts and checkpoint, metrics of 0 only.
+    gap = client.create_run(client.get_experiment_by_name("gap").experiment_id).info.run_id
+    root = Path(mlflow.artifacts.download_artifacts(run_id=first.run_id, dst_path=str(tmp_path / "a")))
+    client.log_artifacts(gap, str(root / "checkpoints"), "checkpoints")
+    client.log_batch(gap, metrics=[mlflow.entities.Metric(k, v, 0, 0) for k, v in first.history[0].items()])
+    ckpt = torch.load(root / "checkpoints" / "last.pt", weights_only=True)
+    ckpt["run_id"] = gap
+    torch.save(ckpt, tmp_path / "last.pt")
+    client.log_artifact(gap, str(tmp_path / "last.pt"), "checkpoints")
+    resumed = run(preset="smoke", resume=gap, epochs=2)
+    history = _history(gap)
+    assert sorted(history["val/loss"]) == [0, 1, 2]
+    assert history["val/loss"][1] == pytest.approx(first.history[1]["val/loss"])
+    assert resumed.epoch == 2
+
+
+def _ddp_worker_env(store):
+    env = _env(store)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def test_ddp_on_two_gloo_processes_measures_what_one_process_measures(store, tmp_path):
+    args = ["--preset", "smoke", "--epochs", "1", "--device", "cpu", "--experiment", "ddp", "--checkpoint_epochs", "0,last"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "entrypoints" / "train.py"), *args]
+    proc = subprocess.run(cmd, env=_ddp_worker_env(store), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = mlflow.search_runs(experiment_names=["ddp"], output_format="list")
+    assert len(runs) == 1, "only rank 0 talks to MLflow"
+    rid = runs[0].info.run_id
+    assert runs[0].data.tags["tgo.world_size"] == "2"
+    history = _history(rid)
+
+    # A single-process probe of the same images with the DDP run's weights, at epoch 0 and 1.
+    from tgo.config import resolve
+    from tgo.data import build_datasets
+    from tgo.model import create_model
+    from tgo.probeset import ProbeSet
+
+    cfg = resolve("smoke", epochs=1)
+    data = build_datasets(cfg)
+    ps = ProbeSet.from_dataset(data.val, cfg.probe_size, seed=cfg.probe_seed)
+    import warnings
+
+    for epoch in (0, 1):
+        model = create_model(cfg, data.num_classes)
+        path = mlflow.artifacts.download_artifacts(run_id=rid, artifact_path=f"checkpoints/weights_epoch_{epoch:04d}.pt", dst_path=str(tmp_path / str(epoch)))
+        model.load_state_dict(torch.load(path, weights_only=True))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            single = probe(model, ps.loader(32)).metrics()
+        for key, value in single.items():
+            assert history[key][epoch] == pytest.approx(value, rel=1e-5, abs=1e-8), (epoch, key)
+
+
+# --------------------------------------------------------------------------------------------------
+# bad input: a clear message, exit status 2, and nothing logged
+# --------------------------------------------------------------------------------------------------
+
+
+def _cli(capsys, *args) -> tuple[int, str]:
+    code = cli.main(["train", *args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "huge"], "preset: unknown preset 'huge'; choose one of demo, smoke, tgo1"),
+        (["--dataset", "mnist"], "dataset: unknown dataset 'mnist'"),
+        (["--epochs", "ten"], "epochs: expected an integer, got 'ten'"),
+        (["--epochs", "2.5"], "epochs: expected an integer"),
+        (["--lr", "-1"], "lr: must be a number >= 0"),
+        (["--batch_size", "0"], "batch_size: must be an integer >= 1"),
+        (["--device", "tpu"], "device: unknown device 'tpu'"),
+        (["--checkpoint_epochs", "0,7"], "checkpoint_epochs: epochs [7] are outside 0..2"),
+        (["--probe_size", "1000"], "probe_size=1000 exceeds the 64 images of the validation set"),
+        (["--dataset", "imagefolder"], "data_dir: dataset=imagefolder needs data_dir"),
+        (["--dataset", "imagefolder", "--data_dir", "/nonexistent"], "/nonexistent/train does not exist"),
+        (["--dataset", "cifar10", "--data_dir", "/nonexistent"], "download=true"),
+        (["--resume", "0123456789abcdef0123456789abcdef"], "no run '0123456789abcdef0123456789abcdef'"),
+        (["--model", "resnet50"], "not a timm VisionTransformer"),
+    ],
+)
+def test_bad_parameters_stop_before_any_work(store, capsys, args, message):
+    code, err = _cli(capsys, "--preset", "smoke", *args)
+    assert code == 2
+    assert message in err, err
+    assert "Traceback" not in err
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_unreachable_tracking_server_is_a_clear_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    mlflow.set_tracking_uri("http://127.0.0.1:9")
+    try:
+        code, err = _cli(capsys, "--preset", "smoke")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert code == 2 and "cannot reach the MLflow tracking server at http://127.0.0.1:9" in err
+
+
+def _image_tree(root: Path, classes=("a", "b"), per_class=4, size=16):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+
+
+def test_unreadable_image_is_named(store, tmp_path, capsys):
+    _image_tree(tmp_path / "tree")
+    bad = tmp_path / "tree" / "val" / "b" / "broken.png"
+    bad.write_bytes(b"not an image")
+    code, err = _cli(capsys, "--preset", "smoke", "--dataset", "imagefolder", "--data_dir", str(tmp_path / "tree"), "--probe_size", "9", "--num_classes", "0")
+    assert code == 2 and "cannot read image" in err and str(bad) in err
+
+
+def test_wrong_layout_is_explained(store, tmp_path, capsys):
+    (tmp_path / "flat" / "train").mkdir(parents=True)
+    (tmp_path / "flat" / "val").mkdir(parents=True)
+    code, err = _cli(capsys, "--preset", "smoke", "--dataset", "imagefolder", "--data_dir", str(tmp_path / "flat"))
+    assert code == 2 and "Expected one folder per class" in err
+
+
+def test_imagefolder_trains(store, tmp_path):
+    from tgo.train import run
+
+    _image_tree(tmp_path / "tree", classes=("a", "b", "c"), per_class=6)
+    result = run(preset="smoke", dataset="imagefolder", data_dir=str(tmp_path / "tree"), num_classes=0, epochs=1, probe_size=12, batch_size=6)
+    assert result.config.dataset == "imagefolder"
+    assert MlflowClient().get_run(result.run_id).data.tags["tgo.num_classes"] == "3"
+    assert "geom/final/cls/effective_rank" in result.metrics
+
+
+def test_non_finite_loss_fails_the_run_and_keeps_the_last_checkpoint(store, tmp_path, capsys):
+    code, err = _cli(capsys, "--preset", "smoke", "--lr", "1e30", "--epochs", "3", "--experiment", "nan")
+    assert code == 1 and "non-finite training loss" in err and "last good checkpoint" in err
+    (run,) = mlflow.search_runs(experiment_names=["nan"], output_format="list")
+    assert run.info.status == "FAILED" and "non-finite" in run.data.tags["tgo.error"]
+    path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="checkpoints/last.pt", dst_path=str(tmp_path))
+    ckpt = torch.load(path, weights_only=True)
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    assert sorted(_history(run.info.run_id)["val/loss"]) == list(range(ckpt["epoch"] + 1))
+
+
+def test_imagenet100_builder_reports_missing_classes_and_training_says_so(store, tmp_path, capsys):
+    from tgo.data import imagenet100_classes
+
+    classes = imagenet100_classes()
+    src = tmp_path / "in1k"
+    _image_tree(src, classes=classes[:-2] + ["n99999999"], per_class=1, size=8)
+    code = cli.main(["data", "imagenet100", "--src", str(src), "--dst", str(tmp_path / "in100")])
+    out = capsys.readouterr().out
+    assert code == 1 and "INCOMPLETE" in out and classes[-1] in out and classes[-2] in out
+    assert (tmp_path / "in100" / "train" / classes[0] / "0.png").is_symlink()
+    assert not (tmp_path / "in100" / "train" / "n99999999").exists()
+    code, err = _cli(capsys, "--preset", "smoke", "--dataset", "imagenet100", "--data_dir", str(tmp_path / "in100"))
+    assert code == 2 and "is incomplete: 2 of 100 classes" in err and classes[-1] in err
