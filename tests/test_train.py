@@ -351,3 +351,15 @@ def test_imagenet100_builder_reports_missing_classes_and_training_says_so(store,
     assert not (tmp_path / "in100" / "train" / "n99999999").exists()
     code, err = _cli(capsys, "--preset", "smoke", "--dataset", "imagenet100", "--data_dir", str(tmp_path / "in100"))
     assert code == 2 and "is incomplete: 2 of 100 classes" in err and classes[-1] in err
+
+
+def test_inside_an_active_run_training_is_a_nested_child(store):
+    from tgo.train import run
+
+    mlflow.set_experiment("nested")
+    with mlflow.start_run() as parent:
+        result = run(preset="smoke", epochs=0)
+        assert mlflow.active_run().info.run_id == parent.info.run_id  # the parent stays active
+    child = MlflowClient().get_run(result.run_id)
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert sorted(_history(result.run_id)["geom/final/cls/effective_rank"]) == [0]

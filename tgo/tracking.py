@@ -78,6 +78,7 @@ def start_run(experiment: str, run_name: str = "", resume_run_id: str = "", syst
     - resume_run_id: that run, reopened (status RUNNING). If `mlflow run` launched this process
       with a run of its own (MLFLOW_RUN_ID), that launcher run is tagged to point at the resumed one.
     - else MLFLOW_RUN_ID (set by `mlflow run`): attach to it; never set_experiment there.
+    - else, inside an active run (a sweep, a notebook's own run): a nested child run of it.
     - else a new run in `experiment`.
     """
     kwargs: dict[str, Any] = {}
@@ -98,7 +99,7 @@ def start_run(experiment: str, run_name: str = "", resume_run_id: str = "", syst
     if launcher:
         return mlflow.start_run(run_id=launcher, **kwargs)
     if mlflow.active_run() is not None:
-        return mlflow.active_run()
+        return mlflow.start_run(run_name=run_name or None, nested=True, **kwargs)
     mlflow.set_experiment(experiment)
     return mlflow.start_run(run_name=run_name or None, **kwargs)
 

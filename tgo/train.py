@@ -24,7 +24,9 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 import tempfile
+import threading
 import time
 import warnings
 from contextlib import nullcontext
@@ -384,6 +386,7 @@ def _run(cfg: TrainConfig, given: set[str], d: Dist) -> TrainResult:
     if d.main:
         active = tracking.start_run(cfg.experiment, cfg.run_name, cfg.resume, cfg.system_metrics)
         run_id = active.info.run_id
+    committer = EpochCommitter(run_id, tmp)
     try:
         if d.main:
             tracking.log_config(run_id, cfg.to_dict())
@@ -415,8 +418,8 @@ def _run(cfg: TrainConfig, given: set[str], d: Dist) -> TrainResult:
                 metrics["lr"] = optimizer.param_groups[0]["lr"]
                 t0 = time.perf_counter()
                 metrics.update(train_one_epoch(train_model, train_loader, optimizer, loss_fn, mixup, scaler, device, amp, cfg, epoch, d, channels_last))
-                scheduler.step(epoch)
                 metrics.update(evaluate(model, val_loader, device, amp, d, data.num_classes, channels_last))
+                scheduler.step(epoch, metrics["val/acc1"])  # sets the lr of the next epoch
                 metrics["time/epoch_s"] = time.perf_counter() - t0
             else:
                 metrics["lr"] = optimizer.param_groups[0]["lr"]
@@ -434,21 +437,27 @@ def _run(cfg: TrainConfig, given: set[str], d: Dist) -> TrainResult:
                 metrics["time/probe_s"] = time.perf_counter() - t0
                 metrics.update(geometry.metrics())
             if d.main:
-                _save_epoch(run_id, tmp, model, optimizer, scheduler, scaler, cfg, epoch, metrics, geometry, keep)
-                tracking.log_metrics(run_id, metrics, step=epoch)
+                checkpoint = _cpu_copy(_checkpoint(model, optimizer, scheduler, scaler, cfg, epoch, metrics, run_id))
+                committer.submit(epoch, cfg.epochs, checkpoint, checkpoint["model"] if epoch in keep else None, geometry, dict(metrics))
                 if geometry is not None and epoch == start_epoch and geometry.degenerate():
                     tracking.set_tags(run_id, {"tgo.degenerate_views": ",".join(geometry.degenerate())})
-                _report(epoch, cfg.epochs, metrics)
             history[epoch] = metrics
             last_metrics = metrics
         if d.main:
+            committer.wait()
             tracking.end_run("FINISHED")
         return TrainResult(run_id, cfg.epochs, last_metrics, cfg, history)
     except BaseException as err:
         if d.main:
+            try:
+                committer.wait()  # the last good epoch is recorded whole before the run is closed
+            except BaseException:  # noqa: BLE001 - the first error is the one to report
+                pass
             status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
             tracking.end_run(status, f"{type(err).__name__}: {err}")
         raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _relog_missing(run_id: str, ckpt: dict) -> None:
@@ -459,21 +468,59 @@ def _relog_missing(run_id: str, ckpt: dict) -> None:
         tracking.log_metrics(run_id, ckpt["metrics"], step=epoch)
 
 
-def _save_epoch(run_id, tmp, model, optimizer, scheduler, scaler, cfg, epoch, metrics, geometry: ProbeResult | None, keep) -> None:
-    """Artifacts of one epoch, spectra first and the resumable checkpoint last: a kill at any point
-    leaves a checkpoint whose epoch's artifacts are all there."""
-    folder = Path(tmp)
-    if geometry is not None:
-        artifact_dir, name = tracking.spectra_artifact(epoch)
-        tracking.log_file(run_id, geometry.save(folder / name), artifact_dir)
-    if epoch in keep:
-        artifact_dir, name = tracking.weights_artifact(epoch)
-        torch.save(model.state_dict(), folder / name)
-        tracking.log_file(run_id, folder / name, artifact_dir)
-        (folder / name).unlink()
-    path = folder / "last.pt"
-    torch.save(_checkpoint(model, optimizer, scheduler, scaler, cfg, epoch, metrics, run_id), path)
-    tracking.log_file(run_id, path, "checkpoints")
+def _cpu_copy(obj):
+    """A snapshot of a (nested) state dict: every tensor copied to the CPU, so that training can go
+    on while the snapshot is written."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
+class EpochCommitter:
+    """Writes each epoch's record in a background thread, in this order: spectra, weights, the
+    resumable checkpoint, then the metrics (and the progress line). A kill at any point therefore
+    leaves a checkpoint whose epoch's artifacts are all there, and metrics only for epochs whose
+    checkpoint exists (a resume re-logs the checkpoint's epoch if its metrics are missing). The
+    next epoch trains meanwhile; `wait()` joins and re-raises the writer's error."""
+
+    def __init__(self, run_id: str, folder: str) -> None:
+        self.run_id, self.folder = run_id, Path(folder)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, epoch: int, epochs: int, checkpoint: dict, weights: dict | None, geometry: ProbeResult | None, metrics: dict) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._commit, args=(epoch, epochs, checkpoint, weights, geometry, metrics), daemon=True)
+        self._thread.start()
+
+    def _commit(self, epoch, epochs, checkpoint, weights, geometry, metrics) -> None:
+        try:
+            if geometry is not None:
+                artifact_dir, name = tracking.spectra_artifact(epoch)
+                tracking.log_file(self.run_id, geometry.save(self.folder / name), artifact_dir)
+            if weights is not None:
+                artifact_dir, name = tracking.weights_artifact(epoch)
+                torch.save(weights, self.folder / name)
+                tracking.log_file(self.run_id, self.folder / name, artifact_dir)
+                (self.folder / name).unlink()
+            torch.save(checkpoint, self.folder / "last.pt")
+            tracking.log_file(self.run_id, self.folder / "last.pt", "checkpoints")
+            tracking.log_metrics(self.run_id, metrics, step=epoch)
+            _report(epoch, epochs, metrics)
+        except BaseException as err:  # noqa: BLE001 - handed to the training thread by wait()
+            self._error = err
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
 
 
 def _report(epoch: int, epochs: int, m: dict[str, float]) -> None:
