@@ -25,3 +25,18 @@ def vit():
 def images():
     g = torch.Generator().manual_seed(1)
     return torch.randn(40, 3, 32, 32, generator=g)
+
+
+MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_environment():
+    """MLflow 3's set_experiment / set_tracking_uri write os.environ; keep tests from leaking them."""
+    saved = {k: os.environ.get(k) for k in MLFLOW_ENV}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

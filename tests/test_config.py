@@ -70,13 +70,15 @@ def _mlproject():
 
 def test_every_mlproject_parameter_reaches_its_command_and_tgo():
     project = _mlproject()
-    assert {"main", "train", "train_ddp"} <= set(project["entry_points"])
+    assert {"main", "train", "train_ddp", "analyze"} <= set(project["entry_points"])
     for name, entry in project["entry_points"].items():
         params, command = entry["parameters"], entry["command"]
         for param, spec in params.items():
-            assert {"type", "default"} <= set(spec), (name, param)
+            assert "type" in spec and ("default" in spec or param == "run_id"), (name, param)
             assert spec["type"] in ("string", "float", "path", "uri"), (name, param)
             assert f"{{{param}}}" in command, f"{name}: parameter {param} does not reach the command"
+        if "entrypoints/train.py" not in command:
+            continue
         # Every parameter handed to entrypoints/train.py is a TrainConfig field (and nothing else).
         tgo_args = command.split("entrypoints/train.py", 1)[1]
         flags = re.findall(r"--(\w+) \{(\w+)\}", tgo_args)
@@ -108,3 +110,14 @@ def test_cli_help_lists_every_option():
     assert "train" in top and "data" in top
     bad = subprocess.run([sys.executable, "-m", "tgo", "train", "--epochs", "x"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "epochs: expected an integer" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_analyze_parameters_reach_tgo_analyze():
+    from mlflow.projects._project_spec import load_project
+
+    entry = load_project(str(ROOT)).get_entry_point("analyze")
+    values = {"run_id": "abc", "probe_size": "12", "data_dir": "/d", "probe_seed": "3", "sites": "final/cls", "device": "cpu"}
+    argv = __import__("shlex").split(entry.compute_command(values, storage_dir=None))
+    assert argv[:2] == ["python", "entrypoints/analyze.py"]
+    args = cli.build_parser().parse_args(["analyze", *argv[2:]])
+    assert (args.run_id, args.probe_size, args.data_dir, args.probe_seed, args.sites, args.device) == ("abc", "12", "/d", "3", "final/cls", "cpu")

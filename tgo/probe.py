@@ -57,6 +57,7 @@ class SiteViewGeometry:
     observables: dict[str, float]
     n_samples: int
     degenerate: bool = False
+    covariance: np.ndarray | None = None  # C (D x D), only where probe(keep_covariance=...) asked
 
 
 @dataclass
@@ -187,6 +188,7 @@ def probe(
     seed: int = 0,
     distributed: bool | None = None,
     progress: bool | None = None,
+    keep_covariance: Sequence[tuple[str, str]] = (),
 ) -> ProbeResult:
     """Measure the spectral geometry of a timm ViT at every site and token view over a probe loader.
 
@@ -206,6 +208,8 @@ def probe(
         distributed: sum the accumulators across torch.distributed ranks before the spectra (each
             rank passes its own shard of the probe set). Default: when a process group is running.
         progress: a tqdm bar over batches (default: on a terminal only).
+        keep_covariance: (site, view) pairs whose covariance matrix C (D x D, float64) the result
+            keeps, for figures of the covariance structure (not saved by `ProbeResult.save`).
 
     Returns:
         A `ProbeResult`: eigenvalues, singular values, observables and sample count per site/view.
@@ -285,6 +289,7 @@ def probe(
             observables=spectral.observables_from_spectra(spec, label=f"{site}/{view}"),
             n_samples=spec.n_samples,
             degenerate=spec.degenerate,
+            covariance=spec.covariance if (site, view) in set(map(tuple, keep_covariance)) else None,
         )
     return result
 

@@ -1,0 +1,241 @@
+"""The analysis entry point on a tiny training run made here, and its verdicts on constructed data."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from tgo.analysis import AnalysisError, analyze, findings, trend, trend_statistics
+from tgo.spectral import OBSERVABLE_NAMES
+from tgo.tracking import TrackingError
+
+ROOT = Path(__file__).resolve().parents[1]
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One smoke training run (weights at every epoch) in a store of its own."""
+    folder = tmp_path_factory.mktemp("analysis")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    from tgo.train import run
+
+    result = run(preset="smoke", epochs=EPOCHS, checkpoint_epochs="all", experiment="analysis")
+    yield result, folder, uri
+    mlflow.set_tracking_uri(None)
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+@pytest.fixture(scope="module")
+def analysed(trained):
+    result, folder, _ = trained
+    return analyze(result.run_id, output_dir=folder / "out")
+
+
+def test_every_figure_is_a_readable_png(analysed):
+    names = {p.name for p in analysed.figures}
+    for name in OBSERVABLE_NAMES:
+        assert f"epochs_{name}.png" in names and f"heatmap_{name}.png" in names
+    assert {"eigenspectra_final_cls.png", "singular_values_final_cls.png", "correlation_final_cls.png", "depth_profile.png"} <= names
+    for path in analysed.figures:
+        with Image.open(path) as img:
+            img.verify()
+        with Image.open(path) as img:
+            pixels = np.asarray(img.convert("L"), dtype=float)
+            assert img.width >= 400 and img.height >= 300, path.name
+        assert pixels.std() > 10, f"{path.name} looks blank"
+        assert (pixels < 128).mean() > 0.005, f"{path.name} has almost no ink"
+
+
+def test_table_has_one_row_per_epoch_site_view_observable(analysed, trained):
+    result, _, _ = trained
+    g = analysed.geometry
+    site_views = 5 * 3 - 1  # patch_embed, pos_embed, block_00, block_01, final; no patch_embed/cls
+    assert len(g) == (EPOCHS + 1) * site_views * len(OBSERVABLE_NAMES)
+    assert not g.duplicated(["epoch", "site", "view", "observable"]).any()
+    csv = pd.read_csv(analysed.output_dir / "tables" / "geometry.csv")
+    assert len(csv) == len(g) and list(csv.columns) == ["epoch", "site", "view", "observable", "value"]
+    # The table holds what the run logged as metrics.
+    history = MlflowClient().get_metric_history(result.run_id, "geom/block_01/patch/effective_rank")
+    logged = {m.step: m.value for m in history}
+    rows = g[(g.site == "block_01") & (g.view == "patch") & (g.observable == "effective_rank")]
+    assert dict(zip(rows.epoch, rows.value)) == pytest.approx(logged)
+
+
+def test_trend_statistics_match_scipy(analysed):
+    g, t = analysed.geometry, analysed.trends
+    for site, view, name in [("final", "cls", "effective_rank"), ("block_00", "patch", "spectral_anisotropy"), ("final", "mean", "alpha")]:
+        series = g[(g.site == site) & (g.view == view) & (g.observable == name)].sort_values("epoch")
+        row = t[(t.site == site) & (t.view == view) & (t.observable == name)].iloc[0]
+        rho, p = scipy.stats.spearmanr(series.epoch, series.value)
+        assert row.spearman_rho == pytest.approx(rho) and row.spearman_p == pytest.approx(p)
+        assert row["first"] == series.value.iloc[0] and row["last"] == series.value.iloc[-1]
+        steps = np.sign(np.diff(series.value.to_numpy()))
+        assert row.consistency == pytest.approx(max((steps > 0).mean(), (steps < 0).mean()))
+
+
+def test_trend_on_known_series():
+    up = trend(np.arange(6), np.array([1.0, 2, 3, 2.5, 4, 5]))
+    assert up["change"] == 4 and up["consistency"] == pytest.approx(4 / 5)
+    rho, p = scipy.stats.spearmanr(np.arange(6), [1.0, 2, 3, 2.5, 4, 5])
+    assert up["spearman_rho"] == pytest.approx(rho) and up["spearman_p"] == pytest.approx(p)
+    flat = trend(np.arange(4), np.ones(4))
+    assert flat["change"] == 0 and np.isnan(flat["spearman_rho"]) and np.isnan(flat["consistency"])
+
+
+def _constructed(direction: int, epochs: int = 8) -> pd.DataFrame:
+    """Histories where every observable moves one way: `direction` +1 spreads variance (ranks,
+    entropy and flatness up; anisotropy and alpha down) over training, -1 the opposite."""
+    rng = np.random.default_rng(0)
+    rows = []
+    goes_up = {"effective_rank": 1, "participation_ratio": 1, "spectral_entropy": 1, "spectral_flatness": 1, "spectral_anisotropy": -1, "cosine_anisotropy": -1, "alpha": -1}
+    for site_i, site in enumerate(["block_00", "block_01", "final"]):
+        for view in ("cls", "patch", "mean"):
+            for name, sign in goes_up.items():
+                for e in range(epochs):
+                    base = 10 + site_i if name == "effective_rank" and view == "cls" else 1.0
+                    value = base + direction * sign * 0.1 * e + rng.normal(0, 1e-3)
+                    if name == "spectral_anisotropy" and view == "cls":
+                        value -= 0.01 * site_i  # final has the lowest anisotropy
+                    rows.append((e, site, view, name, value))
+    return pd.DataFrame(rows, columns=["epoch", "site", "view", "observable", "value"])
+
+
+def test_verdicts_follow_constructed_histories():
+    rising = _constructed(+1)
+    verdicts = {f.number: f.verdict for f in findings(rising, trend_statistics(rising))}
+    assert verdicts == {1: "supported", 2: "supported", 3: "supported", 4: "supported", 5: "supported"}
+    falling = _constructed(-1)
+    found = findings(falling, trend_statistics(falling))
+    verdicts = {f.number: f.verdict for f in found}
+    assert all(verdicts[k] == "contradicted" for k in (1, 2, 3, 4))
+    assert "effective_rank" in found[0].evidence and "->" in found[0].evidence
+    mixed = rising.copy()
+    pr = (mixed.observable == "participation_ratio") & (mixed.site == "final") & (mixed.view == "cls")
+    mixed.loc[pr, "value"] = mixed.loc[pr, "value"].to_numpy()[::-1]
+    assert findings(mixed, trend_statistics(mixed))[0].verdict == "mixed"
+    one_epoch = rising[rising.epoch == 0]
+    assert findings(one_epoch, trend_statistics(one_epoch))[0].verdict == "insufficient data"
+
+
+def test_report_and_the_runs_are_linked_both_ways(analysed, trained):
+    result, _, _ = trained
+    html = analysed.report_html.read_text()
+    assert "TGO-I findings" in html and html.count("data:image/png;base64,") == len(analysed.figures)
+    md = analysed.report_md.read_text()
+    assert "| 1 |" in md and "../figures/epochs_effective_rank.png" in md
+    for f in analysed.findings:
+        assert f.verdict in html and f.verdict in md
+    client = MlflowClient()
+    child = client.get_run(analysed.analysis_run_id)
+    assert child.data.tags["mlflow.parentRunId"] == result.run_id and child.data.tags["tgo.kind"] == "analysis"
+    assert client.get_run(result.run_id).data.tags["tgo.analysis_run"] == analysed.analysis_run_id
+    top = {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert {"figures", "tables", "report", "findings.json"} <= top
+    assert set(child.data.metrics) == {f"finding/{i}" for i in range(1, 6)}
+    saved = json.loads((analysed.output_dir / "findings.json").read_text())
+    assert [f["verdict"] for f in saved] == [f.verdict for f in analysed.findings]
+
+
+def test_reprobe_on_more_images(trained):
+    result, folder, _ = trained
+    again = analyze(result.run_id, probe_size=48, output_dir=folder / "reprobe", log=False)
+    assert "re-probe" in again.source and "48" in again.source
+    assert sorted(again.geometry.epoch.unique()) == list(range(EPOCHS + 1))
+    logged = analyze(result.run_id, probe_size=32, output_dir=folder / "same", log=False).geometry
+    # Re-probing the same 32 images reproduces what was logged.
+    ref = MlflowClient().get_metric_history(result.run_id, "geom/final/cls/stable_rank")
+    rows = logged[(logged.site == "final") & (logged.view == "cls") & (logged.observable == "stable_rank")]
+    assert dict(zip(rows.epoch, rows.value)) == pytest.approx({m.step: m.value for m in ref}, rel=1e-6)
+
+
+def test_a_run_without_spectra_is_read_from_its_metric_histories(trained):
+    _, folder, _ = trained
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("analysis").experiment_id
+    rid = client.create_run(exp).info.run_id
+    rng = np.random.default_rng(1)
+    metrics = []
+    for e in range(3):
+        for site in ("block_00", "final"):
+            for view in ("cls", "mean"):
+                for name in OBSERVABLE_NAMES:
+                    metrics.append(mlflow.entities.Metric(f"geom/{site}/{view}/{name}", float(rng.uniform(1, 2)), 0, e))
+    client.log_batch(rid, metrics=metrics)
+    out = analyze(rid, output_dir=folder / "metrics-only", log=False)
+    assert out.source == "the run's logged metrics" and len(out.geometry) == len(metrics)
+    assert any("still running" in n for n in out.notes)
+    assert any("Covariance figures skipped" in n for n in out.notes)
+
+
+def test_bad_input_is_explained_and_writes_nothing_to_the_run(trained, tmp_path):
+    result, folder, _ = trained
+    client = MlflowClient()
+    before = client.get_run(result.run_id).data.tags
+    with pytest.raises(TrackingError, match="no run 'ffffffffffffffffffffffffffffffff'"):
+        analyze("f" * 32, log=False)
+    empty = client.create_run(client.get_experiment_by_name("analysis").experiment_id).info.run_id
+    client.log_metric(empty, "val/acc1", 50.0, step=0)
+    with pytest.raises(AnalysisError, match="has no geometry"):
+        analyze(empty)
+    with pytest.raises(AnalysisError, match="were not measured"):
+        analyze(result.run_id, sites=["block_07/cls"], output_dir=tmp_path / "x")
+    with pytest.raises(AnalysisError, match="exceeds the 64 images"):
+        analyze(result.run_id, probe_size=1000, output_dir=tmp_path / "y")
+    assert client.get_run(result.run_id).data.tags == before
+
+
+def test_reprobe_refuses_other_data_and_runs_without_weights(tmp_path, monkeypatch):
+    from tests.test_train import _image_tree
+    from tgo.train import run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        _image_tree(tmp_path / "tree", classes=("a", "b"), per_class=6)
+        trained = run(preset="smoke", dataset="imagefolder", data_dir=str(tmp_path / "tree"), num_classes=0, epochs=1, probe_size=8, batch_size=4)
+        _image_tree(tmp_path / "other", classes=("a", "b"), per_class=6, size=20)
+        with pytest.raises(AnalysisError, match="is not the data run"):
+            analyze(trained.run_id, data_dir=str(tmp_path / "other"), log=False)
+        bare = run(preset="smoke", epochs=1, checkpoint_epochs="none")
+        with pytest.raises(AnalysisError, match="has no saved weights to re-probe"):
+            analyze(bare.run_id, probe_size=16, log=False)
+        assert "tgo.analysis_run" not in MlflowClient().get_run(trained.run_id).data.tags
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_mlflow_run_analyze_entry_point(trained):
+    result, folder, uri = trained
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(ROOT), PATH=path)
+    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "analyze", "--env-manager", "local",
+           "--experiment-name", "analysis", "-P", f"run_id={result.run_id}", "-P", "sites=final/cls,block_01/patch"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=folder)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "finding 1:" in proc.stdout
+    analysis_id = MlflowClient().get_run(result.run_id).data.tags["tgo.analysis_run"]
+    child = MlflowClient().get_run(analysis_id)
+    assert child.data.params["run_id"] == result.run_id  # the launcher run MLflow opened
+    assert child.data.tags["mlflow.parentRunId"] == result.run_id
+    assert child.info.status == "FINISHED"
+    names = {a.path for a in MlflowClient().list_artifacts(analysis_id, "figures")}
+    assert "figures/correlation_block_01_patch.png" in names

@@ -1,0 +1,506 @@
+"""A training run's geometry -> tidy tables -> trend statistics, TGO-I verdicts, figures, a report.
+
+    from tgo.analysis import analyze
+    result = analyze(run_id)                      # what the run logged
+    result = analyze(run_id, probe_size=1000)     # re-probe its saved weights on more images
+    result.findings, result.trends, result.report_html
+
+Everything is read through the tracking API (a local store or a tracking server): the run, its
+config and probe record, its spectra artifacts (all epochs in one download; the metric histories,
+one call per key, only where a run has no spectra), its weights for a re-probe. The result is
+logged as an analysis run, a child of the training run (mlflow.parentRunId), with the training
+run tagged `tgo.analysis_run` once the analysis has succeeded; bad input writes nothing to it.
+
+Trend statistics per site, view and observable (columns of `trends`): first and last value, their
+change, Spearman's rho of value against epoch with its two-sided p-value (scipy.stats.spearmanr),
+and `consistency`, the fraction of epoch-to-epoch steps that move in the dominant direction (the
+sign most steps share; ties go to the sign of last - first).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import mlflow
+import numpy as np
+import pandas as pd
+import scipy.stats
+from mlflow.tracking import MlflowClient
+from tqdm.auto import tqdm
+
+import tgo
+from tgo import plots, tracking
+from tgo.probe import METRIC_PREFIX, ProbeResult
+from tgo.spectral import OBSERVABLE_NAMES, DegenerateGeometryWarning
+
+SCALARS = ("train/loss", "train/acc1", "val/loss", "val/acc1", "val/acc5", "lr", "time/epoch_s", "time/probe_s")
+
+
+class AnalysisError(ValueError):
+    """The run cannot be analysed as asked; the message says why and what to do."""
+
+
+@dataclass
+class Finding:
+    number: int
+    claim: str
+    verdict: str  # "supported", "contradicted", "mixed" or "insufficient data"
+    evidence: str
+
+    @property
+    def score(self) -> int:
+        return {"supported": 1, "contradicted": -1}.get(self.verdict, 0)
+
+
+@dataclass
+class Analysis:
+    run_id: str
+    geometry: pd.DataFrame  # epoch, site, view, observable, value
+    scalars: pd.DataFrame  # epoch, key, value
+    trends: pd.DataFrame
+    findings: list[Finding]
+    source: str  # "logged" or "re-probe (N images)"
+    notes: list[str] = field(default_factory=list)
+    figures: list[Path] = field(default_factory=list)
+    report_html: Path | None = None
+    report_md: Path | None = None
+    output_dir: Path | None = None
+    analysis_run_id: str = ""
+
+
+# --------------------------------------------------------------------------------------------------
+# reading a run
+# --------------------------------------------------------------------------------------------------
+
+
+def geometry_table(results: dict[int, ProbeResult]) -> pd.DataFrame:
+    """Tidy table (epoch, site, view, observable, value) of per-epoch probe results."""
+    rows = [
+        (epoch, g.site, g.view, name, value)
+        for epoch, result in sorted(results.items())
+        for g in result
+        for name, value in g.observables.items()
+    ]
+    return pd.DataFrame(rows, columns=["epoch", "site", "view", "observable", "value"])
+
+
+def _table_from_metrics(run_id: str, keys: Sequence[str]) -> pd.DataFrame:
+    """Metric histories, one call per key (MLflow has no multi-key history call), in parallel."""
+    client = MlflowClient()
+
+    def history(key):
+        return key, client.get_metric_history(run_id, key)
+
+    rows = []
+    with ThreadPoolExecutor(8) as pool:
+        for key, hist in tqdm(pool.map(history, keys), total=len(keys), desc="metric histories", leave=False, disable=None):
+            _, site, view, name = key.split("/")
+            rows += [(m.step, site, view, name, m.value) for m in hist]
+    return pd.DataFrame(rows, columns=["epoch", "site", "view", "observable", "value"])
+
+
+def _spectra(run_id: str, folder: Path) -> dict[int, ProbeResult]:
+    """Every epoch's spectra artifact, in one download."""
+    names = [f.path for f in MlflowClient().list_artifacts(run_id, "geometry/spectra")]
+    if not names:
+        return {}
+    local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="geometry/spectra", dst_path=str(folder)))
+    return {int(p.stem.split("_")[1]): ProbeResult.load(p) for p in sorted(local.glob("epoch_*.npz"))}
+
+
+def scalar_table(run_id: str, keys: Sequence[str]) -> pd.DataFrame:
+    client = MlflowClient()
+    rows = [(m.step, key, m.value) for key in keys for m in client.get_metric_history(run_id, key)]
+    return pd.DataFrame(rows, columns=["epoch", "key", "value"])
+
+
+# --------------------------------------------------------------------------------------------------
+# statistics and the TGO-I findings
+# --------------------------------------------------------------------------------------------------
+
+
+def trend(epochs: np.ndarray, values: np.ndarray) -> dict[str, float]:
+    """first, last, change, spearman_rho, spearman_p, consistency of one series (see module doc)."""
+    order = np.argsort(epochs)
+    x, y = np.asarray(epochs, float)[order], np.asarray(values, float)[order]
+    out = {"n_epochs": len(y), "first": y[0], "last": y[-1], "change": y[-1] - y[0]}
+    if len(y) >= 3 and np.ptp(y) > 0:
+        rho, p = scipy.stats.spearmanr(x, y)
+    else:
+        rho, p = np.nan, np.nan
+    out.update(spearman_rho=float(rho), spearman_p=float(p))
+    steps = np.sign(np.diff(y))
+    moves = steps[steps != 0]
+    if moves.size:
+        dominant = np.sign(moves.sum()) or np.sign(out["change"]) or 1.0
+        out["consistency"] = float(np.mean(steps == dominant))
+    else:
+        out["consistency"] = np.nan
+    return out
+
+
+def trend_statistics(geometry: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for (site, view, name), part in geometry.groupby(["site", "view", "observable"], sort=False):
+        rows.append({"site": site, "view": view, "observable": name, **trend(part.epoch.to_numpy(), part.value.to_numpy())})
+    return pd.DataFrame(rows)
+
+
+# claim, observables with their expected direction (+1 up, -1 down)
+TREND_FINDINGS = (
+    (1, "Dimensional utilisation (effective rank, participation ratio) increases over training", {"effective_rank": 1, "participation_ratio": 1}),
+    (2, "Anisotropy decreases over training", {"spectral_anisotropy": -1, "cosine_anisotropy": -1}),
+    (3, "Spectral entropy increases over training", {"spectral_entropy": 1}),
+    (4, "Eigenspectra get flatter over training (flatness up, power-law decay alpha down)", {"spectral_flatness": 1, "alpha": -1}),
+)
+KEY_SITE = ("final", "cls")  # the final CLS representation, where TGO-I saw the strongest effect
+
+
+def _fmt(x: float) -> str:
+    return "nan" if not np.isfinite(x) else (f"{x:.4g}" if abs(x) < 1e4 else f"{x:.3e}")
+
+
+def findings(geometry: pd.DataFrame, trends: pd.DataFrame, key_site: tuple[str, str] = KEY_SITE) -> list[Finding]:
+    """Whether this run supports each TGO-I finding, with the numbers behind each verdict.
+
+    Findings 1-4 are judged on the final CLS representation: supported when every named observable
+    moved the expected way from the first to the last epoch and its Spearman rho has the expected
+    sign; contradicted when every one moved the other way, with rho of the other sign too; mixed
+    otherwise (with fewer than 3 epochs, the first-to-last change alone decides). The share of all
+    site/views that moved the expected way is given as context. Finding 5 compares the final CLS
+    representation with the CLS view of every other site at the last epoch.
+    """
+    out = []
+    site, view = key_site
+    n_epochs = geometry.epoch.nunique()
+    for number, claim, expected in TREND_FINDINGS:
+        if n_epochs < 2:
+            out.append(Finding(number, claim, "insufficient data", f"only {n_epochs} epoch(s) of geometry."))
+            continue
+        parts, agree, against = [], [], []
+        for name, direction in expected.items():
+            row = trends[(trends.site == site) & (trends.view == view) & (trends.observable == name)]
+            if row.empty:
+                continue
+            r = row.iloc[0]
+            moved = np.sign(r.change)
+            rho_ok = np.isfinite(r.spearman_rho) and np.sign(r.spearman_rho) == direction
+            rho_against = np.isfinite(r.spearman_rho) and np.sign(r.spearman_rho) == -direction
+            agree.append(moved == direction and (rho_ok or r.n_epochs < 3))
+            against.append(moved == -direction and (rho_against or r.n_epochs < 3))
+            everywhere = trends[trends.observable == name]
+            share = float(np.mean(np.sign(everywhere.change) == direction)) if len(everywhere) else np.nan
+            parts.append(
+                f"{name} {_fmt(r['first'])} -> {_fmt(r['last'])} (Spearman rho {_fmt(r.spearman_rho)}, p {_fmt(r.spearman_p)}; "
+                f"moves {'up' if direction > 0 else 'down'} at {share:.0%} of all site/views)"
+            )
+        if not parts:
+            out.append(Finding(number, claim, "insufficient data", f"{site}/{view} was not measured."))
+            continue
+        verdict = "supported" if all(agree) else "contradicted" if all(against) else "mixed"
+        out.append(Finding(number, claim, verdict, f"At {site}/{view}: " + "; ".join(parts) + "."))
+
+    claim5 = "The final CLS representation has the highest effective rank and the lowest anisotropy of all sites"
+    last = geometry[(geometry.epoch == geometry.epoch.max()) & (geometry.view == "cls")]
+    table = last.pivot_table(index="site", columns="observable", values="value")
+    table = table[table.get("effective_rank", pd.Series(dtype=float)) > 0]  # degenerate views (pos_embed/cls) excluded
+    if "final" not in table.index or len(table) < 2:
+        out.append(Finding(5, claim5, "insufficient data", "no CLS view at the final site and another site."))
+    else:
+        er, an = table["effective_rank"], table["spectral_anisotropy"]
+        top_er, low_an = er.idxmax(), an.idxmin()
+        ok_er, ok_an = top_er == "final", low_an == "final"
+        verdict = "supported" if ok_er and ok_an else "contradicted" if not ok_er and not ok_an else "mixed"
+        others_er, others_an = er.drop("final"), an.drop("final")
+        evidence = (
+            f"At epoch {int(last.epoch.max())}, CLS view: final effective rank {_fmt(er['final'])} "
+            f"(rank {int((er > er['final']).sum()) + 1} of {len(er)}; highest elsewhere {_fmt(others_er.max())} at {others_er.idxmax()}), "
+            f"final spectral anisotropy {_fmt(an['final'])} (rank {int((an < an['final']).sum()) + 1} of {len(an)} from lowest; "
+            f"lowest elsewhere {_fmt(others_an.min())} at {others_an.idxmin()})."
+        )
+        out.append(Finding(5, claim5, verdict, evidence))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# re-probing saved weights
+# --------------------------------------------------------------------------------------------------
+
+
+def _reprobe(run_id: str, folder: Path, probe_size: int, data_dir: str, probe_seed: int | None, device: str,
+             epochs: Sequence[int] | None, keep_covariance: Sequence[tuple[str, str]]) -> tuple[dict[int, ProbeResult], int]:
+    """Probe the run's saved weights (checkpoints/weights_epoch_XXXX.pt) again, on the data of its
+    config (data_dir may point elsewhere), after checking that the data is the one it was probed on."""
+    import torch
+
+    from tgo.config import from_dict
+    from tgo.data import build_datasets
+    from tgo.model import create_model
+    from tgo.probe import probe
+    from tgo.probeset import ProbeSet, fingerprint
+
+    config = json.loads(tracking.download(run_id, "config/config.json", folder).read_text())
+    if data_dir:
+        config["data_dir"] = data_dir
+    config["device"] = device or "auto"
+    cfg = from_dict(config)
+    data = build_datasets(cfg)
+    names = [f.path for f in MlflowClient().list_artifacts(run_id, "checkpoints") if "weights_epoch_" in f.path]
+    available = sorted(int(Path(n).stem.split("_")[-1]) for n in names)
+    wanted = available if epochs is None else [e for e in epochs if e in available]
+    if not wanted:
+        raise AnalysisError(
+            f"run {run_id} has no saved weights to re-probe (checkpoints/weights_epoch_XXXX.pt"
+            f"{' for epochs ' + str(list(epochs)) if epochs is not None else ''}; it has {available}). "
+            "Train with checkpoint_epochs=all (or a list) to keep them."
+        )
+    try:
+        record = json.loads(tracking.download(run_id, "probe/probe_set.json", folder).read_text())
+    except tracking.TrackingError:
+        record = None
+    if record is not None:
+        indices = np.asarray(record["indices"])
+        if len(data.val) != record["dataset_size"] or fingerprint(data.val, indices) != record["fingerprint"]:
+            raise AnalysisError(
+                f"the validation data{' under ' + data_dir if data_dir else ''} is not the data run {run_id} "
+                f"was probed on: its {record['size']} probe images have another fingerprint, or the set has "
+                f"{len(data.val)} images instead of {record['dataset_size']}. Point data_dir at the run's data."
+            )
+    size = probe_size or (record["size"] if record else cfg.probe_size)
+    seed = cfg.probe_seed if probe_seed is None else probe_seed
+    try:
+        probe_set = ProbeSet.from_dataset(data.val, size, seed)
+    except ValueError as err:
+        raise AnalysisError(str(err)) from None
+    dev = torch.device("cuda" if (device in ("", "auto") and torch.cuda.is_available()) else (device if device not in ("", "auto") else "cpu"))
+    model = create_model(cfg, data.num_classes).to(dev)
+    out = {}
+    for epoch in tqdm(wanted, desc="re-probe", unit="epoch", disable=None):
+        path = tracking.download(run_id, f"checkpoints/weights_epoch_{epoch:04d}.pt", folder / "weights")
+        model.load_state_dict(tracking.load_checkpoint(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DegenerateGeometryWarning)
+            out[epoch] = probe(model, probe_set.loader(cfg.probe_batch_size, cfg.workers), device=dev,
+                               precision=cfg.probe_precision, keep_covariance=keep_covariance, progress=False)
+        path.unlink()
+    return out, size
+
+
+# --------------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------------
+
+
+def _report(a: Analysis, title: str, figure_groups: dict[str, list[Path]], folder: Path) -> tuple[Path, Path]:
+    verdict_color = {"supported": "#1a7f37", "contradicted": "#cf222e", "mixed": "#9a6700", "insufficient data": "#57606a"}
+    md = [f"# {title}", "", f"Source of the geometry: {a.source}.", ""]
+    md += [f"> {n}" for n in a.notes] + ([""] if a.notes else [])
+    md += ["## TGO-I findings", "", "| # | finding | verdict | numbers |", "| --- | --- | --- | --- |"]
+    md += [f"| {f.number} | {f.claim} | **{f.verdict}** | {f.evidence} |" for f in a.findings]
+    h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+         "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}"
+         "img{max-width:100%;border:1px solid #eee;margin:6px 0}</style></head><body>",
+         f"<h1>{html.escape(title)}</h1><p>Source of the geometry: {html.escape(a.source)}.</p>"]
+    h += [f"<p><em>{html.escape(n)}</em></p>" for n in a.notes]
+    h += ["<h2>TGO-I findings</h2><table><tr><th>#</th><th>finding</th><th>verdict</th><th>numbers</th></tr>"]
+    h += [f"<tr><td>{f.number}</td><td>{html.escape(f.claim)}</td><td style='color:{verdict_color[f.verdict]}'><b>{f.verdict}</b></td>"
+          f"<td>{html.escape(f.evidence)}</td></tr>" for f in a.findings]
+    h += ["</table>"]
+    top = a.trends.reindex(a.trends.spearman_rho.abs().sort_values(ascending=False).index).head(15)
+    md += ["", "## Strongest trends (|Spearman rho|)", "", top.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else top.to_string(index=False)]
+    h += ["<h2>Strongest trends (|Spearman rho|)</h2>", top.to_html(index=False, float_format=lambda x: f"{x:.4g}"),
+          "<p>All trends: tables/trends.csv; all values: tables/geometry.csv.</p>"]
+    for heading, paths in figure_groups.items():
+        if not paths:
+            continue
+        md += ["", f"## {heading}", ""] + [f"![{p.stem}](../figures/{p.name})" for p in paths]
+        h += [f"<h2>{html.escape(heading)}</h2>"]
+        h += [f"<img alt='{p.stem}' src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>" for p in paths]
+    h += ["</body></html>"]
+    (folder / "report").mkdir(parents=True, exist_ok=True)
+    md_path, html_path = folder / "report" / "report.md", folder / "report" / "report.html"
+    md_path.write_text("\n".join(md) + "\n")
+    html_path.write_text("\n".join(h))
+    return html_path, md_path
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# the entry point's function
+# --------------------------------------------------------------------------------------------------
+
+
+def _default_sites(measured: set[tuple[str, str]]) -> list[tuple[str, str]]:
+    """final/cls and the middle block's patch view (or its mean, or cls view), where measured."""
+    chosen = [("final", "cls")] if ("final", "cls") in measured else []
+    blocks = plots._site_order({s for s, _ in measured if s.startswith("block_")})
+    if blocks:
+        middle = blocks[len(blocks) // 2]
+        view = next((v for v in ("patch", "mean", "cls") if (middle, v) in measured), None)
+        chosen.append((middle, view))
+    return chosen or sorted(measured)[:1]
+
+
+def analyze(
+    run_id: str,
+    *,
+    probe_size: int = 0,
+    data_dir: str = "",
+    probe_seed: int | None = None,
+    sites: Sequence[str] | None = None,
+    device: str = "auto",
+    output_dir: str | Path | None = None,
+    log: bool = True,
+) -> Analysis:
+    """Analyse a training run's geometry: tables, trend statistics, TGO-I verdicts, figures, report.
+
+    Args:
+        run_id: the training run.
+        probe_size, data_dir, probe_seed: re-probe the run's saved weights on probe_size images
+            (0: use what the run logged) of its data (data_dir: where that data lies now).
+        sites: "<site>/<view>" pairs for the spectra and covariance figures (default: final/cls
+            and the middle block's patch view).
+        device: for a re-probe.
+        output_dir: where to write (default: a temporary folder).
+        log: log everything as an analysis run, a child of the training run.
+    """
+    tracking.check_tracking()
+    run = tracking.get_run(run_id)
+    folder = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="tgo-analysis-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+    if run.info.status == "RUNNING":
+        notes.append(f"Run {run_id} is still running: this analyses the epochs logged so far.")
+    elif run.info.status != "FINISHED":
+        notes.append(f"Run {run_id} ended as {run.info.status}: this analyses the epochs it logged.")
+    chosen = [tuple(s.split("/")) for s in sites] if sites else None
+    if chosen is not None and any(len(c) != 2 for c in chosen):
+        raise AnalysisError(f"sites: expected <site>/<view> pairs such as final/cls, got {list(sites)}.")
+
+    spectra: dict[int, ProbeResult] = {}
+    covariances: dict[int, ProbeResult] = {}
+    if probe_size or data_dir:
+        spectra, size = _reprobe(run_id, folder / "download", probe_size, data_dir, probe_seed, device, None,
+                                 keep_covariance=chosen or [("final", "cls")])
+        covariances = spectra
+        geometry, source = geometry_table(spectra), f"re-probe of the saved weights on {size} validation images"
+    else:
+        spectra = _spectra(run_id, folder / "download")
+        if spectra:
+            geometry, source = geometry_table(spectra), "the run's logged spectra (geometry/spectra/epoch_XXXX.npz)"
+        else:
+            keys = [k for k in run.data.metrics if k.startswith(METRIC_PREFIX + "/")]
+            if not keys:
+                raise AnalysisError(
+                    f"run {run_id} has no geometry (no geom/... metrics, no spectra artifacts): it was trained "
+                    "with probe_every=0, or is not a tgo training run. Re-probe its saved weights with probe_size=N."
+                )
+            geometry, source = _table_from_metrics(run_id, keys), "the run's logged metrics"
+    if geometry.empty:
+        raise AnalysisError(f"run {run_id} has no epochs of geometry yet.")
+    all_sites = plots._site_order(geometry.site)
+    chosen = chosen or _default_sites(set(zip(geometry.site, geometry.view)))
+    unknown = [f"{s}/{v}" for s, v in chosen if not ((geometry.site == s) & (geometry.view == v)).any()]
+    if unknown:
+        raise AnalysisError(f"sites: {unknown} were not measured; measured sites are {all_sites} with views cls, patch, mean.")
+    scalars = scalar_table(run_id, [k for k in SCALARS if k in run.data.metrics])
+    trends = trend_statistics(geometry)
+    result = Analysis(run_id, geometry, scalars, trends, findings(geometry, trends), source, notes, output_dir=folder)
+
+    # covariance structure at the first and last epoch: a re-probe of those weights (cheap) unless done
+    epochs = sorted(geometry.epoch.unique())
+    if not covariances and len(epochs) >= 1:
+        try:
+            covariances, _ = _reprobe(run_id, folder / "download", 0, "", None, device, [epochs[0], epochs[-1]], keep_covariance=chosen)
+        except Exception as err:  # noqa: BLE001 - the figure is optional; say why it is missing
+            notes.append(f"Covariance figures skipped: {err}")
+
+    # ---- tables ----
+    tables = folder / "tables"
+    tables.mkdir(exist_ok=True)
+    geometry.to_csv(tables / "geometry.csv", index=False)
+    trends.to_csv(tables / "trends.csv", index=False)
+    scalars.to_csv(tables / "scalars.csv", index=False)
+    try:
+        geometry.to_parquet(tables / "geometry.parquet", index=False)
+    except ImportError:
+        pass
+
+    # ---- figures (views without variance, such as pos_embed/cls, would only flatten the axes) ----
+    rank = geometry[geometry.observable == "effective_rank"].groupby(["site", "view"]).value.max()
+    flat = [f"{s}/{v}" for (s, v), value in rank.items() if value == 0]
+    shown = geometry[~(geometry.site + "/" + geometry.view).isin(flat)]
+    if flat:
+        notes.append(f"Left out of the figures (no variance at any epoch): {', '.join(flat)}.")
+    label = run.info.run_name or run_id[:8]
+    figdir = folder / "figures"
+    groups: dict[str, list[Path]] = {"Observables over training": [], "Site x epoch heat maps": [], "Eigenspectra over training": [],
+                                     "Covariance structure": [], "Depth profile": []}
+    observables = [o for o in OBSERVABLE_NAMES if o in set(geometry.observable)]
+    for name in tqdm(observables, desc="figures", leave=False, disable=None):
+        groups["Observables over training"].append(plots.save(plots.observable_over_epochs(shown, name, label), figdir / f"epochs_{name}.png"))
+        groups["Site x epoch heat maps"].append(plots.save(plots.site_epoch_heatmap(shown, name, label), figdir / f"heatmap_{name}.png"))
+    for site, view in chosen:
+        if spectra:
+            eig = {e: r[(site, view)].eigenvalues for e, r in spectra.items() if (site, view) in r.geometry}
+            sv = {e: r[(site, view)].singular_values for e, r in spectra.items() if (site, view) in r.geometry}
+            groups["Eigenspectra over training"].append(plots.save(
+                plots.spectra_over_training(eig, f"Eigenspectrum of {site}/{view} over training", "eigenvalue of the covariance"),
+                figdir / f"eigenspectra_{site}_{view}.png"))
+            groups["Eigenspectra over training"].append(plots.save(
+                plots.spectra_over_training(sv, f"Singular values of the centered {site}/{view} over training", "singular value"),
+                figdir / f"singular_values_{site}_{view}.png"))
+        cov_epochs = sorted(e for e, r in covariances.items() if (site, view) in r.geometry and r[(site, view)].covariance is not None)
+        if len(cov_epochs) >= 2:
+            first, last = cov_epochs[0], cov_epochs[-1]
+            groups["Covariance structure"].append(plots.save(plots.correlation_first_last(
+                covariances[first][(site, view)].covariance, covariances[last][(site, view)].covariance, (first, last),
+                f"Correlation structure of {site}/{view}, first and last epoch"), figdir / f"correlation_{site}_{view}.png"))
+    groups["Depth profile"].append(plots.save(plots.depth_profile(shown, int(epochs[-1]), label), figdir / "depth_profile.png"))
+    result.figures = [p for paths in groups.values() for p in paths]
+    result.report_html, result.report_md = _report(result, f"Geometry of run {label} ({run_id})", groups, folder)
+    (folder / "findings.json").write_text(json.dumps([f.__dict__ for f in result.findings], indent=2))
+
+    if log:
+        result.analysis_run_id = _log(result, run, folder)
+    return result
+
+
+def _log(result: Analysis, run, folder: Path) -> str:
+    """An analysis run, child of the training run, holding every file; tags link both ways."""
+    import os
+
+    client = MlflowClient()
+    tags = {"mlflow.parentRunId": result.run_id, "tgo.kind": "analysis", "tgo.analyzed_run": result.run_id,
+            "tgo.version": tgo.__version__, "tgo.source": result.source}
+    launcher = os.environ.get("MLFLOW_RUN_ID", "")
+    if launcher and launcher != result.run_id:
+        analysis_id = launcher  # `mlflow run -e analyze` opened it
+    else:
+        analysis_id = client.create_run(run.info.experiment_id, run_name=f"analysis of {run.info.run_name or result.run_id[:8]}").info.run_id
+    tracking.set_tags(analysis_id, tags)
+    for sub in ("figures", "tables", "report"):
+        client.log_artifacts(analysis_id, str(folder / sub), sub)
+    client.log_artifact(analysis_id, str(folder / "findings.json"))
+    tracking.log_metrics(analysis_id, {f"finding/{f.number}": f.score for f in result.findings}, step=int(result.geometry.epoch.max()))
+    if not launcher or launcher == result.run_id:
+        client.set_terminated(analysis_id, "FINISHED")
+    tracking.set_tags(result.run_id, {"tgo.analysis_run": analysis_id})
+    return analysis_id

@@ -1,0 +1,184 @@
+"""Tidy tables -> matplotlib figures. Each function takes data, returns a Figure, and draws nothing
+it was not given; `save` writes a PNG. The tables are those of `tgo.analysis`:
+geometry: columns epoch, site, view, observable, value.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from tgo.spectral import OBSERVABLE_NAMES  # noqa: E402
+
+VIEW_TITLES = {"cls": "CLS token", "patch": "patch tokens", "mean": "mean-pooled patch tokens"}
+LABELS = {
+    "effective_rank": "effective rank",
+    "rankme": "RankMe",
+    "stable_rank": "stable rank",
+    "participation_ratio": "participation ratio",
+    "spectral_entropy": "spectral entropy (nats)",
+    "spectral_entropy_norm": "normalised spectral entropy",
+    "spectral_flatness": "spectral flatness",
+    "spectral_anisotropy": "spectral anisotropy (lambda_1 / sum)",
+    "cosine_anisotropy": "cosine anisotropy",
+    "alpha": "power-law decay alpha",
+    "alpha_r2": "alpha fit r2",
+    "n_components_90": "components for 90% variance",
+    "n_components_95": "components for 95% variance",
+    "n_components_99": "components for 99% variance",
+    "mean_abs_correlation": "mean |correlation|",
+}
+LOG_SCALE = {"effective_rank", "rankme", "stable_rank", "participation_ratio", "n_components_90", "n_components_95", "n_components_99"}
+
+
+def save(fig: plt.Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _site_order(sites: Sequence[str]) -> list[str]:
+    def key(site: str):
+        if site == "patch_embed":
+            return -2
+        if site == "pos_embed":
+            return -1
+        if site.startswith("block_"):
+            return int(site.split("_")[1])
+        return 10_000
+
+    return sorted(set(sites), key=key)
+
+
+def _site_colors(sites: Sequence[str]) -> dict[str, tuple]:
+    cmap = plt.get_cmap("viridis")
+    n = max(len(sites) - 1, 1)
+    return {site: cmap(i / n) for i, site in enumerate(sites)}
+
+
+def observable_over_epochs(geometry: pd.DataFrame, observable: str, run_label: str = "") -> plt.Figure:
+    """One panel per view; one line per site (coloured from the first site to the final norm)."""
+    data = geometry[geometry.observable == observable]
+    views = [v for v in VIEW_TITLES if v in set(data.view)]
+    sites = _site_order(data.site)
+    colors = _site_colors(sites)
+    fig, axes = plt.subplots(1, len(views), figsize=(5.2 * len(views), 4.2), squeeze=False, sharey=False)
+    for ax, view in zip(axes[0], views):
+        for site in sites:
+            line = data[(data.view == view) & (data.site == site)].sort_values("epoch")
+            if line.empty:
+                continue
+            bold = site == "final"
+            ax.plot(line.epoch, line.value, color=colors[site], lw=2.4 if bold else 1.2, label=site, marker="o" if len(line) < 15 else None, ms=3)
+        ax.set_title(VIEW_TITLES[view])
+        ax.set_xlabel("epoch (0 = initialisation)")
+        ax.set_ylabel(LABELS.get(observable, observable))
+        if observable in LOG_SCALE and (data[data.view == view].value > 0).all():
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), title="site", fontsize=8)
+    fig.suptitle(f"{LABELS.get(observable, observable)} over training{' - ' + run_label if run_label else ''}")
+    fig.tight_layout()
+    return fig
+
+
+def site_epoch_heatmap(geometry: pd.DataFrame, observable: str, run_label: str = "") -> plt.Figure:
+    """Site x epoch heat map of one observable, one panel per view (its own colour scale)."""
+    data = geometry[geometry.observable == observable]
+    views = [v for v in VIEW_TITLES if v in set(data.view)]
+    sites = _site_order(data.site)
+    fig, axes = plt.subplots(1, len(views), figsize=(5.2 * len(views), 0.32 * len(sites) + 2.2), squeeze=False)
+    for ax, view in zip(axes[0], views):
+        grid = data[data.view == view].pivot_table(index="site", columns="epoch", values="value").reindex(sites)
+        epochs = list(grid.columns)
+        im = ax.imshow(grid.to_numpy(dtype=float), aspect="auto", cmap="magma", interpolation="nearest")
+        ax.set_yticks(range(len(sites)), sites, fontsize=8)
+        step = max(1, len(epochs) // 10)
+        ax.set_xticks(range(0, len(epochs), step), [str(e) for e in epochs[::step]])
+        ax.set_xlabel("epoch")
+        ax.set_title(VIEW_TITLES[view])
+        fig.colorbar(im, ax=ax, label=LABELS.get(observable, observable), shrink=0.85)
+    fig.suptitle(f"{LABELS.get(observable, observable)}: site x epoch{' - ' + run_label if run_label else ''}")
+    fig.tight_layout()
+    return fig
+
+
+def spectra_over_training(spectra: dict[int, np.ndarray], title: str, ylabel: str) -> plt.Figure:
+    """Log-log rank against value for each epoch's spectrum, coloured from first to last epoch."""
+    epochs = sorted(spectra)
+    cmap = plt.get_cmap("plasma")
+    norm = matplotlib.colors.Normalize(vmin=epochs[0], vmax=max(epochs[-1], epochs[0] + 1))
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for epoch in epochs:
+        values = np.asarray(spectra[epoch], dtype=float)
+        values = values[values > 0]
+        if values.size:
+            ax.loglog(np.arange(1, values.size + 1), values, color=cmap(norm(epoch)), lw=1.2)
+    ax.set_xlabel("rank i")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="epoch")
+    fig.tight_layout()
+    return fig
+
+
+def correlation_first_last(first: np.ndarray, last: np.ndarray, epochs: tuple[int, int], title: str) -> plt.Figure:
+    """Correlation matrices R = C / sqrt(diag C diag C^T) at the first and last epoch, side by side,
+    features in the order of an average-linkage clustering of the last epoch's 1 - |R| (scipy), so
+    that groups of correlated features show as blocks."""
+    from scipy.cluster.hierarchy import leaves_list, linkage
+    from scipy.spatial.distance import squareform
+
+    def corr_of(cov):
+        sd = np.sqrt(np.clip(np.diag(cov), 1e-300, None))
+        return np.clip(cov / np.outer(sd, sd), -1, 1)
+
+    distance = 1 - np.abs(corr_of(last))
+    np.fill_diagonal(distance, 0)
+    order = leaves_list(linkage(squareform(np.clip((distance + distance.T) / 2, 0, None), checks=False), "average"))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
+    for ax, cov, epoch in zip(axes, (first, last), epochs):
+        corr = corr_of(cov)[np.ix_(order, order)]
+        im = ax.imshow(corr, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+        ax.set_title(f"epoch {epoch}: mean |r| = {np.abs(corr[~np.eye(len(corr), dtype=bool)]).mean():.3f}")
+        ax.set_xlabel("feature (clustered at the last epoch)")
+        ax.set_ylabel("feature")
+    fig.colorbar(im, ax=axes, label="correlation", shrink=0.85)
+    fig.suptitle(title)
+    return fig
+
+
+def depth_profile(geometry: pd.DataFrame, epoch: int, run_label: str = "") -> plt.Figure:
+    """Each observable against site (depth) at one epoch, one line per view."""
+    data = geometry[geometry.epoch == epoch]
+    observables = [o for o in OBSERVABLE_NAMES if o in set(data.observable)]
+    sites = _site_order(data.site)
+    cols = 5
+    rows = int(np.ceil(len(observables) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.2 * rows), squeeze=False)
+    markers = {"cls": "o", "patch": "s", "mean": "^"}
+    for ax, observable in zip(axes.flat, observables):
+        for view in VIEW_TITLES:
+            line = data[(data.observable == observable) & (data.view == view)].set_index("site").reindex(sites)
+            if line.value.notna().any():
+                ax.plot(range(len(sites)), line.value, marker=markers[view], ms=3, lw=1.2, label=view)
+        ax.set_title(LABELS.get(observable, observable), fontsize=10)
+        ax.set_xticks(range(len(sites)), [s.replace("block_", "b") for s in sites], rotation=90, fontsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(observables):]:
+        ax.axis("off")
+    axes.flat[0].legend(title="view", fontsize=8)
+    fig.suptitle(f"Depth profile at epoch {epoch}{' - ' + run_label if run_label else ''} (x: site, from patch embedding to final norm)")
+    fig.tight_layout()
+    return fig
