@@ -85,7 +85,8 @@ def observable_over_epochs(geometry: pd.DataFrame, observable: str, run_label: s
         if observable in LOG_SCALE and (data[data.view == view].value > 0).all():
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    fullest = max(axes[0], key=lambda ax: len(ax.get_lines()))  # the cls panel has no patch_embed line
+    handles, labels = fullest.get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), title="site", fontsize=8)
     fig.suptitle(f"{LABELS.get(observable, observable)} over training{' - ' + run_label if run_label else ''}")
     fig.tight_layout()
