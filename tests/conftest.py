@@ -40,3 +40,44 @@ def _restore_mlflow_environment():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def _pg_bin() -> str | None:
+    import glob
+    import shutil
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    path = found[-1] if found else shutil.which("initdb")
+    return os.path.dirname(path) if path else None
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A PostgreSQL database on loopback: TGO_TEST_POSTGRES_URL (what .ci/run starts), or a
+    throwaway cluster started here from Debian's postgresql package."""
+    import subprocess
+
+    if os.environ.get("TGO_TEST_POSTGRES_URL"):
+        yield os.environ["TGO_TEST_POSTGRES_URL"]
+        return
+    pg = _pg_bin()
+    if pg is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does it)")
+    import pathlib
+    import shutil
+    import tempfile
+
+    data = pathlib.Path(tempfile.mkdtemp(prefix="tgo-pg-"))  # pytest's tmp dirs are private to root
+    as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_pg:
+        os.chown(data, __import__("pwd").getpwnam("postgres").pw_uid, -1)
+    port = "55433"
+    subprocess.run([*as_pg, f"{pg}/initdb", "-D", str(data), "-A", "trust", "-U", "postgres"], check=True, capture_output=True)
+    subprocess.run([*as_pg, f"{pg}/pg_ctl", "-D", str(data), "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1",
+                    "-l", str(data / "log"), "-w", "start"], check=True, capture_output=True)
+    try:
+        subprocess.run([*as_pg, f"{pg}/createdb", "-h", "127.0.0.1", "-p", port, "-U", "postgres", "tgo"], check=True, capture_output=True)
+        yield f"postgresql://postgres@127.0.0.1:{port}/tgo"
+    finally:
+        subprocess.run([*as_pg, f"{pg}/pg_ctl", "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)

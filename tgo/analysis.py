@@ -116,9 +116,32 @@ def _spectra(run_id: str, folder: Path) -> dict[int, ProbeResult]:
     return {int(p.stem.split("_")[1]): ProbeResult.load(p) for p in sorted(local.glob("epoch_*.npz"))}
 
 
+def _read(run, folder: Path) -> tuple[pd.DataFrame, str, dict[int, ProbeResult]]:
+    run_id = run.info.run_id
+    spectra = _spectra(run_id, folder)
+    if spectra:
+        return geometry_table(spectra), "the run's logged spectra (geometry/spectra/epoch_XXXX.npz)", spectra
+    keys = [k for k in run.data.metrics if k.startswith(METRIC_PREFIX + "/")]
+    if not keys:
+        raise AnalysisError(
+            f"run {run_id} has no geometry (no geom/... metrics, no spectra artifacts): it was trained "
+            "with probe_every=0, or is not a tgo training run. Re-probe its saved weights with probe_size=N."
+        )
+    return _table_from_metrics(run_id, keys), "the run's logged metrics", {}
+
+
+def read_geometry(run_id: str, folder: str | Path) -> tuple[pd.DataFrame, str]:
+    """A run's geometry as a tidy table (epoch, site, view, observable, value), and its source:
+    the spectra artifacts in one download, or else the metric histories."""
+    table, source, _ = _read(tracking.get_run(run_id), Path(folder))
+    return table, source
+
+
 def scalar_table(run_id: str, keys: Sequence[str]) -> pd.DataFrame:
+    """Histories of the scalar metrics (train/*, val/*, lr, time/*) a run has, as epoch, key, value."""
     client = MlflowClient()
-    rows = [(m.step, key, m.value) for key in keys for m in client.get_metric_history(run_id, key)]
+    present = client.get_run(run_id).data.metrics
+    rows = [(m.step, key, m.value) for key in keys if key in present for m in client.get_metric_history(run_id, key)]
     return pd.DataFrame(rows, columns=["epoch", "key", "value"])
 
 
@@ -402,17 +425,7 @@ def analyze(
         covariances = spectra
         geometry, source = geometry_table(spectra), f"re-probe of the saved weights on {size} validation images"
     else:
-        spectra = _spectra(run_id, folder / "download")
-        if spectra:
-            geometry, source = geometry_table(spectra), "the run's logged spectra (geometry/spectra/epoch_XXXX.npz)"
-        else:
-            keys = [k for k in run.data.metrics if k.startswith(METRIC_PREFIX + "/")]
-            if not keys:
-                raise AnalysisError(
-                    f"run {run_id} has no geometry (no geom/... metrics, no spectra artifacts): it was trained "
-                    "with probe_every=0, or is not a tgo training run. Re-probe its saved weights with probe_size=N."
-                )
-            geometry, source = _table_from_metrics(run_id, keys), "the run's logged metrics"
+        geometry, source, spectra = _read(run, folder / "download")
     if geometry.empty:
         raise AnalysisError(f"run {run_id} has no epochs of geometry yet.")
     all_sites = plots._site_order(geometry.site)
@@ -420,7 +433,7 @@ def analyze(
     unknown = [f"{s}/{v}" for s, v in chosen if not ((geometry.site == s) & (geometry.view == v)).any()]
     if unknown:
         raise AnalysisError(f"sites: {unknown} were not measured; measured sites are {all_sites} with views cls, patch, mean.")
-    scalars = scalar_table(run_id, [k for k in SCALARS if k in run.data.metrics])
+    scalars = scalar_table(run_id, SCALARS)
     trends = trend_statistics(geometry)
     result = Analysis(run_id, geometry, scalars, trends, findings(geometry, trends), source, notes, output_dir=folder)
 

@@ -24,8 +24,15 @@ def _train_parser(sub) -> None:
         "Every option defaults to the preset's value; the resolved config is logged to the run.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    _add_train_options(p)
+
+
+def _add_train_options(p, skip=()) -> None:
+    """One option per TrainConfig field; "" (the default) means the preset's value."""
     defaults = C.TrainConfig()
     for name in C.FIELD_TYPES:
+        if name in skip:
+            continue
         preset_value = getattr(defaults, name)
         p.add_argument(
             f"--{name}",
@@ -67,11 +74,48 @@ def _analyze_parser(sub) -> None:
     p.add_argument("--output_dir", default="", help="also keep the files here (default: a temporary folder)")
 
 
+def _sweep_parser(sub) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="one training run per seed under a parent run, and the spread across seeds",
+        description="Train the same setting once per seed (child runs of one parent run) and log the mean, "
+        "standard deviation and 95%% confidence interval across seeds of every metric to the parent. Run the "
+        "same command in several processes (or machines) with the same --storage and --study_name to share the "
+        "work; re-running it reuses finished seeds. Every train option passes through.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--seeds", default="0,1,2,3,4", help="seeds separated by commas")
+    p.add_argument("--storage", default="", help="Optuna storage: journal:PATH (processes on one machine), postgresql://... (machines), default sqlite:///optuna.db")
+    p.add_argument("--study_name", default="", help="name of the sweep in the storage; default sweep-<seeds>")
+    _add_train_options(p)  # --seed too, as in MLproject's shared list: the sweep refuses a value
+
+
+def _study_parser(sub) -> None:
+    p = sub.add_parser(
+        "study",
+        help="an Optuna study over training hyperparameters, each trial a child run with its geometry",
+        description="Search hyperparameters with Optuna; every trial is a training run (a child of the study's "
+        "parent run) with its full geometry. Run the same command in several processes or machines with the "
+        "same --storage and --study_name to share the trials. Train options not in the search space pass through.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--n_trials", default="10", help="trials in the whole study (all workers together)")
+    p.add_argument("--objectives", default="val/acc1:max", help="metric:max|min, comma-separated for several (multi-objective)")
+    p.add_argument("--search_space", default="", help="YAML search space; default configs/search_space.yaml")
+    p.add_argument("--storage", default="", help="Optuna storage: default sqlite:///optuna.db, journal:PATH, postgresql://...")
+    p.add_argument("--study_name", default="tgo-study", help="name of the study in the storage (resumed if it exists)")
+    p.add_argument("--pruner", default="median", help="median, hyperband, successive_halving or none")
+    p.add_argument("--sampler_seed", default="0", help="seed of Optuna's sampler")
+    _add_train_options(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tgo", description="Transformer Geometry Observatory: the spectral geometry of a ViT while it trains, in MLflow.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,analyze,data}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,analyze,sweep,study,data}")
     _train_parser(sub)
     _analyze_parser(sub)
+    _sweep_parser(sub)
+    _study_parser(sub)
     _data_parser(sub)
     return parser
 
@@ -86,9 +130,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tgo.tracking import TrackingError
     from tgo.train import TrainingError, run
 
-    values = {name: getattr(args, name) for name in C.FIELD_TYPES}
     try:
-        result = run(**values)
+        result = run(**_train_values(args))
     except (C.ConfigError, DataError, TrackingError) as err:
         return _fail(str(err), 2)
     except TrainingError as err:
@@ -142,6 +185,52 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_values(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in C.FIELD_TYPES if hasattr(args, name)}
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from tgo.data import DataError
+    from tgo.storage import StorageError
+    from tgo.sweep import sweep
+    from tgo.tracking import TrackingError
+
+    values = _train_values(args)
+    values["experiment"] = values.get("experiment") or "tgo-sweeps"
+    try:
+        result = sweep(args.seeds, storage=args.storage, study_name=args.study_name, **values)
+    except (C.ConfigError, DataError, TrackingError, StorageError) as err:
+        return _fail(str(err), 2)
+    for note in result.notes:
+        print(f"tgo: {note}")
+    print(f"tgo: sweep {result.study_name}: {len(result.seed_runs)} seeds complete; parent run {result.parent_run_id}.")
+    if result.findings is not None:
+        print(result.findings.to_string(index=False))
+    return 1 if result.failed else 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from tgo.data import DataError
+    from tgo.storage import StorageError
+    from tgo.study import DEFAULT_SPACE, study
+    from tgo.tracking import TrackingError
+
+    values = _train_values(args)
+    values["experiment"] = values.get("experiment") or "tgo-studies"
+    try:
+        result = study(
+            _int("n_trials", args.n_trials) or 0, objectives=args.objectives, search_space=args.search_space or DEFAULT_SPACE,
+            storage=args.storage, study_name=args.study_name, pruner=args.pruner, seed=_int("sampler_seed", args.sampler_seed), **values,
+        )
+    except (C.ConfigError, DataError, TrackingError, StorageError) as err:
+        return _fail(str(err), 2)
+    for note in result.notes:
+        print(f"tgo: {note}")
+    print(f"tgo: study {result.study_name}: {len(result.trials)} trials; best {result.best_trials}; parent run {result.parent_run_id}.")
+    print(result.trials.to_string(index=False))
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from tgo.data import DataError, build_imagenet100
 
@@ -163,11 +252,9 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # tgo draws its own bars
     args = build_parser().parse_args(argv)
-    return {"train": cmd_train, "analyze": cmd_analyze, "data": cmd_data}[args.command](args)
+    commands = {"train": cmd_train, "analyze": cmd_analyze, "sweep": cmd_sweep, "study": cmd_study, "data": cmd_data}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":  # pragma: no cover

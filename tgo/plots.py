@@ -183,3 +183,29 @@ def depth_profile(geometry: pd.DataFrame, epoch: int, run_label: str = "") -> pl
     fig.suptitle(f"Depth profile at epoch {epoch}{' - ' + run_label if run_label else ''} (x: site, from patch embedding to final norm)")
     fig.tight_layout()
     return fig
+
+
+def mean_and_band(summary: pd.DataFrame, observable: str, n_seeds: int) -> plt.Figure:
+    """Mean across seeds with its 95% confidence band, one line per site, one panel per view.
+    `summary` has columns epoch, site, view, observable, mean, ci95_low, ci95_high."""
+    data = summary[summary.observable == observable]
+    views = [v for v in VIEW_TITLES if v in set(data.view)]
+    sites = _site_order(data.site)
+    colors = _site_colors(sites)
+    fig, axes = plt.subplots(1, len(views), figsize=(5.2 * len(views), 4.2), squeeze=False)
+    for ax, view in zip(axes[0], views):
+        for site in sites:
+            part = data[(data.view == view) & (data.site == site)].sort_values("epoch")
+            if part.empty:
+                continue
+            ax.plot(part.epoch, part["mean"], color=colors[site], lw=1.8, label=site)
+            ax.fill_between(part.epoch, part.ci95_low, part.ci95_high, color=colors[site], alpha=0.2, lw=0)
+        ax.set_title(VIEW_TITLES[view])
+        ax.set_xlabel("epoch (0 = initialisation)")
+        ax.set_ylabel(LABELS.get(observable, observable))
+        ax.grid(alpha=0.3)
+    fullest = max(axes[0], key=lambda ax: len(ax.get_lines()))
+    fig.legend(*fullest.get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5), title="site", fontsize=8)
+    fig.suptitle(f"{LABELS.get(observable, observable)}: mean and 95% confidence band over {n_seeds} seeds")
+    fig.tight_layout()
+    return fig

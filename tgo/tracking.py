@@ -72,13 +72,14 @@ def get_run(run_id: str):
         ) from None
 
 
-def start_run(experiment: str, run_name: str = "", resume_run_id: str = "", system_metrics: bool = False):
+def start_run(experiment: str, run_name: str = "", resume_run_id: str = "", system_metrics: bool = False, parent_run_id: str = ""):
     """Open the run to log into.
 
     - resume_run_id: that run, reopened (status RUNNING). If `mlflow run` launched this process
       with a run of its own (MLFLOW_RUN_ID), that launcher run is tagged to point at the resumed one.
+    - else parent_run_id: a new child run of that run, in its experiment (sweep and study workers).
     - else MLFLOW_RUN_ID (set by `mlflow run`): attach to it; never set_experiment there.
-    - else, inside an active run (a sweep, a notebook's own run): a nested child run of it.
+    - else, inside an active run (a notebook's own run): a nested child run of it.
     - else a new run in `experiment`.
     """
     kwargs: dict[str, Any] = {}
@@ -96,6 +97,10 @@ def start_run(experiment: str, run_name: str = "", resume_run_id: str = "", syst
             client.set_tag(launcher, "tgo.resumes", resume_run_id)
             client.set_tag(launcher, "mlflow.note.content", f"This launcher run resumed run {resume_run_id}; its metrics are there.")
         return mlflow.start_run(run_id=resume_run_id, **kwargs)
+    if parent_run_id:  # before MLFLOW_RUN_ID: a sweep launched by `mlflow run` has one of its own
+        parent = get_run(parent_run_id)
+        return mlflow.start_run(experiment_id=parent.info.experiment_id, run_name=run_name or None,
+                                tags={"mlflow.parentRunId": parent_run_id}, **kwargs)
     if launcher:
         return mlflow.start_run(run_id=launcher, **kwargs)
     if mlflow.active_run() is not None:

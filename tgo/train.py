@@ -280,11 +280,18 @@ def _checkpoint(model, optimizer, scheduler, scaler, cfg, epoch, metrics, run_id
     }
 
 
-def run(cfg: TrainConfig | None = None, **overrides) -> TrainResult:
+class StopTraining(Exception):
+    """Raised by an epoch callback to end a run early (an Optuna pruner, for one). The run is
+    closed as KILLED with the tag tgo.stopped_early, its epochs so far intact."""
+
+
+def run(cfg: TrainConfig | None = None, *, parent_run_id: str = "", epoch_callback=None, **overrides) -> TrainResult:
     """Train a ViT with per-epoch geometry, tracked in MLflow; return the run id and metrics.
 
     `cfg` is a TrainConfig, or None to build one from `overrides` (preset="demo" by default,
     values as Python objects or strings). See tgo.config.TrainConfig for every setting.
+    parent_run_id makes the run a child of that run (sweeps and studies); epoch_callback(epoch,
+    metrics) is called after each epoch is recorded and may raise StopTraining.
     """
     if cfg is None:
         given = {k: v for k, v in overrides.items() if v is not None and not (isinstance(v, str) and not v.strip())}
@@ -294,13 +301,13 @@ def run(cfg: TrainConfig | None = None, **overrides) -> TrainResult:
         cfg = resolve(given.pop("preset"), **given)
     d = _init_distributed(cfg.device.lower())
     try:
-        return _run(cfg, set(given), d)
+        return _run(cfg, set(given), d, parent_run_id, epoch_callback)
     finally:
         if d.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _run(cfg: TrainConfig, given: set[str], d: Dist) -> TrainResult:
+def _run(cfg: TrainConfig, given: set[str], d: Dist, parent_run_id: str = "", epoch_callback=None) -> TrainResult:
     device = _device(cfg, d)
     if d.main:
         tracking.check_tracking()
@@ -384,7 +391,7 @@ def _run(cfg: TrainConfig, given: set[str], d: Dist) -> TrainResult:
     # ---- the MLflow run (rank 0 only) ----
     run_id = ""
     if d.main:
-        active = tracking.start_run(cfg.experiment, cfg.run_name, cfg.resume, cfg.system_metrics)
+        active = tracking.start_run(cfg.experiment, cfg.run_name, cfg.resume, cfg.system_metrics, parent_run_id)
         run_id = active.info.run_id
     committer = EpochCommitter(run_id, tmp)
     try:
@@ -442,6 +449,10 @@ def _run(cfg: TrainConfig, given: set[str], d: Dist) -> TrainResult:
                 if geometry is not None and epoch == start_epoch and geometry.degenerate():
                     tracking.set_tags(run_id, {"tgo.degenerate_views": ",".join(geometry.degenerate())})
             history[epoch] = metrics
+            if epoch_callback is not None:
+                if d.main:
+                    committer.wait()  # the callback may read the run: its epoch is recorded first
+                epoch_callback(epoch, metrics)
             last_metrics = metrics
         if d.main:
             committer.wait()
@@ -453,7 +464,9 @@ def _run(cfg: TrainConfig, given: set[str], d: Dist) -> TrainResult:
                 committer.wait()  # the last good epoch is recorded whole before the run is closed
             except BaseException:  # noqa: BLE001 - the first error is the one to report
                 pass
-            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+            if isinstance(err, StopTraining):
+                tracking.set_tags(run_id, {"tgo.stopped_early": str(err) or "true"})
+            status = "KILLED" if isinstance(err, (KeyboardInterrupt, StopTraining)) else "FAILED"
             tracking.end_run(status, f"{type(err).__name__}: {err}")
         raise
     finally:

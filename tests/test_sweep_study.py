@@ -1,0 +1,226 @@
+"""Seed sweeps and Optuna studies with real worker processes, storages and MLflow runs."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import scipy.stats
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from tgo.config import ConfigError
+from tgo.storage import StorageError, open_storage
+from tgo.study import study
+from tgo.sweep import summarise, sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    MlflowClient(uri).search_experiments()  # the schema, once, before several processes use it
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+def _env(uri: str, **extra) -> dict:
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(ROOT), **extra)
+    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        env.pop(key, None)
+    return env
+
+
+def _sweep_cmd(seeds: str, storage: str, name: str, epochs: int = 1) -> list[str]:
+    return [sys.executable, "-m", "tgo", "sweep", "--seeds", seeds, "--storage", storage, "--study_name", name,
+            "--preset", "smoke", "--epochs", str(epochs), "--experiment", "sweeps"]
+
+
+def _children(parent: str) -> list:
+    return mlflow.search_runs(experiment_names=["sweeps"], filter_string=f"tags.mlflow.parentRunId = '{parent}'", output_format="list")
+
+
+def _complete_seeds(storage: str, name: str) -> list[int]:
+    s = optuna.load_study(study_name=name, storage=open_storage(storage))
+    return sorted(t.params["seed"] for t in s.get_trials(states=(TrialState.COMPLETE,)))
+
+
+def test_summary_statistics_match_numpy_and_scipy():
+    rng = np.random.default_rng(0)
+    rows = [(e, "final", "cls", "effective_rank", s, rng.normal(10 + e, 1)) for e in range(3) for s in range(5)]
+    per_seed = pd.DataFrame(rows, columns=["epoch", "site", "view", "observable", "seed", "value"])
+    summary = summarise(per_seed, ["epoch", "site", "view", "observable"])
+    for epoch in range(3):
+        values = per_seed[per_seed.epoch == epoch].value.to_numpy()
+        row = summary[summary.epoch == epoch].iloc[0]
+        low, high = scipy.stats.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=scipy.stats.sem(values))
+        assert row.n == 5 and row["mean"] == pytest.approx(values.mean()) and row["std"] == pytest.approx(values.std(ddof=1))
+        assert (row.ci95_low, row.ci95_high) == pytest.approx((low, high))
+
+
+def test_two_workers_on_one_journal_run_each_seed_once_and_aggregate(store, tmp_path):
+    storage = f"journal:{tmp_path / 'sweep.journal'}"
+    workers = [subprocess.Popen(_sweep_cmd("0,1,2", storage, "two"), env=_env(store), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [w.communicate(timeout=600) for w in workers]
+    for w, (out, err) in zip(workers, outputs):
+        assert w.returncode == 0, err[-3000:]
+    s = optuna.load_study(study_name="two", storage=open_storage(storage))
+    seeds = [t.params["seed"] for t in s.get_trials() if t.state == TrialState.COMPLETE]
+    assert sorted(seeds) == [0, 1, 2]
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in s.get_trials())
+    parent = s.user_attrs["mlflow_parent_run_id"]
+    children = _children(parent)
+    assert sorted(int(r.data.params["config.seed"]) for r in children) == [0, 1, 2]  # one run per seed
+    # The aggregate in the parent run equals numpy on the children's histories.
+    client = MlflowClient()
+    key = "geom/final/cls/effective_rank"
+    per_child = [{m.step: m.value for m in client.get_metric_history(r.info.run_id, key)} for r in children]
+    mean = {m.step: m.value for m in client.get_metric_history(parent, f"seeds/mean/{key}")}
+    high = {m.step: m.value for m in client.get_metric_history(parent, f"seeds/ci95_high/{key}")}
+    for epoch in (0, 1):
+        values = np.array([h[epoch] for h in per_child])
+        assert mean[epoch] == pytest.approx(values.mean())
+        assert high[epoch] == pytest.approx(values.mean() + scipy.stats.t.ppf(0.975, 2) * values.std(ddof=1) / np.sqrt(3))
+    names = {a.path for a in client.list_artifacts(parent, "figures")}
+    assert "figures/seeds_effective_rank.png" in names
+    assert "seeds/finding/1/sign_test_p" in client.get_run(parent).data.metrics
+
+    # Re-running the sweep reuses the finished seeds: no new training run.
+    proc = subprocess.run(_sweep_cmd("0,1,2", storage, "two"), env=_env(store), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(_children(parent)) == 3
+
+
+def _kill_when_running(proc: subprocess.Popen, storage: str, name: str, timeout: float = 300) -> None:
+    """SIGKILL the worker once it has a RUNNING trial whose run has logged its first epoch."""
+    deadline = time.time() + timeout
+    for line in proc.stdout:
+        if line.startswith("tgo: epoch 0/") or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+@pytest.mark.parametrize("kind", ["rdb", "journal"])
+def test_a_killed_workers_seed_is_run_by_another(store, tmp_path, kind):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}" if kind == "rdb" else f"journal:{tmp_path / 'sweep.journal'}"
+    env = _env(store, TGO_HEARTBEAT_INTERVAL="1", TGO_GRACE_PERIOD="3")
+    victim = subprocess.Popen(_sweep_cmd("0,1", storage, "kill", epochs=2), env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    _kill_when_running(victim, storage, "kill")
+    s = optuna.load_study(study_name="kill", storage=open_storage(storage))
+    (running,) = s.get_trials(states=(TrialState.RUNNING,))
+    if kind == "rdb":
+        time.sleep(5)  # past the grace period: the heartbeat is stale
+    proc = subprocess.run(_sweep_cmd("0,1", storage, "kill", epochs=2), env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = optuna.load_study(study_name="kill", storage=open_storage(storage))
+    states = {t.number: t.state for t in s.get_trials()}
+    assert states[running.number] == TrialState.FAIL
+    assert _complete_seeds(storage, "kill") == [0, 1]
+    retried = [t for t in s.get_trials(states=(TrialState.COMPLETE,)) if t.params["seed"] == running.params["seed"]]
+    assert len(retried) == 1 and retried[0].number > running.number
+
+
+def test_study_on_postgresql_runs_to_n_trials_with_children_linked(store, postgres_url, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {type: float, low: 1.0e-3, high: 3.0e-3, log: true}\nwarmup_epochs: {type: int, low: 0, high: 1}\n")
+    result = study(3, search_space=space, storage=postgres_url, study_name=f"pg-{os.getpid()}", preset="smoke",
+                   epochs=1, experiment="studies", pruner="none")
+    assert len(result.trials) == 3 and set(result.trials.state) == {"COMPLETE"}
+    client = MlflowClient()
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.tags["tgo.kind"] == "study" and parent.info.status == "FINISHED"
+    for _, row in result.trials.iterrows():
+        child = client.get_run(row.run_id)
+        assert child.data.tags["mlflow.parentRunId"] == result.parent_run_id
+        assert child.info.experiment_id == parent.info.experiment_id
+        assert child.data.tags["tgo.trial_number"] == str(row.number) and child.data.tags["tgo.trial_state"] == "COMPLETE"
+        assert float(child.data.params["config.lr"]) == pytest.approx(row["param.lr"])
+        assert "geom/final/cls/effective_rank" in child.data.metrics
+    figures = {a.path for a in client.list_artifacts(result.parent_run_id, "figures")}
+    assert "figures/optuna_optimization_history.png" in figures
+    table = {a.path for a in client.list_artifacts(result.parent_run_id, "tables")}
+    assert "tables/hyperparameter_geometry_spearman.csv" in table
+    # resuming with more trials continues the same study
+    more = study(4, search_space=space, storage=postgres_url, study_name=f"pg-{os.getpid()}", preset="smoke", epochs=1, experiment="studies", pruner="none")
+    assert len(more.trials) == 4
+
+
+def test_a_bad_trial_is_pruned_and_a_failing_one_recorded(store, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {type: categorical, choices: [0.0003, 1.0e-9, 1.0e+30]}\n")
+    storage = f"journal:{tmp_path / 'study.journal'}"
+    good = {"lr": 0.0003}
+    result = study(5, search_space=space, storage=storage, study_name="prune", preset="smoke", epochs=3, experiment="studies",
+                   enqueue=[good, good, {"lr": 1e-9}, {"lr": 1e30}, good])
+    states = dict(zip(result.trials.number, result.trials.state))
+    assert states[0] == states[1] == states[4] == "COMPLETE"
+    assert states[2] == "PRUNED"  # cannot learn at lr 1e-9: below the median at epoch 2
+    assert states[3] == "FAIL"  # a non-finite loss: the study goes on
+    client = MlflowClient()
+    runs = dict(zip(result.trials.number, result.trials.run_id))
+    pruned = client.get_run(runs[2])
+    assert pruned.info.status == "KILLED" and pruned.data.tags["tgo.trial_state"] == "PRUNED" and "tgo.stopped_early" in pruned.data.tags
+    assert client.get_run(runs[3]).info.status == "FAILED"
+
+
+def test_multi_objective_study_has_a_pareto_front(store, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {type: float, low: 1.0e-3, high: 3.0e-3}\n")
+    result = study(2, objectives="val/acc1:max,geom/final/cls/effective_rank:max", search_space=space,
+                   storage=f"journal:{tmp_path / 'mo.journal'}", study_name="mo", preset="smoke", epochs=1, experiment="studies")
+    assert {"val/acc1", "geom/final/cls/effective_rank"} <= set(result.trials.columns)
+    assert "figures/optuna_pareto_front.png" in {a.path for a in MlflowClient().list_artifacts(result.parent_run_id, "figures")}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(objectives="val/acc7:max"), "objectives: unknown metric 'val/acc7'"),
+        (dict(objectives="geom/final/cls/rank:max"), "objectives: unknown metric"),
+        (dict(objectives="val/acc1:up"), "must end in :max or :min"),
+        (dict(search_space="EMPTY"), "is empty"),
+        (dict(search_space="BROKEN"), "is not valid YAML"),
+        (dict(search_space="UNKNOWN"), "is not a tgo train setting"),
+        (dict(storage="postgresql://postgres@127.0.0.1:9/none"), "cannot open the Optuna storage postgresql://postgres@127.0.0.1:9/none"),
+        (dict(storage="nowhere"), "is not a storage URL"),
+    ],
+)
+def test_bad_study_input_stops_before_any_trial(store, tmp_path, kwargs, message):
+    files = {"EMPTY": "", "BROKEN": "lr: {type: float, low: [", "UNKNOWN": "learning_rate: {type: float, low: 0.1, high: 1}"}
+    if kwargs.get("search_space") in files:
+        path = tmp_path / "space.yaml"
+        path.write_text(files[kwargs["search_space"]])
+        kwargs["search_space"] = path
+    with pytest.raises((ConfigError, StorageError), match=message.replace("(", r"\(").replace("[", r"\[")):
+        study(2, preset="smoke", **{"storage": f"journal:{tmp_path / 'j'}", **kwargs})
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_a_study_name_with_other_directions_is_refused(store, tmp_path):
+    storage = f"journal:{tmp_path / 'dir.journal'}"
+    optuna.create_study(storage=open_storage(storage), study_name="taken", direction="minimize")
+    with pytest.raises(ConfigError, match="exists with directions \\['minimize'\\], not \\['maximize'\\]"):
+        study(1, storage=storage, study_name="taken", preset="smoke")
+
+
+def test_bad_sweep_input(store, capsys):
+    from tgo import cli
+
+    assert cli.main(["sweep", "--seeds", "0,x", "--preset", "smoke"]) == 2
+    assert "seeds: expected integers" in capsys.readouterr().err
+    assert cli.main(["sweep", "--seeds", "0,1", "--seed", "3", "--preset", "smoke"]) == 2
+    assert "seed: a sweep sets the seed" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="epochs: expected an integer"):
+        sweep("0,1", preset="smoke", epochs="many")

@@ -1,0 +1,113 @@
+"""Optuna storages for sweeps and studies, and what a dead worker leaves behind.
+
+  ""                          sqlite:///optuna.db in the working directory: one process
+  journal:PATH                JournalStorage(JournalFileBackend(PATH)): several processes on one machine
+  sqlite:///F, postgresql://  RDBStorage: PostgreSQL for several machines (SQLite only for one process)
+
+Dead workers. On an RDB storage every running trial sends a heartbeat (Optuna's heartbeat_interval);
+a trial whose heartbeat is older than grace_period is failed by the next worker to start a trial,
+and Optuna's RetryHeartbeatStaleTrialCallback enqueues it again with the same parameters, so its
+seed or configuration is run by another worker. JournalStorage has no heartbeat. There, each trial
+records its worker as "<host>:<pid>"; a worker on the same host that finds a RUNNING trial whose
+process no longer exists fails it and enqueues it again (`reclaim_dead_trials`). The journal's
+ordered log makes that safe with several workers: only the first one to fail the trial succeeds
+(Optuna raises UpdateFinishedTrialError for the others), and only it enqueues the retry. A journal
+file is for one machine, so the process table is the ground truth; nothing else is locked.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import TrialState
+
+HEARTBEAT_INTERVAL = int(os.environ.get("TGO_HEARTBEAT_INTERVAL", "60"))  # seconds
+GRACE_PERIOD = int(os.environ.get("TGO_GRACE_PERIOD", "180"))
+MAX_RETRY = 3
+WORKER_ATTR = "tgo.worker"
+
+
+class StorageError(ValueError):
+    """The storage URL cannot be used; the message says why and what to do."""
+
+
+def open_storage(url: str = ""):
+    """The Optuna storage named by `url` (see the module docstring), checked to be reachable."""
+    url = url.strip() or "sqlite:///optuna.db"
+    if url.startswith("journal:"):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        path = url[len("journal:") :]
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise StorageError(f"storage {url}: folder {folder} does not exist.")
+        return JournalStorage(JournalFileBackend(path))
+    if "://" not in url:
+        raise StorageError(
+            f"storage {url!r} is not a storage URL; use journal:PATH (one machine, several processes), "
+            "sqlite:///FILE (one process) or postgresql://USER@HOST:PORT/DB (several machines)."
+        )
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable in use
+            return RDBStorage(
+                url,
+                heartbeat_interval=HEARTBEAT_INTERVAL,
+                grace_period=GRACE_PERIOD,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+            )
+    except Exception as err:  # noqa: BLE001 - SQLAlchemy raises many kinds; all mean "cannot use it"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise StorageError(f"cannot open the Optuna storage {url}: {first}") from None
+
+
+def mark_worker(trial: optuna.Trial) -> None:
+    trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reclaim_dead_trials(study: optuna.Study, storage) -> list[int]:
+    """JournalStorage: fail the RUNNING trials of dead workers on this host and enqueue them again.
+    Returns the numbers of the trials reclaimed by this worker."""
+    from optuna.storages import JournalStorage
+
+    if not isinstance(storage, JournalStorage):
+        return []  # RDB storages: the heartbeat does this
+    host = socket.gethostname()
+    reclaimed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.user_attrs.get(WORKER_ATTR, "")
+        owner_host, _, pid = owner.rpartition(":")
+        if owner_host != host or not pid.isdigit() or _alive(int(pid)) or int(pid) == os.getpid():
+            continue
+        try:
+            storage.set_trial_user_attr(t._trial_id, "tgo.failed_because", f"worker {owner} died")
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        except UpdateFinishedTrialError:
+            continue  # another worker reclaimed it first
+        # As Optuna's own retry callbacks do: a WAITING copy with the same parameters and system
+        # attributes (a GridSampler needs its grid_id), run by the next worker that asks.
+        system_attrs = {**t.system_attrs, "fixed_params": t.params, "failed_trial": t.number}
+        study.add_trial(optuna.trial.create_trial(
+            state=TrialState.WAITING, params=t.params, distributions=t.distributions,
+            user_attrs={"tgo.retry_of": t.number}, system_attrs=system_attrs,
+        ))
+        reclaimed.append(t.number)
+    return reclaimed

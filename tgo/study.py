@@ -1,0 +1,294 @@
+"""Optuna studies over training hyperparameters, each trial a child MLflow run with its geometry.
+
+    from tgo.study import study
+    result = study(20, objectives="val/acc1:max", preset="demo", epochs=5)
+    result = study(20, objectives="val/acc1:max,geom/final/cls/effective_rank:max")   # Pareto
+
+- The search space is a YAML file (configs/search_space.yaml by default; see its header).
+- Objectives: any per-epoch metric a training run logs (train/loss, train/acc1, val/loss,
+  val/acc1, val/acc5) or any geometry key geom/<site>/<view>/<observable>, each with :max or
+  :min, the value at the last epoch. Several make a multi-objective study (Pareto front).
+- Pruning (single objective): the objective is reported every epoch and the pruner (MedianPruner
+  by default) stops unpromising trials; their runs end as KILLED with tgo.stopped_early.
+- A trial that raises is recorded as FAIL (its run as FAILED) and the study goes on.
+- Storage (tgo.storage): SQLite by default, journal:PATH for several processes on one machine,
+  PostgreSQL across machines; load_if_exists resumes a study; heartbeats retry dead workers'
+  trials on RDB storages, and a PID check does it for journal storages.
+- The parent run (tgo.kind=study) gets Optuna's matplotlib figures (optimisation history,
+  parameter importances, intermediate values, Pareto front) and a table of Spearman's rho between
+  each hyperparameter and each final-epoch observable of final/cls across the completed trials.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import optuna
+import pandas as pd
+import scipy.stats
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from tgo import plots, tracking, train
+from tgo.config import FIELD_TYPES, ConfigError, resolve
+from tgo.spectral import OBSERVABLE_NAMES
+from tgo.storage import mark_worker, open_storage, reclaim_dead_trials
+from tgo.sweep import RUN_ATTR, parent_run
+
+DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "configs" / "search_space.yaml"
+SCALAR_OBJECTIVES = ("train/loss", "train/acc1", "val/loss", "val/acc1", "val/acc5")
+PRUNERS = ("median", "hyperband", "successive_halving", "none")
+_GEOM = re.compile(r"geom/(patch_embed|pos_embed|block_\d{2}|final)/(cls|patch|mean)/(\w+)")
+
+
+@dataclass
+class StudyResult:
+    study_name: str
+    parent_run_id: str
+    trials: pd.DataFrame  # number, state, values, params, run id
+    best_trials: list[int]
+    correlations: pd.DataFrame | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_objectives(text: str) -> tuple[list[str], list[str]]:
+    """"val/acc1:max,geom/final/cls/effective_rank:max" -> (metrics, directions)."""
+    metrics, directions = [], []
+    for part in [p.strip() for p in text.split(",") if p.strip()]:
+        name, _, direction = part.rpartition(":")
+        if not name:
+            name, direction = direction, "max"
+        if direction not in ("max", "min"):
+            raise ConfigError(f"objectives: {part!r} must end in :max or :min.")
+        match = _GEOM.fullmatch(name)
+        if name not in SCALAR_OBJECTIVES and not (match and match.group(3) in OBSERVABLE_NAMES):
+            raise ConfigError(
+                f"objectives: unknown metric {name!r}; use one of {', '.join(SCALAR_OBJECTIVES)} or "
+                f"geom/<site>/<view>/<observable> with an observable of {', '.join(OBSERVABLE_NAMES)}."
+            )
+        metrics.append(name)
+        directions.append("maximize" if direction == "max" else "minimize")
+    if not metrics:
+        raise ConfigError("objectives: give at least one metric, e.g. val/acc1:max.")
+    return metrics, directions
+
+
+def load_search_space(path: str | Path) -> dict[str, dict]:
+    """Read and check a search space file (format in configs/search_space.yaml)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"search_space: {path} does not exist.")
+    try:
+        space = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"search_space: {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(space, dict) or not space:
+        raise ConfigError(f"search_space: {path} is empty; name at least one setting, e.g. lr: {{type: float, low: 1e-4, high: 1e-2, log: true}}.")
+    for name, spec in space.items():
+        where = f"search_space: {path}: {name}"
+        if name not in FIELD_TYPES or name in ("seed", "preset", "resume"):
+            raise ConfigError(f"{where} is not a tgo train setting that a study can vary.")
+        if not isinstance(spec, dict) or spec.get("type") not in ("float", "int", "categorical"):
+            raise ConfigError(f"{where} needs type: float, int or categorical.")
+        if spec["type"] == "categorical":
+            if not isinstance(spec.get("choices"), list) or not spec["choices"]:
+                raise ConfigError(f"{where} needs a non-empty list of choices.")
+        else:
+            low, high = spec.get("low"), spec.get("high")
+            if not isinstance(low, (int, float)) or not isinstance(high, (int, float)) or low > high:
+                raise ConfigError(f"{where} needs numbers low <= high, got low={low!r}, high={high!r}.")
+            if spec.get("log") and low <= 0:
+                raise ConfigError(f"{where}: a log scale needs low > 0.")
+    return space
+
+
+def suggest(trial: optuna.Trial, space: dict[str, dict]) -> dict:
+    params = {}
+    for name, spec in space.items():
+        if spec["type"] == "float":
+            params[name] = trial.suggest_float(name, spec["low"], spec["high"], log=bool(spec.get("log")))
+        elif spec["type"] == "int":
+            params[name] = trial.suggest_int(name, int(spec["low"]), int(spec["high"]), log=bool(spec.get("log")))
+        else:
+            params[name] = trial.suggest_categorical(name, spec["choices"])
+    return params
+
+
+def _pruner(name: str) -> optuna.pruners.BasePruner:
+    return {
+        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
+        "hyperband": optuna.pruners.HyperbandPruner,
+        "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+        "none": optuna.pruners.NopPruner,
+    }[name]()
+
+
+def study(
+    n_trials: int,
+    *,
+    objectives: str = "val/acc1:max",
+    search_space: str | Path = DEFAULT_SPACE,
+    storage: str = "",
+    study_name: str = "tgo-study",
+    pruner: str = "median",
+    experiment: str = "tgo-studies",
+    seed: int = 0,
+    enqueue: list[dict] | None = None,
+    **train_overrides,
+) -> StudyResult:
+    """Run (or join, or resume) an Optuna study of n_trials in all; this process is one worker.
+
+    enqueue: configurations to try first (Optuna's enqueue_trial), when the study is new."""
+    if not isinstance(n_trials, int) or n_trials < 1:
+        raise ConfigError(f"n_trials: expected an integer >= 1, got {n_trials!r}.")
+    if pruner not in PRUNERS:
+        raise ConfigError(f"pruner: unknown pruner {pruner!r}; choose one of {', '.join(PRUNERS)}.")
+    metrics, directions = parse_objectives(objectives)
+    space = load_search_space(search_space)
+    given = {k: v for k, v in train_overrides.items() if v is not None and not (isinstance(v, str) and not v.strip())}
+    resolve(given.get("preset", "demo"), **{k: v for k, v in given.items() if k != "preset"})
+    clash = sorted(set(space) & set(given))
+    if clash:
+        raise ConfigError(f"{', '.join(clash)}: set by the search space and by a parameter; drop one.")
+    tracking.check_tracking()
+    store = open_storage(storage)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        existing = optuna.load_study(study_name=study_name, storage=store)
+    except KeyError:
+        existing = None
+    wanted = [optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else optuna.study.StudyDirection.MINIMIZE for d in directions]
+    if existing is not None and list(existing.directions) != wanted:
+        raise ConfigError(
+            f"study {study_name!r} exists with directions {[d.name.lower() for d in existing.directions]}, "
+            f"not {[d.name.lower() for d in wanted]}; choose another study_name or the same objectives."
+        )
+    s = optuna.create_study(
+        storage=store, study_name=study_name, load_if_exists=True, directions=directions,
+        sampler=optuna.samplers.TPESampler(seed=seed) if len(metrics) == 1 else optuna.samplers.NSGAIISampler(seed=seed),
+        pruner=_pruner(pruner) if len(metrics) == 1 else optuna.pruners.NopPruner(),
+    )
+    if existing is None:
+        for params in enqueue or []:
+            s.enqueue_trial(params)
+    s.set_user_attr("objectives", objectives)
+    parent = parent_run(s, experiment, study_name, kind="study")
+    client = MlflowClient()
+
+    def objective(trial: optuna.Trial):
+        params = suggest(trial, space)
+        mark_worker(trial)
+        run_ids: list[str] = []
+
+        def report(epoch: int, m: dict) -> None:
+            if epoch == 0 and not run_ids:
+                run_ids.append(mlflow.active_run().info.run_id)
+                trial.set_user_attr(RUN_ATTR, run_ids[0])
+                tracking.set_tags(run_ids[0], {"tgo.trial_number": trial.number, "tgo.trial_state": "RUNNING",
+                                               **{f"tgo.param.{k}": v for k, v in params.items()}})
+            if len(metrics) == 1 and epoch > 0 and metrics[0] in m:
+                trial.report(m[metrics[0]], epoch)
+                if trial.should_prune():
+                    raise train.StopTraining(f"pruned by {type(s.pruner).__name__} at epoch {epoch}")
+
+        try:
+            result = train.run(parent_run_id=parent, run_name=f"trial {trial.number}", experiment=experiment,
+                               epoch_callback=report, **given, **params)
+        except train.StopTraining as stop:
+            client.set_tag(run_ids[0], "tgo.trial_state", "PRUNED")
+            raise optuna.TrialPruned(str(stop)) from None
+        except Exception:
+            if run_ids:
+                client.set_tag(run_ids[0], "tgo.trial_state", "FAIL")
+            raise
+        missing = [k for k in metrics if k not in result.metrics]
+        if missing:
+            client.set_tag(result.run_id, "tgo.trial_state", "FAIL")
+            raise ConfigError(f"objective metric(s) {missing} were not logged by the run (probe_every=0?).")
+        client.set_tag(result.run_id, "tgo.trial_state", "COMPLETE")
+        values = [float(result.metrics[k]) for k in metrics]
+        return values[0] if len(values) == 1 else values
+
+    def enough(study_: optuna.Study, _trial) -> None:
+        reclaim_dead_trials(study_, store)
+        done = study_.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+        if len(done) >= n_trials:
+            study_.stop()
+
+    reclaim_dead_trials(s, store)
+    finished = s.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+    if len(finished) < n_trials:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            s.optimize(objective, n_trials=n_trials - len(finished), callbacks=[enough], catch=(Exception,))
+    return _summarise(s, parent, metrics, space)
+
+
+def _summarise(s: optuna.Study, parent: str, metrics: list[str], space: dict) -> StudyResult:
+    """Trials table, Optuna figures and the hyperparameter x geometry correlations, into the parent."""
+    client = MlflowClient()
+    folder = Path(tempfile.mkdtemp(prefix="tgo-study-"))
+    rows = []
+    for t in s.get_trials(deepcopy=False):
+        values = t.values if t.values is not None else [np.nan] * len(metrics)
+        rows.append({"number": t.number, "state": t.state.name, **dict(zip(metrics, values)),
+                     **{f"param.{k}": v for k, v in t.params.items()}, "run_id": t.user_attrs.get(RUN_ATTR, "")})
+    trials = pd.DataFrame(rows)
+    complete = [t for t in s.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    best = [t.number for t in s.best_trials] if complete else []
+    result = StudyResult(s.study_name, parent, trials, best)
+
+    # Spearman's rho between each hyperparameter and each final-epoch observable of final/cls.
+    corr_rows = []
+    if len(complete) >= 3:
+        finals = {t.number: client.get_run(t.user_attrs[RUN_ATTR]).data.metrics for t in complete if RUN_ATTR in t.user_attrs}
+        keys = ["val/acc1", *[f"geom/final/cls/{o}" for o in OBSERVABLE_NAMES]]
+        for name in space:
+            xs = [t.params.get(name) for t in complete if t.number in finals]
+            if len(set(map(str, xs))) < 2 or not all(isinstance(x, (int, float)) for x in xs):
+                continue
+            for key in keys:
+                ys = [finals[t.number].get(key, np.nan) for t in complete if t.number in finals]
+                if np.all(np.isfinite(ys)) and np.ptp(ys) > 0:
+                    rho, p = scipy.stats.spearmanr(xs, ys)
+                    corr_rows.append({"hyperparameter": name, "metric": key, "spearman_rho": rho, "p_value": p, "n": len(xs)})
+    result.correlations = pd.DataFrame(corr_rows, columns=["hyperparameter", "metric", "spearman_rho", "p_value", "n"])
+
+    (folder / "tables").mkdir()
+    trials.to_csv(folder / "tables" / "trials.csv", index=False)
+    result.correlations.to_csv(folder / "tables" / "hyperparameter_geometry_spearman.csv", index=False)
+    figures = folder / "figures"
+    vis = optuna.visualization.matplotlib
+    names = [f"{m} ({d.name.lower()})" for m, d in zip(metrics, s.directions)]
+    plots_to_make = [("pareto_front", lambda: vis.plot_pareto_front(s, target_names=names))] if len(metrics) > 1 else [
+        ("optimization_history", lambda: vis.plot_optimization_history(s, target_name=names[0])),
+        ("param_importances", lambda: vis.plot_param_importances(s, target_name=names[0])),
+        ("intermediate_values", lambda: vis.plot_intermediate_values(s)),
+    ]
+    for name, make in plots_to_make:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ax = make()
+            fig = ax.figure if hasattr(ax, "figure") else np.ravel(ax)[0].figure
+            plots.save(fig, figures / f"optuna_{name}.png")
+        except (ValueError, RuntimeError, ZeroDivisionError) as err:
+            result.notes.append(f"{name} figure skipped: {err}")
+    client.log_artifacts(parent, str(folder / "tables"), "tables")
+    if figures.exists():
+        client.log_artifacts(parent, str(figures), "figures")
+    tags = {"tgo.objectives": ",".join(metrics), "tgo.n_trials": len(trials), "tgo.best_trials": ",".join(map(str, best))}
+    tracking.set_tags(parent, tags)
+    if len(metrics) == 1 and complete:
+        tracking.log_metrics(parent, {f"best/{metrics[0]}": s.best_value}, step=len(trials))
+    if os.environ.get("MLFLOW_RUN_ID") != parent:  # `mlflow run` closes its own run
+        client.set_terminated(parent, "FINISHED")
+    return result

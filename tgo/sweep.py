@@ -1,0 +1,247 @@
+"""Seed sweeps: one training run per seed under a parent run, then the spread across seeds.
+
+    from tgo.sweep import sweep
+    result = sweep([0, 1, 2], preset="demo", epochs=5)     # any train setting passes through
+
+The sweep is an Optuna study with a GridSampler over {"seed": seeds}, so several workers (this
+function called in several processes or machines with the same storage and study name) share the
+work: Optuna numbers trials atomically and the GridSampler gives trial k < len(seeds) the k-th
+grid point, so each seed is started once; a surplus trial (a worker asking once the grid is
+exhausted) finds its seed taken and is pruned without training. A dead worker's seed is run again
+by another worker (tgo.storage). A finished seed is never trained again: re-running the same sweep
+reuses it. Each seed is a full training run, a child of the sweep's parent run.
+
+When every seed is complete, the worker that sees it aggregates into the parent run, for every
+observable, site, view and epoch (and the scalars train/*, val/*):
+  seeds/mean/<key>, seeds/std/<key>, seeds/ci95_low/<key>, seeds/ci95_high/<key>   (step = epoch)
+with the 95% confidence interval of the mean from Student's t (n - 1 degrees of freedom), a tidy
+table, mean-and-band figures, and per TGO-I finding the number of seeds that support it with a
+one-sided sign test (scipy.stats.binomtest over the seeds that support or contradict it).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import mlflow
+import numpy as np
+import optuna
+import pandas as pd
+import scipy.stats
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+import tgo
+from tgo import analysis, plots, tracking, train
+from tgo.config import ConfigError, resolve
+from tgo.storage import mark_worker, open_storage, reclaim_dead_trials
+
+PARENT_ATTR = "mlflow_parent_run_id"
+RUN_ATTR = "mlflow_run_id"
+
+
+@dataclass
+class SweepResult:
+    study_name: str
+    parent_run_id: str
+    seed_runs: dict[int, str]  # seed -> training run id (the completed ones)
+    complete: bool
+    failed: list[int] = field(default_factory=list)  # seeds whose last trial failed in this worker
+    summary: pd.DataFrame | None = None  # epoch, site, view, observable, n, mean, std, ci95_low, ci95_high
+    findings: pd.DataFrame | None = None  # finding, supported, contradicted, mixed, sign_test_p
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_seeds(text: str | Sequence[int]) -> list[int]:
+    if not isinstance(text, str):
+        seeds = [int(s) for s in text]
+    else:
+        try:
+            seeds = [int(s) for s in text.replace(" ", "").split(",") if s != ""]
+        except ValueError:
+            raise ConfigError(f"seeds: expected integers separated by commas (e.g. 0,1,2,3,4), got {text!r}.") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ConfigError(f"seeds: expected distinct integers >= 0 separated by commas, got {text!r}.")
+    return seeds
+
+
+def _seed_of(t) -> int | None:
+    return t.params.get("seed")
+
+
+def parent_run(study: optuna.Study, experiment: str, study_name: str, kind: str = "sweep") -> str:
+    """The sweep's parent run: the one recorded in the study, else this process's (MLFLOW_RUN_ID
+    under `mlflow run`), else a new one; recorded in the study so that every worker uses it."""
+    client = MlflowClient()
+    recorded = study.user_attrs.get(PARENT_ATTR)
+    if recorded:
+        try:
+            client.get_run(recorded)
+            return recorded
+        except mlflow.exceptions.MlflowException:
+            pass
+    run_id = os.environ.get("MLFLOW_RUN_ID", "")
+    if not run_id:
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        run_id = client.create_run(exp_id, run_name=f"{kind} {study_name}").info.run_id
+    study.set_user_attr(PARENT_ATTR, run_id)
+    tracking.set_tags(run_id, {"tgo.kind": kind, "tgo.study": study_name, "tgo.version": tgo.__version__})
+    return study.user_attrs.get(PARENT_ATTR, run_id)  # two workers racing converge on the stored one
+
+
+def sweep(
+    seeds: Sequence[int] | str,
+    *,
+    storage: str = "",
+    study_name: str = "",
+    experiment: str = "tgo-sweeps",
+    aggregate: bool = True,
+    **train_overrides,
+) -> SweepResult:
+    """Run (or join, or resume) a seed sweep as one worker; aggregate when every seed is done.
+
+    seeds: the seeds; storage: an Optuna storage URL (tgo.storage; default sqlite:///optuna.db);
+    study_name: default "sweep-" + the seeds; train_overrides: any tgo train setting except seed.
+    """
+    seeds = parse_seeds(seeds)
+    if train_overrides.get("seed") not in (None, ""):
+        raise ConfigError("seed: a sweep sets the seed of each run; pass seeds=... instead.")
+    given = {k: v for k, v in train_overrides.items() if v is not None and not (isinstance(v, str) and not v.strip())}
+    resolve(given.get("preset", "demo"), **{k: v for k, v in given.items() if k != "preset"})  # bad input stops here
+    tracking.check_tracking()
+    study_name = study_name or "sweep-" + "-".join(map(str, seeds))
+    store = open_storage(storage)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        storage=store, study_name=study_name, load_if_exists=True, direction="maximize",
+        sampler=optuna.samplers.GridSampler({"seed": seeds}, seed=0),
+    )
+    recorded = study.user_attrs.get("seeds")
+    if recorded is not None and sorted(recorded) != sorted(seeds):
+        raise ConfigError(f"study {study_name!r} is a sweep over seeds {recorded}, not {seeds}; choose another study_name.")
+    study.set_user_attr("seeds", seeds)
+    parent = parent_run(study, experiment, study_name)
+    if os.environ.get("MLFLOW_RUN_ID") and os.environ["MLFLOW_RUN_ID"] != parent:
+        tracking.set_tags(os.environ["MLFLOW_RUN_ID"], {"tgo.sweep_parent": parent, "mlflow.note.content": f"Sweep {study_name}: its runs and aggregate are under run {parent}."})
+
+    def objective(trial: optuna.Trial) -> float:
+        seed = trial.suggest_categorical("seed", seeds)
+        taken = [t for t in study.get_trials(deepcopy=False) if _seed_of(t) == seed and t.number != trial.number
+                 and (t.state == TrialState.COMPLETE or (t.state == TrialState.RUNNING and t.number < trial.number))]
+        if taken:
+            raise optuna.TrialPruned(f"seed {seed} is already taken by trial {taken[0].number}")
+        mark_worker(trial)
+        result = train.run(parent_run_id=parent, seed=seed, run_name=f"seed {seed}", experiment=experiment, **given)
+        trial.set_user_attr(RUN_ATTR, result.run_id)
+        return float(result.metrics.get("val/acc1", 0.0))
+
+    failed: list[int] = []
+    while True:
+        reclaim_dead_trials(study, store)
+        trials = study.get_trials(deepcopy=False)
+        waiting = any(t.state == TrialState.WAITING for t in trials)
+        started = {_seed_of(t) for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING)}
+        if not waiting and set(seeds) <= started:
+            break
+        before = {t.number for t in study.get_trials(deepcopy=False)}
+        study.optimize(objective, n_trials=1, catch=(Exception,))
+        mine = [t for t in study.get_trials(deepcopy=False) if t.number not in before and t.state == TrialState.FAIL]
+        if mine:
+            failed.extend(_seed_of(t) for t in mine)
+            print(f"tgo: sweep {study_name}: seed {_seed_of(mine[0])} failed; see its run. Re-run the sweep to retry it.")
+            break
+
+    completed = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        completed.setdefault(_seed_of(t), t.user_attrs[RUN_ATTR])
+    result = SweepResult(study_name, parent, completed, set(completed) == set(seeds), failed)
+    if not result.complete:
+        missing = sorted(set(seeds) - set(completed))
+        result.notes.append(f"seeds {missing} are not complete yet (running in other workers, or failed); the worker "
+                            "that completes the last seed aggregates, or re-run the sweep once they are done.")
+    elif aggregate:
+        result.summary, result.findings = aggregate_into(parent, completed)
+    return result
+
+
+def summarise(per_seed: pd.DataFrame, group: Sequence[str]) -> pd.DataFrame:
+    """Mean, standard deviation (ddof=1) and the t-based 95% confidence interval of the mean over
+    the `seed` column, per group."""
+    g = per_seed.groupby(list(group)).value
+    out = g.agg(n="count", mean="mean", std=lambda v: v.std(ddof=1)).reset_index()
+    half = scipy.stats.t.ppf(0.975, np.maximum(out.n - 1, 1)) * out["std"] / np.sqrt(out.n)
+    half = np.where(out.n > 1, half, np.nan)
+    out["ci95_low"], out["ci95_high"] = out["mean"] - half, out["mean"] + half
+    return out
+
+
+def finding_counts(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """Per TGO-I finding: seeds that support, contradict or are mixed on it, and the one-sided sign
+    test p-value of supported against contradicted (H0: each is equally likely)."""
+    verdicts = {}
+    for seed, part in per_seed.groupby("seed"):
+        geometry = part.drop(columns="seed")
+        for f in analysis.findings(geometry, analysis.trend_statistics(geometry)):
+            verdicts.setdefault(f.number, []).append(f.verdict)
+    rows = []
+    for number, vs in sorted(verdicts.items()):
+        sup, con = vs.count("supported"), vs.count("contradicted")
+        p = scipy.stats.binomtest(sup, sup + con, 0.5, alternative="greater").pvalue if sup + con else 1.0
+        rows.append({"finding": number, "seeds": len(vs), "supported": sup, "contradicted": con,
+                     "mixed": len(vs) - sup - con, "sign_test_p": p})
+    return pd.DataFrame(rows)
+
+
+def aggregate_into(parent: str, seed_runs: dict[int, str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read every seed's geometry and scalars, and log their spread into the parent run."""
+    folder = Path(tempfile.mkdtemp(prefix="tgo-sweep-"))
+    tables = []
+    for seed, run_id in sorted(seed_runs.items()):
+        geometry, _ = analysis.read_geometry(run_id, folder / run_id)
+        scalars = analysis.scalar_table(run_id, analysis.SCALARS).rename(columns={"key": "observable"})
+        scalars["site"], scalars["view"] = "", ""
+        tables += [geometry.assign(seed=seed), scalars.assign(seed=seed)]
+    per_seed = pd.concat(tables, ignore_index=True)
+    summary = summarise(per_seed, ["epoch", "site", "view", "observable"])
+    geometry_rows = per_seed[per_seed.site != ""]
+    counts = finding_counts(geometry_rows)
+
+    client = MlflowClient()
+    keys = np.where(summary.site == "", summary.observable, "geom/" + summary.site + "/" + summary.view + "/" + summary.observable)
+    for epoch in sorted(summary.epoch.unique()):
+        rows = summary.epoch == epoch
+        metrics = {}
+        for stat in ("mean", "std", "ci95_low", "ci95_high"):
+            for key, value in zip(keys[rows], summary.loc[rows, stat]):
+                if np.isfinite(value):
+                    metrics[f"seeds/{stat}/{key}"] = float(value)
+        tracking.log_metrics(parent, metrics, step=int(epoch))
+    last = int(summary.epoch.max())
+    finding_metrics = {}
+    for row in counts.itertuples():
+        finding_metrics[f"seeds/finding/{int(row.finding)}/supported"] = int(row.supported)
+        finding_metrics[f"seeds/finding/{int(row.finding)}/sign_test_p"] = float(row.sign_test_p)
+    tracking.log_metrics(parent, finding_metrics, step=last)
+
+    (folder / "tables").mkdir(exist_ok=True)
+    per_seed.to_csv(folder / "tables" / "per_seed.csv", index=False)
+    summary.to_csv(folder / "tables" / "seeds_summary.csv", index=False)
+    counts.to_csv(folder / "tables" / "findings.csv", index=False)
+    figdir = folder / "figures"
+    geo = summary[summary.site != ""]
+    sites = plots._site_order(geo.site)
+    shown = [s for s in (sites[0], sites[len(sites) // 2], "final") if s in sites]
+    for name in dict.fromkeys(geo.observable):
+        plots.save(plots.mean_and_band(geo[geo.site.isin(shown)], name, len(seed_runs)), figdir / f"seeds_{name}.png")
+    client.log_artifacts(parent, str(folder / "tables"), "tables")
+    client.log_artifacts(parent, str(figdir), "figures")
+    tracking.set_tags(parent, {"tgo.seeds": ",".join(map(str, sorted(seed_runs))), "tgo.seed_runs": ",".join(seed_runs[s] for s in sorted(seed_runs))})
+    if os.environ.get("MLFLOW_RUN_ID") != parent:  # `mlflow run` closes its own run
+        client.set_terminated(parent, "FINISHED")
+    return summary, counts
