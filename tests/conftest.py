@@ -71,7 +71,11 @@ def postgres_url():
     as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     if as_pg:
         os.chown(data, __import__("pwd").getpwnam("postgres").pw_uid, -1)
-    port = "55433"
+    import socket
+
+    with socket.socket() as sock:  # a free port: pytest-xdist workers each start their own
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
     subprocess.run([*as_pg, f"{pg}/initdb", "-D", str(data), "-A", "trust", "-U", "postgres"], check=True, capture_output=True)
     subprocess.run([*as_pg, f"{pg}/pg_ctl", "-D", str(data), "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1",
                     "-l", str(data / "log"), "-w", "start"], check=True, capture_output=True)

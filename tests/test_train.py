@@ -92,7 +92,7 @@ def test_mlflow_run_end_to_end(store, tmp_path):
     assert params["config.epochs"] == "2" and params["config.depth"] == "2" and params["config.dataset"] == "synthetic"
     tags = run.data.tags
     assert tags["tgo.preset"] == "smoke" and tags["tgo.dataset"] == "synthetic" and tags["tgo.kind"] == "train"
-    assert tags["tgo.model"] == "vit_small_patch16_224" and tags["tgo.version"]
+    assert tags["tgo.model"] == "vit_tiny_patch16_224" and tags["tgo.version"]
     # artifacts: spectra every epoch, weights at 0, 1, 2, a resumable checkpoint, probe record
     dst = tmp_path / "dl"
     root = Path(mlflow.artifacts.download_artifacts(run_id=rid, dst_path=str(dst)))

@@ -391,6 +391,7 @@ def analyze(
     device: str = "auto",
     output_dir: str | Path | None = None,
     log: bool = True,
+    figures: bool = True,
 ) -> Analysis:
     """Analyse a training run's geometry: tables, trend statistics, TGO-I verdicts, figures, report.
 
@@ -403,6 +404,7 @@ def analyze(
         device: for a re-probe.
         output_dir: where to write (default: a temporary folder).
         log: log everything as an analysis run, a child of the training run.
+        figures: draw the figures (False: tables, statistics and verdicts only, much faster).
     """
     tracking.check_tracking()
     run = tracking.get_run(run_id)
@@ -439,7 +441,7 @@ def analyze(
 
     # covariance structure at the first and last epoch: a re-probe of those weights (cheap) unless done
     epochs = sorted(geometry.epoch.unique())
-    if not covariances and len(epochs) >= 1:
+    if figures and not covariances and len(epochs) >= 1:
         try:
             covariances, _ = _reprobe(run_id, folder / "download", 0, "", None, device, [epochs[0], epochs[-1]], keep_covariance=chosen)
         except Exception as err:  # noqa: BLE001 - the figure is optional; say why it is missing
@@ -466,7 +468,8 @@ def analyze(
     figdir = folder / "figures"
     groups: dict[str, list[Path]] = {"Observables over training": [], "Site x epoch heat maps": [], "Eigenspectra over training": [],
                                      "Covariance structure": [], "Depth profile": []}
-    observables = [o for o in OBSERVABLE_NAMES if o in set(geometry.observable)]
+    observables = [o for o in OBSERVABLE_NAMES if o in set(geometry.observable)] if figures else []
+    chosen = chosen if figures else []
     for name in tqdm(observables, desc="figures", leave=False, disable=None):
         groups["Observables over training"].append(plots.save(plots.observable_over_epochs(shown, name, label), figdir / f"epochs_{name}.png"))
         groups["Site x epoch heat maps"].append(plots.save(plots.site_epoch_heatmap(shown, name, label), figdir / f"heatmap_{name}.png"))
@@ -486,7 +489,8 @@ def analyze(
             groups["Covariance structure"].append(plots.save(plots.correlation_first_last(
                 covariances[first][(site, view)].covariance, covariances[last][(site, view)].covariance, (first, last),
                 f"Correlation structure of {site}/{view}, first and last epoch"), figdir / f"correlation_{site}_{view}.png"))
-    groups["Depth profile"].append(plots.save(plots.depth_profile(shown, int(epochs[-1]), label), figdir / "depth_profile.png"))
+    if figures:
+        groups["Depth profile"].append(plots.save(plots.depth_profile(shown, int(epochs[-1]), label), figdir / "depth_profile.png"))
     result.figures = [p for paths in groups.values() for p in paths]
     result.report_html, result.report_md = _report(result, f"Geometry of run {label} ({run_id})", groups, folder)
     (folder / "findings.json").write_text(json.dumps([f.__dict__ for f in result.findings], indent=2))
@@ -510,7 +514,8 @@ def _log(result: Analysis, run, folder: Path) -> str:
         analysis_id = client.create_run(run.info.experiment_id, run_name=f"analysis of {run.info.run_name or result.run_id[:8]}").info.run_id
     tracking.set_tags(analysis_id, tags)
     for sub in ("figures", "tables", "report"):
-        client.log_artifacts(analysis_id, str(folder / sub), sub)
+        if (folder / sub).exists():
+            client.log_artifacts(analysis_id, str(folder / sub), sub)
     client.log_artifact(analysis_id, str(folder / "findings.json"))
     tracking.log_metrics(analysis_id, {f"finding/{f.number}": f.score for f in result.findings}, step=int(result.geometry.epoch.max()))
     if not launcher or launcher == result.run_id:

@@ -220,7 +220,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     try:
         result = study(
             _int("n_trials", args.n_trials) or 0, objectives=args.objectives, search_space=args.search_space or DEFAULT_SPACE,
-            storage=args.storage, study_name=args.study_name, pruner=args.pruner, seed=_int("sampler_seed", args.sampler_seed), **values,
+            storage=args.storage, study_name=args.study_name, pruner=args.pruner, sampler_seed=_int("sampler_seed", args.sampler_seed), **values,
         )
     except (C.ConfigError, DataError, TrackingError, StorageError) as err:
         return _fail(str(err), 2)

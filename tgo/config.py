@@ -7,7 +7,8 @@ preset's value"), checks every key, type and range, and returns a frozen `TrainC
 Presets
   demo   the embedded default: ViT-S/16 on scikit-learn's handwritten digits, upsampled to 32 px,
          3 channels; minutes on a 2-core CPU.
-  smoke  seconds on a CPU, for tests: a 2-block ViT on a small synthetic dataset.
+  smoke  seconds on a CPU, for tests: a 2-block ViT-Tiny (width 192, 8 px patches) on a small
+         synthetic dataset.
   tgo1   the TGO-I setting: ViT-S/16 at 224 px on ImageNet-100, DeiT recipe (Touvron et al. 2021):
          AdamW, lr 5e-4 x batch/512, weight decay 0.05, cosine schedule, 5 warm-up epochs, label
          smoothing 0.1, mixup 0.8, cutmix 1.0, RandAugment rand-m9-mstd0.5-inc1, random erasing
@@ -122,7 +123,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         probe_batch_size=128, drop_path=0.0,
     ),
     "smoke": dict(
-        dataset="synthetic", img_size=32, patch_size=8, depth=2, epochs=2, batch_size=32,
+        model="vit_tiny_patch16_224", dataset="synthetic", img_size=32, patch_size=8, depth=2, epochs=2, batch_size=32,
         synthetic_train_size=128, synthetic_val_size=64, num_classes=4, base_lr=2e-3,
         warmup_epochs=0, probe_size=32, probe_batch_size=32, hflip=0.0, system_metrics=False,
     ),

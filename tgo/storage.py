@@ -1,6 +1,8 @@
 """Optuna storages for sweeps and studies, and what a dead worker leaves behind.
 
-  ""                          sqlite:///optuna.db in the working directory: one process
+  ""                          sqlite:///optuna.db beside the MLflow store when that is a SQLite file
+                              (the runs and the study that made them stay together), else in the
+                              working directory: one process
   journal:PATH                JournalStorage(JournalFileBackend(PATH)): several processes on one machine
   sqlite:///F, postgresql://  RDBStorage: PostgreSQL for several machines (SQLite only for one process)
 
@@ -35,9 +37,18 @@ class StorageError(ValueError):
     """The storage URL cannot be used; the message says why and what to do."""
 
 
+def default_storage() -> str:
+    import mlflow
+
+    tracking = mlflow.get_tracking_uri()
+    if tracking.startswith("sqlite:///"):
+        return "sqlite:///" + os.path.join(os.path.dirname(os.path.abspath(tracking[len("sqlite:///"):])), "optuna.db")
+    return "sqlite:///optuna.db"
+
+
 def open_storage(url: str = ""):
     """The Optuna storage named by `url` (see the module docstring), checked to be reachable."""
-    url = url.strip() or "sqlite:///optuna.db"
+    url = url.strip() or default_storage()
     if url.startswith("journal:"):
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend

@@ -140,7 +140,7 @@ def study(
     study_name: str = "tgo-study",
     pruner: str = "median",
     experiment: str = "tgo-studies",
-    seed: int = 0,
+    sampler_seed: int = 0,
     enqueue: list[dict] | None = None,
     **train_overrides,
 ) -> StudyResult:
@@ -173,7 +173,7 @@ def study(
         )
     s = optuna.create_study(
         storage=store, study_name=study_name, load_if_exists=True, directions=directions,
-        sampler=optuna.samplers.TPESampler(seed=seed) if len(metrics) == 1 else optuna.samplers.NSGAIISampler(seed=seed),
+        sampler=optuna.samplers.TPESampler(seed=sampler_seed) if len(metrics) == 1 else optuna.samplers.NSGAIISampler(seed=sampler_seed),
         pruner=_pruner(pruner) if len(metrics) == 1 else optuna.pruners.NopPruner(),
     )
     if existing is None:

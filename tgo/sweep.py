@@ -160,6 +160,16 @@ def sweep(
     completed = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         completed.setdefault(_seed_of(t), t.user_attrs[RUN_ATTR])
+    client = MlflowClient()
+    for seed, run_id in completed.items():
+        try:
+            client.get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            raise ConfigError(
+                f"study {study_name!r} in {storage or 'the default storage'} ran seed {seed} as run {run_id}, which is not "
+                f"in the tracking store {mlflow.get_tracking_uri()}: the study belongs to another store. Use another "
+                "study_name or storage."
+            ) from None
     result = SweepResult(study_name, parent, completed, set(completed) == set(seeds), failed)
     if not result.complete:
         missing = sorted(set(seeds) - set(completed))
