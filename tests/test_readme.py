@@ -16,6 +16,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -77,7 +78,9 @@ def test_every_readme_command_runs(tmp_path):
         line = re.sub(r"^mlflow run \. ", f"mlflow run {ROOT} ", line).replace("notebooks/", f"{ROOT}/notebooks/")
         argv = shlex.split(line)
         argv[0] = os.path.join(os.path.dirname(sys.executable), argv[0])  # the tool of this environment
+        start = time.perf_counter()
         proc = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        print(f"{time.perf_counter() - start:6.1f} s  {line}")
         assert proc.returncode == 0, f"README command failed: {line}\n{proc.stderr[-3000:]}"
         if command == "mlflow run . --env-manager local":
             mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])

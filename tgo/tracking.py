@@ -160,6 +160,43 @@ def log_file(run_id: str, path: str | Path, artifact_path: str) -> None:
     MlflowClient().log_artifact(run_id, str(path), artifact_path)
 
 
+def local_artifact_dir(run_id: str) -> Path | None:
+    """The run's artifact folder when its artifact store is a local (or mounted) file system, else
+    None (an S3 bucket, an MLflow server proxying artifacts, ...)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    repo = get_artifact_repository(MlflowClient().get_run(run_id).info.artifact_uri)
+    return Path(repo.artifact_dir) if isinstance(repo, LocalArtifactRepository) else None
+
+
+def save_torch(run_id: str, obj: Any, artifact_path: str, name: str, scratch: str | Path, local_dir: Path | None) -> None:
+    """torch.save `obj` as the run's artifact `artifact_path/name`.
+
+    With a local artifact store (`local_dir`, from `local_artifact_dir`) the file is written in
+    place: into a hidden file beside it, then renamed over the old version, so a kill mid-write
+    leaves the previous version whole, as MLflow's own log_artifact does, but without writing the
+    260 MB of a ViT-S checkpoint twice. Elsewhere it is written to `scratch` and uploaded with
+    log_artifact.
+    """
+    if local_dir is None:
+        path = Path(scratch) / name
+        torch.save(obj, path)
+        log_file(run_id, path, artifact_path)
+        path.unlink()
+        return
+    folder = local_dir / artifact_path
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+        os.replace(partial, folder / name)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
+
+
 def spectra_artifact(epoch: int) -> tuple[str, str]:
     return "geometry/spectra", f"epoch_{epoch:04d}.npz"
 
