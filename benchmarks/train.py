@@ -10,7 +10,7 @@ Prints, each alone on a line:
                            per-image costs of ViT-S/16 at 224 px: probe / (train + validation + probe)
   demo_wall_s: X           the embedded default (`tgo train`, demo preset) end to end, in seconds
 
-    python benchmarks/train.py [--epochs 4] [--skip-demo]
+    python benchmarks/train.py [--epochs 4] [--rounds 3] [--skip-demo]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 TGO1_TRAIN, TGO1_VAL, TGO1_PROBE = 126_689, 5_000, 1_000
+CHECKPOINT_S: list[float] = []  # tgo's logged time/checkpoint_s, every epoch of every tgo run
 
 
 def bare_epochs(cfg, epochs: int) -> list[float]:
@@ -66,9 +67,11 @@ def tgo_epochs(cfg_overrides: dict, epochs: int) -> list[float]:
     from tgo.train import run
 
     result = run(**cfg_overrides, epochs=epochs, probe_every=0, system_metrics=False, experiment="bench")
-    history = sorted(mlflow.MlflowClient().get_metric_history(result.run_id, "val/loss"), key=lambda m: m.step)
+    client = mlflow.MlflowClient()
+    history = sorted(client.get_metric_history(result.run_id, "val/loss"), key=lambda m: m.step)
     stamps = [m.timestamp / 1000 for m in history]
-    return [b - a for a, b in zip(stamps, stamps[1:])]
+    CHECKPOINT_S.extend(m.value for m in client.get_metric_history(result.run_id, "time/checkpoint_s"))
+    return [b - a for a, b in zip(stamps, stamps[1:])][1:]  # as the bare loop's: the first epoch warms up
 
 
 def per_image_costs_224() -> tuple[float, float, float, float]:
@@ -113,6 +116,7 @@ def per_image_costs_224() -> tuple[float, float, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of the bare loop and tgo")
     parser.add_argument("--skip-demo", action="store_true")
     args = parser.parse_args()
 
@@ -128,7 +132,7 @@ def main() -> None:
     cfg = resolve(**overrides)
     # Alternate so that both see the machine in the same state; skip each one's first epoch (warm-up).
     bare, tgo = [], []
-    for _ in range(2):
+    for _ in range(args.rounds):
         bare += bare_epochs(cfg, args.epochs)[1:]
         tgo += tgo_epochs(overrides, args.epochs)
     t_bare, t_tgo = statistics.median(bare), statistics.median(tgo)
@@ -145,8 +149,10 @@ def main() -> None:
         run(preset="demo", experiment="bench-demo")
         demo_wall = time.perf_counter() - start
 
-    print(f"# {torch.get_num_threads()} threads, torch {torch.__version__}; demo settings, {args.epochs} epochs x 2")
-    print(f"# seconds per epoch: bare {t_bare:.2f}, tgo (probe off) {t_tgo:.2f}")
+    print(f"# {torch.get_num_threads()} threads, torch {torch.__version__}; demo settings, {args.epochs} epochs x {args.rounds}")
+    print(f"# seconds per epoch: bare {t_bare:.2f} (median of {' '.join(f'{t:.2f}' for t in bare)}), "
+          f"tgo (probe off) {t_tgo:.2f} (median of {' '.join(f'{t:.2f}' for t in tgo)})")
+    print(f"# of which writing the resumable checkpoint (model + AdamW state), median: {statistics.median(CHECKPOINT_S):.2f} s")
     print(f"# 224 px seconds per image: train step {train:.4f}, validation {val:.4f}, probe {probe_img:.4f} "
           f"(+ {probe_fixed:.2f} s fixed); tgo1 epoch estimate {epoch / 3600:.2f} h on this machine")
     print(f"tgo_over_bare_epoch: {t_tgo / t_bare:.3f}")

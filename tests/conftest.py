@@ -85,3 +85,14 @@ def postgres_url():
     finally:
         subprocess.run([*as_pg, f"{pg}/pg_ctl", "-D", str(data), "-m", "fast", "stop"], capture_output=True)
         shutil.rmtree(data, ignore_errors=True)
+
+
+# The slowest files first: with pytest-xdist (`-n 2 --dist loadfile --no-loadscope-reorder`, see
+# pyproject.toml) the README test, minutes long, then starts at once on one worker while the other
+# takes the rest, instead of starting last (xdist's default order puts files with most tests first).
+SLOWEST_FIRST = ("test_readme.py", "test_sweep_study.py", "test_train.py", "test_analysis.py", "test_ui.py", "test_notebooks.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept within

@@ -79,7 +79,7 @@ def test_mlflow_run_end_to_end(store, tmp_path):
     assert run.info.status == "FINISHED"
     rid = run.info.run_id
     history = _history(rid)
-    expected = _geom_keys(depth=2) | {"val/loss", "val/acc1", "val/acc5", "lr", "time/probe_s"}
+    expected = _geom_keys(depth=2) | {"val/loss", "val/acc1", "val/acc5", "lr", "time/probe_s", "time/checkpoint_s"}
     assert expected <= set(history)
     for key in expected:
         assert sorted(history[key]) == [0, 1, 2], key

@@ -530,7 +530,9 @@ class EpochCommitter:
             if weights is not None:
                 artifact_dir, name = tracking.weights_artifact(epoch)
                 tracking.save_torch(self.run_id, weights, artifact_dir, name, self.folder, self.local_dir)
+            start = time.perf_counter()
             tracking.save_torch(self.run_id, checkpoint, "checkpoints", "last.pt", self.folder, self.local_dir)
+            metrics["time/checkpoint_s"] = time.perf_counter() - start  # I/O a researcher may want to see
             tracking.log_metrics(self.run_id, metrics, step=epoch)
             _report(epoch, epochs, metrics)
         except BaseException as err:  # noqa: BLE001 - handed to the training thread by wait()
