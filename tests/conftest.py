@@ -1,7 +1,19 @@
 import os
 
-import pytest
-import torch
+# pytest-xdist workers share the machine's cores: each worker (and every process it starts: mlflow
+# run, tgo, torchrun) gets its share of threads instead of all of them, else torch's OpenMP pools
+# spin against each other (on 2 cores, -n 2 with 2 threads each took 22 CPU-minutes, not 17).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[_name] = _THREADS
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if _WORKERS > 1:
+    torch.set_num_threads(int(_THREADS))
 
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 
@@ -90,7 +102,7 @@ def postgres_url():
 # The slowest files first: with pytest-xdist (`-n 2 --dist loadfile --no-loadscope-reorder`, see
 # pyproject.toml) the README test, minutes long, then starts at once on one worker while the other
 # takes the rest, instead of starting last (xdist's default order puts files with most tests first).
-SLOWEST_FIRST = ("test_readme.py", "test_sweep_study.py", "test_train.py", "test_analysis.py", "test_ui.py", "test_notebooks.py")
+SLOWEST_FIRST = ("test_readme.py", "test_readme_smoke.py", "test_sweep_study.py", "test_train.py", "test_analysis.py", "test_ui.py", "test_notebooks.py")
 
 
 def pytest_collection_modifyitems(items):
