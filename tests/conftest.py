@@ -108,3 +108,19 @@ SLOWEST_FIRST = ("test_readme.py", "test_readme_smoke.py", "test_sweep_study.py"
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept within
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A fresh sqlite tracking store in tmp_path, which is also the working directory (schema created
+    once, before any subprocess uses it: several processes on a fresh sqlite file race on it)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    MlflowClient(uri).search_experiments()
+    yield uri
+    mlflow.set_tracking_uri(None)

@@ -24,17 +24,6 @@ from tgo.sweep import summarise, sweep
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)
-    mlflow.set_tracking_uri(uri)
-    MlflowClient(uri).search_experiments()  # the schema, once, before several processes use it
-    yield uri
-    mlflow.set_tracking_uri(None)
-
-
 def _env(uri: str, **extra) -> dict:
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(ROOT), **extra)
     for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):

@@ -23,18 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 VOLATILE = ("time/", "train/images_per_s", "system/")
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    """A fresh sqlite tracking store (schema created once, before any subprocess uses it)."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)
-    mlflow.set_tracking_uri(uri)
-    MlflowClient(uri).search_experiments()  # creates the schema
-    yield uri
-    mlflow.set_tracking_uri(None)
-
-
 def _env(uri: str) -> dict:
     # As in an activated virtual environment: `python` in MLproject commands is this interpreter.
     path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
