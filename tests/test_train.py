@@ -352,3 +352,29 @@ def test_inside_an_active_run_training_is_a_nested_child(store):
     child = MlflowClient().get_run(result.run_id)
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert sorted(_history(result.run_id)["geom/final/cls/effective_rank"]) == [0]
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("cannot pickle this")
+
+
+def test_checkpoint_write_is_atomic_in_a_local_artifact_store(store, tmp_path):
+    from tgo import tracking
+    from tgo.train import EpochCommitter
+
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("atomic")).info.run_id
+    local = tracking.local_artifact_dir(run_id)
+    assert local is not None  # a sqlite store keeps artifacts on the local file system
+    tracking.save_torch(run_id, {"w": torch.ones(3)}, "checkpoints", "last.pt", tmp_path, local)
+    # A write that fails half-way (as a kill would) leaves the previous checkpoint whole.
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        tracking.save_torch(run_id, {"w": torch.zeros(3), "bad": _Unpicklable()}, "checkpoints", "last.pt", tmp_path, local)
+    assert [a.path for a in client.list_artifacts(run_id, "checkpoints")] == ["checkpoints/last.pt"]
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/last.pt", dst_path=str(tmp_path / "dl"))
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
+    # A partial file left by a real kill is removed when the run is next written to (a resume).
+    (local / "checkpoints" / ".last.pt.abc.partial").write_bytes(b"cut short")
+    EpochCommitter(run_id, str(tmp_path), background=False)
+    assert not list((local / "checkpoints").glob(".*.partial"))
