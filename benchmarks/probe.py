@@ -9,7 +9,10 @@ Prints, each alone on a line:
 and, for context, the float32-product probe and a naive baseline that asks numpy for singular
 values only (compute_uv=False).
 
-    python benchmarks/probe.py [--images 512] [--img-size 64] [--batch-size 64]
+Bare inference and the probe are timed in alternation (--rounds pairs, default 3) and the median
+of the per-pair ratios is printed: this VM's speed drifts by 10-20% within a minute.
+
+    python benchmarks/probe.py [--images 512] [--img-size 64] [--batch-size 64] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import resource
+import statistics
 import time
 import warnings
 
@@ -95,6 +99,19 @@ def naive(model, loader, values_only: bool) -> None:
             np.linalg.svd(Xc)
 
 
+N_SPECTRA = 44  # site/views of ViT-S/16: 14 sites x (cls, patch, mean) + patch_embed x (patch, mean)
+
+
+def eig_floor(model) -> float:
+    """Seconds for the eigendecompositions the probe must do after its pass, whatever the probe set:
+    per site and view, eigvalsh of the covariance and of the second moment (RankMe), in float64."""
+    rng = np.random.default_rng(0)
+    d = model.embed_dim
+    mats = [(a.T @ a) for a in (rng.standard_normal((2 * d, d)) for _ in range(2 * N_SPECTRA))]
+    np.linalg.eigvalsh(mats[0])
+    return timed(lambda: [np.linalg.eigvalsh(m) for m in mats])
+
+
 def _peak_rss_worker(n_images: int, img_size: int, batch_size: int, queue) -> None:
     model = vit_s16(img_size)
     loader = DataLoader(NoiseImages(n_images, img_size), batch_size=batch_size)
@@ -117,29 +134,41 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--img-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of bare inference and the probe")
     args = parser.parse_args()
 
     model = vit_s16(args.img_size)
     loader = DataLoader(NoiseImages(args.images, args.img_size), batch_size=args.batch_size)
     cached = [batch for batch in loader]  # every method reads the same tensors from memory
     bare_inference(model, cached[:1])  # warm-up
-    t_bare = min(timed(lambda: bare_inference(model, cached)) for _ in range(2))
-    t_probe = min(timed(lambda: run_probe(model, cached)) for _ in range(2))
-    t_probe32 = timed(lambda: run_probe(model, cached, "float32"))
+    run_probe(model, cached[:1])  # warm-up
+    bare, probe64, probe32 = [], [], []
+    for _ in range(args.rounds):  # alternate, so that each ratio compares like machine states
+        bare.append(timed(lambda: bare_inference(model, cached)))
+        probe64.append(timed(lambda: run_probe(model, cached)))
+        probe32.append(timed(lambda: run_probe(model, cached, "float32")))
+    ratio64 = statistics.median(p / b for p, b in zip(probe64, bare))
+    ratio32 = statistics.median(p / b for p, b in zip(probe32, bare))
+    t_bare, t_probe, t_probe32 = map(statistics.median, (bare, probe64, probe32))
     t_naive_values = timed(lambda: naive(model, cached, values_only=True))
     t_naive = timed(lambda: naive(model, cached, values_only=False))
+    t_eig = eig_floor(model)
     rss_512 = peak_rss_kib(args.images, args.img_size, args.batch_size)
     rss_1024 = peak_rss_kib(2 * args.images, args.img_size, args.batch_size)
 
     print(f"# ViT-S/16, {args.img_size} px, {args.images} images, batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"# seconds: bare {t_bare:.2f}, probe {t_probe:.2f} (float32 products {t_probe32:.2f}), "
+    print(f"# seconds (medians): bare {t_bare:.2f}, probe {t_probe:.2f} (float32 products {t_probe32:.2f}), "
           f"naive {t_naive:.2f} (singular values only {t_naive_values:.2f})")
     print(f"# peak RSS MiB: {rss_512 / 1024:.0f} ({args.images} images), {rss_1024 / 1024:.0f} ({2 * args.images})")
-    print(f"probe_over_inference: {t_probe / t_bare:.3f}")
+    print(f"# per round: bare {' '.join(f'{t:.2f}' for t in bare)}; probe {' '.join(f'{t:.2f}' for t in probe64)}; "
+          f"float32 products {' '.join(f'{t:.2f}' for t in probe32)}")
+    print(f"# of the probe's time, its 2 x {N_SPECTRA} float64 eigvalsh of {model.embed_dim} x {model.embed_dim} "
+          f"matrices alone take {t_eig:.2f} s = {t_eig / t_bare:.2f} x bare inference (a fixed cost per probe)")
+    print(f"probe_over_inference: {ratio64:.3f}")
     print(f"naive_over_probe: {t_naive / t_probe:.2f}")
     print(f"memory_1024_over_512: {rss_1024 / rss_512:.3f}")
-    print(f"probe_float32_over_inference: {t_probe32 / t_bare:.3f}")
+    print(f"probe_float32_over_inference: {ratio32:.3f}")
     print(f"naive_values_only_over_probe: {t_naive_values / t_probe:.2f}")
 
 
