@@ -9,6 +9,9 @@ if _WORKERS > 1:
     for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[_name] = _THREADS
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -40,6 +43,19 @@ def images():
 
 
 MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(uri: str, **extra: str) -> dict[str, str]:
+    """The environment of a process a test starts (mlflow run, tgo, torchrun): tracking store `uri`,
+    this checkout importable, this environment's tools first on PATH (as in an activated virtual
+    environment: `python` in MLproject commands is this interpreter), no MLflow run or experiment
+    inherited from the caller, and `extra` variables."""
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(ROOT), PATH=path, **extra)
+    for key in MLFLOW_ENV[1:]:
+        env.pop(key, None)
+    return env
 
 
 @pytest.fixture(autouse=True)

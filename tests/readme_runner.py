@@ -23,7 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, subprocess_env
+
 SKIP = {
     'pip install -e ".[dev]"': "the install line: .ci/run runs it",
     "pytest": "the test command: .ci/run runs it",
@@ -63,10 +64,7 @@ def classify(command: str) -> tuple[str, str]:
 def environment(folder: Path) -> dict[str, str]:
     """A fresh sqlite tracking store in `folder` (schema created once, before any command), this
     checkout on the path, and no MLflow run inherited from the caller."""
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{folder / 'mlflow.db'}", PYTHONPATH=str(ROOT))
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        env.pop(key, None)
+    env = subprocess_env(f"sqlite:///{folder / 'mlflow.db'}")
     subprocess.run([sys.executable, "-c", "import mlflow; mlflow.MlflowClient().search_experiments()"], env=env, cwd=folder, check=True)
     return env
 

@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -16,19 +15,11 @@ import scipy.stats
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from tests.conftest import subprocess_env
 from tgo.config import ConfigError
 from tgo.storage import StorageError, open_storage
 from tgo.study import study
 from tgo.sweep import summarise, sweep
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _env(uri: str, **extra) -> dict:
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(ROOT), **extra)
-    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        env.pop(key, None)
-    return env
 
 
 def _sweep_cmd(seeds: str, storage: str, name: str, epochs: int = 1) -> list[str]:
@@ -60,7 +51,7 @@ def test_summary_statistics_match_numpy_and_scipy():
 
 def test_two_workers_on_one_journal_run_each_seed_once_and_aggregate(store, tmp_path):
     storage = f"journal:{tmp_path / 'sweep.journal'}"
-    workers = [subprocess.Popen(_sweep_cmd("0,1,2", storage, "two"), env=_env(store), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    workers = [subprocess.Popen(_sweep_cmd("0,1,2", storage, "two"), env=subprocess_env(store), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [w.communicate(timeout=600) for w in workers]
     for w, (out, err) in zip(workers, outputs):
         assert w.returncode == 0, err[-3000:]
@@ -86,7 +77,7 @@ def test_two_workers_on_one_journal_run_each_seed_once_and_aggregate(store, tmp_
     assert "seeds/finding/1/sign_test_p" in client.get_run(parent).data.metrics
 
     # Re-running the sweep reuses the finished seeds: no new training run.
-    proc = subprocess.run(_sweep_cmd("0,1,2", storage, "two"), env=_env(store), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(_sweep_cmd("0,1,2", storage, "two"), env=subprocess_env(store), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(_children(parent)) == 3
 
@@ -104,7 +95,7 @@ def _kill_when_running(proc: subprocess.Popen, storage: str, name: str, timeout:
 @pytest.mark.parametrize("kind", ["rdb", "journal"])
 def test_a_killed_workers_seed_is_run_by_another(store, tmp_path, kind):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}" if kind == "rdb" else f"journal:{tmp_path / 'sweep.journal'}"
-    env = _env(store, TGO_HEARTBEAT_INTERVAL="1", TGO_GRACE_PERIOD="3")
+    env = subprocess_env(store, TGO_HEARTBEAT_INTERVAL="1", TGO_GRACE_PERIOD="3")
     victim = subprocess.Popen(_sweep_cmd("0,1", storage, "kill", epochs=2), env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     _kill_when_running(victim, storage, "kill")
     s = optuna.load_study(study_name="kill", storage=open_storage(storage))

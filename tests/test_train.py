@@ -1,12 +1,10 @@
 """The training entry point end to end: mlflow run, the CLI and the Python call, read back only
 through the tracking API; resume after SIGKILL; DDP on two gloo processes; bad input."""
 
-import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -15,21 +13,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from tests.conftest import ROOT, subprocess_env
 from tgo import cli
-from tgo.probe import ProbeResult, probe, site_names
+from tgo.probe import ProbeResult, probe
 from tgo.spectral import OBSERVABLE_NAMES
 
-ROOT = Path(__file__).resolve().parents[1]
 VOLATILE = ("time/", "train/images_per_s", "system/")
-
-
-def _env(uri: str) -> dict:
-    # As in an activated virtual environment: `python` in MLproject commands is this interpreter.
-    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(ROOT), PATH=path)
-    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        env.pop(key, None)
-    return env
 
 
 def _history(run_id: str) -> dict[str, dict[int, float]]:
@@ -59,7 +48,7 @@ def test_mlflow_run_end_to_end(store, tmp_path):
     """`mlflow run . -e train` on the smoke preset, read back through the tracking API only."""
     cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "train", "--env-manager", "local",
            "--experiment-name", "e2e", "-P", "preset=smoke", "-P", "epochs=2", "-P", "checkpoint_epochs=0,1,last"]
-    proc = subprocess.run(cmd, env=_env(store), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = subprocess.run(cmd, env=subprocess_env(store), capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = mlflow.search_runs(experiment_names=["e2e"], output_format="list")
     assert len(runs) == 1
@@ -144,12 +133,12 @@ def _compare(a: dict, b: dict) -> None:
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(store, tmp_path):
     common = ["--preset", "smoke", "--epochs", "4", "--experiment", "resume"]
-    proc = subprocess.run(_train_cmd(*common, "--run_name", "whole"), env=_env(store), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(_train_cmd(*common, "--run_name", "whole"), env=subprocess_env(store), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     whole = re.search(r"run ([0-9a-f]{32}) finished", proc.stdout).group(1)
 
     # The same run, killed with SIGKILL as soon as it reports epoch 2.
-    victim = subprocess.Popen(_train_cmd(*common, "--run_name", "killed"), env=_env(store), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    victim = subprocess.Popen(_train_cmd(*common, "--run_name", "killed"), env=subprocess_env(store), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     run_id = None
     for line in victim.stdout:
         found = re.search(r"run ([0-9a-f]{32}):", line)
@@ -163,7 +152,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(store, tmp_path):
     partial = _history(run_id)
     assert max(partial["val/loss"]) < 4
 
-    proc = subprocess.run(_train_cmd("--resume", run_id), env=_env(store), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(_train_cmd("--resume", run_id), env=subprocess_env(store), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resuming run {run_id}" in proc.stdout
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
@@ -193,16 +182,10 @@ def test_resume_from_a_checkpoint_whose_metrics_were_not_logged(store, tmp_path)
     assert resumed.epoch == 2
 
 
-def _ddp_worker_env(store):
-    env = _env(store)
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def test_ddp_on_two_gloo_processes_measures_what_one_process_measures(store, tmp_path):
     args = ["--preset", "smoke", "--epochs", "1", "--device", "cpu", "--experiment", "ddp", "--checkpoint_epochs", "0,last"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "entrypoints" / "train.py"), *args]
-    proc = subprocess.run(cmd, env=_ddp_worker_env(store), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=subprocess_env(store, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     runs = mlflow.search_runs(experiment_names=["ddp"], output_format="list")
     assert len(runs) == 1, "only rank 0 talks to MLflow"
