@@ -160,14 +160,19 @@ def test_probe_subset_is_fixed_by_seed():
 def test_probe_set_is_the_same_whatever_the_batch_size_and_workers(vit):
     data = torch.utils.data.TensorDataset(torch.randn(60, 3, 32, 32), torch.arange(60))
     ps = ProbeSet.from_dataset(data, 20, seed=7)
-    seen = []
+    seen, folds = [], []
     for batch_size, workers in ((3, 0), (20, 2)):
-        seen.append(torch.cat([targets for _, targets in ps.loader(batch_size, workers)]))
+        batches = list(ps.loader(batch_size, workers))
+        seen.append(torch.cat([targets for _, targets, _ in batches]))
+        folds.append(torch.cat([f for _, _, f in batches]))
     assert torch.equal(seen[0], seen[1]) and seen[0].tolist() == ps.indices.tolist()
+    # Each image's jackknife fold is fixed by the seed and its place, whatever the batch or workers.
+    assert torch.equal(folds[0], folds[1]) and folds[0].tolist() == ps.fold_ids.tolist()
+    assert np.bincount(ps.fold_ids).tolist() == [4, 4, 4, 4, 4]
     again = ProbeSet.from_dataset(data, 20, seed=7)
     assert again.fingerprint == ps.fingerprint
     data.tensors[0][int(ps.indices[4])] += 1.0
     assert ProbeSet.from_dataset(data, 20, seed=7).fingerprint != ps.fingerprint
     shards = [ps.loader(4, rank=r, world_size=3) for r in range(3)]
-    covered = sorted(int(t) for loader in shards for _, targets in loader for t in targets)
-    assert covered == ps.indices.tolist()
+    covered = sorted((int(t), int(f)) for loader in shards for _, targets, fs in loader for t, f in zip(targets, fs))
+    assert covered == list(zip(ps.indices.tolist(), ps.fold_ids.tolist()))  # same folds on any number of ranks

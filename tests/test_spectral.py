@@ -20,12 +20,29 @@ RANKS = ("effective_rank", "rankme", "stable_rank", "participation_ratio")
 def test_keys_are_the_metrics_md_names():
     out = observables(np.random.default_rng(0).normal(size=(50, 8)))
     assert tuple(out) == (
-        "effective_rank", "rankme", "stable_rank", "participation_ratio", "spectral_entropy",
+        "effective_rank", "effective_rank_eig", "rankme", "stable_rank", "participation_ratio", "spectral_entropy",
         "spectral_entropy_norm", "spectral_flatness", "spectral_anisotropy", "cosine_anisotropy",
         "alpha", "alpha_r2", "n_components_90", "n_components_95", "n_components_99",
         "mean_abs_correlation",
     )
     assert all(type(v) is float for v in out.values())
+
+
+def test_eigenvalue_effective_rank_is_tgo1s_and_differs_from_roy_vetterli():
+    # TGO-I's effective rank: exp of the Shannon entropy of p = lambda / sum(lambda), by hand.
+    lam = 1.0 / np.arange(1, 385)
+    p = lam / lam.sum()
+    expected = math.exp(-float(np.sum(p * np.log(p))))
+    assert spectral.effective_rank_eig(lam) == pytest.approx(expected, rel=1e-12)
+    assert spectral.effective_rank_eig(lam) == pytest.approx(97.32, abs=0.01)
+    # Roy & Vetterli's over the singular values sigma ~ sqrt(lambda) is another, larger number.
+    q = np.sqrt(lam) / np.sqrt(lam).sum()
+    assert spectral.effective_rank(np.sqrt(lam)) == pytest.approx(math.exp(-float(np.sum(q * np.log(q)))), rel=1e-12)
+    assert spectral.effective_rank(np.sqrt(lam)) > 3 * spectral.effective_rank_eig(lam)
+    X = np.random.default_rng(5).normal(size=(300, 12)) * np.linspace(1, 4, 12)
+    out = observables(X)
+    assert out["effective_rank_eig"] == pytest.approx(math.exp(out["spectral_entropy"]), rel=1e-12)
+    assert spectral.effective_rank_eig(np.zeros(4)) == 0.0
 
 
 def test_isotropic_gaussian_is_full_rank_flat_and_isotropic():

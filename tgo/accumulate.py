@@ -1,10 +1,19 @@
 """Streaming, mergeable moment accumulator: the stateful half of the geometry probe.
 
-It keeps, on the model's device, what every observable of METRICS.md needs from a stream of rows
-x_i (D features): the count N, the sum and Gram matrix of the rows about a fixed shift s (the first
-row seen), and the sum and count of the unit-normalised non-zero rows (cosine anisotropy). Memory is
-O(D^2) whatever the number of rows. The spectra and observables are then computed once, in float64,
-by the pure functions of `tgo.spectral` (the functional core); this class only feeds them.
+It keeps, on the model's device, what every observable of docs/METRICS.md needs from a stream of
+rows x_i (D features), split into K folds (and, with K > 1, one more group: the images that stay
+in every replicate when the probe set does not divide into K equal folds): per group k the count N_k, the sum and Gram matrix of the
+rows about one fixed shift s (the first row seen), and the sum and count of the unit-normalised
+non-zero rows (cosine anisotropy). Memory is O(K D^2) whatever the number of rows. The totals over
+all folds give the spectra of every row; the totals less one fold give the delete-one-fold
+jackknife replicates (`tgo.uncertainty`), so the probe's standard errors cost no second pass and no
+stored activations. The spectra and observables are then computed in float64 by the pure functions
+of `tgo.spectral` (the functional core); this class only feeds them.
+
+Folds. Rows arrive in fold order within a batch (`update(rows, counts)`: counts[k] rows of fold k,
+one after the other); the probe sorts each batch's images by fold before its forward pass, so every
+site's rows are contiguous per fold and nothing is copied. A fold is a set of images, never of
+tokens: the patch tokens of one image are correlated and must leave the sample together.
 
 Precision. The totals are float64. Shifting by a row of the data first removes the mean before any
 product is formed, so the covariance C = (G - S S^T / N) / (N - 1) suffers no cancellation. Each
@@ -20,7 +29,7 @@ never used for these products.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +40,8 @@ Precision = Literal["float32", "float64"]
 
 
 class MomentAccumulator:
-    """Sufficient statistics of a stream of D-dimensional rows; `update`, `merge`, `all_reduce`.
+    """Sufficient statistics of a stream of D-dimensional rows in K folds; `update`, `merge`,
+    `all_reduce`, `spectra` (all rows) and `jackknife_spectra` (all rows less one fold, per fold).
 
     Merging two accumulators (batches, workers, DDP ranks) equals accumulating all their rows in one,
     within float64 round-off: the other's moments are re-expressed about this one's shift exactly.
@@ -42,58 +52,89 @@ class MomentAccumulator:
         dim: int,
         device: torch.device | str = "cpu",
         precision: Precision = "float64",
+        folds: int = 1,
     ) -> None:
         if precision not in ("float32", "float64"):
             raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}.")
+        if int(folds) < 1:
+            raise ValueError(f"folds must be at least 1, got {folds}.")
         self.dim = int(dim)
+        self.folds = int(folds)
         self.device = torch.device(device)
         self.precision: Precision = precision
         f64 = dict(dtype=torch.float64, device=self.device)
-        self.n = 0
+        # K folds, and with K > 1 one more group that no replicate leaves out (tgo.uncertainty.fold_ids)
+        self.groups = self.folds + 1 if self.folds > 1 else 1
+        k, d = self.groups, self.dim
+        self.counts = np.zeros(k, dtype=np.int64)  # N_k, on the host: counts never need the device
         self.shift: torch.Tensor | None = None  # (D,) float64, the first row seen
-        self.sum = torch.zeros(self.dim, **f64)  # (D,)   sum (x_i - s)
-        self.gram = torch.zeros(self.dim, self.dim, **f64)  # (D, D) sum (x_i - s)(x_i - s)^T
-        self.unit_sum = torch.zeros(self.dim, **f64)  # (D,) sum x_i / ||x_i|| over non-zero rows
-        self.n_nonzero = torch.zeros((), **f64)  # kept as a tensor: no device sync per batch
+        self.sum = torch.zeros(k, d, **f64)  # (K, D)    sum over fold k of (x_i - s)
+        self.gram = torch.zeros(k, d, d, **f64)  # (K, D, D) sum over fold k of (x_i - s)(x_i - s)^T
+        self.unit_sum = torch.zeros(k, d, **f64)  # (K, D) sum of x_i / ||x_i|| over non-zero rows
+        self.n_nonzero = torch.zeros(k, **f64)  # kept as a tensor: no device sync per batch
+
+    @property
+    def n(self) -> int:
+        """Rows seen, all folds together."""
+        return int(self.counts.sum())
 
     @torch.no_grad()
-    def update(self, rows: torch.Tensor) -> None:
-        """Add a batch of rows, shape (n, D) (any float dtype; promoted as the precision says)."""
+    def update(self, rows: torch.Tensor, counts: Sequence[int] | None = None) -> None:
+        """Add a batch of rows, shape (n, D) (any float dtype; promoted as the precision says).
+
+        counts: rows per group, in group order (rows[:counts[0]] are fold 0, and so on; entry K, if
+        given, the rows kept in every replicate); None puts every row in fold 0.
+        """
         if rows.ndim != 2 or rows.shape[1] != self.dim:
             raise ValueError(f"expected rows of shape (n, {self.dim}), got {tuple(rows.shape)}.")
+        counts = [rows.shape[0]] if counts is None else [int(c) for c in counts]
+        if len(counts) > self.groups or sum(counts) != rows.shape[0]:
+            raise ValueError(f"counts {counts} do not split {rows.shape[0]} rows into at most {self.groups} groups ({self.folds} folds).")
         if rows.shape[0] == 0:
             return
         rows = rows.to(self.device)
         if self.shift is None:
             self.shift = rows[0].detach().to(torch.float64).clone()
         work = torch.float64 if self.precision == "float64" else torch.float32
-        # (n, D) about the shift, subtracted in the finer of the rows' and the work precision:
-        # small, so the products below lose nothing to cancellation.
-        sub = torch.promote_types(rows.dtype, work)
-        y = (rows.to(sub) - self.shift.to(sub)).to(work)
-        self.sum += y.sum(dim=0, dtype=torch.float64)
-        self.gram += _gram(y).to(torch.float64)
-        x = rows.to(work)
-        norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)  # (n, 1)
+        # (n, D) about the shift, converted then subtracted in place (one pass): small, so the
+        # products below lose nothing to cancellation.
+        y = rows.to(work, copy=True).sub_(self.shift.to(work))
+        # sum_i x_i / ||x_i|| = w^T y + (sum_i w_i) s with w_i = 1 / ||x_i|| (0 for a zero row):
+        # a matrix-vector product instead of an (n, D) division.
+        norms = torch.linalg.vector_norm(rows, dim=1).to(torch.float64)  # (n,)
         nonzero = norms > 0
-        self.unit_sum += torch.where(nonzero, x / norms.clamp_min(1e-30), 0).sum(0, dtype=torch.float64)
-        self.n_nonzero += nonzero.sum()
-        self.n += rows.shape[0]
+        w = torch.where(nonzero, 1.0 / norms.clamp_min(1e-300), 0.0)
+        start = 0
+        for k, c in enumerate(counts):
+            if c == 0:
+                continue
+            yk, wk = y[start : start + c], w[start : start + c]  # views, no copy
+            self.sum[k] += yk.sum(dim=0, dtype=torch.float64)
+            if work == torch.float64 and not yk.is_cuda:
+                self.gram[k].addmm_(yk.T, yk)  # in place into the float64 total
+            else:
+                self.gram[k] += _gram(yk).to(torch.float64)
+            self.unit_sum[k] += wk @ yk.to(torch.float64) + wk.sum() * self.shift
+            self.n_nonzero[k] += nonzero[start : start + c].sum()
+            self.counts[k] += c
+            start += c
 
     def _moments_about(self, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum, Gram) re-expressed about another shift s': with d = s - s' and y' = y + d,
-        sum y' = S + N d and sum y' y'^T = G + d S^T + S d^T + N d d^T (exact algebra)."""
+        """(sum, Gram) per fold re-expressed about another shift s': with d = s - s' and
+        y' = y + d, sum y' = S + N d and sum y' y'^T = G + d S^T + S d^T + N d d^T (exact algebra)."""
         if self.shift is None:
             return self.sum.clone(), self.gram.clone()
         d = self.shift - shift.to(self.shift)
-        s_new = self.sum + self.n * d
-        g_new = self.gram + torch.outer(d, self.sum) + torch.outer(self.sum, d) + self.n * torch.outer(d, d)
+        n = torch.as_tensor(self.counts, dtype=torch.float64, device=self.sum.device)  # (K,)
+        s_new = self.sum + n[:, None] * d
+        g_new = (self.gram + d[None, :, None] * self.sum[:, None, :] + self.sum[:, :, None] * d[None, None, :]
+                 + n[:, None, None] * torch.outer(d, d))
         return s_new, g_new
 
     def merge(self, other: "MomentAccumulator") -> "MomentAccumulator":
-        """Add another accumulator's rows to this one (in place; returns self)."""
-        if other.dim != self.dim:
-            raise ValueError(f"cannot merge accumulators of dimension {self.dim} and {other.dim}.")
+        """Add another accumulator's rows to this one, fold by fold (in place; returns self)."""
+        if other.dim != self.dim or other.folds != self.folds:
+            raise ValueError(f"cannot merge accumulators of dimension/folds {self.dim}/{self.folds} and {other.dim}/{other.folds}.")
         if other.n == 0:
             return self
         if self.shift is None:
@@ -103,7 +144,7 @@ class MomentAccumulator:
         self.gram += g.to(self.device)
         self.unit_sum += other.unit_sum.to(self.device)
         self.n_nonzero += other.n_nonzero.to(self.device)
-        self.n += other.n
+        self.counts += other.counts
         return self
 
     def all_reduce(self, group=None) -> "MomentAccumulator":
@@ -116,9 +157,9 @@ class MomentAccumulator:
 
         f64 = dict(dtype=torch.float64, device=self.device)
         world = dist.get_world_size(group)
-        counts = [torch.zeros(1, **f64) for _ in range(world)]
-        dist.all_gather(counts, torch.tensor([float(self.n)], **f64), group=group)
-        owners = [i for i, c in enumerate(counts) if c.item() > 0]
+        counts = [torch.zeros(self.groups, **f64) for _ in range(world)]
+        dist.all_gather(counts, torch.as_tensor(self.counts, **f64), group=group)
+        owners = [i for i, c in enumerate(counts) if c.sum().item() > 0]
         if not owners:
             return self
         src = owners[0] if group is None else dist.get_global_rank(group, owners[0])
@@ -128,20 +169,31 @@ class MomentAccumulator:
         self.shift = shift
         for total in (self.sum, self.gram, self.unit_sum, self.n_nonzero):
             dist.all_reduce(total, group=group)
-        self.n = int(round(sum(c.item() for c in counts)))
+        self.counts = np.rint(torch.stack(counts).sum(0).cpu().numpy()).astype(np.int64)
         return self
+
+    def _spectra(self, keep: np.ndarray) -> spectral.Spectra:
+        """Spectra of the rows of the folds where keep is True."""
+        idx = torch.as_tensor(np.flatnonzero(keep), device=self.sum.device)
+        shift = self.shift if self.shift is not None else torch.zeros(self.dim, dtype=torch.float64)
+        return spectral.spectra_from_moments(
+            n_samples=int(self.counts[keep].sum()),
+            shift=shift.cpu().numpy(),
+            shifted_sum=self.sum.index_select(0, idx).sum(0).cpu().numpy(),
+            shifted_gram=self.gram.index_select(0, idx).sum(0).cpu().numpy(),
+            unit_sum=self.unit_sum.index_select(0, idx).sum(0).cpu().numpy(),
+            n_nonzero=int(round(self.n_nonzero.index_select(0, idx).sum().item())),
+        )
 
     def spectra(self) -> spectral.Spectra:
         """The spectra of all rows seen (float64 numpy, via `tgo.spectral.spectra_from_moments`)."""
-        shift = self.shift if self.shift is not None else torch.zeros(self.dim, dtype=torch.float64)
-        return spectral.spectra_from_moments(
-            n_samples=self.n,
-            shift=shift.cpu().numpy(),
-            shifted_sum=self.sum.cpu().numpy(),
-            shifted_gram=self.gram.cpu().numpy(),
-            unit_sum=self.unit_sum.cpu().numpy(),
-            n_nonzero=int(round(self.n_nonzero.item())),
-        )
+        return self._spectra(np.ones(self.groups, dtype=bool))
+
+    def jackknife_spectra(self) -> list[spectral.Spectra]:
+        """For each fold k, the spectra of all rows but fold k's (empty when folds == 1)."""
+        if self.folds < 2:
+            return []
+        return [self._spectra(np.arange(self.groups) != k) for k in range(self.folds)]
 
 
 def _gram(y: torch.Tensor) -> torch.Tensor:
@@ -154,4 +206,3 @@ def _gram(y: torch.Tensor) -> torch.Tensor:
         finally:
             torch.backends.cuda.matmul.allow_tf32 = True
     return y.T @ y
-

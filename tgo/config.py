@@ -80,6 +80,7 @@ class TrainConfig:
     probe_patch_tokens: int = 0  # 0: every patch token; k: k random tokens per image
     probe_precision: str = "float64"
     probe_seed: int = 0  # fixes the probe images, independent of the training seed
+    probe_folds: int = 5  # K folds of the jackknife standard errors (tgo.uncertainty); 1: none
     # run
     seed: int = 0
     device: str = "auto"
@@ -196,6 +197,10 @@ def _check(cfg: TrainConfig) -> None:
     for name in ("num_classes", "workers", "patch_size", "depth", "warmup_epochs", "probe_every", "probe_patch_tokens", "seed", "probe_seed"):
         need(getattr(cfg, name) >= 0, f"{name}: must be an integer >= 0, got {getattr(cfg, name)}.")
     need(cfg.probe_size >= 2, f"probe_size: must be an integer >= 2 (a covariance needs two images), got {cfg.probe_size}.")
+    need(cfg.probe_folds >= 1, f"probe_folds: must be an integer >= 1 (1: no standard errors; 5 is the default), got {cfg.probe_folds}.")
+    if cfg.probe_folds > 1:
+        need(cfg.probe_size >= 2 * cfg.probe_folds, f"probe_folds: {cfg.probe_folds} folds of the {cfg.probe_size} probe images "
+             "leave fewer than 2 images per fold; lower probe_folds or raise probe_size.")
     for name in ("lr", "base_lr", "min_lr", "warmup_lr", "weight_decay", "grad_clip", "mixup", "cutmix"):
         need(getattr(cfg, name) >= 0, f"{name}: must be a number >= 0, got {getattr(cfg, name)}.")
     need(cfg.resolved_lr > 0, "lr: must be > 0 (or 0 with base_lr > 0 for the scaling rule).")
@@ -290,6 +295,7 @@ HELP: dict[str, str] = {
     "probe_patch_tokens": "patch view: keep k random patch tokens per image; 0 keeps all",
     "probe_precision": "float64 (default) or float32 products in the probe's accumulators",
     "probe_seed": "seed of the probe image selection (independent of the training seed)",
+    "probe_folds": "folds of the jackknife that gives every observable its standard error (1: none)",
     "seed": "training seed (initialisation, shuffling, augmentation)",
     "device": DEVICES_HELP,
     "amp": f"mixed precision: {', '.join(AMP_MODES)} (auto: bf16 on a GPU that has it, off on the CPU)",

@@ -7,9 +7,20 @@ Sites (forward order, METRICS.md), and the norm each is taken after:
   pos_embed    output of `model._pos_embed`: class/register tokens prepended and the position
                embedding added, before `norm_pre` (identity in ViT-S/16)
   block_00 ..  output of each transformer block: the residual stream, *no* norm applied
-  final        output of `model.norm`, the final LayerNorm; its `cls` view is what feeds the head
+  final        output of `model.norm`, the final LayerNorm; its `cls` view is what feeds the head.
+               In a model pooled by average (timm's `global_pool="avg"`, e.g. the `_gap` models,
+               where timm moves the final norm after pooling, to `fc_norm`), `model.norm` is the
+               identity and the `mean` view of `final` is what feeds the head instead:
+               `model.forward_head(tokens, pre_logits=True)`, fc_norm of the pooled patch tokens.
+               `head_view(model)` names the view; TGO-I's finding 5 is judged there.
 Views: `cls` (the class token, N rows), `patch` (every patch token of every image, N x T rows,
 register tokens excluded) and `mean` (per-image mean of the patch tokens, N rows).
+
+Uncertainty: the probe images are split into K folds (`tgo.uncertainty.fold_ids`, fixed by the probe
+seed and each image's place in the probe set; a `ProbeSet` loader yields each image's fold) and the
+accumulators keep one set of moments per fold, so every observable also gets its delete-one-fold
+jackknife replicates and standard error at no extra pass (`SiteViewGeometry.replicates`, `.stderr`).
+Definitions of every observable: docs/METRICS.md.
 
 The forward is timm's own: `forward_intermediates(..., output_fmt="NLC", return_prefix_tokens=True)`
 gives the block outputs and the final-normed tokens; a forward hook on `model.patch_embed` gives its
@@ -20,6 +31,7 @@ patch projection).
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -28,11 +40,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tgo import spectral
+from tgo import spectral, uncertainty
 from tgo.accumulate import MomentAccumulator, Precision
 
 VIEWS: tuple[str, ...] = ("cls", "patch", "mean")
 METRIC_PREFIX = "geom"
+SE_PREFIX = "geom_se"  # standard errors, logged for the view that feeds the head only
+POOLS = ("token", "avg")  # timm global_pool values whose head input the probe measures
 
 
 def site_names(model: torch.nn.Module) -> list[str]:
@@ -40,9 +54,16 @@ def site_names(model: torch.nn.Module) -> list[str]:
     return ["patch_embed", "pos_embed", *[f"block_{i:02d}" for i in range(len(model.blocks))], "final"]
 
 
-def metric_key(site: str, view: str, name: str) -> str:
-    """The MLflow metric key of one observable: geom/<site>/<view>/<name> (METRICS.md)."""
-    return f"{METRIC_PREFIX}/{site}/{view}/{name}"
+def metric_key(site: str, view: str, name: str, prefix: str = METRIC_PREFIX) -> str:
+    """The MLflow metric key of one observable: geom/<site>/<view>/<name> (docs/METRICS.md); with
+    prefix=SE_PREFIX, the key of its standard error, geom_se/<site>/<view>/<name>."""
+    return f"{prefix}/{site}/{view}/{name}"
+
+
+def head_view(model: torch.nn.Module) -> tuple[str, str]:
+    """The (site, view) that feeds the classifier head: ("final", "cls") for a class-token model,
+    ("final", "mean") for one pooled by average (timm's global_pool="avg")."""
+    return ("final", "mean") if getattr(model, "global_pool", "token") == "avg" else ("final", "cls")
 
 
 @dataclass
@@ -58,6 +79,21 @@ class SiteViewGeometry:
     n_samples: int
     degenerate: bool = False
     covariance: np.ndarray | None = None  # C (D x D), only where probe(keep_covariance=...) asked
+    # (K, n_observables): observable k without fold k, columns in spectral.OBSERVABLE_NAMES order;
+    # None when the probe ran without folds (K = 1) or the result predates them.
+    replicates: np.ndarray | None = None
+
+    @property
+    def folds(self) -> int:
+        return 0 if self.replicates is None else int(self.replicates.shape[0])
+
+    @property
+    def stderr(self) -> dict[str, float]:
+        """Jackknife standard error of each observable (NaN without replicates)."""
+        if self.replicates is None:
+            return {name: float("nan") for name in self.observables}
+        se = uncertainty.jackknife_se(self.replicates, axis=0)
+        return dict(zip(spectral.OBSERVABLE_NAMES, map(float, se)))
 
 
 @dataclass
@@ -65,6 +101,7 @@ class ProbeResult:
     """Per site and view geometry of one probe pass; `metrics()` gives the MLflow keys."""
 
     geometry: dict[tuple[str, str], SiteViewGeometry] = field(default_factory=dict)
+    head: tuple[str, str] = ("final", "cls")  # the view that feeds the classifier head
 
     def __getitem__(self, site_view: tuple[str, str]) -> SiteViewGeometry:
         return self.geometry[site_view]
@@ -87,6 +124,15 @@ class ProbeResult:
             for name, value in g.observables.items()
         }
 
+    def stderr_metrics(self) -> dict[str, float]:
+        """{"geom_se/<site>/<view>/<name>": se} for the view that feeds the head (the one TGO-I's
+        findings single out), so the MLflow UI shows them beside the estimates without doubling
+        the number of metrics. Empty without folds."""
+        g = self.geometry.get(self.head)
+        if g is None or g.replicates is None:
+            return {}
+        return {metric_key(g.site, g.view, name, SE_PREFIX): se for name, se in g.stderr.items()}
+
     def degenerate(self) -> list[str]:
         """The "<site>/<view>" pairs whose representation had no variance."""
         return [f"{g.site}/{g.view}" for g in self.geometry.values() if g.degenerate]
@@ -95,12 +141,15 @@ class ProbeResult:
         """Write every spectrum and observable to one compressed .npz file.
 
         Arrays are keyed "<site>/<view>/<field>" with fields eigenvalues, singular_values,
-        uncentered_singular_values, observables (in `spectral.OBSERVABLE_NAMES` order), n_samples
-        and degenerate; "observable_names" lists the observable order.
+        uncentered_singular_values, observables (in `spectral.OBSERVABLE_NAMES` order), n_samples,
+        degenerate, and where the probe had folds `replicates` (K x observables, each observable
+        without fold k) and `stderr` (their jackknife standard error); "observable_names" lists the
+        observable order and "head_view" names the site/view that feeds the head.
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        arrays: dict[str, np.ndarray] = {"observable_names": np.array(spectral.OBSERVABLE_NAMES)}
+        arrays: dict[str, np.ndarray] = {"observable_names": np.array(spectral.OBSERVABLE_NAMES),
+                                         "head_view": np.array("/".join(self.head))}
         for g in self.geometry.values():
             key = f"{g.site}/{g.view}"
             arrays[f"{key}/eigenvalues"] = g.eigenvalues
@@ -109,6 +158,9 @@ class ProbeResult:
             arrays[f"{key}/observables"] = np.array([g.observables[n] for n in spectral.OBSERVABLE_NAMES])
             arrays[f"{key}/n_samples"] = np.array(g.n_samples)
             arrays[f"{key}/degenerate"] = np.array(g.degenerate)
+            if g.replicates is not None:
+                arrays[f"{key}/replicates"] = g.replicates
+                arrays[f"{key}/stderr"] = np.array([g.stderr[n] for n in spectral.OBSERVABLE_NAMES])
         with open(path, "wb") as fh:
             np.savez_compressed(fh, **arrays)
         return path
@@ -118,10 +170,17 @@ class ProbeResult:
         """Read a file written by `save` (no pickles: allow_pickle=False)."""
         with np.load(Path(path), allow_pickle=False) as data:
             names = [str(n) for n in data["observable_names"]]
+            head = tuple(str(data["head_view"]).split("/")) if "head_view" in data.files else ("final", "cls")
             pairs = dict.fromkeys(tuple(k.split("/")[:2]) for k in data.files if k.count("/") == 2)
             geometry = {}
             for site, view in pairs:
                 key = f"{site}/{view}"
+                replicates = None
+                if f"{key}/replicates" in data.files:
+                    # Columns by name, so files written before an observable was added still load.
+                    stored = dict(zip(names, data[f"{key}/replicates"].T))
+                    replicates = np.stack([stored.get(n, np.full(len(data[f"{key}/replicates"]), np.nan))
+                                           for n in spectral.OBSERVABLE_NAMES], axis=1)
                 geometry[(site, view)] = SiteViewGeometry(
                     site=site,
                     view=view,
@@ -131,8 +190,9 @@ class ProbeResult:
                     observables=dict(zip(names, map(float, data[f"{key}/observables"]))),
                     n_samples=int(data[f"{key}/n_samples"]),
                     degenerate=bool(data[f"{key}/degenerate"]),
+                    replicates=replicates,
                 )
-        return cls(geometry)
+        return cls(geometry, head)
 
 
 def _check_model(model: torch.nn.Module) -> None:
@@ -142,11 +202,32 @@ def _check_model(model: torch.nn.Module) -> None:
             f"probe() needs a timm VisionTransformer (timm.create_model('vit_...')); "
             f"{type(model).__name__} lacks {', '.join(missing)}."
         )
+    pool = getattr(model, "global_pool", "token")
+    if pool not in POOLS or getattr(model, "attn_pool", None) is not None:
+        raise ValueError(
+            f"probe() measures what feeds the head of a ViT pooled by its class token or by the average "
+            f"of its patch tokens (global_pool 'token' or 'avg'); this model pools by {pool!r}. Create it "
+            "with global_pool='token' or 'avg'."
+        )
+    if pool == "token" and getattr(model, "cls_token", None) is None:
+        raise ValueError("probe(): the model pools by its class token (global_pool='token') but has none "
+                         "(class_token=False); create it with global_pool='avg'.")
 
 
-def _images(batch) -> torch.Tensor:
-    """A loader may yield images, or (images, targets, ...) tuples as torchvision datasets do."""
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
+def _images_and_folds(batch, seen: int, folds: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader may yield images, (images, targets) tuples as torchvision datasets do, or (images,
+    targets, folds) as a `ProbeSet` loader does. Without fold ids, image i of the stream (in loader
+    order) goes to fold i mod K."""
+    images = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if isinstance(batch, (tuple, list)) and len(batch) >= 3:
+        fold = torch.as_tensor(batch[2]).long().cpu()
+    else:
+        fold = torch.arange(seen, seen + images.shape[0]) % folds
+    if folds == 1:
+        fold = torch.zeros_like(fold)
+    elif fold.numel() and int(fold.max()) > folds:
+        raise ValueError(f"the loader yields fold ids up to {int(fold.max())}, but probe(folds={folds}).")
+    return images, fold
 
 
 class _RestoreState:
@@ -189,6 +270,7 @@ def probe(
     distributed: bool | None = None,
     progress: bool | None = None,
     keep_covariance: Sequence[tuple[str, str]] = (),
+    folds: int = uncertainty.DEFAULT_FOLDS,
 ) -> ProbeResult:
     """Measure the spectral geometry of a timm ViT at every site and token view over a probe loader.
 
@@ -210,6 +292,9 @@ def probe(
         progress: a tqdm bar over batches (default: on a terminal only).
         keep_covariance: (site, view) pairs whose covariance matrix C (D x D, float64) the result
             keeps, for figures of the covariance structure (not saved by `ProbeResult.save`).
+        folds: K, the folds of the delete-one-fold jackknife that gives every observable its
+            standard error (`tgo.uncertainty`); each image's fold comes from the loader (a
+            `ProbeSet` loader yields it) or else from its place in the stream. 1: no uncertainty.
 
     Returns:
         A `ProbeResult`: eigenvalues, singular values, observables and sample count per site/view.
@@ -221,6 +306,8 @@ def probe(
     unknown = sorted(set(sites) - set(all_sites)) + sorted(set(views) - set(VIEWS))
     if unknown:
         raise ValueError(f"unknown site or view {unknown}; sites are {all_sites}, views {list(VIEWS)}.")
+    if folds < 1:
+        raise ValueError(f"folds must be a positive int (1: no uncertainty), got {folds}.")
     if patch_tokens_per_image is not None and patch_tokens_per_image < 1:
         raise ValueError(f"patch_tokens_per_image must be a positive int or None, got {patch_tokens_per_image}.")
     n_prefix = int(getattr(model, "num_prefix_tokens", 1))
@@ -232,7 +319,9 @@ def probe(
         for view in views:
             if view == "cls" and (site == "patch_embed" or not has_cls):
                 continue  # no class token before _pos_embed prepends it
-            accs[(site, view)] = MomentAccumulator(dim, device=device, precision=precision)
+            accs[(site, view)] = MomentAccumulator(dim, device=device, precision=precision, folds=folds)
+    head = head_view(model)
+    pooled_head = head == ("final", "mean")  # avg pooling: final/mean is fc_norm(pooled tokens)
 
     generator = torch.Generator().manual_seed(seed)
     captured: dict[str, torch.Tensor] = {}
@@ -240,8 +329,16 @@ def probe(
     try:
         with _RestoreState(model), torch.autocast(device.type, enabled=False):
             bar = tqdm(loader, desc="probe", unit="batch", leave=False, disable=None if progress is None else not progress)
+            seen = 0
             for batch in bar:
-                images = _images(batch).to(device, dtype=dtype, non_blocking=True)
+                images, fold = _images_and_folds(batch, seen, folds)
+                seen += images.shape[0]
+                # Images sorted by fold (a ViT in eval treats each image alone), so that every
+                # site's rows are contiguous per fold: counts[k] images of fold k, in order.
+                order = torch.argsort(fold, stable=True)
+                # counts[k] images of fold k; counts[K]: images kept in every replicate (K > 1)
+                counts = torch.bincount(fold, minlength=folds + 1).tolist()[: folds + 1 if folds > 1 else 1]
+                images = images[order.to(images.device)].to(device, dtype=dtype, non_blocking=True)
                 final, blocks = model.forward_intermediates(images, output_fmt="NLC", return_prefix_tokens=True)
                 patch_out = captured.pop("patch")
                 tokens = {  # site -> (prefix tokens (B, P, D) or None, patch tokens (B, T, D))
@@ -252,6 +349,7 @@ def probe(
                 for i, (spatial, prefix) in enumerate(_pairs(blocks)):
                     tokens[f"block_{i:02d}"] = (prefix, spatial)
                 tokens["final"] = (final[:, :n_prefix], final[:, n_prefix:])
+                head_input = model.forward_head(final, pre_logits=True) if pooled_head else None  # (B, D)
                 keep = None
                 if patch_tokens_per_image is not None:
                     t = tokens["final"][1].shape[1]
@@ -260,24 +358,26 @@ def probe(
                 for (site, view), acc in accs.items():
                     prefix, patches = tokens[site]
                     if view == "cls":
-                        acc.update(prefix[:, 0])
+                        acc.update(prefix[:, 0], counts)
                     elif view == "mean":
-                        acc.update(patches.mean(dim=1))
+                        acc.update(head_input if (pooled_head and site == "final") else patches.mean(dim=1), counts)
                     else:
                         if keep is not None:
                             patches = torch.gather(patches, 1, keep[:, :, None].expand(-1, -1, dim))
-                        acc.update(patches.reshape(-1, dim))
+                        per_image = patches.shape[1]  # T, or k subsampled tokens
+                        acc.update(patches.reshape(-1, dim), [c * per_image for c in counts])
     finally:
         hook.remove()
 
     if distributed is None:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    result = ProbeResult()
+    result = ProbeResult(head=head)
     for (site, view), acc in accs.items():
         if distributed:
             acc.all_reduce()
         try:
             spec = acc.spectra()
+            replicates = _replicates(acc, f"{site}/{view}")
         except ValueError as err:
             raise ValueError(f"probe site {site}, view {view}: {err}") from None
         result.geometry[(site, view)] = SiteViewGeometry(
@@ -290,8 +390,21 @@ def probe(
             n_samples=spec.n_samples,
             degenerate=spec.degenerate,
             covariance=spec.covariance if (site, view) in set(map(tuple, keep_covariance)) else None,
+            replicates=replicates,
         )
     return result
+
+
+def _replicates(acc: MomentAccumulator, label: str) -> np.ndarray | None:
+    """(K, n_observables): every observable without fold k, for each fold (None when K = 1).
+    A view that is degenerate as a whole warns once, from the full estimate, not K times more."""
+    jack = acc.jackknife_spectra()
+    if not jack:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", spectral.DegenerateGeometryWarning)
+        rows = [spectral.observables_from_spectra(s, label=label) for s in jack]
+    return np.array([[r[n] for n in spectral.OBSERVABLE_NAMES] for r in rows])
 
 
 def _pairs(blocks):

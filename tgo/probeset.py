@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from tgo import uncertainty
+
 
 def probe_indices(n_items: int, size: int, seed: int) -> np.ndarray:
     """`size` distinct indices of range(n_items), sorted, fixed by `seed`."""
@@ -59,19 +61,42 @@ def fingerprint(dataset: Dataset, indices: np.ndarray) -> str:
     return h.hexdigest()
 
 
+class _WithFold(Dataset):
+    """The probe images as (image, label, fold): the fold travels with its image through any batch
+    size, worker count or DDP shard."""
+
+    def __init__(self, dataset: Dataset, indices: list[int], folds: list[int]) -> None:
+        self.dataset, self.indices, self.folds = dataset, indices, folds
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        item = self.dataset[self.indices[i]]
+        image, label = (item[0], item[1]) if isinstance(item, (tuple, list)) else (item, -1)
+        return image, label, self.folds[i]
+
+
 @dataclass
 class ProbeSet:
-    """A fixed subset of a dataset for the geometry probe: indices, fingerprint and a loader."""
+    """A fixed subset of a dataset for the geometry probe: indices, fingerprint, each image's
+    jackknife fold (`tgo.uncertainty.fold_ids`) and a loader."""
 
     dataset: Dataset
     indices: np.ndarray
     seed: int
     fingerprint: str
+    folds: int = uncertainty.DEFAULT_FOLDS
 
     @classmethod
-    def from_dataset(cls, dataset: Dataset, size: int, seed: int = 0) -> "ProbeSet":
+    def from_dataset(cls, dataset: Dataset, size: int, seed: int = 0, folds: int = uncertainty.DEFAULT_FOLDS) -> "ProbeSet":
         indices = probe_indices(len(dataset), size, seed)
-        return cls(dataset, indices, seed, fingerprint(dataset, indices))
+        return cls(dataset, indices, seed, fingerprint(dataset, indices), folds)
+
+    @property
+    def fold_ids(self) -> np.ndarray:
+        """The fold of each probe image, in index order: fixed by the seed and the set's size."""
+        return uncertainty.fold_ids(len(self.indices), self.folds, self.seed)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -80,12 +105,14 @@ class ProbeSet:
         return Subset(self.dataset, self.indices.tolist())
 
     def loader(self, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False, rank: int = 0, world_size: int = 1) -> DataLoader:
-        """A loader over the probe images in index order (no shuffling, no dropped batch). Under
-        DDP, rank r of w takes every w-th image from r on: the shards are disjoint and cover the
-        subset exactly (DistributedSampler would pad with repeats, which would bias the geometry)."""
+        """A loader of (images, labels, folds) over the probe images in index order (no shuffling,
+        no dropped batch). Under DDP, rank r of w takes every w-th image from r on: the shards are
+        disjoint and cover the subset exactly (DistributedSampler would pad with repeats, which
+        would bias the geometry)."""
         shard = self.indices[rank::world_size].tolist()
+        folds = self.fold_ids[rank::world_size].tolist()
         return DataLoader(
-            Subset(self.dataset, shard),
+            _WithFold(self.dataset, shard, folds),
             batch_size=batch_size,
             shuffle=False,
             drop_last=False,
@@ -99,6 +126,7 @@ class ProbeSet:
         return {
             "size": int(len(self.indices)),
             "seed": int(self.seed),
+            "folds": int(self.folds),
             "dataset_size": int(len(self.dataset)),
             "fingerprint": self.fingerprint,
             "indices": [int(i) for i in self.indices],

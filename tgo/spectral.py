@@ -35,6 +35,7 @@ __all__ = [
     "DegenerateGeometryWarning",
     "Spectra",
     "effective_rank",
+    "effective_rank_eig",
     "rankme",
     "stable_rank",
     "participation_ratio",
@@ -53,9 +54,10 @@ __all__ = [
     "spectra_from_moments",
 ]
 
-# The keys of `observables()`, in METRICS.md order. MLflow keys are geom/<site>/<view>/<name>.
+# The keys of `observables()`, in docs/METRICS.md order. MLflow keys are geom/<site>/<view>/<name>.
 OBSERVABLE_NAMES: tuple[str, ...] = (
     "effective_rank",
+    "effective_rank_eig",
     "rankme",
     "stable_rank",
     "participation_ratio",
@@ -106,6 +108,21 @@ def effective_rank(singular_values: np.ndarray) -> float:
     if s.size == 0:
         return 0.0
     return float(np.exp(scipy.stats.entropy(s)))  # scipy normalises s to q and uses 0 ln 0 = 0
+
+
+def effective_rank_eig(eigenvalues: np.ndarray) -> float:
+    """Effective rank over the covariance eigenvalues, as TGO-I computes it: exp(spectral_entropy).
+
+    erank_eig = exp(-sum_i p_i ln p_i),  p_i = lambda_i / sum_j lambda_j,  lambda = eigenvalues of C.
+    Not the same number as `effective_rank` (Roy & Vetterli's, over singular values sigma_i ~
+    sqrt(lambda_i)): squaring the spectrum concentrates it, so erank_eig <= effective_rank; on the
+    spectrum lambda_i = 1/i, i = 1..384 (D of ViT-S/16), they are 97.3 and 309.7. Range [1, r]; 0 when
+    sum(lambda) == 0.
+    """
+    lam = _as_spectrum(eigenvalues)
+    if lam.size == 0:
+        return 0.0
+    return float(np.exp(scipy.stats.entropy(lam)))
 
 
 def rankme(uncentered_singular_values: np.ndarray) -> float:
@@ -455,6 +472,7 @@ def observables_from_spectra(spectra: Spectra, label: str = "X") -> dict[str, fl
     a, a_r2 = alpha(lam)
     out = {
         "effective_rank": effective_rank(spectra.singular_values),
+        "effective_rank_eig": effective_rank_eig(lam),
         "rankme": rankme(spectra.uncentered_singular_values),
         "stable_rank": stable_rank(lam),
         "participation_ratio": participation_ratio(lam),

@@ -44,7 +44,7 @@ from tgo import tracking
 from tgo.config import ConfigError, TrainConfig, from_dict, resolve
 from tgo.data import build_datasets
 from tgo.model import create_model
-from tgo.probe import ProbeResult, probe
+from tgo.probe import ProbeResult, head_view, probe
 from tgo.probeset import ProbeSet
 from tgo.spectral import DegenerateGeometryWarning
 
@@ -329,7 +329,7 @@ def _run(cfg: TrainConfig, given: set[str], d: Dist, parent_run_id: str = "", ep
     probe_set = None
     if cfg.probe_every:
         try:
-            probe_set = ProbeSet.from_dataset(data.val, cfg.probe_size, seed=cfg.probe_seed)
+            probe_set = ProbeSet.from_dataset(data.val, cfg.probe_size, seed=cfg.probe_seed, folds=cfg.probe_folds)
         except ValueError as err:  # a probe larger than the validation set
             raise ConfigError(str(err)) from None
     _seed_epoch(cfg.seed, 0)  # the initial weights depend on the seed alone
@@ -406,6 +406,7 @@ def _run(cfg: TrainConfig, given: set[str], d: Dist, parent_run_id: str = "", ep
             tags["tgo.world_size"] = d.world
             if probe_set is not None:
                 tags["tgo.probe_fingerprint"] = probe_set.fingerprint
+                tags["tgo.head_view"] = "/".join(head_view(model))
                 tracking.log_json(run_id, probe_set.record(), "probe", "probe_set.json")
             tracking.set_tags(run_id, tags)
             for note in data.notes:
@@ -442,10 +443,11 @@ def _run(cfg: TrainConfig, given: set[str], d: Dist, parent_run_id: str = "", ep
                     geometry = probe(
                         model, probe_loader, device=device, precision=cfg.probe_precision,
                         patch_tokens_per_image=cfg.probe_patch_tokens or None, seed=cfg.probe_seed,
-                        distributed=d.enabled, progress=d.main and None,
+                        distributed=d.enabled, progress=d.main and None, folds=cfg.probe_folds,
                     )
                 metrics["time/probe_s"] = time.perf_counter() - t0
                 metrics.update(geometry.metrics())
+                metrics.update(geometry.stderr_metrics())  # geom_se/final/cls/*: the head view only
             if d.main:
                 checkpoint = _checkpoint(model, optimizer, scheduler, scaler, cfg, epoch, metrics, run_id)
                 if committer.background:
