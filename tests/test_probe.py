@@ -1,13 +1,15 @@
 """tgo.probe over a tiny timm ViT: sites, views, sample counts, agreement with the batch path."""
 
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from tgo import spectral
-from tgo.probe import ProbeResult, probe, site_names
+from tgo.probe import ProbeResult, head_view, probe, site_names
 from tgo.probeset import ProbeSet, probe_indices
 from tests.conftest import tiny_vit
 
@@ -176,3 +178,60 @@ def test_probe_set_is_the_same_whatever_the_batch_size_and_workers(vit):
     shards = [ps.loader(4, rank=r, world_size=3) for r in range(3)]
     covered = sorted((int(t), int(f)) for loader in shards for _, targets, fs in loader for t, f in zip(targets, fs))
     assert covered == list(zip(ps.indices.tolist(), ps.fold_ids.tolist()))  # same folds on any number of ranks
+
+
+def test_jackknife_replicates_are_the_observables_without_each_fold():
+    # float64 weights: the forward is batch-invariant, so the reference rows are the probe's rows.
+    vit = tiny_vit().double()
+    images = torch.randn(43, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    ps = ProbeSet.from_dataset(torch.utils.data.TensorDataset(images, torch.zeros(43)), 43, seed=2, folds=5)
+    folds = ps.fold_ids  # 5 folds of 8 images, 3 images in every replicate
+    results = [_quiet(probe, vit, ps.loader(b), precision="float64", folds=5) for b in (6, 43)]
+    reference = _reference_rows(vit, images[torch.as_tensor(ps.indices)])
+    for (site, view), X in reference.items():
+        if (site, view) == ("pos_embed", "cls"):
+            continue
+        per_row = np.repeat(folds, len(X) // len(folds))  # a patch view has T rows per image
+        for result in results:
+            got = result[(site, view)].replicates
+            assert got.shape == (5, len(spectral.OBSERVABLE_NAMES))
+            for k in range(5):
+                want = spectral.observables(X[per_row != k])
+                for j, name in enumerate(spectral.OBSERVABLE_NAMES):
+                    assert got[k, j] == pytest.approx(want[name], rel=1e-8, abs=1e-12), (site, view, k, name)
+    se = results[0][("final", "cls")].stderr["effective_rank"]
+    assert se > 0 and se == pytest.approx(results[1][("final", "cls")].stderr["effective_rank"], rel=1e-9)
+    metrics = results[0].stderr_metrics()
+    assert set(metrics) == {f"geom_se/final/cls/{n}" for n in spectral.OBSERVABLE_NAMES}
+    # Saved and loaded with the spectra.
+    path = results[0].save(Path(tempfile.mkdtemp()) / "epoch_0001.npz")
+    loaded = ProbeResult.load(path)
+    np.testing.assert_array_equal(loaded[("block_00", "patch")].replicates, results[0][("block_00", "patch")].replicates)
+    assert loaded.stderr_metrics() == metrics and loaded.head == ("final", "cls")
+    # folds=1: no uncertainty, and nothing logged for it.
+    plain = _quiet(probe, vit, ps.loader(10), folds=1)
+    assert plain[("final", "cls")].replicates is None and plain.stderr_metrics() == {}
+
+
+def test_an_average_pooled_model_is_measured_where_its_head_reads():
+    # timm's _gap models pool the patch tokens and apply the final norm after pooling (fc_norm):
+    # model.norm is the identity, and final/mean must be fc_norm(mean of tokens), what feeds the head.
+    model = tiny_vit(class_token=False, global_pool="avg").double().eval()
+    assert isinstance(model.norm, torch.nn.Identity) and not isinstance(model.fc_norm, torch.nn.Identity)
+    images = torch.randn(30, 3, 32, 32, generator=torch.Generator().manual_seed(3)).double()
+    result = _quiet(probe, model, [images[:11], images[11:]], folds=1)
+    assert head_view(model) == ("final", "mean") and result.head == ("final", "mean")
+    with torch.no_grad():
+        head_input = model.forward_head(model.forward_features(images), pre_logits=True).numpy()
+    want = spectral.observables(head_input)
+    got = result[("final", "mean")].observables
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value, rel=1e-8, abs=1e-12), name
+    # It is not the last block's mean (which the old final/mean was for such a model).
+    assert got["effective_rank"] != pytest.approx(result[("block_01", "mean")].observables["effective_rank"], rel=1e-6)
+
+
+def test_models_pooled_otherwise_are_refused_with_a_message():
+    model = tiny_vit(global_pool="map")
+    with pytest.raises(ValueError, match="pools by 'map'"):
+        probe(model, [torch.randn(4, 3, 32, 32)])
