@@ -14,7 +14,7 @@ import scipy.stats
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from tgo.analysis import AnalysisError, analyze, findings, trend, trend_statistics
+from tgo.analysis import AnalysisError, analyze
 from tgo.spectral import OBSERVABLE_NAMES
 from tgo.tracking import TrackingError
 
@@ -69,7 +69,12 @@ def test_table_has_one_row_per_epoch_site_view_observable(analysed, trained):
     assert len(g) == (EPOCHS + 1) * site_views * len(OBSERVABLE_NAMES)
     assert not g.duplicated(["epoch", "site", "view", "observable"]).any()
     csv = pd.read_csv(analysed.output_dir / "tables" / "geometry.csv")
-    assert len(csv) == len(g) and list(csv.columns) == ["epoch", "site", "view", "observable", "value"]
+    assert len(csv) == len(g) and list(csv.columns) == ["epoch", "site", "view", "observable", "value", "se"]
+    # Every value carries its jackknife standard error, logged for final/cls beside the estimate.
+    assert (g.se.notna() & (g.se >= 0)).all()
+    se_history = MlflowClient().get_metric_history(result.run_id, "geom_se/final/cls/effective_rank")
+    final = g[(g.site == "final") & (g.view == "cls") & (g.observable == "effective_rank")]
+    assert dict(zip(final.epoch, final.se)) == pytest.approx({m.step: m.value for m in se_history})
     # The table holds what the run logged as metrics.
     history = MlflowClient().get_metric_history(result.run_id, "geom/block_01/patch/effective_rank")
     logged = {m.step: m.value for m in history}
@@ -84,53 +89,23 @@ def test_trend_statistics_match_scipy(analysed):
         row = t[(t.site == site) & (t.view == view) & (t.observable == name)].iloc[0]
         rho, p = scipy.stats.spearmanr(series.epoch, series.value)
         assert row.spearman_rho == pytest.approx(rho) and row.spearman_p == pytest.approx(p)
+        tau, p_tau = scipy.stats.kendalltau(series.epoch, series.value)
+        assert row.kendall_tau == pytest.approx(tau) and row.trend_p == pytest.approx(p_tau)
         assert row["first"] == series.value.iloc[0] and row["last"] == series.value.iloc[-1]
         steps = np.sign(np.diff(series.value.to_numpy()))
         assert row.consistency == pytest.approx(max((steps > 0).mean(), (steps < 0).mean()))
 
 
-def test_trend_on_known_series():
-    up = trend(np.arange(6), np.array([1.0, 2, 3, 2.5, 4, 5]))
-    assert up["change"] == 4 and up["consistency"] == pytest.approx(4 / 5)
-    rho, p = scipy.stats.spearmanr(np.arange(6), [1.0, 2, 3, 2.5, 4, 5])
-    assert up["spearman_rho"] == pytest.approx(rho) and up["spearman_p"] == pytest.approx(p)
-    flat = trend(np.arange(4), np.ones(4))
-    assert flat["change"] == 0 and np.isnan(flat["spearman_rho"]) and np.isnan(flat["consistency"])
-
-
-def _constructed(direction: int, epochs: int = 8) -> pd.DataFrame:
-    """Histories where every observable moves one way: `direction` +1 spreads variance (ranks,
-    entropy and flatness up; anisotropy and alpha down) over training, -1 the opposite."""
-    rng = np.random.default_rng(0)
-    rows = []
-    goes_up = {"effective_rank": 1, "participation_ratio": 1, "spectral_entropy": 1, "spectral_flatness": 1, "spectral_anisotropy": -1, "cosine_anisotropy": -1, "alpha": -1}
-    for site_i, site in enumerate(["block_00", "block_01", "final"]):
-        for view in ("cls", "patch", "mean"):
-            for name, sign in goes_up.items():
-                for e in range(epochs):
-                    base = 10 + site_i if name == "effective_rank" and view == "cls" else 1.0
-                    value = base + direction * sign * 0.1 * e + rng.normal(0, 1e-3)
-                    if name == "spectral_anisotropy" and view == "cls":
-                        value -= 0.01 * site_i  # final has the lowest anisotropy
-                    rows.append((e, site, view, name, value))
-    return pd.DataFrame(rows, columns=["epoch", "site", "view", "observable", "value"])
-
-
-def test_verdicts_follow_constructed_histories():
-    rising = _constructed(+1)
-    verdicts = {f.number: f.verdict for f in findings(rising, trend_statistics(rising))}
-    assert verdicts == {1: "supported", 2: "supported", 3: "supported", 4: "supported", 5: "supported"}
-    falling = _constructed(-1)
-    found = findings(falling, trend_statistics(falling))
-    verdicts = {f.number: f.verdict for f in found}
-    assert all(verdicts[k] == "contradicted" for k in (1, 2, 3, 4))
-    assert "effective_rank" in found[0].evidence and "->" in found[0].evidence
-    mixed = rising.copy()
-    pr = (mixed.observable == "participation_ratio") & (mixed.site == "final") & (mixed.view == "cls")
-    mixed.loc[pr, "value"] = mixed.loc[pr, "value"].to_numpy()[::-1]
-    assert findings(mixed, trend_statistics(mixed))[0].verdict == "mixed"
-    one_epoch = rising[rising.epoch == 0]
-    assert findings(one_epoch, trend_statistics(one_epoch))[0].verdict == "insufficient data"
+def test_verdicts_come_with_their_tests_and_method(analysed):
+    # The smoke run has 4 probed epochs: the change test decides, against its paired error.
+    for f in analysed.findings[:4]:
+        assert f.verdict in ("supported", "contradicted", "mixed", "inconclusive")
+        assert f.method == "change only (fewer than 5 epochs)" and "+-" in f.evidence
+        assert all(np.isfinite(t["change_se"]) and t["change_se"] > 0 for t in f.tests)
+    assert analysed.findings[4].method == "paired standard errors"
+    assert set(analysed.everywhere.finding) == {1, 2, 3, 4} and analysed.everywhere.q.notna().all()
+    md = analysed.report_md.read_text()
+    assert "**Method.**" in md and "Benjamini-Hochberg" in md and "Holm" in md
 
 
 def test_report_and_the_runs_are_linked_both_ways(analysed, trained):
@@ -179,6 +154,8 @@ def test_a_run_without_spectra_is_read_from_its_metric_histories(trained):
     client.log_batch(rid, metrics=metrics)
     out = analyze(rid, output_dir=folder / "metrics-only", log=False, sites=["final/cls"])
     assert out.source == "the run's logged metrics" and len(out.geometry) == len(metrics)
+    assert out.geometry.se.isna().all() and any("no standard errors" in n for n in out.notes)
+    assert out.findings[0].method in ("no test (too few epochs, no standard errors)",) and out.findings[4].verdict == "inconclusive"
     assert any("still running" in n for n in out.notes)
     assert any("Covariance figures skipped" in n for n in out.notes)
 

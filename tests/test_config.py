@@ -50,6 +50,8 @@ def test_strings_are_parsed_and_empty_means_the_preset_value():
         (dict(checkpoint_epochs="0,x"), "checkpoint_epochs: expected epochs separated by commas"),
         (dict(probe_size=1), "probe_size: must be an integer >= 2"),
         (dict(probe_precision="float16"), "probe_precision: choose float64 or float32"),
+        (dict(probe_folds=0), "probe_folds: must be an integer >= 1"),
+        (dict(probe_size=4, probe_folds=5), "probe_folds: 5 folds need at least 5 probe images, got probe_size=4"),
     ],
 )
 def test_bad_values_name_the_parameter(overrides, message):

@@ -11,10 +11,11 @@ one call per key, only where a run has no spectra), its weights for a re-probe. 
 logged as an analysis run, a child of the training run (mlflow.parentRunId), with the training
 run tagged `tgo.analysis_run` once the analysis has succeeded; bad input writes nothing to it.
 
-Trend statistics per site, view and observable (columns of `trends`): first and last value, their
-change, Spearman's rho of value against epoch with its two-sided p-value (scipy.stats.spearmanr),
-and `consistency`, the fraction of epoch-to-epoch steps that move in the dominant direction (the
-sign most steps share; ties go to the sign of last - first).
+Statistics per site, view and observable (columns of `trends`, `tgo.findings.trend_table`): first
+and last value with their jackknife standard errors, the paired first-to-last change test, the
+Mann-Kendall trend test with Sen's slope, Spearman's rho (for reference), the share of steps in the
+dominant direction, and the combined p that the verdicts use. The verdicts and their method:
+`tgo.findings`; the definitions of the observables: docs/METRICS.md.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ from mlflow.tracking import MlflowClient
 from tqdm.auto import tqdm
 
 import tgo
+from tgo import findings as F
 from tgo import plots, tracking
+from tgo.findings import Finding
 from tgo.probe import METRIC_PREFIX, ProbeResult
 from tgo.spectral import OBSERVABLE_NAMES, DegenerateGeometryWarning
 
@@ -49,23 +52,11 @@ class AnalysisError(ValueError):
 
 
 @dataclass
-class Finding:
-    number: int
-    claim: str
-    verdict: str  # "supported", "contradicted", "mixed" or "insufficient data"
-    evidence: str
-
-    @property
-    def score(self) -> int:
-        return {"supported": 1, "contradicted": -1}.get(self.verdict, 0)
-
-
-@dataclass
 class Analysis:
     run_id: str
-    geometry: pd.DataFrame  # epoch, site, view, observable, value
+    geometry: pd.DataFrame  # epoch, site, view, observable, value, se (jackknife; NaN without folds)
     scalars: pd.DataFrame  # epoch, key, value
-    trends: pd.DataFrame
+    trends: pd.DataFrame  # tgo.findings.trend_table
     findings: list[Finding]
     source: str  # "logged" or "re-probe (N images)"
     notes: list[str] = field(default_factory=list)
@@ -74,6 +65,8 @@ class Analysis:
     report_md: Path | None = None
     output_dir: Path | None = None
     analysis_run_id: str = ""
+    everywhere: pd.DataFrame = field(default_factory=pd.DataFrame)  # findings 1-4 at every site/view
+    head: tuple[str, str] = ("final", "cls")  # the view that feeds the classifier head
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,14 +75,30 @@ class Analysis:
 
 
 def geometry_table(results: dict[int, ProbeResult]) -> pd.DataFrame:
-    """Tidy table (epoch, site, view, observable, value) of per-epoch probe results."""
+    """Tidy table (epoch, site, view, observable, value, se) of per-epoch probe results; se is the
+    jackknife standard error (NaN where the probe had no folds)."""
     rows = [
-        (epoch, g.site, g.view, name, value)
+        (epoch, g.site, g.view, name, value, g.stderr[name])
         for epoch, result in sorted(results.items())
         for g in result
         for name, value in g.observables.items()
     ]
-    return pd.DataFrame(rows, columns=["epoch", "site", "view", "observable", "value"])
+    return pd.DataFrame(rows, columns=["epoch", "site", "view", "observable", "value", "se"])
+
+
+def replicates_of(results: dict[int, ProbeResult]) -> dict[tuple[str, str], dict[int, np.ndarray]]:
+    """(site, view) -> epoch -> (K, observables) jackknife replicates, where the probe kept them."""
+    out: dict[tuple[str, str], dict[int, np.ndarray]] = {}
+    for epoch, result in results.items():
+        for g in result:
+            if g.replicates is not None:
+                out.setdefault((g.site, g.view), {})[epoch] = g.replicates
+    return out
+
+
+def head_of(results: dict[int, ProbeResult]) -> tuple[str, str]:
+    """The view that feeds the head, as the spectra recorded it (final/cls for older runs)."""
+    return next(iter(results.values())).head if results else ("final", "cls")
 
 
 def _table_from_metrics(run_id: str, keys: Sequence[str]) -> pd.DataFrame:
@@ -103,8 +112,8 @@ def _table_from_metrics(run_id: str, keys: Sequence[str]) -> pd.DataFrame:
     with ThreadPoolExecutor(8) as pool:
         for key, hist in tqdm(pool.map(history, keys), total=len(keys), desc="metric histories", leave=False, disable=None):
             _, site, view, name = key.split("/")
-            rows += [(m.step, site, view, name, m.value) for m in hist]
-    return pd.DataFrame(rows, columns=["epoch", "site", "view", "observable", "value"])
+            rows += [(m.step, site, view, name, m.value, np.nan) for m in hist]
+    return pd.DataFrame(rows, columns=["epoch", "site", "view", "observable", "value", "se"])
 
 
 def _spectra(run_id: str, folder: Path) -> dict[int, ProbeResult]:
@@ -131,10 +140,17 @@ def _read(run, folder: Path) -> tuple[pd.DataFrame, str, dict[int, ProbeResult]]
 
 
 def read_geometry(run_id: str, folder: str | Path) -> tuple[pd.DataFrame, str]:
-    """A run's geometry as a tidy table (epoch, site, view, observable, value), and its source:
+    """A run's geometry as a tidy table (epoch, site, view, observable, value, se), and its source:
     the spectra artifacts in one download, or else the metric histories."""
     table, source, _ = _read(tracking.get_run(run_id), Path(folder))
     return table, source
+
+
+def read_evidence(run_id: str, folder: str | Path):
+    """(geometry table, source, jackknife replicates, head view) of a run, what `tgo.findings.judge`
+    needs."""
+    table, source, spectra = _read(tracking.get_run(run_id), Path(folder))
+    return table, source, replicates_of(spectra), head_of(spectra)
 
 
 def scalar_table(run_id: str, keys: Sequence[str]) -> pd.DataFrame:
@@ -146,111 +162,13 @@ def scalar_table(run_id: str, keys: Sequence[str]) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------------------------
-# statistics and the TGO-I findings
+# statistics and the TGO-I findings (tgo.findings)
 # --------------------------------------------------------------------------------------------------
 
 
-def trend(epochs: np.ndarray, values: np.ndarray) -> dict[str, float]:
-    """first, last, change, spearman_rho, spearman_p, consistency of one series (see module doc)."""
-    order = np.argsort(epochs)
-    x, y = np.asarray(epochs, float)[order], np.asarray(values, float)[order]
-    out = {"n_epochs": len(y), "first": y[0], "last": y[-1], "change": y[-1] - y[0]}
-    if len(y) >= 3 and np.ptp(y) > 0:
-        rho, p = scipy.stats.spearmanr(x, y)
-    else:
-        rho, p = np.nan, np.nan
-    out.update(spearman_rho=float(rho), spearman_p=float(p))
-    steps = np.sign(np.diff(y))
-    moves = steps[steps != 0]
-    if moves.size:
-        dominant = np.sign(moves.sum()) or np.sign(out["change"]) or 1.0
-        out["consistency"] = float(np.mean(steps == dominant))
-    else:
-        out["consistency"] = np.nan
-    return out
-
-
-def trend_statistics(geometry: pd.DataFrame) -> pd.DataFrame:
-    rows = []
-    for (site, view, name), part in geometry.groupby(["site", "view", "observable"], sort=False):
-        rows.append({"site": site, "view": view, "observable": name, **trend(part.epoch.to_numpy(), part.value.to_numpy())})
-    return pd.DataFrame(rows)
-
-
-# claim, observables with their expected direction (+1 up, -1 down)
-TREND_FINDINGS = (
-    (1, "Dimensional utilisation (effective rank, participation ratio) increases over training", {"effective_rank": 1, "participation_ratio": 1}),
-    (2, "Anisotropy decreases over training", {"spectral_anisotropy": -1, "cosine_anisotropy": -1}),
-    (3, "Spectral entropy increases over training", {"spectral_entropy": 1}),
-    (4, "Eigenspectra get flatter over training (flatness up, power-law decay alpha down)", {"spectral_flatness": 1, "alpha": -1}),
-)
-KEY_SITE = ("final", "cls")  # the final CLS representation, where TGO-I saw the strongest effect
-
-
-def _fmt(x: float) -> str:
-    return "nan" if not np.isfinite(x) else (f"{x:.4g}" if abs(x) < 1e4 else f"{x:.3e}")
-
-
-def findings(geometry: pd.DataFrame, trends: pd.DataFrame, key_site: tuple[str, str] = KEY_SITE) -> list[Finding]:
-    """Whether this run supports each TGO-I finding, with the numbers behind each verdict.
-
-    Findings 1-4 are judged on the final CLS representation: supported when every named observable
-    moved the expected way from the first to the last epoch and its Spearman rho has the expected
-    sign; contradicted when every one moved the other way, with rho of the other sign too; mixed
-    otherwise (with fewer than 3 epochs, the first-to-last change alone decides). The share of all
-    site/views that moved the expected way is given as context. Finding 5 compares the final CLS
-    representation with the CLS view of every other site at the last epoch.
-    """
-    out = []
-    site, view = key_site
-    n_epochs = geometry.epoch.nunique()
-    for number, claim, expected in TREND_FINDINGS:
-        if n_epochs < 2:
-            out.append(Finding(number, claim, "insufficient data", f"only {n_epochs} epoch(s) of geometry."))
-            continue
-        parts, agree, against = [], [], []
-        for name, direction in expected.items():
-            row = trends[(trends.site == site) & (trends.view == view) & (trends.observable == name)]
-            if row.empty:
-                continue
-            r = row.iloc[0]
-            moved = np.sign(r.change)
-            rho_ok = np.isfinite(r.spearman_rho) and np.sign(r.spearman_rho) == direction
-            rho_against = np.isfinite(r.spearman_rho) and np.sign(r.spearman_rho) == -direction
-            agree.append(moved == direction and (rho_ok or r.n_epochs < 3))
-            against.append(moved == -direction and (rho_against or r.n_epochs < 3))
-            everywhere = trends[trends.observable == name]
-            share = float(np.mean(np.sign(everywhere.change) == direction)) if len(everywhere) else np.nan
-            parts.append(
-                f"{name} {_fmt(r['first'])} -> {_fmt(r['last'])} (Spearman rho {_fmt(r.spearman_rho)}, p {_fmt(r.spearman_p)}; "
-                f"moves {'up' if direction > 0 else 'down'} at {share:.0%} of all site/views)"
-            )
-        if not parts:
-            out.append(Finding(number, claim, "insufficient data", f"{site}/{view} was not measured."))
-            continue
-        verdict = "supported" if all(agree) else "contradicted" if all(against) else "mixed"
-        out.append(Finding(number, claim, verdict, f"At {site}/{view}: " + "; ".join(parts) + "."))
-
-    claim5 = "The final CLS representation has the highest effective rank and the lowest anisotropy of all sites"
-    last = geometry[(geometry.epoch == geometry.epoch.max()) & (geometry.view == "cls")]
-    table = last.pivot_table(index="site", columns="observable", values="value")
-    table = table[table.get("effective_rank", pd.Series(dtype=float)) > 0]  # degenerate views (pos_embed/cls) excluded
-    if "final" not in table.index or len(table) < 2:
-        out.append(Finding(5, claim5, "insufficient data", "no CLS view at the final site and another site."))
-    else:
-        er, an = table["effective_rank"], table["spectral_anisotropy"]
-        top_er, low_an = er.idxmax(), an.idxmin()
-        ok_er, ok_an = top_er == "final", low_an == "final"
-        verdict = "supported" if ok_er and ok_an else "contradicted" if not ok_er and not ok_an else "mixed"
-        others_er, others_an = er.drop("final"), an.drop("final")
-        evidence = (
-            f"At epoch {int(last.epoch.max())}, CLS view: final effective rank {_fmt(er['final'])} "
-            f"(rank {int((er > er['final']).sum()) + 1} of {len(er)}; highest elsewhere {_fmt(others_er.max())} at {others_er.idxmax()}), "
-            f"final spectral anisotropy {_fmt(an['final'])} (rank {int((an < an['final']).sum()) + 1} of {len(an)} from lowest; "
-            f"lowest elsewhere {_fmt(others_an.min())} at {others_an.idxmin()})."
-        )
-        out.append(Finding(5, claim5, verdict, evidence))
-    return out
+def trend_statistics(geometry: pd.DataFrame, replicates: F.Replicates | None = None) -> pd.DataFrame:
+    """Per site, view and observable: the tests the verdicts use (`tgo.findings.trend_table`)."""
+    return F.trend_table(geometry, replicates)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -300,7 +218,7 @@ def _reprobe(run_id: str, folder: Path, probe_size: int, data_dir: str, probe_se
     size = probe_size or (record["size"] if record else cfg.probe_size)
     seed = cfg.probe_seed if probe_seed is None else probe_seed
     try:
-        probe_set = ProbeSet.from_dataset(data.val, size, seed)
+        probe_set = ProbeSet.from_dataset(data.val, size, seed, folds=cfg.probe_folds)
     except ValueError as err:
         raise AnalysisError(str(err)) from None
     dev = torch.device("cuda" if (device in ("", "auto") and torch.cuda.is_available()) else (device if device not in ("", "auto") else "cpu"))
@@ -312,7 +230,8 @@ def _reprobe(run_id: str, folder: Path, probe_size: int, data_dir: str, probe_se
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DegenerateGeometryWarning)
             out[epoch] = probe(model, probe_set.loader(cfg.probe_batch_size, cfg.workers), device=dev,
-                               precision=cfg.probe_precision, keep_covariance=keep_covariance, progress=False)
+                               precision=cfg.probe_precision, keep_covariance=keep_covariance, progress=False,
+                               folds=cfg.probe_folds)
         path.unlink()
     return out, size
 
@@ -323,25 +242,38 @@ def _reprobe(run_id: str, folder: Path, probe_size: int, data_dir: str, probe_se
 
 
 def _report(a: Analysis, title: str, figure_groups: dict[str, list[Path]], folder: Path) -> tuple[Path, Path]:
-    verdict_color = {"supported": "#1a7f37", "contradicted": "#cf222e", "mixed": "#9a6700", "insufficient data": "#57606a"}
+    verdict_color = {"supported": "#1a7f37", "contradicted": "#cf222e", "mixed": "#9a6700", "inconclusive": "#57606a"}
+    method = F.METHOD.format(alpha=F.ALPHA, min_trend=F.MIN_TREND_EPOCHS)
+    head = "/".join(a.head)
     md = [f"# {title}", "", f"Source of the geometry: {a.source}.", ""]
     md += [f"> {n}" for n in a.notes] + ([""] if a.notes else [])
-    md += ["## TGO-I findings", "", "| # | finding | verdict | numbers |", "| --- | --- | --- | --- |"]
-    md += [f"| {f.number} | {f.claim} | **{f.verdict}** | {f.evidence} |" for f in a.findings]
+    md += ["## TGO-I findings", "", f"Findings 1-4 are judged at {head}, the view that feeds the head.", "",
+           "| # | finding | verdict | test | numbers |", "| --- | --- | --- | --- | --- |"]
+    md += [f"| {f.number} | {f.claim} | **{f.verdict}** | {f.method} | {f.evidence} |" for f in a.findings]
+    md += ["", "**Method.** " + method]
     h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
          "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
          "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}"
          "img{max-width:100%;border:1px solid #eee;margin:6px 0}</style></head><body>",
          f"<h1>{html.escape(title)}</h1><p>Source of the geometry: {html.escape(a.source)}.</p>"]
     h += [f"<p><em>{html.escape(n)}</em></p>" for n in a.notes]
-    h += ["<h2>TGO-I findings</h2><table><tr><th>#</th><th>finding</th><th>verdict</th><th>numbers</th></tr>"]
+    h += [f"<h2>TGO-I findings</h2><p>Findings 1-4 are judged at {html.escape(head)}, the view that feeds the head.</p>"
+          "<table><tr><th>#</th><th>finding</th><th>verdict</th><th>test</th><th>numbers</th></tr>"]
     h += [f"<tr><td>{f.number}</td><td>{html.escape(f.claim)}</td><td style='color:{verdict_color[f.verdict]}'><b>{f.verdict}</b></td>"
-          f"<td>{html.escape(f.evidence)}</td></tr>" for f in a.findings]
-    h += ["</table>"]
-    top = a.trends.reindex(a.trends.spearman_rho.abs().sort_values(ascending=False).index).head(15)
-    md += ["", "## Strongest trends (|Spearman rho|)", "", top.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else top.to_string(index=False)]
-    h += ["<h2>Strongest trends (|Spearman rho|)</h2>", top.to_html(index=False, float_format=lambda x: f"{x:.4g}"),
-          "<p>All trends: tables/trends.csv; all values: tables/geometry.csv.</p>"]
+          f"<td>{html.escape(f.method)}</td><td>{html.escape(f.evidence)}</td></tr>" for f in a.findings]
+    h += ["</table>", f"<p><b>Method.</b> {html.escape(method)}</p>"]
+    if len(a.everywhere):
+        counts = a.everywhere.pivot_table(index="finding", columns="verdict", values="site", aggfunc="count", fill_value=0)
+        counts = counts.reindex(columns=list(verdict_color), fill_value=0).reset_index()
+        md += ["", "## Everywhere: site/views per verdict (Benjamini-Hochberg)", "",
+               counts.to_markdown(index=False) if _has_tabulate() else counts.to_string(index=False)]
+        h += ["<h2>Everywhere: site/views per verdict (Benjamini-Hochberg)</h2>", counts.to_html(index=False),
+              "<p>Per site/view: tables/everywhere.csv.</p>"]
+    columns = ["site", "view", "observable", "first", "last", "change", "change_se", "change_p", "kendall_tau", "trend_p", "p"]
+    top = a.trends.sort_values("p").head(15)[columns]
+    md += ["", "## Most significant changes", "", top.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else top.to_string(index=False)]
+    h += ["<h2>Most significant changes</h2>", top.to_html(index=False, float_format=lambda x: f"{x:.4g}"),
+          "<p>All tests: tables/trends.csv; all values and standard errors: tables/geometry.csv.</p>"]
     for heading, paths in figure_groups.items():
         if not paths:
             continue
@@ -436,8 +368,14 @@ def analyze(
     if unknown:
         raise AnalysisError(f"sites: {unknown} were not measured; measured sites are {all_sites} with views cls, patch, mean.")
     scalars = scalar_table(run_id, SCALARS)
-    trends = trend_statistics(geometry)
-    result = Analysis(run_id, geometry, scalars, trends, findings(geometry, trends), source, notes, output_dir=folder)
+    replicates, head = replicates_of(spectra), head_of(spectra)
+    if not replicates:
+        notes.append("This run has no standard errors (logged before tgo measured them, or probe_folds=1): findings "
+                     "1-4 are judged by the trend test alone and finding 5 is left inconclusive. Re-probe its saved "
+                     "weights (probe_size) to get them.")
+    trends = trend_statistics(geometry, replicates)
+    result = Analysis(run_id, geometry, scalars, trends, F.judge(geometry, replicates, head, trends=trends), source, notes,
+                      output_dir=folder, everywhere=F.everywhere(trends), head=head)
 
     # covariance structure at the first and last epoch: a re-probe of those weights (cheap) unless done
     epochs = sorted(geometry.epoch.unique())
@@ -452,6 +390,8 @@ def analyze(
     tables.mkdir(exist_ok=True)
     geometry.to_csv(tables / "geometry.csv", index=False)
     trends.to_csv(tables / "trends.csv", index=False)
+    result.everywhere.to_csv(tables / "everywhere.csv", index=False)
+    pd.DataFrame([t | {"finding": f.number} for f in result.findings for t in f.tests]).to_csv(tables / "finding_tests.csv", index=False)
     scalars.to_csv(tables / "scalars.csv", index=False)
     try:
         geometry.to_parquet(tables / "geometry.parquet", index=False)
@@ -493,7 +433,7 @@ def analyze(
         groups["Depth profile"].append(plots.save(plots.depth_profile(shown, int(epochs[-1]), label), figdir / "depth_profile.png"))
     result.figures = [p for paths in groups.values() for p in paths]
     result.report_html, result.report_md = _report(result, f"Geometry of run {label} ({run_id})", groups, folder)
-    (folder / "findings.json").write_text(json.dumps([f.__dict__ for f in result.findings], indent=2))
+    (folder / "findings.json").write_text(json.dumps([f.__dict__ for f in result.findings], indent=2, default=float))
 
     if log:
         result.analysis_run_id = _log(result, run, folder)

@@ -199,8 +199,8 @@ def _check(cfg: TrainConfig) -> None:
     need(cfg.probe_size >= 2, f"probe_size: must be an integer >= 2 (a covariance needs two images), got {cfg.probe_size}.")
     need(cfg.probe_folds >= 1, f"probe_folds: must be an integer >= 1 (1: no standard errors; 5 is the default), got {cfg.probe_folds}.")
     if cfg.probe_folds > 1:
-        need(cfg.probe_size >= 2 * cfg.probe_folds, f"probe_folds: {cfg.probe_folds} folds of the {cfg.probe_size} probe images "
-             "leave fewer than 2 images per fold; lower probe_folds or raise probe_size.")
+        need(cfg.probe_size >= cfg.probe_folds, f"probe_folds: {cfg.probe_folds} folds need at least {cfg.probe_folds} probe "
+             f"images, got probe_size={cfg.probe_size}; lower probe_folds or raise probe_size.")
     for name in ("lr", "base_lr", "min_lr", "warmup_lr", "weight_decay", "grad_clip", "mixup", "cutmix"):
         need(getattr(cfg, name) >= 0, f"{name}: must be a number >= 0, got {getattr(cfg, name)}.")
     need(cfg.resolved_lr > 0, "lr: must be > 0 (or 0 with base_lr > 0 for the scaling rule).")

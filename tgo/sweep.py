@@ -16,7 +16,9 @@ observable, site, view and epoch (and the scalars train/*, val/*):
   seeds/mean/<key>, seeds/std/<key>, seeds/ci95_low/<key>, seeds/ci95_high/<key>   (step = epoch)
 with the 95% confidence interval of the mean from Student's t (n - 1 degrees of freedom), a tidy
 table, mean-and-band figures, and per TGO-I finding the number of seeds that support it with a
-one-sided sign test (scipy.stats.binomtest over the seeds that support or contradict it).
+one-sided sign test (scipy.stats.binomtest over the seeds that support or contradict it), and one
+verdict across seeds: the seeds' first-to-last changes combined with a t interval and test, Holm
+across the finding's observables (`tgo.findings.across_seeds`), logged as seeds/finding/<N>.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 import tgo
-from tgo import analysis, plots, tracking, train
+from tgo import analysis, findings, plots, tracking, train
 from tgo.config import ConfigError, resolve
 from tgo.storage import mark_worker, open_storage, reclaim_dead_trials
 
@@ -53,7 +55,7 @@ class SweepResult:
     complete: bool
     failed: list[int] = field(default_factory=list)  # seeds whose last trial failed in this worker
     summary: pd.DataFrame | None = None  # epoch, site, view, observable, n, mean, std, ci95_low, ci95_high
-    findings: pd.DataFrame | None = None  # finding, supported, contradicted, mixed, sign_test_p
+    findings: pd.DataFrame | None = None  # tgo.findings.across_seeds: per finding and observable
     notes: list[str] = field(default_factory=list)
 
 
@@ -191,36 +193,30 @@ def summarise(per_seed: pd.DataFrame, group: Sequence[str]) -> pd.DataFrame:
     return out
 
 
-def finding_counts(per_seed: pd.DataFrame) -> pd.DataFrame:
-    """Per TGO-I finding: seeds that support, contradict or are mixed on it, and the one-sided sign
-    test p-value of supported against contradicted (H0: each is equally likely)."""
-    verdicts = {}
-    for seed, part in per_seed.groupby("seed"):
-        geometry = part.drop(columns="seed")
-        for f in analysis.findings(geometry, analysis.trend_statistics(geometry)):
-            verdicts.setdefault(f.number, []).append(f.verdict)
-    rows = []
-    for number, vs in sorted(verdicts.items()):
-        sup, con = vs.count("supported"), vs.count("contradicted")
-        p = scipy.stats.binomtest(sup, sup + con, 0.5, alternative="greater").pvalue if sup + con else 1.0
-        rows.append({"finding": number, "seeds": len(vs), "supported": sup, "contradicted": con,
-                     "mixed": len(vs) - sup - con, "sign_test_p": p})
-    return pd.DataFrame(rows)
+def finding_counts(seed_findings: dict[int, list[findings.Finding]]) -> pd.DataFrame:
+    """Per TGO-I finding across seeds (`tgo.findings.across_seeds`): per observable, the mean of the
+    seeds' effects (first-to-last change; finding 5: the head's margin over the nearest site) with
+    its t interval and test, Holm across the finding's observables, one verdict across seeds by the
+    rules of a single run; and the seeds that support, contradict or are mixed on it with the
+    one-sided sign test of supported against contradicted (H0: each is equally likely)."""
+    rows = [dict(r, seed=seed) for seed, found in seed_findings.items() for r in findings.seed_effects(found)]
+    return findings.across_seeds(pd.DataFrame(rows))
 
 
 def aggregate_into(parent: str, seed_runs: dict[int, str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read every seed's geometry and scalars, and log their spread into the parent run."""
     folder = Path(tempfile.mkdtemp(prefix="tgo-sweep-"))
-    tables = []
+    tables, seed_findings = [], {}
     for seed, run_id in sorted(seed_runs.items()):
-        geometry, _ = analysis.read_geometry(run_id, folder / run_id)
+        geometry, _, replicates, head = analysis.read_evidence(run_id, folder / run_id)
+        seed_findings[seed] = findings.judge(geometry, replicates, head)
+        geometry = geometry.drop(columns="se")
         scalars = analysis.scalar_table(run_id, analysis.SCALARS).rename(columns={"key": "observable"})
         scalars["site"], scalars["view"] = "", ""
         tables += [geometry.assign(seed=seed), scalars.assign(seed=seed)]
     per_seed = pd.concat(tables, ignore_index=True)
     summary = summarise(per_seed, ["epoch", "site", "view", "observable"])
-    geometry_rows = per_seed[per_seed.site != ""]
-    counts = finding_counts(geometry_rows)
+    counts = finding_counts(seed_findings)
 
     client = MlflowClient()
     keys = np.where(summary.site == "", summary.observable, "geom/" + summary.site + "/" + summary.view + "/" + summary.observable)
@@ -234,7 +230,8 @@ def aggregate_into(parent: str, seed_runs: dict[int, str]) -> tuple[pd.DataFrame
         tracking.log_metrics(parent, metrics, step=int(epoch))
     last = int(summary.epoch.max())
     finding_metrics = {}
-    for row in counts.itertuples():
+    for row in counts.drop_duplicates("finding").itertuples():
+        finding_metrics[f"seeds/finding/{int(row.finding)}"] = {"supported": 1, "contradicted": -1}.get(row.verdict, 0)
         finding_metrics[f"seeds/finding/{int(row.finding)}/supported"] = int(row.supported)
         finding_metrics[f"seeds/finding/{int(row.finding)}/sign_test_p"] = float(row.sign_test_p)
     tracking.log_metrics(parent, finding_metrics, step=last)
