@@ -2,7 +2,7 @@
 
 Measures the spectral geometry of a Vision Transformer's representations (effective rank, stable
 rank, participation ratio, spectral entropy, flatness, anisotropy, ...) at every site and token
-view, every epoch, and tracks it in MLflow. See METRICS.md for the definitions.
+view, every epoch, and tracks it in MLflow. See docs/METRICS.md for the definitions.
 """
 
 import os as _os

@@ -17,7 +17,7 @@ tokens: the patch tokens of one image are correlated and must leave the sample t
 
 Precision. The totals are float64. Shifting by a row of the data first removes the mean before any
 product is formed, so the covariance C = (G - S S^T / N) / (N - 1) suffers no cancellation. Each
-batch's Gram matrix is computed in float64 (`precision="float64"`, the default, as METRICS.md asks)
+batch's Gram matrix is computed in float64 (`precision="float64"`, the default, as docs/METRICS.md asks)
 or in float32 on the shifted rows and added to the float64 total (`precision="float32"`, cheaper on
 a CPU). float32 holds the leading eigenvalues to 1e-6 relative and the spectral flatness to 1e-4
 against a float64 batch computation on ViT activations (tests/test_probe.py, benchmarks/probe.py),

@@ -1,7 +1,7 @@
 """The geometry probe: one no-grad pass of a timm VisionTransformer over a probe loader, filling one
 streaming accumulator per site and token view, then the spectra and observables of each.
 
-Sites (forward order, METRICS.md), and the norm each is taken after:
+Sites (forward order, docs/METRICS.md), and the norm each is taken after:
   patch_embed  output of `model.patch_embed` (the patch projection, and its `norm` if the model has
                one; patch tokens only, so no `cls` view)
   pos_embed    output of `model._pos_embed`: class/register tokens prepended and the position

@@ -1,6 +1,6 @@
 """Spectral observables of a representation: pure functions over a spectrum (numpy/scipy only).
 
-Notation (METRICS.md). X is N samples x D features taken at one site and token view.
+Notation (docs/METRICS.md). X is N samples x D features taken at one site and token view.
   Xc = X - 1 mu^T                        centered matrix
   C  = Xc^T Xc / (N - 1)                  covariance, float64
   lambda_1 >= ... >= lambda_r >= 0        eigenvalues of C, r = min(D, N - 1)
@@ -75,8 +75,8 @@ OBSERVABLE_NAMES: tuple[str, ...] = (
 )
 
 RANKME_EPS = 1e-7  # Garrido et al. 2023, eq. 1: p_k = sigma_k / ||sigma||_1 + eps
-FLATNESS_FLOOR = 1e-12  # spectral_flatness floors lambda_i at 1e-12 * lambda_1 (METRICS.md)
-ALPHA_RANKS = (10, 100)  # alpha fits ranks 10..100, clipped to r (METRICS.md)
+FLATNESS_FLOOR = 1e-12  # spectral_flatness floors lambda_i at 1e-12 * lambda_1 (docs/METRICS.md)
+ALPHA_RANKS = (10, 100)  # alpha fits ranks 10..100, clipped to r (docs/METRICS.md)
 _EPS64 = np.finfo(np.float64).eps
 
 
@@ -248,7 +248,7 @@ def alpha(eigenvalues: np.ndarray) -> tuple[float, float]:
     """Power-law decay exponent of the eigenspectrum and the fit's r2: lambda_i ~ i^(-alpha).
 
     Weighted least squares of ln lambda_i on -ln i with weights 1/i (so each octave of ranks
-    weighs about the same), over ranks i = 10..100 clipped to r (METRICS.md). When r < 12 the
+    weighs about the same), over ranks i = 10..100 clipped to r (docs/METRICS.md). When r < 12 the
     window 10..r is too short and the fit uses ranks 1..r. Zero eigenvalues (below the round-off
     floor) have no logarithm and are left out. r2 is the weighted coefficient of determination.
     Returns (alpha, r2); (0.0, 0.0) when fewer than 3 positive eigenvalues are in the window.
@@ -455,7 +455,7 @@ def spectra_from_moments(
 
 
 def observables_from_spectra(spectra: Spectra, label: str = "X") -> dict[str, float]:
-    """Every observable of METRICS.md from one `Spectra`, keyed by OBSERVABLE_NAMES.
+    """Every observable of docs/METRICS.md from one `Spectra`, keyed by OBSERVABLE_NAMES.
 
     Warns with DegenerateGeometryWarning (naming `label`) when the representation has no variance
     or fewer than 2 samples; the values are then the documented degenerate ones, never NaN.
@@ -493,7 +493,7 @@ def observables_from_spectra(spectra: Spectra, label: str = "X") -> dict[str, fl
 
 
 def observables(X: np.ndarray) -> dict[str, float]:
-    """Every observable of METRICS.md for a sample matrix X (numpy, N samples x D features).
+    """Every observable of docs/METRICS.md for a sample matrix X (numpy, N samples x D features).
 
     The reference path: a direct SVD of Xc (and of X for RankMe) in float64. Returns Python floats
     keyed by OBSERVABLE_NAMES. N < D is ordinary input (r = N - 1). Raises ValueError for NaN/inf
