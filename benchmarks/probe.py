@@ -35,7 +35,9 @@ replicates), a fixed cost per probe whatever the number of images.
 
 Bare inference and the probes are timed in alternation (--rounds rounds, default 3: bare inference,
 then each probe variant) and the median of the per-round ratios is printed: this VM's speed drifts
-by 10-20% within a minute.
+by 10-20% within a minute. Run it on an otherwise idle machine: with another process on the cores,
+numpy's OpenBLAS threads wait on each other and its eigvalsh slows about tenfold, which the ratios
+would blame on the probe (each section's first line says how busy other processes kept the cores).
 
     python benchmarks/probe.py [--sections 64,224] [--images 512] [--img-size 64] [--batch-size 64]
                                [--images-224 256] [--batch-size-224 32] [--rounds 3]
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import resource
 import statistics
 import time
@@ -179,6 +182,32 @@ def peak_rss_kib(n_images: int, img_size: int, batch_size: int) -> int:
     return value
 
 
+class OtherLoad:
+    """Cores kept busy by other processes (and VM steal) since construction: busy CPU time of the
+    whole machine (/proc/stat) less this process's and its children's, over wall time (Linux)."""
+
+    def __init__(self) -> None:
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat") as fh:
+                ticks = [int(v) for v in fh.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
+        own = sum(os.times()[:4])
+        return busy, own, time.perf_counter()
+
+    def text(self) -> str:
+        end = self._sample()
+        if self.start is None or end is None:
+            return "unknown"
+        busy, own, wall = (e - s for e, s in zip(end, self.start))
+        return f"{max(busy - own, 0.0) / wall:.2f} of {os.cpu_count()} cores"
+
+
 def alternate(model, cached, rounds: int) -> tuple[list[float], dict[str, list[float]]]:
     """Bare inference then each probe variant, `rounds` times over the same cached batches; returns
     the bare times and each variant's times, round by round."""
@@ -218,6 +247,7 @@ def report_floor(dim: int, floor: tuple[float, float], bare_s: float) -> None:
 
 
 def section_small(args, floor: tuple[float, float]) -> None:
+    others = OtherLoad()
     model = vit_s16(args.img_size)
     loader = DataLoader(NoiseImages(args.images, args.img_size), batch_size=args.batch_size)
     cached = [batch for batch in loader]  # every method reads the same tensors from memory
@@ -229,7 +259,8 @@ def section_small(args, floor: tuple[float, float]) -> None:
     rss_1024 = peak_rss_kib(2 * args.images, args.img_size, args.batch_size)
 
     print(f"# ViT-S/16, {args.img_size} px, {args.images} images, batch {args.batch_size}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}; other processes kept {others.text()} "
+          "busy meanwhile")
     report_times(bare, probes, {"svd": t_naive, "singular values only": t_naive_values})
     print(f"# peak RSS MiB: {rss_512 / 1024:.0f} ({args.images} images), {rss_1024 / 1024:.0f} ({2 * args.images})")
     report_floor(model.embed_dim, floor, statistics.median(bare))
@@ -242,6 +273,7 @@ def section_small(args, floor: tuple[float, float]) -> None:
 
 
 def section_224(args, floor: tuple[float, float]) -> None:
+    others = OtherLoad()
     model = vit_s16(224)
     loader = DataLoader(NoiseImages(args.images_224, 224), batch_size=args.batch_size_224)
     cached = [batch for batch in loader]  # every method reads the same tensors from memory
@@ -250,7 +282,8 @@ def section_224(args, floor: tuple[float, float]) -> None:
     t_naive = timed(lambda: naive(model, cached, values_only=True))
 
     print(f"# ViT-S/16, 224 px, {args.images_224} images, batch {args.batch_size_224}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}; other processes kept {others.text()} "
+          "busy meanwhile")
     report_times(bare, probes, {"singular values only, one site/view at a time in float64": t_naive})
     report_floor(model.embed_dim, floor, statistics.median(bare))
     print(f"probe_over_inference_224: {ratio(probes['probe'], bare):.3f}")

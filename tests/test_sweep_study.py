@@ -75,6 +75,14 @@ def test_two_workers_on_one_journal_run_each_seed_once_and_aggregate(store, tmp_
     names = {a.path for a in client.list_artifacts(parent, "figures")}
     assert "figures/seeds_effective_rank.png" in names
     assert "seeds/finding/1/sign_test_p" in client.get_run(parent).data.metrics
+    # One verdict across seeds: the mean of the seeds' first-to-last changes with its t interval,
+    # checked against numpy on the children's histories.
+    assert client.get_run(parent).data.metrics["seeds/finding/1"] in (-1.0, 0.0, 1.0)
+    table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent, artifact_path="tables/findings.csv"))
+    row = table[(table.finding == 1) & (table.observable == "effective_rank")].iloc[0]
+    changes = np.array([h[max(h)] - h[min(h)] for h in per_child])
+    half = scipy.stats.t.ppf(0.975, 2) * changes.std(ddof=1) / np.sqrt(3)
+    assert (row["mean"], row.ci_low, row.ci_high) == pytest.approx((changes.mean(), changes.mean() - half, changes.mean() + half))
 
     # Re-running the sweep reuses the finished seeds: no new training run.
     proc = subprocess.run(_sweep_cmd("0,1,2", storage, "two"), env=subprocess_env(store), capture_output=True, text=True, timeout=600)

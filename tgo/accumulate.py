@@ -172,28 +172,33 @@ class MomentAccumulator:
         self.counts = np.rint(torch.stack(counts).sum(0).cpu().numpy()).astype(np.int64)
         return self
 
-    def _spectra(self, keep: np.ndarray) -> spectral.Spectra:
-        """Spectra of the rows of the folds where keep is True."""
-        idx = torch.as_tensor(np.flatnonzero(keep), device=self.sum.device)
+    def _totals(self) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, sum, Gram, unit sum, non-zero count) over every group (one shift: plain sums)."""
+        return int(self.counts.sum()), self.sum.sum(0), self.gram.sum(0), self.unit_sum.sum(0), self.n_nonzero.sum()
+
+    def _spectra(self, n: int, s: torch.Tensor, g: torch.Tensor, u: torch.Tensor, nz: torch.Tensor) -> spectral.Spectra:
         shift = self.shift if self.shift is not None else torch.zeros(self.dim, dtype=torch.float64)
         return spectral.spectra_from_moments(
-            n_samples=int(self.counts[keep].sum()),
+            n_samples=n,
             shift=shift.cpu().numpy(),
-            shifted_sum=self.sum.index_select(0, idx).sum(0).cpu().numpy(),
-            shifted_gram=self.gram.index_select(0, idx).sum(0).cpu().numpy(),
-            unit_sum=self.unit_sum.index_select(0, idx).sum(0).cpu().numpy(),
-            n_nonzero=int(round(self.n_nonzero.index_select(0, idx).sum().item())),
+            shifted_sum=s.cpu().numpy(),
+            shifted_gram=g.cpu().numpy(),
+            unit_sum=u.cpu().numpy(),
+            n_nonzero=int(round(nz.item())),
         )
 
     def spectra(self) -> spectral.Spectra:
         """The spectra of all rows seen (float64 numpy, via `tgo.spectral.spectra_from_moments`)."""
-        return self._spectra(np.ones(self.groups, dtype=bool))
+        return self._spectra(*self._totals())
 
     def jackknife_spectra(self) -> list[spectral.Spectra]:
-        """For each fold k, the spectra of all rows but fold k's (empty when folds == 1)."""
+        """For each fold k, the spectra of all rows but fold k's (empty when folds == 1): the totals
+        less fold k's moments (all groups share one shift, so this is exact algebra)."""
         if self.folds < 2:
             return []
-        return [self._spectra(np.arange(self.groups) != k) for k in range(self.folds)]
+        n, s, g, u, nz = self._totals()
+        return [self._spectra(n - int(self.counts[k]), s - self.sum[k], g - self.gram[k], u - self.unit_sum[k],
+                              nz - self.n_nonzero[k]) for k in range(self.folds)]
 
 
 def _gram(y: torch.Tensor) -> torch.Tensor:

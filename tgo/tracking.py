@@ -99,8 +99,11 @@ def start_run(experiment: str, run_name: str = "", resume_run_id: str = "", syst
         return mlflow.start_run(run_id=resume_run_id, **kwargs)
     if parent_run_id:  # before MLFLOW_RUN_ID: a sweep launched by `mlflow run` has one of its own
         parent = get_run(parent_run_id)
-        return mlflow.start_run(experiment_id=parent.info.experiment_id, run_name=run_name or None,
-                                tags={"mlflow.parentRunId": parent_run_id}, **kwargs)
+        # Created through the client, then attached by id: the fluent start_run() without a run id
+        # would attach to MLFLOW_RUN_ID (the launcher run, here the parent itself) instead.
+        child = MlflowClient().create_run(parent.info.experiment_id, run_name=run_name or None,
+                                          tags={"mlflow.parentRunId": parent_run_id})
+        return mlflow.start_run(run_id=child.info.run_id, **kwargs)
     if launcher:
         return mlflow.start_run(run_id=launcher, **kwargs)
     if mlflow.active_run() is not None:
@@ -191,6 +194,11 @@ def save_torch(run_id: str, obj: Any, artifact_path: str, name: str, scratch: st
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
+        # mkstemp makes the file 0600; give it the mode of MLflow's other artifacts (0666 less the
+        # umask), so that a shared artifact store can serve it to other users.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(partial, 0o666 & ~umask)
         os.replace(partial, folder / name)
     except BaseException:
         Path(partial).unlink(missing_ok=True)

@@ -554,9 +554,10 @@ class EpochCommitter:
 
 def _report(epoch: int, epochs: int, m: dict[str, float]) -> None:
     parts = [f"epoch {epoch}/{epochs}"]
-    for key, fmt in (("train/loss", "train loss {:.3f}"), ("val/loss", "val loss {:.3f}"), ("val/acc1", "val acc {:.1f}%"),
-                     ("geom/final/cls/effective_rank", "final CLS eff. rank {:.1f}"),
-                     ("geom/final/cls/spectral_anisotropy", "anisotropy {:.3f}"), ("time/epoch_s", "{:.0f} s")):
+    for key, fmt, se_fmt in (("train/loss", "train loss {:.3f}", ""), ("val/loss", "val loss {:.3f}", ""), ("val/acc1", "val acc {:.1f}%", ""),
+                             ("geom/final/cls/effective_rank", "final CLS eff. rank {:.1f}", " +- {:.1f}"),
+                             ("geom/final/cls/spectral_anisotropy", "anisotropy {:.3f}", " +- {:.3f}"), ("time/epoch_s", "{:.0f} s", "")):
         if key in m:
-            parts.append(fmt.format(m[key]))
+            se = m.get(key.replace("geom/", "geom_se/", 1)) if se_fmt else None  # the jackknife standard error
+            parts.append(fmt.format(m[key]) + (se_fmt.format(se) if se is not None else ""))
     print("tgo: " + ", ".join(parts), flush=True)
