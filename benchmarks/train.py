@@ -76,7 +76,8 @@ def tgo_epochs(cfg_overrides: dict, epochs: int) -> list[float]:
 
 def per_image_costs_224() -> tuple[float, float, float, float]:
     """Seconds per image at 224 px: a training step, a validation forward, the probe pass (all
-    sites and views, float64 products), and the probe's fixed cost (spectra of 44 site/views)."""
+    sites and views, float64 products), and the probe's fixed cost (spectra of 44 site/views and
+    their K = 5 jackknife replicates)."""
     import timm
 
     from tgo.probe import probe

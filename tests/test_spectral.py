@@ -240,3 +240,14 @@ def test_ranges_hold_for_random_matrices(n, d, offset, seed):
     assert -1 / (n - 1) - 1e-12 <= out["cosine_anisotropy"] <= 1
     assert 0 <= out["mean_abs_correlation"] <= 1
     assert 0 <= out["n_components_99"] <= r
+
+
+def test_entropy_and_flatness_match_scipy():
+    import scipy.stats
+
+    lam = np.sort(np.random.default_rng(9).gamma(0.5, size=200))[::-1]
+    assert spectral.spectral_entropy(lam) == pytest.approx(scipy.stats.entropy(lam), rel=1e-12)
+    sv = np.sqrt(lam)
+    assert spectral.effective_rank(sv) == pytest.approx(math.exp(scipy.stats.entropy(sv)), rel=1e-12)
+    floored = np.maximum(lam, spectral.FLATNESS_FLOOR * lam.max())
+    assert spectral.spectral_flatness(lam) == pytest.approx(scipy.stats.gmean(floored) / floored.mean(), rel=1e-12)

@@ -172,33 +172,28 @@ class MomentAccumulator:
         self.counts = np.rint(torch.stack(counts).sum(0).cpu().numpy()).astype(np.int64)
         return self
 
-    def _totals(self) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(N, sum, Gram, unit sum, non-zero count) over every group (one shift: plain sums)."""
-        return int(self.counts.sum()), self.sum.sum(0), self.gram.sum(0), self.unit_sum.sum(0), self.n_nonzero.sum()
+    def _moments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per-group (N, sum, Gram, unit sum, non-zero count) as float64 numpy arrays on the host."""
+        return (self.counts.astype(np.float64), self.sum.cpu().numpy(), self.gram.cpu().numpy(),
+                self.unit_sum.cpu().numpy(), self.n_nonzero.cpu().numpy())
 
-    def _spectra(self, n: int, s: torch.Tensor, g: torch.Tensor, u: torch.Tensor, nz: torch.Tensor) -> spectral.Spectra:
-        shift = self.shift if self.shift is not None else torch.zeros(self.dim, dtype=torch.float64)
-        return spectral.spectra_from_moments(
-            n_samples=n,
-            shift=shift.cpu().numpy(),
-            shifted_sum=s.cpu().numpy(),
-            shifted_gram=g.cpu().numpy(),
-            unit_sum=u.cpu().numpy(),
-            n_nonzero=int(round(nz.item())),
-        )
+    def _spectra(self, n, s, g, u, nz) -> spectral.Spectra:
+        shift = self.shift.cpu().numpy() if self.shift is not None else np.zeros(self.dim)
+        return spectral.spectra_from_moments(n_samples=int(round(n)), shift=shift, shifted_sum=s, shifted_gram=g,
+                                             unit_sum=u, n_nonzero=int(round(nz)))
 
     def spectra(self) -> spectral.Spectra:
         """The spectra of all rows seen (float64 numpy, via `tgo.spectral.spectra_from_moments`)."""
-        return self._spectra(*self._totals())
+        return self._spectra(*(m.sum(axis=0) for m in self._moments()))
 
     def jackknife_spectra(self) -> list[spectral.Spectra]:
         """For each fold k, the spectra of all rows but fold k's (empty when folds == 1): the totals
         less fold k's moments (all groups share one shift, so this is exact algebra)."""
         if self.folds < 2:
             return []
-        n, s, g, u, nz = self._totals()
-        return [self._spectra(n - int(self.counts[k]), s - self.sum[k], g - self.gram[k], u - self.unit_sum[k],
-                              nz - self.n_nonzero[k]) for k in range(self.folds)]
+        per_group = self._moments()
+        totals = [m.sum(axis=0) for m in per_group]
+        return [self._spectra(*(t - m[k] for t, m in zip(totals, per_group))) for k in range(self.folds)]
 
 
 def _gram(y: torch.Tensor) -> torch.Tensor:
