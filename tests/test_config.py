@@ -51,6 +51,9 @@ def test_strings_are_parsed_and_empty_means_the_preset_value():
         (dict(probe_size=1), "probe_size: must be an integer >= 2"),
         (dict(probe_precision="float16"), "probe_precision: choose float64 or float32"),
         (dict(probe_folds=0), "probe_folds: must be an integer >= 1"),
+        (dict(opt="nonexistent_opt"), "opt: unknown optimiser 'nonexistent_opt'; timm knows"),
+        (dict(auto_augment="garbage-spec"), "auto_augment: timm cannot read 'garbage-spec'"),
+        (dict(probe_seed=99999999999999999999999), "probe_seed: must be an integer in [0, 2^32 - 1]"),
         (dict(probe_size=4, probe_folds=5), "probe_folds: 5 folds need at least 5 probe images, got probe_size=4"),
     ],
 )

@@ -208,7 +208,39 @@ def test_bad_sweep_input(store, capsys):
 
     assert cli.main(["sweep", "--seeds", "0,x", "--preset", "smoke"]) == 2
     assert "seeds: expected integers" in capsys.readouterr().err
+    assert cli.main(["sweep", "--seeds", "1,,2", "--preset", "smoke"]) == 2  # a typo, not seeds 1 and 2
+    assert "seeds: an empty entry in '1,,2'" in capsys.readouterr().err
     assert cli.main(["sweep", "--seeds", "0,1", "--seed", "3", "--preset", "smoke"]) == 2
     assert "seed: a sweep sets the seed" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="epochs: expected an integer"):
         sweep("0,1", preset="smoke", epochs="many")
+
+
+@pytest.mark.parametrize("entry", ["sweep", "study"])
+def test_under_mlflow_run_the_launcher_run_is_the_parent_of_one_child_per_seed_or_trial(store, tmp_path, entry):
+    # `mlflow run` opens a run and sets MLFLOW_RUN_ID before tgo starts: that run must become the
+    # parent, and each seed or trial a child of its own (the fluent start_run used to consume it).
+    from tests.conftest import ROOT
+
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {type: float, low: 1.0e-3, high: 3.0e-3}\n")
+    params = {"sweep": ["-P", "seeds=0,1"], "study": ["-P", "n_trials=2", "-P", f"search_space={space}", "-P", "pruner=none"]}[entry]
+    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", entry, "--env-manager", "local", "--experiment-name", "launched",
+           *params, "-P", f"storage=journal:{tmp_path / 'launch.journal'}", "-P", "preset=smoke", "-P", "epochs=1"]
+    proc = subprocess.run(cmd, env=subprocess_env(store), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = mlflow.search_runs(experiment_names=["launched"], output_format="list")
+    assert len(runs) == 3, [(r.info.run_name, r.data.tags.get("tgo.kind")) for r in runs]
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.data.tags["tgo.kind"] == entry and parent.info.status == "FINISHED"
+    assert not any(k.startswith("geom/") for k in parent.data.metrics)  # no training metrics in the parent
+    children = [r for r in runs if r is not parent]
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id != child.info.run_id
+        assert child.data.tags["tgo.kind"] == "train" and child.info.status == "FINISHED"
+        assert "geom/final/cls/effective_rank" in child.data.metrics
+    if entry == "sweep":
+        assert sorted(r.data.params["config.seed"] for r in children) == ["0", "1"]
+        assert "seeds/finding/1" in parent.data.metrics

@@ -180,6 +180,29 @@ def _parse(name: str, value: Any) -> Any:
     return value.strip()
 
 
+def _check_timm_names(cfg, need) -> None:
+    """What timm would reject only once training starts: the optimiser name and the augmentation
+    spec, checked with timm's own lists and parser before any work."""
+    from timm.optim import list_optimizers
+
+    opt = cfg.opt.lower()
+    known = set(list_optimizers())
+    base = opt.split("_", 1)[1] if opt.startswith("lookahead_") else opt
+    need(base in known, f"opt: unknown optimiser {cfg.opt!r}; timm knows {', '.join(sorted(known))} "
+                        "(any of them may be prefixed with lookahead_).")
+    spec = cfg.auto_augment.strip()
+    if spec and spec.lower() != "none":
+        from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+        hparams = dict(translate_const=int(cfg.img_size * 0.45), img_mean=(124, 116, 104))
+        make = rand_augment_transform if spec.startswith("rand") else augment_and_mix_transform if spec.startswith("augmix") else auto_augment_transform
+        try:
+            make(spec, hparams)
+        except (AssertionError, ValueError, KeyError, IndexError, TypeError) as err:
+            need(False, f"auto_augment: timm cannot read {spec!r} ({type(err).__name__}: {err}); use a spec such as "
+                        "rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2, original or v0 (AutoAugment), or none.")
+
+
 def _check(cfg: TrainConfig) -> None:
     """Ranges and choices, each error naming the parameter and the accepted values."""
 
@@ -210,6 +233,9 @@ def _check(cfg: TrainConfig) -> None:
     need(cfg.amp in AMP_MODES, f"amp: unknown mode {cfg.amp!r}; choose one of {', '.join(AMP_MODES)}.")
     need(cfg.sched in SCHEDULES, f"sched: unknown schedule {cfg.sched!r}; choose one of {', '.join(SCHEDULES)}.")
     need(cfg.probe_precision in ("float32", "float64"), f"probe_precision: choose float64 or float32, got {cfg.probe_precision!r}.")
+    for name in ("seed", "probe_seed"):
+        need(getattr(cfg, name) < 2**32, f"{name}: must be an integer in [0, 2^32 - 1] (numpy's and torch's seed range), got {getattr(cfg, name)}.")
+    _check_timm_names(cfg, need)
     device = cfg.device.lower()
     ok_device = device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit())
     need(ok_device, f"device: unknown device {cfg.device!r}; choose {DEVICES_HELP}.")

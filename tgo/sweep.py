@@ -63,8 +63,11 @@ def parse_seeds(text: str | Sequence[int]) -> list[int]:
     if not isinstance(text, str):
         seeds = [int(s) for s in text]
     else:
+        parts = text.replace(" ", "").split(",")
+        if "" in parts:  # '1,,2' or a trailing comma: a typo, not a request for seeds 1 and 2
+            raise ConfigError(f"seeds: an empty entry in {text!r}; write integers separated by single commas, e.g. 0,1,2.")
         try:
-            seeds = [int(s) for s in text.replace(" ", "").split(",") if s != ""]
+            seeds = [int(s) for s in parts]
         except ValueError:
             raise ConfigError(f"seeds: expected integers separated by commas (e.g. 0,1,2,3,4), got {text!r}.") from None
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
