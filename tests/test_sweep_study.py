@@ -244,3 +244,16 @@ def test_under_mlflow_run_the_launcher_run_is_the_parent_of_one_child_per_seed_o
     if entry == "sweep":
         assert sorted(r.data.params["config.seed"] for r in children) == ["0", "1"]
         assert "seeds/finding/1" in parent.data.metrics
+
+
+def test_a_storage_password_is_never_printed(store, capsys):
+    from tgo import cli
+    from tgo.storage import mask_url
+
+    assert mask_url("postgresql://user:s3cret@db.example:5432/tgo") == "postgresql://user:***@db.example:5432/tgo"
+    assert mask_url("postgresql://user@db.example/tgo") == "postgresql://user@db.example/tgo"
+    # Port 1 on loopback refuses at once: the error names the storage without its password.
+    code = cli.main(["sweep", "--seeds", "0", "--preset", "smoke", "--storage", "postgresql://u:s3cret@127.0.0.1:1/db"])
+    out = capsys.readouterr()
+    assert code == 2 and "postgresql://u:***@127.0.0.1:1/db" in out.err
+    assert "s3cret" not in out.err + out.out

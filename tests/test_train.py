@@ -351,6 +351,12 @@ def test_checkpoint_write_is_atomic_in_a_local_artifact_store(store, tmp_path):
     local = tracking.local_artifact_dir(run_id)
     assert local is not None  # a sqlite store keeps artifacts on the local file system
     tracking.save_torch(run_id, {"w": torch.ones(3)}, "checkpoints", "last.pt", tmp_path, local)
+    # The same file mode as MLflow's other artifacts (0666 less the umask), so that a shared
+    # artifact store can serve checkpoints to other users (mkstemp alone would leave 0600).
+    tracking.log_json(run_id, {"a": 1}, "checkpoints", "other.json")
+    mode = lambda name: (local / "checkpoints" / name).stat().st_mode & 0o777  # noqa: E731
+    assert mode("last.pt") == mode("other.json") and mode("last.pt") & 0o044
+    (local / "checkpoints" / "other.json").unlink()
     # A write that fails half-way (as a kill would) leaves the previous checkpoint whole.
     with pytest.raises(RuntimeError, match="cannot pickle"):
         tracking.save_torch(run_id, {"w": torch.zeros(3), "bad": _Unpicklable()}, "checkpoints", "last.pt", tmp_path, local)

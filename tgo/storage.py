@@ -20,6 +20,7 @@ file is for one machine, so the process table is the ground truth; nothing else 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import warnings
 
@@ -46,6 +47,13 @@ def default_storage() -> str:
     return "sqlite:///optuna.db"
 
 
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by *** (user:***@host), for every message and record:
+    a storage URL may carry a password, which tgo never prints or logs. Pass passwords through the
+    environment instead (PGPASSWORD, ~/.pgpass, or a PostgreSQL service file: README)."""
+    return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", url)
+
+
 def open_storage(url: str = ""):
     """The Optuna storage named by `url` (see the module docstring), checked to be reachable."""
     url = url.strip() or default_storage()
@@ -60,7 +68,7 @@ def open_storage(url: str = ""):
         return JournalStorage(JournalFileBackend(path))
     if "://" not in url:
         raise StorageError(
-            f"storage {url!r} is not a storage URL; use journal:PATH (one machine, several processes), "
+            f"storage {mask_url(url)!r} is not a storage URL; use journal:PATH (one machine, several processes), "
             "sqlite:///FILE (one process) or postgresql://USER@HOST:PORT/DB (several machines)."
         )
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -77,7 +85,10 @@ def open_storage(url: str = ""):
             )
     except Exception as err:  # noqa: BLE001 - SQLAlchemy raises many kinds; all mean "cannot use it"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise StorageError(f"cannot open the Optuna storage {url}: {first}") from None
+        password = re.match(r".*://[^/:@]*:([^@/]*)@", url)
+        if password and password.group(1):
+            first = first.replace(password.group(1), "***")
+        raise StorageError(f"cannot open the Optuna storage {mask_url(url)}: {first}") from None
 
 
 def mark_worker(trial: optuna.Trial) -> None:

@@ -41,7 +41,7 @@ from optuna.trial import TrialState
 import tgo
 from tgo import analysis, findings, plots, tracking, train
 from tgo.config import ConfigError, resolve
-from tgo.storage import mark_worker, open_storage, reclaim_dead_trials
+from tgo.storage import mark_worker, mask_url, open_storage, reclaim_dead_trials
 
 PARENT_ATTR = "mlflow_parent_run_id"
 RUN_ATTR = "mlflow_run_id"
@@ -171,7 +171,7 @@ def sweep(
             client.get_run(run_id)
         except mlflow.exceptions.MlflowException:
             raise ConfigError(
-                f"study {study_name!r} in {storage or 'the default storage'} ran seed {seed} as run {run_id}, which is not "
+                f"study {study_name!r} in {mask_url(storage) if storage else 'the default storage'} ran seed {seed} as run {run_id}, which is not "
                 f"in the tracking store {mlflow.get_tracking_uri()}: the study belongs to another store. Use another "
                 "study_name or storage."
             ) from None
