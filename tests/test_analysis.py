@@ -172,6 +172,9 @@ def test_bad_input_is_explained_and_writes_nothing_to_the_run(trained, tmp_path)
         analyze(empty)
     with pytest.raises(AnalysisError, match="were not measured"):
         analyze(result.run_id, sites=["block_07/cls"], output_dir=tmp_path / "x")
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(AnalysisError, match="torch sees no CUDA GPU"):
+            analyze(result.run_id, probe_size=16, device="cuda", output_dir=tmp_path / "z")
     with pytest.raises(AnalysisError, match="exceeds the 64 images"):
         analyze(result.run_id, probe_size=1000, output_dir=tmp_path / "y")
     assert client.get_run(result.run_id).data.tags == before

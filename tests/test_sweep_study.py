@@ -118,6 +118,10 @@ def test_a_killed_workers_seed_is_run_by_another(store, tmp_path, kind):
     assert _complete_seeds(storage, "kill") == [0, 1]
     retried = [t for t in s.get_trials(states=(TrialState.COMPLETE,)) if t.params["seed"] == running.params["seed"]]
     assert len(retried) == 1 and retried[0].number > running.number
+    # The dead worker's run is FAILED with the reason, not RUNNING for good.
+    dead = MlflowClient().get_run(s.trials[running.number].user_attrs["mlflow_run_id"])
+    assert dead.info.status == "FAILED" and dead.data.tags["tgo.trial_state"] == "FAIL"
+    assert "died" in dead.data.tags["tgo.error"]
 
 
 def test_study_on_postgresql_runs_to_n_trials_with_children_linked(store, postgres_url, tmp_path):

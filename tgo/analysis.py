@@ -33,7 +33,6 @@ from typing import Sequence
 import mlflow
 import numpy as np
 import pandas as pd
-import scipy.stats
 from mlflow.tracking import MlflowClient
 from tqdm.auto import tqdm
 
@@ -313,6 +312,26 @@ def _default_sites(measured: set[tuple[str, str]]) -> list[tuple[str, str]]:
     return chosen or sorted(measured)[:1]
 
 
+def _check_device(device: str) -> None:
+    """A re-probe's device, checked before any work (torch would fail deep inside the probe)."""
+    import torch
+
+    name = (device or "auto").lower()
+    if name in ("auto", "cpu"):
+        return
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise AnalysisError(f"device: {device!r} was asked for, but torch sees no CUDA GPU on this machine; "
+                                "use --device cpu (or auto).")
+        index = name.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise AnalysisError(f"device: {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+        return
+    if name == "mps" and torch.backends.mps.is_available():
+        return
+    raise AnalysisError(f"device: {device!r} is not available here; choose auto, cpu, cuda, cuda:N or mps.")
+
+
 def analyze(
     run_id: str,
     *,
@@ -338,6 +357,7 @@ def analyze(
         log: log everything as an analysis run, a child of the training run.
         figures: draw the figures (False: tables, statistics and verdicts only, much faster).
     """
+    _check_device(device)
     tracking.check_tracking()
     run = tracking.get_run(run_id)
     folder = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="tgo-analysis-"))

@@ -23,10 +23,11 @@ import os
 import re
 import socket
 import warnings
+from typing import Callable
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 HEARTBEAT_INTERVAL = int(os.environ.get("TGO_HEARTBEAT_INTERVAL", "60"))  # seconds
 GRACE_PERIOD = int(os.environ.get("TGO_GRACE_PERIOD", "180"))
@@ -54,8 +55,32 @@ def mask_url(url: str) -> str:
     return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", url)
 
 
-def open_storage(url: str = ""):
-    """The Optuna storage named by `url` (see the module docstring), checked to be reachable."""
+class _RetryAndReport:
+    """Optuna's RetryHeartbeatStaleTrialCallback, then `on_dead_trial(trial)` (tgo marks the trial's
+    MLflow run FAILED there, so a dead worker's run does not stay RUNNING for good)."""
+
+    def __init__(self, max_retry: int, on_dead_trial: Callable[[FrozenTrial], None] | None) -> None:
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+        self.retry, self.on_dead_trial = RetryHeartbeatStaleTrialCallback(max_retry=max_retry), on_dead_trial
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.retry(study, trial)
+        _report(self.on_dead_trial, trial)
+
+
+def _report(on_dead_trial, trial: FrozenTrial) -> None:
+    if on_dead_trial is None:
+        return
+    try:
+        on_dead_trial(trial)
+    except Exception as err:  # noqa: BLE001 - bookkeeping of another worker's run never stops this one
+        warnings.warn(f"could not mark the run of dead trial {trial.number}: {err}", RuntimeWarning, stacklevel=2)
+
+
+def open_storage(url: str = "", on_dead_trial: Callable[[FrozenTrial], None] | None = None):
+    """The Optuna storage named by `url` (see the module docstring), checked to be reachable.
+    on_dead_trial(trial) is called for each trial failed because its worker died (RDB heartbeat)."""
     url = url.strip() or default_storage()
     if url.startswith("journal:"):
         from optuna.storages import JournalStorage
@@ -71,7 +96,7 @@ def open_storage(url: str = ""):
             f"storage {mask_url(url)!r} is not a storage URL; use journal:PATH (one machine, several processes), "
             "sqlite:///FILE (one process) or postgresql://USER@HOST:PORT/DB (several machines)."
         )
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages import RDBStorage
 
     try:
         with warnings.catch_warnings():
@@ -80,7 +105,7 @@ def open_storage(url: str = ""):
                 url,
                 heartbeat_interval=HEARTBEAT_INTERVAL,
                 grace_period=GRACE_PERIOD,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+                heartbeat_stale_trial_callback=_RetryAndReport(MAX_RETRY, on_dead_trial),
                 engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
             )
     except Exception as err:  # noqa: BLE001 - SQLAlchemy raises many kinds; all mean "cannot use it"
@@ -105,9 +130,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def reclaim_dead_trials(study: optuna.Study, storage) -> list[int]:
-    """JournalStorage: fail the RUNNING trials of dead workers on this host and enqueue them again.
-    Returns the numbers of the trials reclaimed by this worker."""
+def reclaim_dead_trials(study: optuna.Study, storage, on_dead_trial: Callable[[FrozenTrial], None] | None = None) -> list[int]:
+    """JournalStorage: fail the RUNNING trials of dead workers on this host and enqueue them again,
+    calling on_dead_trial(trial) for each. Returns the numbers of the trials reclaimed by this worker."""
     from optuna.storages import JournalStorage
 
     if not isinstance(storage, JournalStorage):
@@ -124,6 +149,7 @@ def reclaim_dead_trials(study: optuna.Study, storage) -> list[int]:
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         except UpdateFinishedTrialError:
             continue  # another worker reclaimed it first
+        _report(on_dead_trial, t)
         # As Optuna's own retry callbacks do: a WAITING copy with the same parameters and system
         # attributes (a GridSampler needs its grid_id), run by the next worker that asks.
         system_attrs = {**t.system_attrs, "fixed_params": t.params, "failed_trial": t.number}

@@ -28,7 +28,6 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import optuna
 import pandas as pd
@@ -41,7 +40,7 @@ from tgo import plots, tracking, train
 from tgo.config import FIELD_TYPES, ConfigError, resolve
 from tgo.spectral import OBSERVABLE_NAMES
 from tgo.storage import mark_worker, open_storage, reclaim_dead_trials
-from tgo.sweep import RUN_ATTR, parent_run
+from tgo.sweep import RUN_ATTR, fail_dead_run, parent_run
 
 DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "configs" / "search_space.yaml"
 SCALAR_OBJECTIVES = ("train/loss", "train/acc1", "val/loss", "val/acc1", "val/acc5")
@@ -159,7 +158,7 @@ def study(
     if clash:
         raise ConfigError(f"{', '.join(clash)}: set by the search space and by a parameter; drop one.")
     tracking.check_tracking()
-    store = open_storage(storage)
+    store = open_storage(storage, on_dead_trial=fail_dead_run)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         existing = optuna.load_study(study_name=study_name, storage=store)
@@ -188,12 +187,13 @@ def study(
         mark_worker(trial)
         run_ids: list[str] = []
 
+        def started(run_id: str) -> None:  # the trial knows its run before any work
+            run_ids.append(run_id)
+            trial.set_user_attr(RUN_ATTR, run_id)
+            tracking.set_tags(run_id, {"tgo.trial_number": trial.number, "tgo.trial_state": "RUNNING",
+                                       **{f"tgo.param.{k}": v for k, v in params.items()}})
+
         def report(epoch: int, m: dict) -> None:
-            if epoch == 0 and not run_ids:
-                run_ids.append(mlflow.active_run().info.run_id)
-                trial.set_user_attr(RUN_ATTR, run_ids[0])
-                tracking.set_tags(run_ids[0], {"tgo.trial_number": trial.number, "tgo.trial_state": "RUNNING",
-                                               **{f"tgo.param.{k}": v for k, v in params.items()}})
             if len(metrics) == 1 and epoch > 0 and metrics[0] in m:
                 trial.report(m[metrics[0]], epoch)
                 if trial.should_prune():
@@ -201,7 +201,7 @@ def study(
 
         try:
             result = train.run(parent_run_id=parent, run_name=f"trial {trial.number}", experiment=experiment,
-                               epoch_callback=report, **given, **params)
+                               epoch_callback=report, on_start=started, **given, **params)
         except train.StopTraining as stop:
             client.set_tag(run_ids[0], "tgo.trial_state", "PRUNED")
             raise optuna.TrialPruned(str(stop)) from None
@@ -218,12 +218,12 @@ def study(
         return values[0] if len(values) == 1 else values
 
     def enough(study_: optuna.Study, _trial) -> None:
-        reclaim_dead_trials(study_, store)
+        reclaim_dead_trials(study_, store, fail_dead_run)
         done = study_.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
         if len(done) >= n_trials:
             study_.stop()
 
-    reclaim_dead_trials(s, store)
+    reclaim_dead_trials(s, store, fail_dead_run)
     finished = s.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
     if len(finished) < n_trials:
         with warnings.catch_warnings():

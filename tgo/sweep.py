@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -100,6 +99,12 @@ def parent_run(study: optuna.Study, experiment: str, study_name: str, kind: str 
     return study.user_attrs.get(PARENT_ATTR, run_id)  # two workers racing converge on the stored one
 
 
+def fail_dead_run(trial) -> None:
+    """The run of a trial failed because its worker died: FAILED too, not RUNNING for good."""
+    tracking.fail_run(trial.user_attrs.get(RUN_ATTR, ""), f"worker {trial.user_attrs.get('tgo.worker', '?')} died; "
+                      f"trial {trial.number} was failed and its seed retried")
+
+
 def sweep(
     seeds: Sequence[int] | str,
     *,
@@ -121,7 +126,7 @@ def sweep(
     resolve(given.get("preset", "demo"), **{k: v for k, v in given.items() if k != "preset"})  # bad input stops here
     tracking.check_tracking()
     study_name = study_name or "sweep-" + "-".join(map(str, seeds))
-    store = open_storage(storage)
+    store = open_storage(storage, on_dead_trial=fail_dead_run)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         storage=store, study_name=study_name, load_if_exists=True, direction="maximize",
@@ -142,13 +147,15 @@ def sweep(
         if taken:
             raise optuna.TrialPruned(f"seed {seed} is already taken by trial {taken[0].number}")
         mark_worker(trial)
-        result = train.run(parent_run_id=parent, seed=seed, run_name=f"seed {seed}", experiment=experiment, **given)
+
+        result = train.run(parent_run_id=parent, seed=seed, run_name=f"seed {seed}", experiment=experiment,
+                           on_start=lambda run_id: trial.set_user_attr(RUN_ATTR, run_id), **given)
         trial.set_user_attr(RUN_ATTR, result.run_id)
         return float(result.metrics.get("val/acc1", 0.0))
 
     failed: list[int] = []
     while True:
-        reclaim_dead_trials(study, store)
+        reclaim_dead_trials(study, store, fail_dead_run)
         trials = study.get_trials(deepcopy=False)
         waiting = any(t.state == TrialState.WAITING for t in trials)
         started = {_seed_of(t) for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING)}

@@ -235,5 +235,17 @@ def end_run(status: str = "FINISHED", message: str = "") -> None:
     mlflow.end_run(status=status)
 
 
+def fail_run(run_id: str, reason: str) -> None:
+    """Mark a run FAILED with its reason (tgo.error, tgo.trial_state=FAIL) if it is still RUNNING:
+    the run of a trial whose worker died, which nobody else would ever end."""
+    if not run_id:
+        return
+    client = MlflowClient()
+    if client.get_run(run_id).info.status != "RUNNING":
+        return
+    set_tags(run_id, {"tgo.trial_state": "FAIL", "tgo.error": reason})
+    client.set_terminated(run_id, "FAILED")
+
+
 def is_finished(run) -> bool:
     return run.info.status == RunStatus.to_string(RunStatus.FINISHED)

@@ -285,13 +285,15 @@ class StopTraining(Exception):
     closed as KILLED with the tag tgo.stopped_early, its epochs so far intact."""
 
 
-def run(cfg: TrainConfig | None = None, *, parent_run_id: str = "", epoch_callback=None, **overrides) -> TrainResult:
+def run(cfg: TrainConfig | None = None, *, parent_run_id: str = "", epoch_callback=None, on_start=None, **overrides) -> TrainResult:
     """Train a ViT with per-epoch geometry, tracked in MLflow; return the run id and metrics.
 
     `cfg` is a TrainConfig, or None to build one from `overrides` (preset="demo" by default,
     values as Python objects or strings). See tgo.config.TrainConfig for every setting.
     parent_run_id makes the run a child of that run (sweeps and studies); epoch_callback(epoch,
-    metrics) is called after each epoch is recorded and may raise StopTraining.
+    metrics) is called after each epoch is recorded and may raise StopTraining; on_start(run_id) as
+    soon as the MLflow run exists (a sweep or study records it in its trial before any work, so that
+    the run of a worker that dies can be found and marked FAILED).
     """
     if cfg is None:
         given = {k: v for k, v in overrides.items() if v is not None and not (isinstance(v, str) and not v.strip())}
@@ -301,13 +303,13 @@ def run(cfg: TrainConfig | None = None, *, parent_run_id: str = "", epoch_callba
         cfg = resolve(given.pop("preset"), **given)
     d = _init_distributed(cfg.device.lower())
     try:
-        return _run(cfg, set(given), d, parent_run_id, epoch_callback)
+        return _run(cfg, set(given), d, parent_run_id, epoch_callback, on_start)
     finally:
         if d.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _run(cfg: TrainConfig, given: set[str], d: Dist, parent_run_id: str = "", epoch_callback=None) -> TrainResult:
+def _run(cfg: TrainConfig, given: set[str], d: Dist, parent_run_id: str = "", epoch_callback=None, on_start=None) -> TrainResult:
     device = _device(cfg, d)
     if d.main:
         tracking.check_tracking()
@@ -393,6 +395,8 @@ def _run(cfg: TrainConfig, given: set[str], d: Dist, parent_run_id: str = "", ep
     if d.main:
         active = tracking.start_run(cfg.experiment, cfg.run_name, cfg.resume, cfg.system_metrics, parent_run_id)
         run_id = active.info.run_id
+        if on_start is not None:
+            on_start(run_id)
     # On a GPU each epoch's record is written by a background thread while the next epoch trains; on
     # the CPU in line, as the two would share the same cores (a background write cost the demo's
     # 8-second epochs about 1 s, an in-line one 0.4 s).
