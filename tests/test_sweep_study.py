@@ -88,6 +88,9 @@ def test_two_workers_on_one_journal_run_each_seed_once_and_aggregate(store, tmp_
     proc = subprocess.run(_sweep_cmd("0,1,2", storage, "two"), env=subprocess_env(store), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(_children(parent)) == 3
+    # ... and aggregating again adds nothing to the parent's histories (one value per epoch).
+    assert sorted(m.step for m in client.get_metric_history(parent, f"seeds/mean/{key}")) == [0, 1]
+    assert len(client.get_metric_history(parent, "seeds/finding/1")) == 1
 
 
 def _kill_when_running(proc: subprocess.Popen, storage: str, name: str, timeout: float = 300) -> None:
@@ -261,3 +264,14 @@ def test_a_storage_password_is_never_printed(store, capsys):
     out = capsys.readouterr()
     assert code == 2 and "postgresql://u:***@127.0.0.1:1/db" in out.err
     assert "s3cret" not in out.err + out.out
+
+
+def test_workers_started_together_on_a_fresh_sqlite_store_all_open_it(tmp_path):
+    # Each process creates the store's schema if it is missing; together they used to race on it
+    # ("table already exists"). Four at once, on a store nobody has opened yet.
+    uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
+    code = "from tgo.tracking import check_tracking; check_tracking(); print('ok')"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=subprocess_env(uri), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 and out.strip() == "ok" for p, (out, _) in zip(procs, results)), [err[-500:] for _, err in results]

@@ -229,6 +229,11 @@ def aggregate_into(parent: str, seed_runs: dict[int, str]) -> tuple[pd.DataFrame
     counts = finding_counts(seed_findings)
 
     client = MlflowClient()
+    joined = ",".join(seed_runs[s] for s in sorted(seed_runs))
+    if client.get_run(parent).data.tags.get("tgo.seed_runs") == joined:
+        # Aggregated before from these very runs (the tag is set last): logging again would only
+        # add every seeds/* step a second time to the parent's history.
+        return summary, counts
     keys = np.where(summary.site == "", summary.observable, "geom/" + summary.site + "/" + summary.view + "/" + summary.observable)
     for epoch in sorted(summary.epoch.unique()):
         rows = summary.epoch == epoch
@@ -258,7 +263,7 @@ def aggregate_into(parent: str, seed_runs: dict[int, str]) -> tuple[pd.DataFrame
         plots.save(plots.mean_and_band(geo[geo.site.isin(shown)], name, len(seed_runs)), figdir / f"seeds_{name}.png")
     client.log_artifacts(parent, str(folder / "tables"), "tables")
     client.log_artifacts(parent, str(figdir), "figures")
-    tracking.set_tags(parent, {"tgo.seeds": ",".join(map(str, sorted(seed_runs))), "tgo.seed_runs": ",".join(seed_runs[s] for s in sorted(seed_runs))})
+    tracking.set_tags(parent, {"tgo.seeds": ",".join(map(str, sorted(seed_runs))), "tgo.seed_runs": joined})
     if os.environ.get("MLFLOW_RUN_ID") != parent:  # `mlflow run` closes its own run
         client.set_terminated(parent, "FINISHED")
     return summary, counts

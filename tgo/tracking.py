@@ -13,6 +13,7 @@ an artifact store is not a trusted source of pickles.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -55,10 +56,31 @@ def check_tracking() -> str:
             ) from None
     else:
         try:
-            MlflowClient(uri).search_experiments(max_results=1)
+            with _schema_lock(uri):
+                MlflowClient(uri).search_experiments(max_results=1)
         except Exception as err:  # noqa: BLE001 - any backend failure means we cannot log
             raise TrackingError(f"cannot open the MLflow tracking store {uri}: {err}") from None
     return uri
+
+
+@contextlib.contextmanager
+def _schema_lock(uri: str):
+    """Several processes opening a fresh sqlite store at once race on creating its schema ("table
+    already exists"): the first to open it creates it while holding an exclusive lock on a file
+    beside the database (fcntl.flock), and the others wait. Other stores need no lock."""
+    path = uri[len("sqlite:///"):].split("?")[0] if uri.startswith("sqlite:///") else ""  # relative, or /absolute
+    if not path or path == ":memory:":
+        yield
+        return
+    import fcntl
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def get_run(run_id: str):
