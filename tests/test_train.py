@@ -81,6 +81,7 @@ def test_mlflow_run_end_to_end(store, tmp_path):
     last = torch.load(root / "checkpoints" / "last.pt", weights_only=True)
     assert last["epoch"] == 2 and {"model", "optimizer", "scheduler", "scaler", "rng", "config"} <= set(last)
     import json
+import os
 
     record = json.loads((root / "probe" / "probe_set.json").read_text())
     assert record["size"] == 32 and len(record["indices"]) == 32 and record["fingerprint"] == tags["tgo.probe_fingerprint"]
@@ -367,3 +368,31 @@ def test_checkpoint_write_is_atomic_in_a_local_artifact_store(store, tmp_path):
     (local / "checkpoints" / ".last.pt.abc.partial").write_bytes(b"cut short")
     EpochCommitter(run_id, str(tmp_path), background=False)
     assert not list((local / "checkpoints").glob(".*.partial"))
+
+
+def test_imagenet100_links_refuse_a_dst_inside_the_source_and_handle_odd_links(tmp_path, capsys):
+    from tgo import cli
+    from tgo.data import DataError, build_imagenet100, imagenet100_classes
+
+    src = tmp_path / "inet"
+    wnid = imagenet100_classes()[0]
+    for split in ("train", "val"):
+        (src / split / wnid).mkdir(parents=True)
+        (src / split / wnid / "a.JPEG").write_bytes(b"jpeg")
+    loop = src / "train" / wnid / "loop.JPEG"
+    loop.symlink_to(loop)  # a link to itself: not an image
+    with pytest.raises(DataError, match="lies inside --src"):
+        build_imagenet100(src, src / "train")
+    dst = tmp_path / "inet100"
+    (dst / "train" / wnid).mkdir(parents=True)
+    (dst / "train" / wnid / "a.JPEG").symlink_to(tmp_path / "gone.JPEG")  # dangling, from an older tree
+    report = build_imagenet100(src, dst)
+    assert report["replaced_links"] == 1
+    assert (dst / "train" / wnid / "a.JPEG").resolve() == (src / "train" / wnid / "a.JPEG").resolve()
+    assert not os.path.lexists(dst / "train" / wnid / "loop.JPEG")
+    # A file where a folder should be: a message, exit 2, no traceback.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "val").write_text("not a folder")
+    assert cli.main(["data", "imagenet100", "--src", str(src), "--dst", str(other)]) == 2
+    assert "a file stands where a folder should be" in capsys.readouterr().err

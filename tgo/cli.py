@@ -246,6 +246,8 @@ def cmd_data(args: argparse.Namespace) -> int:
               f"(fewest {min(counts.values())}, most {max(counts.values())} per class)")
         if lacking:
             print(f"  missing from {args.src}/{split}: {len(lacking)} classes: {', '.join(lacking)}")
+    if report.get("replaced_links"):
+        print(f"  {report['replaced_links']} dangling links in {args.dst} (to images no longer there) were made again.")
     complete = not any(report["source_lacks"].values())
     print(f"ImageNet-100 at {args.dst} is {'complete' if complete else 'INCOMPLETE: training on it will stop with this list'}.")
     return 0 if complete else 1

@@ -263,7 +263,12 @@ def build_imagenet100(src: str | Path, dst: str | Path, splits=("train", "val"))
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise DataError(f"--src {src} does not exist; point it at an ImageNet-1k tree with train/ and val/.")
+    real_src, real_dst = src.resolve(), dst.resolve()
+    if real_dst == real_src or real_src in real_dst.parents:
+        raise DataError(f"--dst {dst} lies inside --src {src}: ImageNet-100 would be written into the ImageNet-1k "
+                        "tree it links to. Choose a folder outside it.")
     lacking: dict[str, list[str]] = {}
+    replaced = 0
     for split in splits:
         split_src = src / split
         if not split_src.is_dir():
@@ -278,12 +283,28 @@ def build_imagenet100(src: str | Path, dst: str | Path, splits=("train", "val"))
                 lacking[split].append(wnid)
                 continue
             cls_dst = dst / split / wnid
-            cls_dst.mkdir(parents=True, exist_ok=True)
+            try:
+                cls_dst.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise DataError(f"cannot make the folder {cls_dst}: a file stands where a folder should be "
+                                f"(in {dst}). Move it away, or choose another --dst.") from None
             for entry in os.scandir(cls_src):
-                if entry.name.endswith(IMG_EXTENSIONS):
-                    link = cls_dst / entry.name
-                    if not link.exists():
-                        link.symlink_to(os.path.abspath(entry.path))
+                if not entry.name.endswith(IMG_EXTENSIONS):
+                    continue
+                try:
+                    is_image = entry.is_file()  # follows links: a dangling or looping link is no image
+                except OSError:
+                    is_image = False
+                if not is_image:
+                    continue
+                link = cls_dst / entry.name
+                if os.path.lexists(link):
+                    if link.exists():
+                        continue  # kept: the tree can be completed by running again
+                    link.unlink()  # a dangling link left by an earlier tree: made again
+                    replaced += 1
+                link.symlink_to(os.path.abspath(entry.path))
     report = imagenet100_report(dst)
     report["source_lacks"] = lacking
+    report["replaced_links"] = replaced
     return report
