@@ -1,6 +1,7 @@
 """The training entry point end to end: mlflow run, the CLI and the Python call, read back only
 through the tracking API; resume after SIGKILL; DDP on two gloo processes; bad input."""
 
+import os
 import re
 import signal
 import subprocess
@@ -81,7 +82,6 @@ def test_mlflow_run_end_to_end(store, tmp_path):
     last = torch.load(root / "checkpoints" / "last.pt", weights_only=True)
     assert last["epoch"] == 2 and {"model", "optimizer", "scheduler", "scaler", "rng", "config"} <= set(last)
     import json
-import os
 
     record = json.loads((root / "probe" / "probe_set.json").read_text())
     assert record["size"] == 32 and len(record["indices"]) == 32 and record["fingerprint"] == tags["tgo.probe_fingerprint"]
