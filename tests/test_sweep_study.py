@@ -188,12 +188,17 @@ def test_multi_objective_study_has_a_pareto_front(store, tmp_path):
         (dict(search_space="EMPTY"), "is empty"),
         (dict(search_space="BROKEN"), "is not valid YAML"),
         (dict(search_space="UNKNOWN"), "is not a tgo train setting"),
+        (dict(search_space="HFLIP"), "search_space: hflip = 2 is not a valid setting: hflip: must be a number in [0, 1]"),
+        (dict(search_space="NAN"), "needs finite numbers low <= high"),
+        (dict(search_space="BATCH"), "search_space: batch_size = 0 is not a valid setting"),
         (dict(storage="postgresql://postgres@127.0.0.1:9/none"), "cannot open the Optuna storage postgresql://postgres@127.0.0.1:9/none"),
         (dict(storage="nowhere"), "is not a storage URL"),
     ],
 )
 def test_bad_study_input_stops_before_any_trial(store, tmp_path, kwargs, message):
-    files = {"EMPTY": "", "BROKEN": "lr: {type: float, low: [", "UNKNOWN": "learning_rate: {type: float, low: 0.1, high: 1}"}
+    files = {"EMPTY": "", "BROKEN": "lr: {type: float, low: [", "UNKNOWN": "learning_rate: {type: float, low: 0.1, high: 1}",
+             "HFLIP": "hflip: {type: categorical, choices: [2, 3]}", "NAN": "lr: {type: float, low: .nan, high: 0.1}",
+             "BATCH": "batch_size: {type: int, low: 0, high: 8}"}
     if kwargs.get("search_space") in files:
         path = tmp_path / "space.yaml"
         path.write_text(files[kwargs["search_space"]])
@@ -275,3 +280,15 @@ def test_workers_started_together_on_a_fresh_sqlite_store_all_open_it(tmp_path):
                               stderr=subprocess.PIPE, text=True) for _ in range(4)]
     results = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 and out.strip() == "ok" for p, (out, _) in zip(procs, results)), [err[-500:] for _, err in results]
+
+
+def test_a_study_whose_trials_all_fail_on_one_configuration_error_stops_with_it(store, tmp_path):
+    # Each value is valid alone (checked before the first trial), but not together: mixup needs an
+    # even batch size. The study stops after its first two trials instead of failing all four.
+    space = tmp_path / "space.yaml"
+    space.write_text("mixup: {type: categorical, choices: [0.8]}\nbatch_size: {type: int, low: 7, high: 7}\n")
+    storage = f"journal:{tmp_path / 'bad.journal'}"
+    with pytest.raises(ConfigError, match="first 2 trials all failed with the same configuration error, batch_size: mixup/cutmix need an even batch size"):
+        study(4, search_space=space, storage=storage, study_name="bad", preset="smoke", epochs=1)
+    trials = optuna.load_study(study_name="bad", storage=open_storage(storage)).get_trials()
+    assert len(trials) == 2 and all(t.state == TrialState.FAIL for t in trials)

@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
@@ -45,6 +46,7 @@ from tgo.sweep import RUN_ATTR, fail_dead_run, parent_run
 DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "configs" / "search_space.yaml"
 SCALAR_OBJECTIVES = ("train/loss", "train/acc1", "val/loss", "val/acc1", "val/acc5")
 PRUNERS = ("median", "hyperband", "successive_halving", "none")
+CONFIG_ERROR_ATTR = "tgo.config_error"  # the ConfigError a trial failed with
 _GEOM = re.compile(r"geom/(patch_embed|pos_embed|block_\d{2}|final)/(cls|patch|mean)/(\w+)")
 
 
@@ -102,11 +104,27 @@ def load_search_space(path: str | Path) -> dict[str, dict]:
                 raise ConfigError(f"{where} needs a non-empty list of choices.")
         else:
             low, high = spec.get("low"), spec.get("high")
-            if not isinstance(low, (int, float)) or not isinstance(high, (int, float)) or low > high:
-                raise ConfigError(f"{where} needs numbers low <= high, got low={low!r}, high={high!r}.")
+            numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high))
+            if not numbers or low > high:
+                raise ConfigError(f"{where} needs finite numbers low <= high, got low={low!r}, high={high!r}.")
             if spec.get("log") and low <= 0:
                 raise ConfigError(f"{where}: a log scale needs low > 0.")
     return space
+
+
+def check_space(space: dict[str, dict], preset: str, given: dict) -> None:
+    """Every value the space can suggest, checked against the train config's ranges before the first
+    trial (a categorical's choices, a range's bounds), with the study's other settings: a space
+    whose values are invalid would otherwise spend the whole study on failing trials."""
+    for name, spec in space.items():
+        values = spec["choices"] if spec["type"] == "categorical" else [spec["low"], spec["high"]]
+        for value in values:
+            if spec["type"] == "int":
+                value = int(value)
+            try:
+                resolve(preset, **{k: v for k, v in given.items() if k != "preset"}, **{name: value})
+            except ConfigError as err:
+                raise ConfigError(f"search_space: {name} = {value!r} is not a valid setting: {err}") from None
 
 
 def suggest(trial: optuna.Trial, space: dict[str, dict]) -> dict:
@@ -157,6 +175,7 @@ def study(
     clash = sorted(set(space) & set(given))
     if clash:
         raise ConfigError(f"{', '.join(clash)}: set by the search space and by a parameter; drop one.")
+    check_space(space, given.get("preset", "demo"), given)
     tracking.check_tracking()
     store = open_storage(storage, on_dead_trial=fail_dead_run)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -205,6 +224,9 @@ def study(
         except train.StopTraining as stop:
             client.set_tag(run_ids[0], "tgo.trial_state", "PRUNED")
             raise optuna.TrialPruned(str(stop)) from None
+        except ConfigError as err:  # a setting the space combined badly (e.g. mixup with an odd batch size)
+            trial.set_user_attr(CONFIG_ERROR_ATTR, str(err))
+            raise
         except Exception:
             if run_ids:
                 client.set_tag(run_ids[0], "tgo.trial_state", "FAIL")
@@ -220,7 +242,7 @@ def study(
     def enough(study_: optuna.Study, _trial) -> None:
         reclaim_dead_trials(study_, store, fail_dead_run)
         done = study_.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
-        if len(done) >= n_trials:
+        if len(done) >= n_trials or _same_config_error(study_):
             study_.stop()
 
     reclaim_dead_trials(s, store, fail_dead_run)
@@ -229,7 +251,21 @@ def study(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             s.optimize(objective, n_trials=n_trials - len(finished), callbacks=[enough], catch=(Exception,))
+    repeated = _same_config_error(s)
+    if repeated:
+        raise ConfigError(f"the study stopped: its first {repeated[0]} trials all failed with the same configuration "
+                          f"error, {repeated[1]} Fix the search space or the parameters.")
     return _summarise(s, parent, metrics, space)
+
+
+def _same_config_error(s: optuna.Study, first: int = 2) -> tuple[int, str] | None:
+    """(count, message) when the study's first finished trials (at least `first`) all failed with
+    one and the same configuration error, and none has succeeded: nothing will."""
+    done = sorted(s.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)), key=lambda t: t.number)
+    errors = {t.user_attrs.get(CONFIG_ERROR_ATTR) for t in done}
+    if len(done) >= first and len(errors) == 1 and None not in errors:
+        return len(done), errors.pop()
+    return None
 
 
 def _summarise(s: optuna.Study, parent: str, metrics: list[str], space: dict) -> StudyResult:
