@@ -291,4 +291,24 @@ def test_a_study_whose_trials_all_fail_on_one_configuration_error_stops_with_it(
     with pytest.raises(ConfigError, match="first 2 trials all failed with the same configuration error, batch_size: mixup/cutmix need an even batch size"):
         study(4, search_space=space, storage=storage, study_name="bad", preset="smoke", epochs=1)
     trials = optuna.load_study(study_name="bad", storage=open_storage(storage)).get_trials()
-    assert len(trials) == 2 and all(t.state == TrialState.FAIL for t in trials)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.WAITING, TrialState.WAITING]  # 2 slots untouched
+
+
+def test_two_study_workers_started_together_share_one_parent_and_exactly_n_trials(store, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {type: float, low: 1.0e-3, high: 3.0e-3, log: true}\nwarmup_epochs: {type: int, low: 0, high: 1}\n")
+    storage = f"journal:{tmp_path / 'together.journal'}"
+    cmd = [sys.executable, "-m", "tgo", "study", "--n_trials", "4", "--search_space", str(space), "--storage", storage,
+           "--study_name", "together", "--pruner", "none", "--preset", "smoke", "--epochs", "1", "--experiment", "studies"]
+    workers = [subprocess.Popen(cmd, env=subprocess_env(store), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [w.communicate(timeout=600) for w in workers]
+    assert all(w.returncode == 0 for w in workers), [err[-2000:] for _, err in outputs]
+    s = optuna.load_study(study_name="together", storage=open_storage(storage))
+    trials = s.get_trials()
+    assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)  # exactly n_trials
+    configs = {tuple(sorted(t.params.items())) for t in trials}
+    assert len(configs) == 4  # distinct configurations: each trial samples with its own seed
+    parents = mlflow.search_runs(experiment_names=["studies"], filter_string="tags.`tgo.kind` = 'study'", output_format="list")
+    assert len(parents) == 1 and parents[0].info.run_id == s.user_attrs["mlflow_parent_run_id"]
+    children = mlflow.search_runs(experiment_names=["studies"], filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'", output_format="list")
+    assert len(children) == 4

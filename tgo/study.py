@@ -47,6 +47,7 @@ DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "configs" / "search_space.
 SCALAR_OBJECTIVES = ("train/loss", "train/acc1", "val/loss", "val/acc1", "val/acc5")
 PRUNERS = ("median", "hyperband", "successive_halving", "none")
 CONFIG_ERROR_ATTR = "tgo.config_error"  # the ConfigError a trial failed with
+SLOT_ATTR, SURPLUS_ATTR = "tgo.slot", "tgo.surplus"  # one of the study's n_trials slots; a trial asked for past them
 _GEOM = re.compile(r"geom/(patch_embed|pos_embed|block_\d{2}|final)/(cls|patch|mean)/(\w+)")
 
 
@@ -189,19 +190,32 @@ def study(
             f"study {study_name!r} exists with directions {[d.name.lower() for d in existing.directions]}, "
             f"not {[d.name.lower() for d in wanted]}; choose another study_name or the same objectives."
         )
-    s = optuna.create_study(
-        storage=store, study_name=study_name, load_if_exists=True, directions=directions,
-        sampler=optuna.samplers.TPESampler(seed=sampler_seed) if len(metrics) == 1 else optuna.samplers.NSGAIISampler(seed=sampler_seed),
-        pruner=_pruner(pruner) if len(metrics) == 1 else optuna.pruners.NopPruner(),
-    )
-    if existing is None:
-        for params in enqueue or []:
-            s.enqueue_trial(params)
-    s.set_user_attr("objectives", objectives)
-    parent = parent_run(s, experiment, study_name, kind="study")
+    sampler = PerTrialSeed(optuna.samplers.TPESampler if len(metrics) == 1 else optuna.samplers.NSGAIISampler, sampler_seed)
+    options = dict(sampler=sampler, pruner=_pruner(pruner) if len(metrics) == 1 else optuna.pruners.NopPruner())
+    try:  # creating a study is atomic in every Optuna storage: exactly one worker is its creator
+        s = optuna.create_study(storage=store, study_name=study_name, directions=directions, **options)
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        s = optuna.load_study(study_name=study_name, storage=store, **options)
+        created = False
+    if created:
+        # n_trials slots, taken one at a time by whichever worker is free (Optuna pops a WAITING
+        # trial atomically): exactly n_trials trials across all workers.
+        for params in (enqueue or [])[:n_trials]:
+            s.enqueue_trial(params, user_attrs={SLOT_ATTR: True})
+        for _ in range(n_trials - len((enqueue or [])[:n_trials])):
+            s.enqueue_trial({}, user_attrs={SLOT_ATTR: True})
+        s.set_user_attr("objectives", objectives)
+    else:
+        _add_slots(s, n_trials)
+    parent = parent_run(s, experiment, study_name, kind="study", create=created)
     client = MlflowClient()
 
     def objective(trial: optuna.Trial):
+        attrs = trial.user_attrs
+        if not (attrs.get(SLOT_ATTR) or "tgo.retry_of" in attrs):  # not a slot: another worker took the last one meanwhile
+            trial.set_user_attr(SURPLUS_ATTR, True)
+            raise optuna.TrialPruned("surplus: every slot of the study was taken")
         params = suggest(trial, space)
         mark_worker(trial)
         run_ids: list[str] = []
@@ -239,23 +253,65 @@ def study(
         values = [float(result.metrics[k]) for k in metrics]
         return values[0] if len(values) == 1 else values
 
-    def enough(study_: optuna.Study, _trial) -> None:
-        reclaim_dead_trials(study_, store, fail_dead_run)
-        done = study_.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
-        if len(done) >= n_trials or _same_config_error(study_):
-            study_.stop()
-
-    reclaim_dead_trials(s, store, fail_dead_run)
-    finished = s.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
-    if len(finished) < n_trials:
+    # Take slots until none is left (a dead worker's trial comes back as a WAITING retry).
+    while True:
+        reclaim_dead_trials(s, store, fail_dead_run)
+        if _same_config_error(s) or not s.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            break
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            s.optimize(objective, n_trials=n_trials - len(finished), callbacks=[enough], catch=(Exception,))
+            s.optimize(objective, n_trials=1, catch=(Exception,))
     repeated = _same_config_error(s)
     if repeated:
         raise ConfigError(f"the study stopped: its first {repeated[0]} trials all failed with the same configuration "
                           f"error, {repeated[1]} Fix the search space or the parameters.")
     return _summarise(s, parent, metrics, space)
+
+
+class PerTrialSeed(optuna.samplers.BaseSampler):
+    """A sampler (TPE, NSGA-II) made anew for each trial with the seed (sampler_seed, trial number).
+
+    Workers that share a study with one fixed seed draw the same configurations from the same
+    history (two workers started together ran identical trials); trial numbers are unique across
+    workers, so these seeds are distinct, and a study run by one worker is still reproducible."""
+
+    def __init__(self, make, seed: int) -> None:
+        self.make, self.seed = make, int(seed)
+        self.inner = make(seed=self.seed)
+
+    def _for(self, number: int) -> None:
+        self.inner = self.make(seed=int(np.random.SeedSequence([self.seed, number]).generate_state(1)[0]))
+
+    def before_trial(self, study, trial) -> None:
+        self._for(trial.number)
+        self.inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self.inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self.inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
+
+
+def _add_slots(s: optuna.Study, n_trials: int) -> None:
+    """A study asked again for more trials than it has slots: the missing slots, added only while no
+    other worker is active (no RUNNING or WAITING trial), so that two joiners cannot both add them."""
+    trials = s.get_trials(deepcopy=False)
+    if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
+        return
+    slots = [t for t in trials if not t.user_attrs.get(SURPLUS_ATTR) and "tgo.retry_of" not in t.user_attrs
+             and "failed_trial" not in t.system_attrs]
+    for _ in range(n_trials - len(slots)):
+        s.enqueue_trial({}, user_attrs={SLOT_ATTR: True})
 
 
 def _same_config_error(s: optuna.Study, first: int = 2) -> tuple[int, str] | None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -78,17 +79,26 @@ def _seed_of(t) -> int | None:
     return t.params.get("seed")
 
 
-def parent_run(study: optuna.Study, experiment: str, study_name: str, kind: str = "sweep") -> str:
-    """The sweep's parent run: the one recorded in the study, else this process's (MLFLOW_RUN_ID
-    under `mlflow run`), else a new one; recorded in the study so that every worker uses it."""
+def parent_run(study: optuna.Study, experiment: str, study_name: str, kind: str = "sweep", create: bool = True,
+               wait_s: float = 120.0) -> str:
+    """The sweep's or study's parent run: the one recorded in the study, else, from the worker that
+    created the study (`create`), this process's (MLFLOW_RUN_ID under `mlflow run`) or a new one,
+    recorded in the study. Other workers wait for the creator to record it (up to wait_s; then, if
+    the creator died before recording, they make it themselves), so that whatever the timing there
+    is one parent per study."""
     client = MlflowClient()
-    recorded = study.user_attrs.get(PARENT_ATTR)
-    if recorded:
-        try:
-            client.get_run(recorded)
-            return recorded
-        except mlflow.exceptions.MlflowException:
-            pass
+    deadline = time.time() + (0.0 if create else wait_s)
+    while True:
+        recorded = study.user_attrs.get(PARENT_ATTR)  # read from the storage each time
+        if recorded:
+            try:
+                client.get_run(recorded)
+                return recorded
+            except mlflow.exceptions.MlflowException:
+                break  # recorded in another tracking store: make a new one here
+        if time.time() >= deadline:
+            break
+        time.sleep(0.5)
     run_id = os.environ.get("MLFLOW_RUN_ID", "")
     if not run_id:
         exp = client.get_experiment_by_name(experiment)
@@ -96,7 +106,7 @@ def parent_run(study: optuna.Study, experiment: str, study_name: str, kind: str 
         run_id = client.create_run(exp_id, run_name=f"{kind} {study_name}").info.run_id
     study.set_user_attr(PARENT_ATTR, run_id)
     tracking.set_tags(run_id, {"tgo.kind": kind, "tgo.study": study_name, "tgo.version": tgo.__version__})
-    return study.user_attrs.get(PARENT_ATTR, run_id)  # two workers racing converge on the stored one
+    return run_id
 
 
 def fail_dead_run(trial) -> None:
@@ -128,15 +138,18 @@ def sweep(
     study_name = study_name or "sweep-" + "-".join(map(str, seeds))
     store = open_storage(storage, on_dead_trial=fail_dead_run)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        storage=store, study_name=study_name, load_if_exists=True, direction="maximize",
-        sampler=optuna.samplers.GridSampler({"seed": seeds}, seed=0),
-    )
+    grid = optuna.samplers.GridSampler({"seed": seeds}, seed=0)
+    try:  # atomic in every Optuna storage: exactly one worker creates the sweep (and its parent run)
+        study = optuna.create_study(storage=store, study_name=study_name, direction="maximize", sampler=grid)
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=study_name, storage=store, sampler=grid)
+        created = False
     recorded = study.user_attrs.get("seeds")
     if recorded is not None and sorted(recorded) != sorted(seeds):
         raise ConfigError(f"study {study_name!r} is a sweep over seeds {recorded}, not {seeds}; choose another study_name.")
     study.set_user_attr("seeds", seeds)
-    parent = parent_run(study, experiment, study_name)
+    parent = parent_run(study, experiment, study_name, create=created)
     if os.environ.get("MLFLOW_RUN_ID") and os.environ["MLFLOW_RUN_ID"] != parent:
         tracking.set_tags(os.environ["MLFLOW_RUN_ID"], {"tgo.sweep_parent": parent, "mlflow.note.content": f"Sweep {study_name}: its runs and aggregate are under run {parent}."})
 
