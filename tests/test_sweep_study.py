@@ -312,3 +312,26 @@ def test_two_study_workers_started_together_share_one_parent_and_exactly_n_trial
     assert len(parents) == 1 and parents[0].info.run_id == s.user_attrs["mlflow_parent_run_id"]
     children = mlflow.search_runs(experiment_names=["studies"], filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'", output_format="list")
     assert len(children) == 4
+
+
+def test_a_sweep_worker_judges_only_its_own_trials(store, tmp_path, monkeypatch):
+    # While this worker trains seed 0, "another worker" fails a trial of the same sweep. This
+    # worker's own seed succeeded: it must not report the other's failure as its own.
+    from types import SimpleNamespace
+
+    from tgo import train
+
+    storage = f"journal:{tmp_path / 'own.journal'}"
+    client = MlflowClient()
+
+    def fake_run(parent_run_id, seed, on_start=None, **_):
+        other = optuna.load_study(study_name="own", storage=open_storage(storage))
+        trial = other.ask()
+        other.tell(trial, state=TrialState.FAIL)  # another worker's trial, failed meanwhile
+        run_id = client.create_run(client.get_run(parent_run_id).info.experiment_id, tags={"mlflow.parentRunId": parent_run_id}).info.run_id
+        client.set_terminated(run_id)
+        return SimpleNamespace(run_id=run_id, metrics={"val/acc1": 1.0})
+
+    monkeypatch.setattr(train, "run", fake_run)
+    result = sweep([0], storage=storage, study_name="own", preset="smoke", aggregate=False)
+    assert result.failed == [] and result.complete and sorted(result.seed_runs) == [0]

@@ -153,7 +153,10 @@ def sweep(
     if os.environ.get("MLFLOW_RUN_ID") and os.environ["MLFLOW_RUN_ID"] != parent:
         tracking.set_tags(os.environ["MLFLOW_RUN_ID"], {"tgo.sweep_parent": parent, "mlflow.note.content": f"Sweep {study_name}: its runs and aggregate are under run {parent}."})
 
+    ran: list[int] = []  # the trials this worker ran: it judges only those
+
     def objective(trial: optuna.Trial) -> float:
+        ran.append(trial.number)
         seed = trial.suggest_categorical("seed", seeds)
         taken = [t for t in study.get_trials(deepcopy=False) if _seed_of(t) == seed and t.number != trial.number
                  and (t.state == TrialState.COMPLETE or (t.state == TrialState.RUNNING and t.number < trial.number))]
@@ -174,9 +177,11 @@ def sweep(
         started = {_seed_of(t) for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING)}
         if not waiting and set(seeds) <= started:
             break
-        before = {t.number for t in study.get_trials(deepcopy=False)}
+        ran.clear()
         study.optimize(objective, n_trials=1, catch=(Exception,))
-        mine = [t for t in study.get_trials(deepcopy=False) if t.number not in before and t.state == TrialState.FAIL]
+        # Only this worker's own trial: another worker's failure is that worker's to report (and
+        # its seed is retried by whoever runs the sweep again).
+        mine = [t for t in study.get_trials(deepcopy=False) if t.number in ran and t.state == TrialState.FAIL]
         if mine:
             failed.extend(_seed_of(t) for t in mine)
             print(f"tgo: sweep {study_name}: seed {_seed_of(mine[0])} failed; see its run. Re-run the sweep to retry it.")
