@@ -396,3 +396,21 @@ def test_imagenet100_links_refuse_a_dst_inside_the_source_and_handle_odd_links(t
     (other / "val").write_text("not a folder")
     assert cli.main(["data", "imagenet100", "--src", str(src), "--dst", str(other)]) == 2
     assert "a file stands where a folder should be" in capsys.readouterr().err
+
+
+def test_extending_a_finished_run_replans_its_schedule_over_the_new_length(store, tmp_path):
+    # resume=<id> with more epochs: from the next epoch on the lr is that of a run planned for the
+    # new length from the start (it used to stay at the old schedule's end, min_lr).
+    from tgo.train import run
+
+    whole = run(preset="smoke", epochs=4, warmup_epochs=0, experiment="extend", run_name="whole")
+    short = run(preset="smoke", epochs=2, warmup_epochs=0, experiment="extend", run_name="short")
+    extended = run(resume=short.run_id, epochs=4)
+    assert extended.run_id == short.run_id
+    lr_whole = {m.step: m.value for m in MlflowClient().get_metric_history(whole.run_id, "lr")}
+    lr_ext = {m.step: m.value for m in MlflowClient().get_metric_history(short.run_id, "lr")}
+    assert sorted(lr_ext) == [0, 1, 2, 3, 4]
+    assert lr_ext[3] == pytest.approx(lr_whole[3]) and lr_ext[4] == pytest.approx(lr_whole[4])
+    assert lr_ext[3] > 2 * lr_whole[4]  # not at the end of the old 2-epoch schedule
+    tags = MlflowClient().get_run(short.run_id).data.tags
+    assert tags["tgo.resumed.epochs"] == "4"  # the logged config says how long the run now is

@@ -363,9 +363,15 @@ def _run(cfg: TrainConfig, given: set[str], d: Dist, parent_run_id: str = "", ep
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch = int(ckpt["epoch"]) + 1
+        if int(ckpt["config"]["epochs"]) == cfg.epochs or cfg.sched == "plateau":
+            scheduler.load_state_dict(ckpt["scheduler"])  # a plain resume: exactly where it stopped
+        elif start_epoch > 1:
+            # Extended (resume with more epochs): the schedule is planned anew over cfg.epochs, so
+            # from here on the lr is what a cfg.epochs-long run has at each epoch (README). The
+            # saved schedule would have kept its old length, leaving the new epochs at min_lr.
+            scheduler.step(start_epoch - 1)
     train_model = model
     if d.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
