@@ -77,9 +77,10 @@ def geometry_table(results: dict[int, ProbeResult]) -> pd.DataFrame:
     """Tidy table (epoch, site, view, observable, value, se) of per-epoch probe results; se is the
     jackknife standard error (NaN where the probe had no folds)."""
     rows = [
-        (epoch, g.site, g.view, name, value, g.stderr[name])
+        (epoch, g.site, g.view, name, value, se[name])
         for epoch, result in sorted(results.items())
         for g in result
+        for se in (g.stderr,)  # once per site/view, not once per observable
         for name, value in g.observables.items()
     ]
     return pd.DataFrame(rows, columns=["epoch", "site", "view", "observable", "value", "se"])
@@ -394,8 +395,9 @@ def analyze(
                      "1-4 are judged by the trend test alone and finding 5 is left inconclusive. Re-probe its saved "
                      "weights (probe_size) to get them.")
     trends = trend_statistics(geometry, replicates)
-    result = Analysis(run_id, geometry, scalars, trends, F.judge(geometry, replicates, head, trends=trends), source, notes,
-                      output_dir=folder, everywhere=F.everywhere(trends), head=head)
+    wide = F.everywhere(trends)
+    result = Analysis(run_id, geometry, scalars, trends, F.judge(geometry, replicates, head, trends=trends, wide=wide), source,
+                      notes, output_dir=folder, everywhere=wide, head=head)
 
     # covariance structure at the first and last epoch: a re-probe of those weights (cheap) unless done
     epochs = sorted(geometry.epoch.unique())

@@ -153,7 +153,7 @@ def change_test(first: float, last: float, reps_first: np.ndarray | None, reps_l
     return out
 
 
-def combine(row: Mapping[str, float], alpha: float = ALPHA) -> tuple[float, float, str]:
+def combine(row: Mapping[str, float]) -> tuple[float, float, str]:
     """(p, direction, method) of one observable from its change and trend tests (module doc)."""
     has_se, has_trend = np.isfinite(row["change_p"]), row["n_epochs"] >= MIN_TREND_EPOCHS and np.isfinite(row["trend_p"])
     if has_se and has_trend:
@@ -249,12 +249,14 @@ def _describe(r: dict) -> str:
             f"p {_fmt(r['change_p'])}{trend}; Holm p {_fmt(r['p_holm'])}: {r['call']})")
 
 
-def trend_findings(trends: pd.DataFrame, head: tuple[str, str] = ("final", "cls"), alpha: float = ALPHA) -> list[Finding]:
-    """Findings 1-4 at the view that feeds the head, with the share of all site/views as context."""
+def trend_findings(trends: pd.DataFrame, head: tuple[str, str] = ("final", "cls"), alpha: float = ALPHA,
+                   wide: pd.DataFrame | None = None) -> list[Finding]:
+    """Findings 1-4 at the view that feeds the head, with the share of all site/views as context
+    (`wide`: the `everywhere` table, computed here unless the caller already has it)."""
     out = []
     site, view = head
     n_epochs = int(trends.n_epochs.max()) if len(trends) else 0
-    wide = everywhere(trends, alpha)
+    wide = everywhere(trends, alpha) if wide is None else wide
     for number, (claim, expected) in TREND_FINDINGS.items():
         if n_epochs < 2:
             out.append(Finding(number, claim, "inconclusive", f"only {n_epochs} epoch(s) of geometry.", "no test"))
@@ -281,8 +283,7 @@ def everywhere(trends: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
     """Findings 1-4 at every site/view: the finding's p (the smallest Holm-adjusted p of its
     observables), its Benjamini-Hochberg q across the site/views, and the verdict there."""
     rows = []
-    pairs = trends[["site", "view"]].drop_duplicates().itertuples(index=False)
-    pairs = list(pairs)
+    pairs = list(trends[["site", "view"]].drop_duplicates().itertuples(index=False))
     for number, (_, expected) in TREND_FINDINGS.items():
         found = []
         for site, view in pairs:
@@ -364,10 +365,11 @@ def finding5(geometry: pd.DataFrame, replicates: Replicates | None, head: tuple[
 
 
 def judge(geometry: pd.DataFrame, replicates: Replicates | None = None, head: tuple[str, str] = ("final", "cls"),
-          alpha: float = ALPHA, trends: pd.DataFrame | None = None) -> list[Finding]:
-    """All five findings for one run (geometry: epoch, site, view, observable, value)."""
+          alpha: float = ALPHA, trends: pd.DataFrame | None = None, wide: pd.DataFrame | None = None) -> list[Finding]:
+    """All five findings for one run (geometry: epoch, site, view, observable, value); `trends` and
+    `wide` (the `everywhere` table) when the caller has computed them already."""
     trends = trend_table(geometry, replicates) if trends is None else trends
-    return trend_findings(trends, head, alpha) + [finding5(geometry, replicates, head, alpha)]
+    return trend_findings(trends, head, alpha, wide) + [finding5(geometry, replicates, head, alpha)]
 
 
 # --------------------------------------------------------------------------------------------------

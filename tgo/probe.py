@@ -84,10 +84,6 @@ class SiteViewGeometry:
     replicates: np.ndarray | None = None
 
     @property
-    def folds(self) -> int:
-        return 0 if self.replicates is None else int(self.replicates.shape[0])
-
-    @property
     def stderr(self) -> dict[str, float]:
         """Jackknife standard error of each observable (NaN without replicates)."""
         if self.replicates is None:
@@ -160,7 +156,7 @@ class ProbeResult:
             arrays[f"{key}/degenerate"] = np.array(g.degenerate)
             if g.replicates is not None:
                 arrays[f"{key}/replicates"] = g.replicates
-                arrays[f"{key}/stderr"] = np.array([g.stderr[n] for n in spectral.OBSERVABLE_NAMES])
+                arrays[f"{key}/stderr"] = uncertainty.jackknife_se(g.replicates, axis=0)  # OBSERVABLE_NAMES order
         with open(path, "wb") as fh:
             np.savez_compressed(fh, **arrays)
         return path
@@ -334,9 +330,9 @@ def probe(
                 images, fold = _images_and_folds(batch, seen, folds)
                 seen += images.shape[0]
                 # Images sorted by fold (a ViT in eval treats each image alone), so that every
-                # site's rows are contiguous per fold: counts[k] images of fold k, in order.
+                # site's rows are contiguous per fold: counts[k] images of fold k, in order, and
+                # counts[K] images kept in every replicate (K > 1).
                 order = torch.argsort(fold, stable=True)
-                # counts[k] images of fold k; counts[K]: images kept in every replicate (K > 1)
                 counts = torch.bincount(fold, minlength=folds + 1).tolist()[: folds + 1 if folds > 1 else 1]
                 images = images[order.to(images.device)].to(device, dtype=dtype, non_blocking=True)
                 final, blocks = model.forward_intermediates(images, output_fmt="NLC", return_prefix_tokens=True)

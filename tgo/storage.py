@@ -48,11 +48,14 @@ def default_storage() -> str:
     return "sqlite:///optuna.db"
 
 
+_PASSWORD = re.compile(r"(://[^/:@]*:)([^@/]*)@")  # scheme://user:PASSWORD@host
+
+
 def mask_url(url: str) -> str:
     """The URL with its password replaced by *** (user:***@host), for every message and record:
     a storage URL may carry a password, which tgo never prints or logs. Pass passwords through the
     environment instead (PGPASSWORD, ~/.pgpass, or a PostgreSQL service file: README)."""
-    return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", url)
+    return _PASSWORD.sub(r"\1***@", url)
 
 
 class _RetryAndReport:
@@ -110,9 +113,9 @@ def open_storage(url: str = "", on_dead_trial: Callable[[FrozenTrial], None] | N
             )
     except Exception as err:  # noqa: BLE001 - SQLAlchemy raises many kinds; all mean "cannot use it"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        password = re.match(r".*://[^/:@]*:([^@/]*)@", url)
-        if password and password.group(1):
-            first = first.replace(password.group(1), "***")
+        password = _PASSWORD.search(url)
+        if password and password.group(2):  # a driver's message may quote the URL it was given
+            first = first.replace(password.group(2), "***")
         raise StorageError(f"cannot open the Optuna storage {mask_url(url)}: {first}") from None
 
 

@@ -180,16 +180,6 @@ def study(
     tracking.check_tracking()
     store = open_storage(storage, on_dead_trial=fail_dead_run)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        existing = optuna.load_study(study_name=study_name, storage=store)
-    except KeyError:
-        existing = None
-    wanted = [optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else optuna.study.StudyDirection.MINIMIZE for d in directions]
-    if existing is not None and list(existing.directions) != wanted:
-        raise ConfigError(
-            f"study {study_name!r} exists with directions {[d.name.lower() for d in existing.directions]}, "
-            f"not {[d.name.lower() for d in wanted]}; choose another study_name or the same objectives."
-        )
     sampler = PerTrialSeed(optuna.samplers.TPESampler if len(metrics) == 1 else optuna.samplers.NSGAIISampler, sampler_seed)
     options = dict(sampler=sampler, pruner=_pruner(pruner) if len(metrics) == 1 else optuna.pruners.NopPruner())
     try:  # creating a study is atomic in every Optuna storage: exactly one worker is its creator
@@ -198,13 +188,19 @@ def study(
     except optuna.exceptions.DuplicatedStudyError:
         s = optuna.load_study(study_name=study_name, storage=store, **options)
         created = False
+        wanted = [optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else optuna.study.StudyDirection.MINIMIZE for d in directions]
+        if list(s.directions) != wanted:
+            raise ConfigError(
+                f"study {study_name!r} exists with directions {[d.name.lower() for d in s.directions]}, "
+                f"not {[d.name.lower() for d in wanted]}; choose another study_name or the same objectives."
+            ) from None
     if created:
         # n_trials slots, taken one at a time by whichever worker is free (Optuna pops a WAITING
-        # trial atomically): exactly n_trials trials across all workers.
-        for params in (enqueue or [])[:n_trials]:
+        # trial atomically): exactly n_trials trials across all workers; configurations to try
+        # first fill the first slots.
+        first = list(enqueue or [])[:n_trials]
+        for params in first + [{}] * (n_trials - len(first)):
             s.enqueue_trial(params, user_attrs={SLOT_ATTR: True})
-        for _ in range(n_trials - len((enqueue or [])[:n_trials])):
-            s.enqueue_trial({}, user_attrs={SLOT_ATTR: True})
         s.set_user_attr("objectives", objectives)
     else:
         _add_slots(s, n_trials)
