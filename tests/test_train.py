@@ -275,12 +275,17 @@ def _image_tree(root: Path, classes=("a", "b"), per_class=4, size=16):
                 Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
 
 
-def test_unreadable_image_is_named(store, tmp_path, capsys):
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_unreadable_image_is_named(store, tmp_path, capsys, workers):
     _image_tree(tmp_path / "tree")
     bad = tmp_path / "tree" / "val" / "b" / "broken.png"
     bad.write_bytes(b"not an image")
-    code, err = _cli(capsys, "--preset", "smoke", "--dataset", "imagefolder", "--data_dir", str(tmp_path / "tree"), "--probe_size", "9", "--num_classes", "0")
+    code, err = _cli(capsys, "--preset", "smoke", "--dataset", "imagefolder", "--data_dir", str(tmp_path / "tree"), "--probe_size", "9",
+                     "--num_classes", "0", "--workers", workers)
     assert code == 2 and "cannot read image" in err and str(bad) in err
+    # One message, also when a DataLoader worker process read the file: no worker traceback around it.
+    assert "Traceback" not in err and "DataLoader worker" not in err, err
+    assert len([line for line in err.splitlines() if " INFO mlflow" not in line]) == 1, err
 
 
 def test_wrong_layout_is_explained(store, tmp_path, capsys):

@@ -30,6 +30,15 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 class DataError(ValueError):
     """Data that tgo cannot train on; the message names the path and what to do."""
 
+    def __init__(self, message: str = "") -> None:
+        # A DataLoader worker's error reaches the main process re-raised as DataError("Caught
+        # DataError in DataLoader worker process 0.\nOriginal Traceback ...\ntgo.data.DataError:
+        # <message>") (torch's ExceptionWrapper): keep only the message the worker raised.
+        marker = f"{type(self).__module__}.{type(self).__qualname__}: "
+        if message.startswith("Caught ") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
 
 def imagenet100_classes() -> list[str]:
     """The 100 WordNet ids of ImageNet-100 (shipped with tgo, as in shared/data)."""
