@@ -121,10 +121,16 @@ def test_a_killed_workers_seed_is_run_by_another(store, tmp_path, kind):
     assert _complete_seeds(storage, "kill") == [0, 1]
     retried = [t for t in s.get_trials(states=(TrialState.COMPLETE,)) if t.params["seed"] == running.params["seed"]]
     assert len(retried) == 1 and retried[0].number > running.number
-    # The dead worker's run is FAILED with the reason, not RUNNING for good.
-    dead = MlflowClient().get_run(s.trials[running.number].user_attrs["mlflow_run_id"])
-    assert dead.info.status == "FAILED" and dead.data.tags["tgo.trial_state"] == "FAIL"
-    assert "died" in dead.data.tags["tgo.error"]
+    # The dead worker's run was marked FAILED with the reason (not RUNNING for good), and the retry
+    # resumed that very run from its checkpoint: one run per seed, every epoch logged once.
+    client = MlflowClient()
+    dead_run = s.trials[running.number].user_attrs["mlflow_run_id"]
+    assert retried[0].user_attrs["mlflow_run_id"] == dead_run
+    run = client.get_run(dead_run)
+    assert run.info.status == "FINISHED" and run.data.tags["tgo.trial_state"] == "COMPLETE"
+    assert "died" in run.data.tags["tgo.previous_error"] and "tgo.error" not in run.data.tags
+    assert sorted(m.step for m in client.get_metric_history(dead_run, "val/loss")) == [0, 1, 2]
+    assert len(_children(s.user_attrs["mlflow_parent_run_id"])) == 2
 
 
 def test_study_on_postgresql_runs_to_n_trials_with_children_linked(store, postgres_url, tmp_path):
@@ -193,6 +199,7 @@ def test_multi_objective_study_has_a_pareto_front(store, tmp_path):
         (dict(search_space="BATCH"), "search_space: batch_size = 0 is not a valid setting"),
         (dict(storage="postgresql://postgres@127.0.0.1:9/none"), "cannot open the Optuna storage postgresql://postgres@127.0.0.1:9/none"),
         (dict(storage="nowhere"), "is not a storage URL"),
+        (dict(resume="0123456789abcdef0123456789abcdef"), "resume: a study resumes only its own runs"),
     ],
 )
 def test_bad_study_input_stops_before_any_trial(store, tmp_path, kwargs, message):
@@ -224,6 +231,11 @@ def test_bad_sweep_input(store, capsys):
     assert "seeds: an empty entry in '1,,2'" in capsys.readouterr().err
     assert cli.main(["sweep", "--seeds", "0,1", "--seed", "3", "--preset", "smoke"]) == 2
     assert "seed: a sweep sets the seed" in capsys.readouterr().err
+    # An unrelated run is never adopted as a seed: a sweep resumes only its own runs.
+    unrelated = MlflowClient().create_run(MlflowClient().create_experiment("elsewhere")).info.run_id
+    assert cli.main(["sweep", "--seeds", "0,1", "--resume", unrelated, "--preset", "smoke"]) == 2
+    assert "resume: a sweep resumes only its own runs" in capsys.readouterr().err
+    assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == 1  # nothing started
     with pytest.raises(ConfigError, match="epochs: expected an integer"):
         sweep("0,1", preset="smoke", epochs="many")
 
@@ -282,7 +294,7 @@ def test_workers_started_together_on_a_fresh_sqlite_store_all_open_it(tmp_path):
     assert all(p.returncode == 0 and out.strip() == "ok" for p, (out, _) in zip(procs, results)), [err[-500:] for _, err in results]
 
 
-def test_a_study_whose_trials_all_fail_on_one_configuration_error_stops_with_it(store, tmp_path):
+def test_a_study_whose_trials_all_fail_on_one_configuration_error_stops_with_it(store, tmp_path, capfd):
     # Each value is valid alone (checked before the first trial), but not together: mixup needs an
     # even batch size. The study stops after its first two trials instead of failing all four.
     space = tmp_path / "space.yaml"
@@ -290,6 +302,11 @@ def test_a_study_whose_trials_all_fail_on_one_configuration_error_stops_with_it(
     storage = f"journal:{tmp_path / 'bad.journal'}"
     with pytest.raises(ConfigError, match="first 2 trials all failed with the same configuration error, batch_size: mixup/cutmix need an even batch size"):
         study(4, search_space=space, storage=storage, study_name="bad", preset="smoke", epochs=1)
+    # Each failed trial is reported in one line, without Optuna's traceback.
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err
+    assert "trial 0 failed: ConfigError: batch_size: mixup/cutmix need an even batch size" in out
+    assert "trial 1 failed: ConfigError" in out
     trials = optuna.load_study(study_name="bad", storage=open_storage(storage)).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.WAITING, TrialState.WAITING]  # 2 slots untouched
 

@@ -160,6 +160,75 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(store, tmp_path):
     _compare(_history(whole), _history(run_id))
 
 
+def test_a_run_still_training_is_not_resumed_by_a_second_process(store, tmp_path, capsys):
+    import socket
+
+    victim = subprocess.Popen(_train_cmd("--preset", "smoke", "--epochs", "500", "--experiment", "lease"), env=subprocess_env(store),
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        run_id = None
+        for line in victim.stdout:
+            found = re.search(r"run ([0-9a-f]{32}):", line)
+            run_id = run_id or (found and found.group(1))
+            if line.startswith("tgo: epoch 1/"):
+                break
+        code = cli.main(["train", "--resume", run_id])
+        err = capsys.readouterr().err
+        assert code == 2 and f"run {run_id} is being trained by {socket.gethostname()}:{victim.pid}" in err, err
+        assert victim.poll() is None  # the refusal did not disturb the live run
+    finally:
+        victim.kill()
+        victim.wait(timeout=60)
+
+    # A lease held from another machine: refused while it is renewed, given up once it is stale.
+    import json
+    import time
+
+    from tgo import tracking
+    from tgo.storage import GRACE_PERIOD
+    from tgo.tracking import TrackingError
+
+    client = MlflowClient()
+    other = client.create_run(client.get_experiment_by_name("lease").experiment_id).info.run_id
+    client.set_tag(other, "tgo.lease", json.dumps({"worker": "elsewhere:1", "renewed": time.time(), "nonce": "x"}))
+    with pytest.raises(TrackingError, match="is being trained by elsewhere:1"):
+        tracking.claim(client.get_run(other))
+    client.set_tag(other, "tgo.lease", json.dumps({"worker": "elsewhere:1", "renewed": time.time() - GRACE_PERIOD - 1, "nonce": "x"}))
+    tracking.claim(client.get_run(other))
+    assert json.loads(client.get_run(other).data.tags["tgo.lease"])["worker"] == f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _chattr(path: Path, flag: str) -> bool:
+    return subprocess.run(["chattr", flag, str(path)], capture_output=True).returncode == 0
+
+
+def test_a_store_that_turns_read_only_ends_in_one_message_and_resume_continues(store, tmp_path):
+    db = tmp_path / "mlflow.db"
+    if not _chattr(db, "+i"):
+        pytest.skip("needs chattr +i (root on ext4 or similar) to make the store read-only under a running process")
+    _chattr(db, "-i")
+    victim = subprocess.Popen(_train_cmd("--preset", "smoke", "--epochs", "8", "--experiment", "readonly"), env=subprocess_env(store),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in victim.stdout:
+            if line.startswith("tgo: epoch 1/"):
+                assert _chattr(db, "+i")  # the store can no longer be written, from here on
+                break
+        out, err = victim.communicate(timeout=300)
+    finally:
+        _chattr(db, "-i")
+    assert victim.returncode == 1
+    run_id = re.search(r"tgo train --resume ([0-9a-f]{32})", err).group(1)
+    # One message, no traceback: what happened, what is kept, how to go on.
+    assert "Traceback" not in err and "stopped accepting writes" in err and "are recorded with their checkpoint" in err, err
+    assert len([line for line in err.splitlines() if line.startswith("tgo: error")]) == 1
+    proc = subprocess.run(_train_cmd("--resume", run_id), env=subprocess_env(store), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert sorted(_history(run_id)["val/loss"]) == list(range(9))  # every epoch once
+
+
 def test_resume_from_a_checkpoint_whose_metrics_were_not_logged(store, tmp_path):
     """Killed between writing last.pt and logging the epoch: the resume logs that epoch's metrics
     from the checkpoint, so the history has every step exactly once."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from tgo import config as C
@@ -255,6 +256,9 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # MLflow's SQL store logs every database error it raises with a full traceback; tgo reports the
+    # error it catches in one message (a store turned read-only, say), so the duplicate is muted.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     commands = {"train": cmd_train, "analyze": cmd_analyze, "sweep": cmd_sweep, "study": cmd_study, "data": cmd_data}
     return commands[args.command](args)
 

@@ -119,11 +119,17 @@ def open_storage(url: str = "", on_dead_trial: Callable[[FrozenTrial], None] | N
         raise StorageError(f"cannot open the Optuna storage {mask_url(url)}: {first}") from None
 
 
+def worker_id() -> str:
+    """This process, as "<host>:<pid>" (the owner of a trial or of a run's lease)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def mark_worker(trial: optuna.Trial) -> None:
-    trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
+    trial.set_user_attr(WORKER_ATTR, worker_id())
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -145,7 +151,7 @@ def reclaim_dead_trials(study: optuna.Study, storage, on_dead_trial: Callable[[F
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.user_attrs.get(WORKER_ATTR, "")
         owner_host, _, pid = owner.rpartition(":")
-        if owner_host != host or not pid.isdigit() or _alive(int(pid)) or int(pid) == os.getpid():
+        if owner_host != host or not pid.isdigit() or process_alive(int(pid)) or int(pid) == os.getpid():
             continue
         try:
             storage.set_trial_user_attr(t._trial_id, "tgo.failed_because", f"worker {owner} died")
@@ -153,12 +159,13 @@ def reclaim_dead_trials(study: optuna.Study, storage, on_dead_trial: Callable[[F
         except UpdateFinishedTrialError:
             continue  # another worker reclaimed it first
         _report(on_dead_trial, t)
-        # As Optuna's own retry callbacks do: a WAITING copy with the same parameters and system
-        # attributes (a GridSampler needs its grid_id), run by the next worker that asks.
+        # As Optuna's own retry callbacks do: a WAITING copy with the same parameters, user and
+        # system attributes (a GridSampler needs its grid_id; the dead trial's run id lets the
+        # retry resume that run from its checkpoint), run by the next worker that asks.
         system_attrs = {**t.system_attrs, "fixed_params": t.params, "failed_trial": t.number}
         study.add_trial(optuna.trial.create_trial(
             state=TrialState.WAITING, params=t.params, distributions=t.distributions,
-            user_attrs={"tgo.retry_of": t.number}, system_attrs=system_attrs,
+            user_attrs={**t.user_attrs, "tgo.retry_of": t.number}, system_attrs=system_attrs,
         ))
         reclaimed.append(t.number)
     return reclaimed

@@ -41,7 +41,7 @@ from tgo import plots, tracking, train
 from tgo.config import FIELD_TYPES, ConfigError, resolve
 from tgo.spectral import OBSERVABLE_NAMES
 from tgo.storage import mark_worker, open_storage, reclaim_dead_trials
-from tgo.sweep import RUN_ATTR, fail_dead_run, parent_run
+from tgo.sweep import ERROR_ATTR, RESUME_REFUSED, RUN_ATTR, fail_dead_run, parent_run, retried_run
 
 DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "configs" / "search_space.yaml"
 SCALAR_OBJECTIVES = ("train/loss", "train/acc1", "val/loss", "val/acc1", "val/acc5")
@@ -169,6 +169,8 @@ def study(
         raise ConfigError(f"n_trials: expected an integer >= 1, got {n_trials!r}.")
     if pruner not in PRUNERS:
         raise ConfigError(f"pruner: unknown pruner {pruner!r}; choose one of {', '.join(PRUNERS)}.")
+    if train_overrides.get("resume") not in (None, ""):
+        raise ConfigError(RESUME_REFUSED.format(what="study", unit="trial"))
     metrics, directions = parse_objectives(objectives)
     space = load_search_space(search_space)
     given = {k: v for k, v in train_overrides.items() if v is not None and not (isinstance(v, str) and not v.strip())}
@@ -179,7 +181,7 @@ def study(
     check_space(space, given.get("preset", "demo"), given)
     tracking.check_tracking()
     store = open_storage(storage, on_dead_trial=fail_dead_run)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial: one line from tgo, not Optuna's traceback
     sampler = PerTrialSeed(optuna.samplers.TPESampler if len(metrics) == 1 else optuna.samplers.NSGAIISampler, sampler_seed)
     options = dict(sampler=sampler, pruner=_pruner(pruner) if len(metrics) == 1 else optuna.pruners.NopPruner())
     try:  # creating a study is atomic in every Optuna storage: exactly one worker is its creator
@@ -207,12 +209,16 @@ def study(
     parent = parent_run(s, experiment, study_name, kind="study", create=created)
     client = MlflowClient()
 
+    ran: set[int] = set()  # the trial this worker runs now
+
     def objective(trial: optuna.Trial):
+        ran.add(trial.number)
         attrs = trial.user_attrs
         if not (attrs.get(SLOT_ATTR) or "tgo.retry_of" in attrs):  # not a slot: another worker took the last one meanwhile
             trial.set_user_attr(SURPLUS_ATTR, True)
             raise optuna.TrialPruned("surplus: every slot of the study was taken")
         params = suggest(trial, space)
+        resume = retried_run(trial, parent)
         mark_worker(trial)
         run_ids: list[str] = []
 
@@ -230,14 +236,16 @@ def study(
 
         try:
             result = train.run(parent_run_id=parent, run_name=f"trial {trial.number}", experiment=experiment,
-                               epoch_callback=report, on_start=started, **given, **params)
+                               epoch_callback=report, on_start=started, resume=resume, **given, **params)
         except train.StopTraining as stop:
             client.set_tag(run_ids[0], "tgo.trial_state", "PRUNED")
             raise optuna.TrialPruned(str(stop)) from None
-        except ConfigError as err:  # a setting the space combined badly (e.g. mixup with an odd batch size)
-            trial.set_user_attr(CONFIG_ERROR_ATTR, str(err))
-            raise
-        except Exception:
+        except Exception as err:
+            # Reported in one line by this worker (below); Optuna's own report, a traceback per
+            # failed trial, is silenced. The run keeps the error (tgo.error), the trial too.
+            trial.set_user_attr(ERROR_ATTR, tracking.short_error(err))
+            if isinstance(err, ConfigError):  # a setting the space combined badly (e.g. mixup with an odd batch size)
+                trial.set_user_attr(CONFIG_ERROR_ATTR, str(err))
             if run_ids:
                 client.set_tag(run_ids[0], "tgo.trial_state", "FAIL")
             raise
@@ -254,9 +262,14 @@ def study(
         reclaim_dead_trials(s, store, fail_dead_run)
         if _same_config_error(s) or not s.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             break
+        ran.clear()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             s.optimize(objective, n_trials=1, catch=(Exception,))
+        for t in s.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+            if t.number in ran and ERROR_ATTR in t.user_attrs:  # the trial this worker just ran
+                print(f"tgo: study {study_name}: trial {t.number} failed: {t.user_attrs[ERROR_ATTR]} "
+                      f"(its run {t.user_attrs.get(RUN_ATTR, '-')}); the study goes on.", flush=True)
     repeated = _same_config_error(s)
     if repeated:
         raise ConfigError(f"the study stopped: its first {repeated[0]} trials all failed with the same configuration "

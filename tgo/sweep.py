@@ -45,6 +45,9 @@ from tgo.storage import mark_worker, mask_url, open_storage, reclaim_dead_trials
 
 PARENT_ATTR = "mlflow_parent_run_id"
 RUN_ATTR = "mlflow_run_id"
+ERROR_ATTR = "tgo.error"  # the error a trial failed with, "<type>: <message>"
+RESUME_REFUSED = ("resume: a {what} resumes only its own runs: run the same {what} command again, and a {unit} whose "
+                  "worker died continues from its run's checkpoint. To continue one training run, use tgo train --resume <run_id>.")
 
 
 @dataclass
@@ -109,10 +112,18 @@ def parent_run(study: optuna.Study, experiment: str, study_name: str, kind: str 
     return run_id
 
 
+def retried_run(trial: optuna.Trial, parent: str) -> str:
+    """The run to resume for this trial: where the trial retries one whose worker died (the retry
+    carries that trial's user attributes, its run id among them), that run, if it is a child of this
+    sweep's or study's parent with a checkpoint (tracking.resumable); else "" (a new run)."""
+    previous = trial.user_attrs.get(RUN_ATTR, "")
+    return previous if previous and tracking.resumable(previous, parent) else ""
+
+
 def fail_dead_run(trial) -> None:
     """The run of a trial failed because its worker died: FAILED too, not RUNNING for good."""
     tracking.fail_run(trial.user_attrs.get(RUN_ATTR, ""), f"worker {trial.user_attrs.get('tgo.worker', '?')} died; "
-                      f"trial {trial.number} was failed and its seed retried")
+                      f"trial {trial.number} was failed and is retried (resuming this run from its checkpoint)")
 
 
 def sweep(
@@ -132,12 +143,14 @@ def sweep(
     seeds = parse_seeds(seeds)
     if train_overrides.get("seed") not in (None, ""):
         raise ConfigError("seed: a sweep sets the seed of each run; pass seeds=... instead.")
+    if train_overrides.get("resume") not in (None, ""):
+        raise ConfigError(RESUME_REFUSED.format(what="sweep", unit="seed"))
     given = {k: v for k, v in train_overrides.items() if v is not None and not (isinstance(v, str) and not v.strip())}
     resolve(given.get("preset", "demo"), **{k: v for k, v in given.items() if k != "preset"})  # bad input stops here
     tracking.check_tracking()
     study_name = study_name or "sweep-" + "-".join(map(str, seeds))
     store = open_storage(storage, on_dead_trial=fail_dead_run)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed seed: one line from tgo, not Optuna's traceback
     grid = optuna.samplers.GridSampler({"seed": seeds}, seed=0)
     try:  # atomic in every Optuna storage: exactly one worker creates the sweep (and its parent run)
         study = optuna.create_study(storage=store, study_name=study_name, direction="maximize", sampler=grid)
@@ -162,11 +175,20 @@ def sweep(
                  and (t.state == TrialState.COMPLETE or (t.state == TrialState.RUNNING and t.number < trial.number))]
         if taken:
             raise optuna.TrialPruned(f"seed {seed} is already taken by trial {taken[0].number}")
+        resume = retried_run(trial, parent)
         mark_worker(trial)
 
-        result = train.run(parent_run_id=parent, seed=seed, run_name=f"seed {seed}", experiment=experiment,
-                           on_start=lambda run_id: trial.set_user_attr(RUN_ATTR, run_id), **given)
-        trial.set_user_attr(RUN_ATTR, result.run_id)
+        def started(run_id: str) -> None:  # the trial knows its run before any work
+            trial.set_user_attr(RUN_ATTR, run_id)
+            tracking.set_tags(run_id, {"tgo.trial_number": trial.number, "tgo.trial_state": "RUNNING"})
+
+        try:
+            result = train.run(parent_run_id=parent, seed=seed, run_name=f"seed {seed}", experiment=experiment,
+                               resume=resume, on_start=started, **given)
+        except Exception as err:
+            trial.set_user_attr(ERROR_ATTR, tracking.short_error(err))  # reported in one line below
+            raise
+        tracking.set_tags(result.run_id, {"tgo.trial_state": "COMPLETE"})
         return float(result.metrics.get("val/acc1", 0.0))
 
     failed: list[int] = []
@@ -184,7 +206,8 @@ def sweep(
         mine = [t for t in study.get_trials(deepcopy=False) if t.number in ran and t.state == TrialState.FAIL]
         if mine:
             failed.extend(_seed_of(t) for t in mine)
-            print(f"tgo: sweep {study_name}: seed {_seed_of(mine[0])} failed; see its run. Re-run the sweep to retry it.")
+            print(f"tgo: sweep {study_name}: seed {_seed_of(mine[0])} failed: {mine[0].user_attrs.get(ERROR_ATTR, '?')} "
+                  f"(its run {mine[0].user_attrs.get(RUN_ATTR, '-')}). Re-run the sweep to retry it.", flush=True)
             break
 
     completed = {}

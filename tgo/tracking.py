@@ -16,8 +16,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import tempfile
+import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -29,14 +32,45 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import tgo
+from tgo.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, mask_url, process_alive, worker_id
 
 PARAM_PREFIX = "config."  # resolved config values; entry-point parameters keep their own names
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
-TAGS = ("tgo.kind", "tgo.preset", "tgo.dataset", "tgo.model", "tgo.version")
+LEASE_TAG = "tgo.lease"  # {"worker": "<host>:<pid>", "renewed": unix time, "nonce": ...} of the process training the run
+CLAIM_SETTLE_S = 1.0  # after writing a claim, how long to wait before reading it back
 
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be used; the message says which and what to do."""
+
+
+class StoreWriteError(TrackingError):
+    """Recording into the tracking store failed mid-run (a store turned read-only, a server down past
+    MLflow's retries); train.run turns it into one message that says how to continue."""
+
+
+def is_store_failure(err: BaseException) -> bool:
+    """Whether `err` is the tracking store refusing a write or out of reach (MLflow's own errors,
+    the HTTP client's after MLflow's retries, the database's), as opposed to tgo's or torch's."""
+    import requests
+
+    if isinstance(err, (StoreWriteError, MlflowException, requests.RequestException)):
+        return True
+    module = type(err).__module__ or ""
+    return module.startswith(("sqlalchemy", "sqlite3", "urllib3"))
+
+
+def store_name() -> str:
+    return mask_url(mlflow.get_tracking_uri())
+
+
+def short_error(err: BaseException) -> str:
+    """One line for a message: the error's type and first line, passwords masked, at most 300 chars."""
+    if isinstance(err, StoreWriteError):
+        return str(err)
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    text = mask_url(text)
+    return f"{type(err).__name__}: {text[:300]}" if text else type(err).__name__
 
 
 def check_tracking() -> str:
@@ -114,6 +148,11 @@ def start_run(experiment: str, run_name: str = "", resume_run_id: str = "", syst
             pass
     launcher = os.environ.get("MLFLOW_RUN_ID", "")
     if resume_run_id:
+        tags = get_run(resume_run_id).data.tags
+        if "tgo.error" in tags:  # the error it stopped with is history now
+            client = MlflowClient()
+            client.set_tag(resume_run_id, "tgo.previous_error", tags["tgo.error"])
+            client.delete_tag(resume_run_id, "tgo.error")
         if launcher and launcher != resume_run_id:
             client = MlflowClient()
             client.set_tag(launcher, "tgo.resumes", resume_run_id)
@@ -132,6 +171,90 @@ def start_run(experiment: str, run_name: str = "", resume_run_id: str = "", syst
         return mlflow.start_run(run_name=run_name or None, nested=True, **kwargs)
     mlflow.set_experiment(experiment)
     return mlflow.start_run(run_name=run_name or None, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# leases: one process trains a run at a time
+# --------------------------------------------------------------------------------------------------
+
+
+def _lease_of(run) -> dict | None:
+    try:
+        return json.loads(run.data.tags.get(LEASE_TAG, ""))
+    except ValueError:
+        return None
+
+
+def _write_lease(run_id: str, nonce: str) -> None:
+    lease = {"worker": worker_id(), "renewed": time.time(), "nonce": nonce}
+    MlflowClient().set_tag(run_id, LEASE_TAG, json.dumps(lease, sort_keys=True))
+
+
+def lease_holder(run) -> str:
+    """The live process that trains `run` ("<host>:<pid>", renewed how long ago), or "" when none
+    does: the run is not RUNNING, or its lease's process is gone (on this host: it no longer
+    exists; elsewhere: its lease was not renewed for GRACE_PERIOD seconds)."""
+    lease = _lease_of(run)
+    if run.info.status != "RUNNING" or not lease or lease.get("worker") == worker_id():
+        return ""
+    host, _, pid = str(lease.get("worker", "")).rpartition(":")
+    age = time.time() - float(lease.get("renewed", 0))
+    if host == socket.gethostname() and pid.isdigit():
+        alive = process_alive(int(pid))
+    else:
+        alive = age < GRACE_PERIOD
+    return f"{lease['worker']} (lease renewed {age:.0f} s ago)" if alive else ""
+
+
+def claim(run) -> None:
+    """Take the lease of a run about to be resumed, or refuse with a TrackingError when another live
+    process trains it (two processes training one run would log every step twice).
+
+    MLflow has no compare-and-set, so the claim is written, left CLAIM_SETTLE_S to settle, and read
+    back: of two processes claiming at once, the one whose claim was overwritten gives way."""
+    holder = lease_holder(run)
+    run_id = run.info.run_id
+    if holder:
+        raise TrackingError(
+            f"run {run_id} is being trained by {holder}; resuming it now would train it twice. Wait for it "
+            f"to end, or stop that process (a lease not renewed for {GRACE_PERIOD} s is given up)."
+        )
+    nonce = uuid.uuid4().hex
+    _write_lease(run_id, nonce)
+    time.sleep(CLAIM_SETTLE_S)
+    if (_lease_of(MlflowClient().get_run(run_id)) or {}).get("nonce") != nonce:
+        raise TrackingError(f"run {run_id} was claimed by another process at the same moment; it resumes the run, this one stops.")
+
+
+class Lease:
+    """Renews the run's lease every HEARTBEAT_INTERVAL seconds from a daemon thread while the run
+    trains, so that `claim` can tell a live run from a dead one. A failed renewal is skipped: the
+    lease is advisory, and a store that cannot be written stops the run through its own writes."""
+
+    def __init__(self, run_id: str, interval: float = HEARTBEAT_INTERVAL) -> None:
+        self.run_id, self.interval = run_id, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, daemon=True, name="tgo-lease")
+
+    def start(self) -> "Lease":
+        self._beat()
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        try:
+            _write_lease(self.run_id, uuid.uuid4().hex)
+        except Exception:  # noqa: BLE001 - see the class docstring
+            pass
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._beat()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
 
 
 def log_config(run_id: str, config: dict[str, Any], entry_params: dict[str, str] | None = None) -> None:
@@ -248,13 +371,21 @@ def load_checkpoint(path: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def end_run(status: str = "FINISHED", message: str = "") -> None:
+def end_run(status: str = "FINISHED", message: str = "") -> bool:
+    """Close the active run with `status` (and its error in tgo.error). False when the store could
+    not be written (the run then stays as it was; the caller says so)."""
     run = mlflow.active_run()
     if run is None:
-        return
-    if message:
-        MlflowClient().set_tag(run.info.run_id, "tgo.error", message[:5000])
-    mlflow.end_run(status=status)
+        return True
+    try:
+        if message:
+            MlflowClient().set_tag(run.info.run_id, "tgo.error", message[:5000])
+        mlflow.end_run(status=status)
+        return True
+    except Exception:  # noqa: BLE001 - a store that cannot be written; reported by the caller
+        with contextlib.suppress(Exception):
+            mlflow.end_run(status=status)  # lets go of the run locally even where it cannot write
+        return False
 
 
 def fail_run(run_id: str, reason: str) -> None:
@@ -267,6 +398,19 @@ def fail_run(run_id: str, reason: str) -> None:
         return
     set_tags(run_id, {"tgo.trial_state": "FAIL", "tgo.error": reason})
     client.set_terminated(run_id, "FAILED")
+
+
+def resumable(run_id: str, parent_run_id: str) -> bool:
+    """Whether a sweep or study may resume `run_id` for a retried trial: a child of its own parent
+    run (never an unrelated run), not finished, with a resumable checkpoint."""
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return False
+    if run.data.tags.get("mlflow.parentRunId") != parent_run_id or is_finished(run):
+        return False
+    return any(a.path == "checkpoints/last.pt" for a in client.list_artifacts(run_id, "checkpoints"))
 
 
 def is_finished(run) -> bool:

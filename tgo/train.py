@@ -318,6 +318,7 @@ def _run(cfg: TrainConfig, given: set[str], d: Dist, parent_run_id: str = "", ep
     if cfg.resume:
         if d.main:
             resumed_run, ckpt = _fetch_resume(cfg, tmp)
+            tracking.claim(resumed_run)  # refused while another live process trains it
             if tracking.is_finished(resumed_run) and ckpt["epoch"] >= cfg.epochs:
                 print(f"tgo: run {cfg.resume} already finished {ckpt['epoch']} epochs; pass epochs > {ckpt['epoch']} to extend it.")
         if d.enabled:
@@ -397,10 +398,11 @@ def _run(cfg: TrainConfig, given: set[str], d: Dist, parent_run_id: str = "", ep
     probe_loader = probe_set.loader(cfg.probe_batch_size, cfg.workers, pin, d.rank, d.world) if probe_set else None
 
     # ---- the MLflow run (rank 0 only) ----
-    run_id = ""
+    run_id, lease = "", None
     if d.main:
         active = tracking.start_run(cfg.experiment, cfg.run_name, cfg.resume, cfg.system_metrics, parent_run_id)
         run_id = active.info.run_id
+        lease = tracking.Lease(run_id).start()  # tells a resume elsewhere that this run is alive
         if on_start is not None:
             on_start(run_id)
     # On a GPU each epoch's record is written by a background thread while the next epoch trains; on
@@ -481,12 +483,25 @@ def _run(cfg: TrainConfig, given: set[str], d: Dist, parent_run_id: str = "", ep
                 committer.wait()  # the last good epoch is recorded whole before the run is closed
             except BaseException:  # noqa: BLE001 - the first error is the one to report
                 pass
+            store_failed = tracking.is_store_failure(err)
             if isinstance(err, StopTraining):
                 tracking.set_tags(run_id, {"tgo.stopped_early": str(err) or "true"})
             status = "KILLED" if isinstance(err, (KeyboardInterrupt, StopTraining)) else "FAILED"
-            tracking.end_run(status, f"{type(err).__name__}: {err}")
+            closed = tracking.end_run(status, f"{type(err).__name__}: {err}")
+            if store_failed:
+                # One message instead of MLflow's chain of tracebacks: what happened, what is kept,
+                # and how to go on.
+                raise TrainingError(
+                    f"run {run_id}: the tracking store {tracking.store_name()} stopped accepting writes "
+                    f"({tracking.short_error(err)}). Epochs {'up to ' + str(committer.recorded) if committer.recorded >= 0 else 'none'} "
+                    "are recorded with their checkpoint. When the store is back, continue with "
+                    f"`tgo train --resume {run_id}` (or `mlflow run . -e train -P resume={run_id}`). "
+                    + ("The run is marked FAILED." if closed else "The run could not be marked and still reads RUNNING; the resume continues it all the same.")
+                ) from None
         raise
     finally:
+        if lease is not None:
+            lease.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -526,6 +541,7 @@ class EpochCommitter:
                 partial.unlink(missing_ok=True)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self.recorded = -1  # the last epoch recorded whole (its metrics logged)
 
     def submit(self, epoch: int, epochs: int, checkpoint: dict, weights: dict | None, geometry: ProbeResult | None, metrics: dict) -> None:
         self.wait()
@@ -549,8 +565,13 @@ class EpochCommitter:
             tracking.save_torch(self.run_id, checkpoint, "checkpoints", "last.pt", self.folder, self.local_dir)
             metrics["time/checkpoint_s"] = time.perf_counter() - start  # I/O a researcher may want to see
             tracking.log_metrics(self.run_id, metrics, step=epoch)
+            self.recorded = epoch
             _report(epoch, epochs, metrics)
-        except BaseException as err:  # noqa: BLE001 - handed to the training thread by wait()
+        except Exception as err:  # noqa: BLE001 - handed to the training thread by wait()
+            # Everything here writes to the run's store: a failure is the store's (read-only,
+            # full, out of reach), said so in one message by run().
+            self._error = tracking.StoreWriteError(f"recording epoch {epoch}: {tracking.short_error(err)}")
+        except BaseException as err:  # noqa: BLE001
             self._error = err
 
     def wait(self) -> None:
