@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import time
 import warnings
 from typing import Callable
 
@@ -32,6 +33,8 @@ from optuna.trial import FrozenTrial, TrialState
 HEARTBEAT_INTERVAL = int(os.environ.get("TGO_HEARTBEAT_INTERVAL", "60"))  # seconds
 GRACE_PERIOD = int(os.environ.get("TGO_GRACE_PERIOD", "180"))
 MAX_RETRY = 3
+SCHEMA_ATTEMPTS = 5  # opening a fresh RDB storage that other workers are creating at the same moment
+_SCHEMA_RACE = re.compile(r"already exists|duplicate key|UniqueViolation|IntegrityError", re.I)
 WORKER_ATTR = "tgo.worker"
 
 
@@ -101,22 +104,29 @@ def open_storage(url: str = "", on_dead_trial: Callable[[FrozenTrial], None] | N
         )
     from optuna.storages import RDBStorage
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable in use
-            return RDBStorage(
-                url,
-                heartbeat_interval=HEARTBEAT_INTERVAL,
-                grace_period=GRACE_PERIOD,
-                heartbeat_stale_trial_callback=_RetryAndReport(MAX_RETRY, on_dead_trial),
-                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
-            )
-    except Exception as err:  # noqa: BLE001 - SQLAlchemy raises many kinds; all mean "cannot use it"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        password = _PASSWORD.search(url)
-        if password and password.group(2):  # a driver's message may quote the URL it was given
-            first = first.replace(password.group(2), "***")
-        raise StorageError(f"cannot open the Optuna storage {mask_url(url)}: {first}") from None
+    for attempt in range(SCHEMA_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable in use
+                return RDBStorage(
+                    url,
+                    heartbeat_interval=HEARTBEAT_INTERVAL,
+                    grace_period=GRACE_PERIOD,
+                    heartbeat_stale_trial_callback=_RetryAndReport(MAX_RETRY, on_dead_trial),
+                    engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+                )
+        except Exception as err:  # noqa: BLE001 - SQLAlchemy raises many kinds; all mean "cannot use it"
+            # Workers started together on a fresh database race to create Optuna's tables (one wins,
+            # the others hit "duplicate key"/"already exists"): the losers open it again.
+            if attempt + 1 < SCHEMA_ATTEMPTS and _SCHEMA_RACE.search(str(err)):
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            password = _PASSWORD.search(url)
+            if password and password.group(2):  # a driver's message may quote the URL it was given
+                first = first.replace(password.group(2), "***")
+            raise StorageError(f"cannot open the Optuna storage {mask_url(url)}: {first}") from None
+    raise AssertionError("unreachable")  # the last attempt returns or raises
 
 
 def worker_id() -> str:
@@ -141,11 +151,17 @@ def process_alive(pid: int) -> bool:
 
 def reclaim_dead_trials(study: optuna.Study, storage, on_dead_trial: Callable[[FrozenTrial], None] | None = None) -> list[int]:
     """JournalStorage: fail the RUNNING trials of dead workers on this host and enqueue them again,
-    calling on_dead_trial(trial) for each. Returns the numbers of the trials reclaimed by this worker."""
+    calling on_dead_trial(trial) for each. Returns the numbers of the trials reclaimed by this worker.
+    RDB storages: fail the trials whose heartbeat is stale (Optuna's retry callback enqueues them)."""
     from optuna.storages import JournalStorage
 
     if not isinstance(storage, JournalStorage):
-        return []  # RDB storages: the heartbeat does this
+        # RDB storages: the heartbeat does it, but Optuna checks only when a trial starts; a worker
+        # that finds every seed started must check too, or a dead worker's seed is never retried.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        return []
     host = socket.gethostname()
     reclaimed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
