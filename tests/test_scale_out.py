@@ -96,7 +96,7 @@ def _tracking_uri(server, monkeypatch):
 
 def _sweep_cmd(storage: str, name: str) -> list[str]:
     return [sys.executable, "-m", "tgo", "sweep", "--seeds", "0,1", "--storage", storage, "--study_name", name, "--preset", "smoke",
-            "--epochs", "3", "--synthetic_train_size", "512", "--experiment", "scale"]
+            "--epochs", "2", "--synthetic_train_size", "512", "--experiment", "scale"]
 
 
 def test_a_sweep_shared_by_two_workers_through_a_tracking_server_and_postgresql(server, postgres_url, tmp_path):
@@ -109,7 +109,7 @@ def test_a_sweep_shared_by_two_workers_through_a_tracking_server_and_postgresql(
     a = subprocess.Popen(_sweep_cmd(storage, name), env=env_a, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     b = subprocess.Popen(_sweep_cmd(storage, name), env=env_a, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in b.stdout:  # killed mid-epoch: as soon as epoch 1 is recorded, while epoch 2 trains
-        if line.startswith("tgo: epoch 1/3"):
+        if line.startswith("tgo: epoch 1/2"):
             break
     b.send_signal(signal.SIGKILL)
     b.wait(timeout=60)
@@ -139,18 +139,18 @@ def test_a_sweep_shared_by_two_workers_through_a_tracking_server_and_postgresql(
     for run in children:
         run_id = run.info.run_id
         history = client.get_metric_history(run_id, key)
-        assert sorted(m.step for m in history) == [0, 1, 2, 3]  # every epoch once, the resumed run too
+        assert sorted(m.step for m in history) == [0, 1, 2]  # every epoch once, the resumed run too
         finals.append({m.step: m.value for m in history})
         names = {a.path for a in client.list_artifacts(run_id, "geometry/spectra")}
-        assert names == {f"geometry/spectra/epoch_{e:04d}.npz" for e in range(4)}
-        spectra = ProbeResult.load(tracking.download(run_id, "geometry/spectra/epoch_0003.npz", tmp_path / run_id))
-        assert spectra.metrics()[key] == pytest.approx(finals[-1][3], rel=1e-6)
+        assert names == {f"geometry/spectra/epoch_{e:04d}.npz" for e in range(3)}
+        spectra = ProbeResult.load(tracking.download(run_id, "geometry/spectra/epoch_0002.npz", tmp_path / run_id))
+        assert spectra.metrics()[key] == pytest.approx(finals[-1][2], rel=1e-6)
         checkpoint = tracking.load_checkpoint(tracking.download(run_id, "checkpoints/last.pt", tmp_path / run_id))
-        assert checkpoint["epoch"] == 3 and checkpoint["run_id"] == run_id
-        assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} >= {"checkpoints/weights_epoch_0000.pt", "checkpoints/weights_epoch_0003.pt"}
+        assert checkpoint["epoch"] == 2 and checkpoint["run_id"] == run_id
+        assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} >= {"checkpoints/weights_epoch_0000.pt", "checkpoints/weights_epoch_0002.pt"}
     # The aggregate in the parent equals numpy on the children's histories.
     mean = {m.step: m.value for m in client.get_metric_history(parent, f"seeds/mean/{key}")}
-    assert mean == pytest.approx({e: np.mean([h[e] for h in finals]) for e in range(4)})
+    assert mean == pytest.approx({e: np.mean([h[e] for h in finals]) for e in range(3)})
 
     # tgo analyze against the server.
     target = children[0].info.run_id
@@ -165,10 +165,10 @@ def test_a_sweep_shared_by_two_workers_through_a_tracking_server_and_postgresql(
 def test_a_tracking_server_that_goes_down_ends_in_one_message_and_resume_continues(server, tmp_path):
     env = subprocess_env(server.uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1",
                          MLFLOW_HTTP_REQUEST_TIMEOUT="5")
-    cmd = [sys.executable, "-m", "tgo", "train", "--preset", "smoke", "--epochs", "6", "--synthetic_train_size", "512", "--experiment", "down"]
+    cmd = [sys.executable, "-m", "tgo", "train", "--preset", "smoke", "--epochs", "4", "--experiment", "down"]
     victim = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in victim.stdout:
-        if line.startswith("tgo: epoch 1/6"):
+        if line.startswith("tgo: epoch 1/4"):
             server.stop()
             break
     out, err = victim.communicate(timeout=600)
@@ -183,4 +183,4 @@ def test_a_tracking_server_that_goes_down_ends_in_one_message_and_resume_continu
     proc = subprocess.run([sys.executable, "-m", "tgo", "train", "--resume", run_id], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert client.get_run(run_id).info.status == "FINISHED"
-    assert sorted(m.step for m in client.get_metric_history(run_id, "val/loss")) == list(range(7))
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val/loss")) == list(range(5))

@@ -207,7 +207,7 @@ def test_a_store_that_turns_read_only_ends_in_one_message_and_resume_continues(s
     if not _chattr(db, "+i"):
         pytest.skip("needs chattr +i (root on ext4 or similar) to make the store read-only under a running process")
     _chattr(db, "-i")
-    victim = subprocess.Popen(_train_cmd("--preset", "smoke", "--epochs", "8", "--experiment", "readonly"), env=subprocess_env(store),
+    victim = subprocess.Popen(_train_cmd("--preset", "smoke", "--epochs", "4", "--experiment", "readonly"), env=subprocess_env(store),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in victim.stdout:
@@ -226,7 +226,7 @@ def test_a_store_that_turns_read_only_ends_in_one_message_and_resume_continues(s
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert sorted(_history(run_id)["val/loss"]) == list(range(9))  # every epoch once
+    assert sorted(_history(run_id)["val/loss"]) == list(range(5))  # every epoch once
 
 
 def test_resume_from_a_checkpoint_whose_metrics_were_not_logged(store, tmp_path):
@@ -344,8 +344,7 @@ def _image_tree(root: Path, classes=("a", "b"), per_class=4, size=16):
                 Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
 
 
-@pytest.mark.parametrize("workers", ["0", "2"])
-def test_unreadable_image_is_named(store, tmp_path, capsys, workers):
+def test_unreadable_image_is_named(store, tmp_path, capsys, workers="2"):
     _image_tree(tmp_path / "tree")
     bad = tmp_path / "tree" / "val" / "b" / "broken.png"
     bad.write_bytes(b"not an image")

@@ -8,7 +8,7 @@ function called in several processes or machines with the same storage and study
 work: Optuna numbers trials atomically and the GridSampler gives trial k < len(seeds) the k-th
 grid point, so each seed is started once; a surplus trial (a worker asking once the grid is
 exhausted) finds its seed taken and is pruned without training. A dead worker's seed is run again
-by another worker (tgo.storage). A finished seed is never trained again: re-running the same sweep
+by another worker (tgo.storage), resuming the dead worker's run from its checkpoint (`retried_run`). A finished seed is never trained again: re-running the same sweep
 reuses it. Each seed is a full training run, a child of the sweep's parent run.
 
 When every seed is complete, the worker that sees it aggregates into the parent run, for every
@@ -188,6 +188,7 @@ def sweep(
         except Exception as err:
             trial.set_user_attr(ERROR_ATTR, tracking.short_error(err))  # reported in one line below
             raise
+        trial.set_user_attr(RUN_ATTR, result.run_id)
         tracking.set_tags(result.run_id, {"tgo.trial_state": "COMPLETE"})
         return float(result.metrics.get("val/acc1", 0.0))
 
