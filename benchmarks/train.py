@@ -80,8 +80,10 @@ def per_image_costs_224() -> tuple[float, float, float, float]:
     their K = 5 jackknife replicates)."""
     import timm
 
-    from tgo.probe import probe
+    from tgo.config import resolve
+    from tgo.train import probe_model
 
+    cfg = resolve("tgo1", data_dir="unused")  # the probe settings of the TGO-I setting
     model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=100)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     n = 16
@@ -104,10 +106,10 @@ def per_image_costs_224() -> tuple[float, float, float, float]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         start = time.perf_counter()
-        probe(model, [images[:8]])
+        probe_model(model, [images[:8]], cfg, "cpu")
         small = time.perf_counter() - start
         start = time.perf_counter()
-        probe(model, [images[i : i + 8] for i in range(0, n, 8)])
+        probe_model(model, [images[i : i + 8] for i in range(0, n, 8)], cfg, "cpu")
         large = time.perf_counter() - start
     per_image = (large - small) / (n - 8)
     fixed = max(small - 8 * per_image, 0.0)

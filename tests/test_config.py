@@ -92,6 +92,22 @@ def test_every_mlproject_parameter_reaches_its_command_and_tgo():
         assert set(params) - {f for f, _ in flags} <= {"nproc_per_node"}
 
 
+def test_mlproject_comments_repeat_each_parameters_help():
+    """Each train parameter's help is written once (TrainConfig's field metadata, HELP); MLproject's
+    comment above the parameter repeats it word for word."""
+    from tgo.config import HELP
+
+    lines = (ROOT / "MLproject").read_text().splitlines()
+    seen = set()
+    for above, line in zip(lines, lines[1:]):
+        found = re.match(r"\s+(\w+): \{type:", line)
+        if found and found.group(1) in HELP and found.group(1) not in seen:  # the shared train list comes first
+            name = found.group(1)
+            seen.add(name)
+            assert above.strip() == f"# {HELP[name]}", (name, above.strip(), HELP[name])
+    assert seen == set(HELP)
+
+
 def test_a_value_given_to_mlflow_reaches_the_config(monkeypatch):
     """Render the train command as MLflow does, parse it with tgo's own parser, resolve it."""
     from mlflow.projects._project_spec import load_project

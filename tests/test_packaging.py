@@ -42,3 +42,16 @@ def test_the_package_ships_the_imagenet100_class_list():
     shared = ROOT.parent / "shared" / "data" / "imagenet100_classes.txt"
     if shared.exists():
         assert classes == shared.read_text().split()
+
+
+def test_only_tracking_imports_mlflow():
+    """MLflow is touched in one layer (docs/ARCHITECTURE.md): tgo/tracking.py."""
+    import ast
+
+    importers = set()
+    for path in (ROOT / "tgo").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n == "mlflow" or n.startswith("mlflow.") for n in names):
+                importers.add(path.name)
+    assert importers == {"tracking.py"}

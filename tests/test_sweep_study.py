@@ -305,8 +305,8 @@ def test_a_study_whose_trials_all_fail_on_one_configuration_error_stops_with_it(
     # Each failed trial is reported in one line, without Optuna's traceback.
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err
-    assert "trial 0 failed: ConfigError: batch_size: mixup/cutmix need an even batch size" in out
-    assert "trial 1 failed: ConfigError" in out
+    assert "trial 0 failed: ConfigError: batch_size: mixup/cutmix need an even batch size" in out + err  # the "tgo" logger
+    assert "trial 1 failed: ConfigError" in out + err
     trials = optuna.load_study(study_name="bad", storage=open_storage(storage)).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.WAITING, TrialState.WAITING]  # 2 slots untouched
 
@@ -341,7 +341,7 @@ def test_a_sweep_worker_judges_only_its_own_trials(store, tmp_path, monkeypatch)
     storage = f"journal:{tmp_path / 'own.journal'}"
     client = MlflowClient()
 
-    def fake_run(parent_run_id, seed, on_start=None, **_):
+    def fake_run(cfg, parent_run_id, on_start=None, **_):  # the sweep passes each seed's TrainConfig
         other = optuna.load_study(study_name="own", storage=open_storage(storage))
         trial = other.ask()
         other.tell(trial, state=TrialState.FAIL)  # another worker's trial, failed meanwhile

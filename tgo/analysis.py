@@ -25,22 +25,20 @@ import html
 import json
 import tempfile
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.tracking import MlflowClient
 from tqdm.auto import tqdm
 
 import tgo
 from tgo import findings as F
 from tgo import plots, tracking
 from tgo.findings import Finding
-from tgo.probe import METRIC_PREFIX, ProbeResult
+from tgo.keys import METRIC_PREFIX, parse_metric_key, site_order
+from tgo.probe import ProbeResult
 from tgo.spectral import OBSERVABLE_NAMES, DegenerateGeometryWarning
 
 SCALARS = ("train/loss", "train/acc1", "val/loss", "val/acc1", "val/acc5", "lr", "time/epoch_s", "time/probe_s")
@@ -102,26 +100,20 @@ def head_of(results: dict[int, ProbeResult]) -> tuple[str, str]:
 
 
 def _table_from_metrics(run_id: str, keys: Sequence[str]) -> pd.DataFrame:
-    """Metric histories, one call per key (MLflow has no multi-key history call), in parallel."""
-    client = MlflowClient()
-
-    def history(key):
-        return key, client.get_metric_history(run_id, key)
-
+    """The geometry table from metric histories (runs without spectra artifacts)."""
     rows = []
-    with ThreadPoolExecutor(8) as pool:
-        for key, hist in tqdm(pool.map(history, keys), total=len(keys), desc="metric histories", leave=False, disable=None):
-            _, site, view, name = key.split("/")
-            rows += [(m.step, site, view, name, m.value, np.nan) for m in hist]
+    for key, hist in tracking.metric_histories(run_id, keys).items():
+        parts = parse_metric_key(key)
+        rows += [(step, parts.site, parts.view, parts.observable, value, np.nan) for step, value in hist]
     return pd.DataFrame(rows, columns=["epoch", "site", "view", "observable", "value", "se"])
 
 
 def _spectra(run_id: str, folder: Path) -> dict[int, ProbeResult]:
     """Every epoch's spectra artifact, in one download."""
-    names = [f.path for f in MlflowClient().list_artifacts(run_id, "geometry/spectra")]
-    if not names:
+    artifact_dir, _ = tracking.spectra_artifact(0)
+    if not tracking.artifact_names(run_id, artifact_dir):
         return {}
-    local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="geometry/spectra", dst_path=str(folder)))
+    local = tracking.download(run_id, artifact_dir, folder)
     return {int(p.stem.split("_")[1]): ProbeResult.load(p) for p in sorted(local.glob("epoch_*.npz"))}
 
 
@@ -130,7 +122,7 @@ def _read(run, folder: Path) -> tuple[pd.DataFrame, str, dict[int, ProbeResult]]
     spectra = _spectra(run_id, folder)
     if spectra:
         return geometry_table(spectra), "the run's logged spectra (geometry/spectra/epoch_XXXX.npz)", spectra
-    keys = [k for k in run.data.metrics if k.startswith(METRIC_PREFIX + "/")]
+    keys = [k for k in run.data.metrics if (parts := parse_metric_key(k)) and parts.prefix == METRIC_PREFIX]
     if not keys:
         raise AnalysisError(
             f"run {run_id} has no geometry (no geom/... metrics, no spectra artifacts): it was trained "
@@ -155,9 +147,8 @@ def read_evidence(run_id: str, folder: str | Path):
 
 def scalar_table(run_id: str, keys: Sequence[str]) -> pd.DataFrame:
     """Histories of the scalar metrics (train/*, val/*, lr, time/*) a run has, as epoch, key, value."""
-    client = MlflowClient()
-    present = client.get_run(run_id).data.metrics
-    rows = [(m.step, key, m.value) for key in keys if key in present for m in client.get_metric_history(run_id, key)]
+    present = tracking.get_run(run_id).data.metrics
+    rows = [(step, key, value) for key in keys if key in present for step, value in tracking.metric_history(run_id, key)]
     return pd.DataFrame(rows, columns=["epoch", "key", "value"])
 
 
@@ -185,7 +176,7 @@ def _reprobe(run_id: str, folder: Path, probe_size: int, data_dir: str, probe_se
     from tgo.config import from_dict
     from tgo.data import build_datasets
     from tgo.model import create_model
-    from tgo.probe import probe
+    from tgo.train import probe_model
     from tgo.probeset import ProbeSet, fingerprint
 
     config = json.loads(tracking.download(run_id, "config/config.json", folder).read_text())
@@ -194,7 +185,7 @@ def _reprobe(run_id: str, folder: Path, probe_size: int, data_dir: str, probe_se
     config["device"] = device or "auto"
     cfg = from_dict(config)
     data = build_datasets(cfg)
-    names = [f.path for f in MlflowClient().list_artifacts(run_id, "checkpoints") if "weights_epoch_" in f.path]
+    names = [n for n in tracking.artifact_names(run_id, tracking.weights_artifact(0)[0]) if "weights_epoch_" in n]
     available = sorted(int(Path(n).stem.split("_")[-1]) for n in names)
     wanted = available if epochs is None else [e for e in epochs if e in available]
     if not wanted:
@@ -229,9 +220,7 @@ def _reprobe(run_id: str, folder: Path, probe_size: int, data_dir: str, probe_se
         model.load_state_dict(tracking.load_checkpoint(path))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DegenerateGeometryWarning)
-            out[epoch] = probe(model, probe_set.loader(cfg.probe_batch_size, cfg.workers), device=dev,
-                               precision=cfg.probe_precision, keep_covariance=keep_covariance, progress=False,
-                               folds=cfg.probe_folds)
+            out[epoch] = probe_model(model, probe_set.loader(cfg.probe_batch_size, cfg.workers), cfg, dev, keep_covariance=keep_covariance)
         path.unlink()
     return out, size
 
@@ -305,7 +294,7 @@ def _has_tabulate() -> bool:
 def _default_sites(measured: set[tuple[str, str]]) -> list[tuple[str, str]]:
     """final/cls and the middle block's patch view (or its mean, or cls view), where measured."""
     chosen = [("final", "cls")] if ("final", "cls") in measured else []
-    blocks = plots._site_order({s for s, _ in measured if s.startswith("block_")})
+    blocks = site_order({s for s, _ in measured if s.startswith("block_")})
     if blocks:
         middle = blocks[len(blocks) // 2]
         view = next((v for v in ("patch", "mean", "cls") if (middle, v) in measured), None)
@@ -383,7 +372,7 @@ def analyze(
         geometry, source, spectra = _read(run, folder / "download")
     if geometry.empty:
         raise AnalysisError(f"run {run_id} has no epochs of geometry yet.")
-    all_sites = plots._site_order(geometry.site)
+    all_sites = site_order(geometry.site)
     chosen = chosen or _default_sites(set(zip(geometry.site, geometry.view)))
     unknown = [f"{s}/{v}" for s, v in chosen if not ((geometry.site == s) & (geometry.view == v)).any()]
     if unknown:
@@ -464,23 +453,13 @@ def analyze(
 
 def _log(result: Analysis, run, folder: Path) -> str:
     """An analysis run, child of the training run, holding every file; tags link both ways."""
-    import os
-
-    client = MlflowClient()
-    tags = {"mlflow.parentRunId": result.run_id, "tgo.kind": "analysis", "tgo.analyzed_run": result.run_id,
-            "tgo.version": tgo.__version__, "tgo.source": result.source}
-    launcher = os.environ.get("MLFLOW_RUN_ID", "")
-    if launcher and launcher != result.run_id:
-        analysis_id = launcher  # `mlflow run -e analyze` opened it
-    else:
-        analysis_id = client.create_run(run.info.experiment_id, run_name=f"analysis of {run.info.run_name or result.run_id[:8]}").info.run_id
-    tracking.set_tags(analysis_id, tags)
+    tags = {"tgo.kind": "analysis", "tgo.analyzed_run": result.run_id, "tgo.version": tgo.__version__, "tgo.source": result.source}
+    analysis_id = tracking.open_child_run(result.run_id, f"analysis of {run.info.run_name or result.run_id[:8]}", tags)
     for sub in ("figures", "tables", "report"):
         if (folder / sub).exists():
-            client.log_artifacts(analysis_id, str(folder / sub), sub)
-    client.log_artifact(analysis_id, str(folder / "findings.json"))
+            tracking.log_folder(analysis_id, folder / sub, sub)
+    tracking.log_file(analysis_id, folder / "findings.json", None)
     tracking.log_metrics(analysis_id, {f"finding/{f.number}": f.score for f in result.findings}, step=int(result.geometry.epoch.max()))
-    if not launcher or launcher == result.run_id:
-        client.set_terminated(analysis_id, "FINISHED")
+    tracking.finish(analysis_id)
     tracking.set_tags(result.run_id, {"tgo.analysis_run": analysis_id})
     return analysis_id

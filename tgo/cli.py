@@ -121,6 +121,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Stdout(logging.StreamHandler):
+    """A handler that writes to whatever sys.stdout is at the time (flushed at every line)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; the property wins
+        pass
+
+
+def _log_to_stdout() -> None:
+    """What tgo's modules log (logger "tgo"), as "tgo: <message>" lines on stdout, once per process."""
+    logger = logging.getLogger("tgo")
+    if not any(isinstance(h, _Stdout) for h in logger.handlers):
+        handler = _Stdout()
+        handler.setFormatter(logging.Formatter("tgo: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def _fail(message: str, code: int) -> int:
     print(f"tgo: error: {message}", file=sys.stderr)
     return code
@@ -138,25 +161,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingError as err:
         return _fail(str(err), 1)
     if result.run_id:
-        summary = {k: round(v, 4) for k, v in result.metrics.items() if not k.startswith("geom/") or k.startswith("geom/final/cls/")}
+        from tgo.keys import parse_metric_key
+
+        summary = {k: round(v, 4) for k, v in result.metrics.items()
+                   if (parts := parse_metric_key(k)) is None or (parts.site, parts.view) == ("final", "cls")}
         print(f"tgo: run {result.run_id} finished {result.epoch} epochs.")
         print(json.dumps(summary, indent=1, sort_keys=True))
     return 0
 
 
 def _int(name: str, text: str, allow_empty: bool = False) -> int | None:
+    """An integer option of analyze, sweep and study (the train options go through TrainConfig)."""
     if allow_empty and text.strip() == "":
         return None
-    try:
-        value = float(text)  # MLflow's float parameters arrive as "0" or "0.0"
-        if not value.is_integer():
-            raise ValueError
-        value = int(value)
-    except ValueError:
-        raise C.ConfigError(f"{name}: expected an integer >= 0, got {text!r}.") from None
-    if value < 0:
-        raise C.ConfigError(f"{name}: expected an integer >= 0, got {text!r}.")
-    return value
+    return C.parse_int(name, text, minimum=0)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -256,6 +274,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _log_to_stdout()
     # MLflow's SQL store logs every database error it raises with a full traceback; tgo reports the
     # error it catches in one message (a store turned read-only, say), so the duplicate is muted.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)

@@ -23,12 +23,20 @@ import dataclasses
 import json
 import typing
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Literal, get_args
 
-DATASETS = ("digits", "synthetic", "imagefolder", "imagenet100", "cifar10", "cifar100")
+Preset = Literal["demo", "smoke", "tgo1"]
+Dataset = Literal["digits", "synthetic", "imagefolder", "imagenet100", "cifar10", "cifar100"]
+AmpMode = Literal["auto", "bf16", "fp16", "off"]
+Schedule = Literal["cosine", "step", "plateau", "poly", "tanh", "multistep"]
+ProbePrecision = Literal["float64", "float32"]
+DATASETS, AMP_MODES, SCHEDULES = get_args(Dataset), get_args(AmpMode), get_args(Schedule)
 DEVICES_HELP = "auto, cpu, cuda, cuda:N or mps"
-AMP_MODES = ("auto", "bf16", "fp16", "off")
-SCHEDULES = ("cosine", "step", "plateau", "poly", "tanh", "multistep")
+
+
+def _field(default: Any, help: str) -> Any:
+    """A TrainConfig field with its one-line help (`tgo train --help`, MLproject's comments)."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 class ConfigError(ValueError):
@@ -37,61 +45,63 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every setting of a training run. Field names are the MLflow parameter names."""
+    """Every setting of a training run. Field names are the MLflow parameter names; each field's help
+    is its metadata (HELP)."""
 
-    preset: str = "demo"
+    preset: Preset = _field("demo", f"starting point: {', '.join(get_args(Preset))} (demo: digits on a CPU; smoke: seconds, for tests; tgo1: the TGO-I study)")
     # data
-    dataset: str = "digits"
-    data_dir: str = ""  # imagefolder / imagenet100: the tree with train/ and val/; cifar: the root
-    download: bool = False  # cifar10/100 only: let torchvision download the archive
-    img_size: int = 32
-    synthetic_train_size: int = 512  # synthetic dataset only
-    synthetic_val_size: int = 128
-    num_classes: int = 0  # 0: from the dataset
-    workers: int = 0  # DataLoader worker processes
+    dataset: Dataset = _field("digits", f"one of {', '.join(get_args(Dataset))}")
+    data_dir: str = _field("", 'imagefolder/imagenet100: folder with train/ and val/ class folders; cifar: the dataset root')
+    download: bool = _field(False, 'cifar10/cifar100 only: let torchvision download the archive (needs internet)')
+    img_size: int = _field(32, 'input resolution in pixels (a multiple of the patch size)')
+    synthetic_train_size: int = _field(512, 'synthetic dataset: training images')
+    synthetic_val_size: int = _field(128, 'synthetic dataset: validation images')
+    num_classes: int = _field(0, "classes of the head; 0 takes the dataset's count")
+    workers: int = _field(0, 'DataLoader worker processes')
     # model
-    model: str = "vit_small_patch16_224"  # any timm ViT; built with pretrained=False
-    patch_size: int = 0  # 0: the model's own (16 for ViT-S/16)
-    depth: int = 0  # 0: the model's own (12 blocks for ViT-S)
-    drop_path: float = 0.0
+    model: str = _field("vit_small_patch16_224", 'timm ViT name, built with pretrained=False (e.g. vit_small_patch16_224)')
+    patch_size: int = _field(0, "patch size override; 0 keeps the model's own")
+    depth: int = _field(0, "number of transformer blocks override; 0 keeps the model's own")
+    drop_path: float = _field(0.0, 'stochastic depth rate')
     # optimisation (timm's create_optimizer_v2 / create_scheduler_v2)
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 0.0  # 0: base_lr x batch_size / 512 (the linear scaling rule of DeiT)
-    base_lr: float = 1e-3
-    min_lr: float = 1e-6
-    warmup_lr: float = 1e-6
-    weight_decay: float = 0.05
-    opt: str = "adamw"
-    sched: str = "cosine"
-    warmup_epochs: int = 1
-    grad_clip: float = 0.0  # 0: off
-    smoothing: float = 0.1
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    auto_augment: str = "none"  # timm's RandAugment spec, e.g. rand-m9-mstd0.5-inc1; "none" for none
-    reprob: float = 0.0  # random erasing probability
-    hflip: float = 0.5
-    crop_pct: float = 1.0  # eval resize-and-crop ratio (0.875 for ImageNet)
+    epochs: int = _field(10, 'training epochs (epoch 0, the initialisation, is probed in addition)')
+    batch_size: int = _field(64, 'training images per step (per process under torchrun)')
+    lr: float = _field(0.0, 'peak learning rate; 0 applies the scaling rule base_lr x batch_size / 512')
+    base_lr: float = _field(1e-3, 'learning rate at batch size 512 for the scaling rule')
+    min_lr: float = _field(1e-6, 'floor of the cosine schedule')
+    warmup_lr: float = _field(1e-6, 'learning rate at the start of the warm-up')
+    weight_decay: float = _field(0.05, 'AdamW weight decay')
+    opt: str = _field("adamw", 'timm optimiser name (create_optimizer_v2), e.g. adamw, sgd, lamb')
+    sched: Schedule = _field("cosine", f"timm schedule (create_scheduler_v2): {', '.join(get_args(Schedule))}")
+    warmup_epochs: int = _field(1, 'linear warm-up epochs')
+    grad_clip: float = _field(0.0, 'gradient norm clipping; 0 is off')
+    smoothing: float = _field(0.1, 'label smoothing')
+    mixup: float = _field(0.0, 'mixup alpha; 0 is off')
+    cutmix: float = _field(0.0, 'cutmix alpha; 0 is off')
+    auto_augment: str = _field("none", 'timm RandAugment spec such as rand-m9-mstd0.5-inc1, or none')
+    reprob: float = _field(0.0, 'random erasing probability')
+    hflip: float = _field(0.5, 'horizontal flip probability')
+    crop_pct: float = _field(1.0, 'evaluation centre-crop ratio (0.875 for ImageNet, 1 for digits)')
     # probe
-    probe_size: int = 256
-    probe_every: int = 1  # probe every N epochs (always at 0 and at the last epoch); 0: never
-    probe_batch_size: int = 128
-    probe_patch_tokens: int = 0  # 0: every patch token; k: k random tokens per image
-    probe_precision: str = "float64"
-    probe_seed: int = 0  # fixes the probe images, independent of the training seed
-    probe_folds: int = 5  # K folds of the jackknife standard errors (tgo.uncertainty); 1: none
+    probe_size: int = _field(256, 'validation images in the fixed geometry probe set')
+    probe_every: int = _field(1, 'probe every N epochs (always at epoch 0 and the last); 0 switches the probe off')
+    probe_batch_size: int = _field(128, 'batch size of the probe and of validation')
+    probe_patch_tokens: int = _field(0, 'patch view: keep k random patch tokens per image; 0 keeps all')
+    probe_precision: ProbePrecision = _field("float64", "float64 (default) or float32 products in the probe's accumulators")
+    probe_seed: int = _field(0, 'seed of the probe image selection (independent of the training seed)')
+    probe_folds: int = _field(5, 'folds of the jackknife that gives every observable its standard error (1: none)')
     # run
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "auto"  # auto: bf16 on a GPU that supports it, off on the CPU
-    compile: bool = False  # torch.compile the model
-    channels_last: bool = True  # on CUDA only
-    checkpoint_epochs: str = "0,last"  # weights kept at these epochs: "0,10,last", "all", "none"
-    resume: str = ""  # a run id to continue
-    experiment: str = "tgo"  # used only when no run is active and MLFLOW_RUN_ID is unset
-    run_name: str = ""
-    system_metrics: bool = True  # CPU/memory/GPU metrics when psutil / pynvml are installed
+    seed: int = _field(0, 'training seed (initialisation, shuffling, augmentation)')
+    device: str = _field("auto", DEVICES_HELP)
+    amp: AmpMode = _field("auto", f"mixed precision: {', '.join(get_args(AmpMode))} (auto: bf16 on a GPU that has it, off on the CPU)")
+    compile: bool = _field(False, 'torch.compile the training model')
+    channels_last: bool = _field(True, 'channels_last memory format on CUDA')
+    checkpoint_epochs: str = _field("0,last", 'epochs whose weights are kept as artifacts: e.g. 0,10,last, or all, or none')
+    resume: str = _field("", 'id of a run to continue in place from its last checkpoint')
+    experiment: str = _field("tgo", 'MLflow experiment for new runs (ignored under `mlflow run`, which chooses it)')
+    run_name: str = _field("", 'MLflow run name for new runs')
+    system_metrics: bool = _field(True, 'log CPU, memory and GPU system metrics (needs psutil; pynvml for GPUs)')
+
 
     @property
     def resolved_lr(self) -> float:
@@ -137,6 +147,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
+assert tuple(PRESETS) == get_args(Preset), "PRESETS and the Preset choices must agree"
 FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)
 
@@ -154,17 +165,7 @@ def _parse(name: str, value: Any) -> Any:
             return False
         raise ConfigError(f"{name}: expected true or false, got {value!r}.")
     if kind is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name}: expected an integer, got {value!r}.")
-        if isinstance(value, int):
-            return value
-        try:
-            as_float = float(str(value).strip())
-        except ValueError:
-            raise ConfigError(f"{name}: expected an integer, got {value!r}.") from None
-        if not as_float.is_integer():
-            raise ConfigError(f"{name}: expected an integer, got {value!r}.")
-        return int(as_float)
+        return parse_int(name, value)
     if kind is float:
         if isinstance(value, bool):
             raise ConfigError(f"{name}: expected a number, got {value!r}.")
@@ -178,6 +179,26 @@ def _parse(name: str, value: Any) -> Any:
     if not isinstance(value, str):
         raise ConfigError(f"{name}: expected a string, got {type(value).__name__} {value!r}.")
     return value.strip()
+
+
+def parse_int(name: str, value: Any, minimum: int | None = None) -> int:
+    """An integer parameter from a typed value or text ("3", and "3.0" as MLflow's float parameters
+    arrive), at least `minimum` if given; ConfigError naming the parameter otherwise."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: expected an integer, got {value!r}.")
+    if isinstance(value, int):
+        out = value
+    else:
+        try:
+            as_float = float(str(value).strip())
+        except ValueError:
+            raise ConfigError(f"{name}: expected an integer, got {value!r}.") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"{name}: expected an integer, got {value!r}.")
+        out = int(as_float)
+    if minimum is not None and out < minimum:
+        raise ConfigError(f"{name}: expected an integer >= {minimum}, got {value!r}.")
+    return out
 
 
 def _check_timm_names(cfg, need) -> None:
@@ -276,61 +297,26 @@ def resolve(preset: str = "demo", **overrides: Any) -> TrainConfig:
     return cfg
 
 
+def given(values: dict[str, Any]) -> dict[str, Any]:
+    """The settings given explicitly: None and "" (how MLflow and the CLI say "the preset's value")
+    dropped."""
+    return {k: v for k, v in values.items() if v is not None and not (isinstance(v, str) and not v.strip())}
+
+
+def from_overrides(values: dict[str, Any]) -> tuple[TrainConfig, set[str]]:
+    """The one place where explicitly given settings (typed, or text from MLflow and the CLI) become
+    a checked TrainConfig: the config of values["preset"] (demo if absent) with the others applied,
+    and the names that were given (a resume refuses to change any but a few of them)."""
+    explicit = given(values)
+    return resolve(explicit.get("preset", "demo"), **{k: v for k, v in explicit.items() if k != "preset"}), set(explicit)
+
+
 def from_dict(values: dict[str, Any]) -> TrainConfig:
     """A config saved by `to_dict` (a checkpoint's or a run's), checked again."""
     values = dict(values)
     return resolve(values.pop("preset", "demo"), **values)
 
 
-# One line per parameter: the --help of `tgo train` and the comments of MLproject.
-HELP: dict[str, str] = {
-    "preset": f"starting point: {', '.join(PRESETS)} (demo: digits on a CPU; smoke: seconds, for tests; tgo1: the TGO-I study)",
-    "dataset": f"one of {', '.join(DATASETS)}",
-    "data_dir": "imagefolder/imagenet100: folder with train/ and val/ class folders; cifar: the dataset root",
-    "download": "cifar10/cifar100 only: let torchvision download the archive (needs internet)",
-    "img_size": "input resolution in pixels (a multiple of the patch size)",
-    "synthetic_train_size": "synthetic dataset: training images",
-    "synthetic_val_size": "synthetic dataset: validation images",
-    "num_classes": "classes of the head; 0 takes the dataset's count",
-    "workers": "DataLoader worker processes",
-    "model": "timm ViT name, built with pretrained=False (e.g. vit_small_patch16_224)",
-    "patch_size": "patch size override; 0 keeps the model's own",
-    "depth": "number of transformer blocks override; 0 keeps the model's own",
-    "drop_path": "stochastic depth rate",
-    "epochs": "training epochs (epoch 0, the initialisation, is probed in addition)",
-    "batch_size": "training images per step (per process under torchrun)",
-    "lr": "peak learning rate; 0 applies the scaling rule base_lr x batch_size / 512",
-    "base_lr": "learning rate at batch size 512 for the scaling rule",
-    "min_lr": "floor of the cosine schedule",
-    "warmup_lr": "learning rate at the start of the warm-up",
-    "weight_decay": "AdamW weight decay",
-    "opt": "timm optimiser name (create_optimizer_v2), e.g. adamw, sgd, lamb",
-    "sched": f"timm schedule (create_scheduler_v2): {', '.join(SCHEDULES)}",
-    "warmup_epochs": "linear warm-up epochs",
-    "grad_clip": "gradient norm clipping; 0 is off",
-    "smoothing": "label smoothing",
-    "mixup": "mixup alpha; 0 is off",
-    "cutmix": "cutmix alpha; 0 is off",
-    "auto_augment": "timm RandAugment spec such as rand-m9-mstd0.5-inc1, or none",
-    "reprob": "random erasing probability",
-    "hflip": "horizontal flip probability",
-    "crop_pct": "evaluation centre-crop ratio (0.875 for ImageNet, 1 for digits)",
-    "probe_size": "validation images in the fixed geometry probe set",
-    "probe_every": "probe every N epochs (always at epoch 0 and the last); 0 switches the probe off",
-    "probe_batch_size": "batch size of the probe and of validation",
-    "probe_patch_tokens": "patch view: keep k random patch tokens per image; 0 keeps all",
-    "probe_precision": "float64 (default) or float32 products in the probe's accumulators",
-    "probe_seed": "seed of the probe image selection (independent of the training seed)",
-    "probe_folds": "folds of the jackknife that gives every observable its standard error (1: none)",
-    "seed": "training seed (initialisation, shuffling, augmentation)",
-    "device": DEVICES_HELP,
-    "amp": f"mixed precision: {', '.join(AMP_MODES)} (auto: bf16 on a GPU that has it, off on the CPU)",
-    "compile": "torch.compile the training model",
-    "channels_last": "channels_last memory format on CUDA",
-    "checkpoint_epochs": "epochs whose weights are kept as artifacts: e.g. 0,10,last, or all, or none",
-    "resume": "id of a run to continue in place from its last checkpoint",
-    "experiment": "MLflow experiment for new runs (ignored under `mlflow run`, which chooses it)",
-    "run_name": "MLflow run name for new runs",
-    "system_metrics": "log CPU, memory and GPU system metrics (needs psutil; pynvml for GPUs)",
-}
-assert set(HELP) == set(FIELD_TYPES), set(HELP) ^ set(FIELD_TYPES)
+# One line per parameter, from the fields' metadata: the --help of `tgo train`; MLproject's comments
+# repeat it (tests/test_config.py checks that they agree).
+HELP: dict[str, str] = {f.name: f.metadata["help"] for f in fields(TrainConfig)}

@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from tgo.keys import site_order  # noqa: E402
 from tgo.spectral import OBSERVABLE_NAMES  # noqa: E402
 
 VIEW_TITLES = {"cls": "CLS token", "patch": "patch tokens", "mean": "mean-pooled patch tokens"}
@@ -46,19 +47,6 @@ def save(fig: plt.Figure, path: str | Path) -> Path:
     return path
 
 
-def _site_order(sites: Sequence[str]) -> list[str]:
-    def key(site: str):
-        if site == "patch_embed":
-            return -2
-        if site == "pos_embed":
-            return -1
-        if site.startswith("block_"):
-            return int(site.split("_")[1])
-        return 10_000
-
-    return sorted(set(sites), key=key)
-
-
 def _site_colors(sites: Sequence[str]) -> dict[str, tuple]:
     cmap = plt.get_cmap("viridis")
     n = max(len(sites) - 1, 1)
@@ -69,7 +57,7 @@ def observable_over_epochs(geometry: pd.DataFrame, observable: str, run_label: s
     """One panel per view; one line per site (coloured from the first site to the final norm)."""
     data = geometry[geometry.observable == observable]
     views = [v for v in VIEW_TITLES if v in set(data.view)]
-    sites = _site_order(data.site)
+    sites = site_order(data.site)
     colors = _site_colors(sites)
     fig, axes = plt.subplots(1, len(views), figsize=(5.2 * len(views), 4.2), squeeze=False, sharey=False)
     for ax, view in zip(axes[0], views):
@@ -97,7 +85,7 @@ def site_epoch_heatmap(geometry: pd.DataFrame, observable: str, run_label: str =
     """Site x epoch heat map of one observable, one panel per view (its own colour scale)."""
     data = geometry[geometry.observable == observable]
     views = [v for v in VIEW_TITLES if v in set(data.view)]
-    sites = _site_order(data.site)
+    sites = site_order(data.site)
     fig, axes = plt.subplots(1, len(views), figsize=(5.2 * len(views), 0.32 * len(sites) + 2.2), squeeze=False)
     for ax, view in zip(axes[0], views):
         grid = data[data.view == view].pivot_table(index="site", columns="epoch", values="value").reindex(sites)
@@ -164,7 +152,7 @@ def depth_profile(geometry: pd.DataFrame, epoch: int, run_label: str = "") -> pl
     """Each observable against site (depth) at one epoch, one line per view."""
     data = geometry[geometry.epoch == epoch]
     observables = [o for o in OBSERVABLE_NAMES if o in set(data.observable)]
-    sites = _site_order(data.site)
+    sites = site_order(data.site)
     cols = 5
     rows = int(np.ceil(len(observables) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.2 * rows), squeeze=False)
@@ -190,7 +178,7 @@ def mean_and_band(summary: pd.DataFrame, observable: str, n_seeds: int) -> plt.F
     `summary` has columns epoch, site, view, observable, mean, ci95_low, ci95_high."""
     data = summary[summary.observable == observable]
     views = [v for v in VIEW_TITLES if v in set(data.view)]
-    sites = _site_order(data.site)
+    sites = site_order(data.site)
     colors = _site_colors(sites)
     fig, axes = plt.subplots(1, len(views), figsize=(5.2 * len(views), 4.2), squeeze=False)
     for ax, view in zip(axes[0], views):

@@ -40,24 +40,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tgo import spectral, uncertainty
+from tgo import keys, spectral, uncertainty
+from tgo.keys import SE_PREFIX, VIEWS, metric_key
 from tgo.accumulate import MomentAccumulator, Precision
 
-VIEWS: tuple[str, ...] = ("cls", "patch", "mean")
-METRIC_PREFIX = "geom"
-SE_PREFIX = "geom_se"  # standard errors, logged for the view that feeds the head only
 POOLS = ("token", "avg")  # timm global_pool values whose head input the probe measures
 
 
 def site_names(model: torch.nn.Module) -> list[str]:
     """The probe's sites for this model, in forward order: patch_embed, pos_embed, block_XX, final."""
-    return ["patch_embed", "pos_embed", *[f"block_{i:02d}" for i in range(len(model.blocks))], "final"]
-
-
-def metric_key(site: str, view: str, name: str, prefix: str = METRIC_PREFIX) -> str:
-    """The MLflow metric key of one observable: geom/<site>/<view>/<name> (docs/METRICS.md); with
-    prefix=SE_PREFIX, the key of its standard error, geom_se/<site>/<view>/<name>."""
-    return f"{prefix}/{site}/{view}/{name}"
+    return keys.site_names(len(model.blocks))
 
 
 def head_view(model: torch.nn.Module) -> tuple[str, str]:

@@ -42,10 +42,9 @@ class StorageError(ValueError):
     """The storage URL cannot be used; the message says why and what to do."""
 
 
-def default_storage() -> str:
-    import mlflow
-
-    tracking = mlflow.get_tracking_uri()
+def default_storage(tracking: str = "") -> str:
+    """sqlite:///optuna.db beside the MLflow store `tracking` when that is a SQLite file, else in the
+    working directory."""
     if tracking.startswith("sqlite:///"):
         return "sqlite:///" + os.path.join(os.path.dirname(os.path.abspath(tracking[len("sqlite:///"):])), "optuna.db")
     return "sqlite:///optuna.db"
@@ -84,10 +83,11 @@ def _report(on_dead_trial, trial: FrozenTrial) -> None:
         warnings.warn(f"could not mark the run of dead trial {trial.number}: {err}", RuntimeWarning, stacklevel=2)
 
 
-def open_storage(url: str = "", on_dead_trial: Callable[[FrozenTrial], None] | None = None):
-    """The Optuna storage named by `url` (see the module docstring), checked to be reachable.
-    on_dead_trial(trial) is called for each trial failed because its worker died (RDB heartbeat)."""
-    url = url.strip() or default_storage()
+def open_storage(url: str = "", on_dead_trial: Callable[[FrozenTrial], None] | None = None, tracking: str = ""):
+    """The Optuna storage named by `url` (see the module docstring; "" for the default beside the
+    MLflow store `tracking`), checked to be reachable. on_dead_trial(trial) is called for each trial
+    failed because its worker died (RDB heartbeat)."""
+    url = url.strip() or default_storage(tracking)
     if url.startswith("journal:"):
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend

@@ -21,9 +21,8 @@
 
 from __future__ import annotations
 
+import logging
 import math
-import os
-import re
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -34,21 +33,22 @@ import optuna
 import pandas as pd
 import scipy.stats
 import yaml
-from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from tgo import plots, tracking, train
-from tgo.config import FIELD_TYPES, ConfigError, resolve
+from tgo.config import FIELD_TYPES, ConfigError, TrainConfig, from_dict, from_overrides
+from tgo.keys import METRIC_PREFIX, metric_key, parse_metric_key
 from tgo.spectral import OBSERVABLE_NAMES
 from tgo.storage import mark_worker, open_storage, reclaim_dead_trials
-from tgo.sweep import ERROR_ATTR, RESUME_REFUSED, RUN_ATTR, fail_dead_run, parent_run, retried_run
+from tgo.workers import ERROR_ATTR, RESUME_REFUSED, RUN_ATTR, fail_dead_run, parent_run, retried_run
 
 DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "configs" / "search_space.yaml"
 SCALAR_OBJECTIVES = ("train/loss", "train/acc1", "val/loss", "val/acc1", "val/acc5")
 PRUNERS = ("median", "hyperband", "successive_halving", "none")
 CONFIG_ERROR_ATTR = "tgo.config_error"  # the ConfigError a trial failed with
 SLOT_ATTR, SURPLUS_ATTR = "tgo.slot", "tgo.surplus"  # one of the study's n_trials slots; a trial asked for past them
-_GEOM = re.compile(r"geom/(patch_embed|pos_embed|block_\d{2}|final)/(cls|patch|mean)/(\w+)")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,8 +70,8 @@ def parse_objectives(text: str) -> tuple[list[str], list[str]]:
             name, direction = direction, "max"
         if direction not in ("max", "min"):
             raise ConfigError(f"objectives: {part!r} must end in :max or :min.")
-        match = _GEOM.fullmatch(name)
-        if name not in SCALAR_OBJECTIVES and not (match and match.group(3) in OBSERVABLE_NAMES):
+        parts = parse_metric_key(name)
+        if name not in SCALAR_OBJECTIVES and not (parts and parts.prefix == METRIC_PREFIX and parts.observable in OBSERVABLE_NAMES):
             raise ConfigError(
                 f"objectives: unknown metric {name!r}; use one of {', '.join(SCALAR_OBJECTIVES)} or "
                 f"geom/<site>/<view>/<observable> with an observable of {', '.join(OBSERVABLE_NAMES)}."
@@ -113,17 +113,17 @@ def load_search_space(path: str | Path) -> dict[str, dict]:
     return space
 
 
-def check_space(space: dict[str, dict], preset: str, given: dict) -> None:
+def check_space(space: dict[str, dict], cfg: TrainConfig) -> None:
     """Every value the space can suggest, checked against the train config's ranges before the first
-    trial (a categorical's choices, a range's bounds), with the study's other settings: a space
-    whose values are invalid would otherwise spend the whole study on failing trials."""
+    trial (a categorical's choices, a range's bounds), with the study's other settings (`cfg`): a
+    space whose values are invalid would otherwise spend the whole study on failing trials."""
     for name, spec in space.items():
         values = spec["choices"] if spec["type"] == "categorical" else [spec["low"], spec["high"]]
         for value in values:
             if spec["type"] == "int":
                 value = int(value)
             try:
-                resolve(preset, **{k: v for k, v in given.items() if k != "preset"}, **{name: value})
+                from_dict({**cfg.to_dict(), name: value})
             except ConfigError as err:
                 raise ConfigError(f"search_space: {name} = {value!r} is not a valid setting: {err}") from None
 
@@ -173,14 +173,13 @@ def study(
         raise ConfigError(RESUME_REFUSED.format(what="study", unit="trial"))
     metrics, directions = parse_objectives(objectives)
     space = load_search_space(search_space)
-    given = {k: v for k, v in train_overrides.items() if v is not None and not (isinstance(v, str) and not v.strip())}
-    resolve(given.get("preset", "demo"), **{k: v for k, v in given.items() if k != "preset"})
-    clash = sorted(set(space) & set(given))
+    cfg, given = from_overrides(train_overrides)
+    clash = sorted(set(space) & given)
     if clash:
         raise ConfigError(f"{', '.join(clash)}: set by the search space and by a parameter; drop one.")
-    check_space(space, given.get("preset", "demo"), given)
+    check_space(space, cfg)
     tracking.check_tracking()
-    store = open_storage(storage, on_dead_trial=fail_dead_run)
+    store = open_storage(storage, on_dead_trial=fail_dead_run, tracking=tracking.tracking_uri())
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial: one line from tgo, not Optuna's traceback
     sampler = PerTrialSeed(optuna.samplers.TPESampler if len(metrics) == 1 else optuna.samplers.NSGAIISampler, sampler_seed)
     options = dict(sampler=sampler, pruner=_pruner(pruner) if len(metrics) == 1 else optuna.pruners.NopPruner())
@@ -207,7 +206,6 @@ def study(
     else:
         _add_slots(s, n_trials)
     parent = parent_run(s, experiment, study_name, kind="study", create=created)
-    client = MlflowClient()
 
     ran: set[int] = set()  # the trial this worker runs now
 
@@ -235,10 +233,10 @@ def study(
                     raise train.StopTraining(f"pruned by {type(s.pruner).__name__} at epoch {epoch}")
 
         try:
-            result = train.run(parent_run_id=parent, run_name=f"trial {trial.number}", experiment=experiment,
-                               epoch_callback=report, on_start=started, resume=resume, **given, **params)
+            trial_cfg = from_dict({**cfg.to_dict(), **params, "run_name": f"trial {trial.number}", "experiment": experiment, "resume": resume})
+            result = train.run(trial_cfg, parent_run_id=parent, epoch_callback=report, on_start=started)
         except train.StopTraining as stop:
-            client.set_tag(run_ids[0], "tgo.trial_state", "PRUNED")
+            tracking.set_tags(run_ids[0], {"tgo.trial_state": "PRUNED"})
             raise optuna.TrialPruned(str(stop)) from None
         except Exception as err:
             # Reported in one line by this worker (below); Optuna's own report, a traceback per
@@ -247,13 +245,13 @@ def study(
             if isinstance(err, ConfigError):  # a setting the space combined badly (e.g. mixup with an odd batch size)
                 trial.set_user_attr(CONFIG_ERROR_ATTR, str(err))
             if run_ids:
-                client.set_tag(run_ids[0], "tgo.trial_state", "FAIL")
+                tracking.set_tags(run_ids[0], {"tgo.trial_state": "FAIL"})
             raise
         missing = [k for k in metrics if k not in result.metrics]
         if missing:
-            client.set_tag(result.run_id, "tgo.trial_state", "FAIL")
+            tracking.set_tags(result.run_id, {"tgo.trial_state": "FAIL"})
             raise ConfigError(f"objective metric(s) {missing} were not logged by the run (probe_every=0?).")
-        client.set_tag(result.run_id, "tgo.trial_state", "COMPLETE")
+        tracking.set_tags(result.run_id, {"tgo.trial_state": "COMPLETE"})
         values = [float(result.metrics[k]) for k in metrics]
         return values[0] if len(values) == 1 else values
 
@@ -268,8 +266,8 @@ def study(
             s.optimize(objective, n_trials=1, catch=(Exception,))
         for t in s.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
             if t.number in ran and ERROR_ATTR in t.user_attrs:  # the trial this worker just ran
-                print(f"tgo: study {study_name}: trial {t.number} failed: {t.user_attrs[ERROR_ATTR]} "
-                      f"(its run {t.user_attrs.get(RUN_ATTR, '-')}); the study goes on.", flush=True)
+                log.warning("study %s: trial %d failed: %s (its run %s); the study goes on.", study_name, t.number,
+                            t.user_attrs[ERROR_ATTR], t.user_attrs.get(RUN_ATTR, "-"))
     repeated = _same_config_error(s)
     if repeated:
         raise ConfigError(f"the study stopped: its first {repeated[0]} trials all failed with the same configuration "
@@ -335,7 +333,6 @@ def _same_config_error(s: optuna.Study, first: int = 2) -> tuple[int, str] | Non
 
 def _summarise(s: optuna.Study, parent: str, metrics: list[str], space: dict) -> StudyResult:
     """Trials table, Optuna figures and the hyperparameter x geometry correlations, into the parent."""
-    client = MlflowClient()
     folder = Path(tempfile.mkdtemp(prefix="tgo-study-"))
     rows = []
     for t in s.get_trials(deepcopy=False):
@@ -350,8 +347,8 @@ def _summarise(s: optuna.Study, parent: str, metrics: list[str], space: dict) ->
     # Spearman's rho between each hyperparameter and each final-epoch observable of final/cls.
     corr_rows = []
     if len(complete) >= 3:
-        finals = {t.number: client.get_run(t.user_attrs[RUN_ATTR]).data.metrics for t in complete if RUN_ATTR in t.user_attrs}
-        keys = ["val/acc1", *[f"geom/final/cls/{o}" for o in OBSERVABLE_NAMES]]
+        finals = {t.number: tracking.get_run(t.user_attrs[RUN_ATTR]).data.metrics for t in complete if RUN_ATTR in t.user_attrs}
+        keys = ["val/acc1", *[metric_key("final", "cls", o) for o in OBSERVABLE_NAMES]]
         for name in space:
             xs = [t.params.get(name) for t in complete if t.number in finals]
             if len(set(map(str, xs))) < 2 or not all(isinstance(x, (int, float)) for x in xs):
@@ -383,13 +380,12 @@ def _summarise(s: optuna.Study, parent: str, metrics: list[str], space: dict) ->
             plots.save(fig, figures / f"optuna_{name}.png")
         except (ValueError, RuntimeError, ZeroDivisionError) as err:
             result.notes.append(f"{name} figure skipped: {err}")
-    client.log_artifacts(parent, str(folder / "tables"), "tables")
+    tracking.log_folder(parent, folder / "tables", "tables")
     if figures.exists():
-        client.log_artifacts(parent, str(figures), "figures")
+        tracking.log_folder(parent, figures, "figures")
     tags = {"tgo.objectives": ",".join(metrics), "tgo.n_trials": len(trials), "tgo.best_trials": ",".join(map(str, best))}
     tracking.set_tags(parent, tags)
     if len(metrics) == 1 and complete:
         tracking.log_metrics(parent, {f"best/{metrics[0]}": s.best_value}, step=len(trials))
-    if os.environ.get("MLFLOW_RUN_ID") != parent:  # `mlflow run` closes its own run
-        client.set_terminated(parent, "FINISHED")
+    tracking.finish(parent)
     return result

@@ -23,31 +23,26 @@ across the finding's observables (`tgo.findings.across_seeds`), logged as seeds/
 
 from __future__ import annotations
 
-import os
+import logging
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import mlflow
 import numpy as np
 import optuna
 import pandas as pd
 import scipy.stats
-from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
+from tqdm.auto import tqdm
 
-import tgo
 from tgo import analysis, findings, plots, tracking, train
-from tgo.config import ConfigError, resolve
+from tgo.config import ConfigError, from_dict, from_overrides
+from tgo.keys import metric_key, site_order
 from tgo.storage import mark_worker, mask_url, open_storage, reclaim_dead_trials
+from tgo.workers import ERROR_ATTR, RESUME_REFUSED, RUN_ATTR, fail_dead_run, parent_run, retried_run
 
-PARENT_ATTR = "mlflow_parent_run_id"
-RUN_ATTR = "mlflow_run_id"
-ERROR_ATTR = "tgo.error"  # the error a trial failed with, "<type>: <message>"
-RESUME_REFUSED = ("resume: a {what} resumes only its own runs: run the same {what} command again, and a {unit} whose "
-                  "worker died continues from its run's checkpoint. To continue one training run, use tgo train --resume <run_id>.")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,50 +77,6 @@ def _seed_of(t) -> int | None:
     return t.params.get("seed")
 
 
-def parent_run(study: optuna.Study, experiment: str, study_name: str, kind: str = "sweep", create: bool = True,
-               wait_s: float = 120.0) -> str:
-    """The sweep's or study's parent run: the one recorded in the study, else, from the worker that
-    created the study (`create`), this process's (MLFLOW_RUN_ID under `mlflow run`) or a new one,
-    recorded in the study. Other workers wait for the creator to record it (up to wait_s; then, if
-    the creator died before recording, they make it themselves), so that whatever the timing there
-    is one parent per study."""
-    client = MlflowClient()
-    deadline = time.time() + (0.0 if create else wait_s)
-    while True:
-        recorded = study.user_attrs.get(PARENT_ATTR)  # read from the storage each time
-        if recorded:
-            try:
-                client.get_run(recorded)
-                return recorded
-            except mlflow.exceptions.MlflowException:
-                break  # recorded in another tracking store: make a new one here
-        if time.time() >= deadline:
-            break
-        time.sleep(0.5)
-    run_id = os.environ.get("MLFLOW_RUN_ID", "")
-    if not run_id:
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-        run_id = client.create_run(exp_id, run_name=f"{kind} {study_name}").info.run_id
-    study.set_user_attr(PARENT_ATTR, run_id)
-    tracking.set_tags(run_id, {"tgo.kind": kind, "tgo.study": study_name, "tgo.version": tgo.__version__})
-    return run_id
-
-
-def retried_run(trial: optuna.Trial, parent: str) -> str:
-    """The run to resume for this trial: where the trial retries one whose worker died (the retry
-    carries that trial's user attributes, its run id among them), that run, if it is a child of this
-    sweep's or study's parent with a checkpoint (tracking.resumable); else "" (a new run)."""
-    previous = trial.user_attrs.get(RUN_ATTR, "")
-    return previous if previous and tracking.resumable(previous, parent) else ""
-
-
-def fail_dead_run(trial) -> None:
-    """The run of a trial failed because its worker died: FAILED too, not RUNNING for good."""
-    tracking.fail_run(trial.user_attrs.get(RUN_ATTR, ""), f"worker {trial.user_attrs.get('tgo.worker', '?')} died; "
-                      f"trial {trial.number} was failed and is retried (resuming this run from its checkpoint)")
-
-
 def sweep(
     seeds: Sequence[int] | str,
     *,
@@ -145,11 +96,10 @@ def sweep(
         raise ConfigError("seed: a sweep sets the seed of each run; pass seeds=... instead.")
     if train_overrides.get("resume") not in (None, ""):
         raise ConfigError(RESUME_REFUSED.format(what="sweep", unit="seed"))
-    given = {k: v for k, v in train_overrides.items() if v is not None and not (isinstance(v, str) and not v.strip())}
-    resolve(given.get("preset", "demo"), **{k: v for k, v in given.items() if k != "preset"})  # bad input stops here
+    cfg, _ = from_overrides(train_overrides)  # bad input stops here, before any work
     tracking.check_tracking()
     study_name = study_name or "sweep-" + "-".join(map(str, seeds))
-    store = open_storage(storage, on_dead_trial=fail_dead_run)
+    store = open_storage(storage, on_dead_trial=fail_dead_run, tracking=tracking.tracking_uri())
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed seed: one line from tgo, not Optuna's traceback
     grid = optuna.samplers.GridSampler({"seed": seeds}, seed=0)
     try:  # atomic in every Optuna storage: exactly one worker creates the sweep (and its parent run)
@@ -163,8 +113,9 @@ def sweep(
         raise ConfigError(f"study {study_name!r} is a sweep over seeds {recorded}, not {seeds}; choose another study_name.")
     study.set_user_attr("seeds", seeds)
     parent = parent_run(study, experiment, study_name, create=created)
-    if os.environ.get("MLFLOW_RUN_ID") and os.environ["MLFLOW_RUN_ID"] != parent:
-        tracking.set_tags(os.environ["MLFLOW_RUN_ID"], {"tgo.sweep_parent": parent, "mlflow.note.content": f"Sweep {study_name}: its runs and aggregate are under run {parent}."})
+    launcher = tracking.launcher_run_id()
+    if launcher and launcher != parent:  # another worker's `mlflow run` made the parent: link to it
+        tracking.set_tags(launcher, {"tgo.sweep_parent": parent, "mlflow.note.content": f"Sweep {study_name}: its runs and aggregate are under run {parent}."})
 
     ran: list[int] = []  # the trials this worker ran: it judges only those
 
@@ -183,8 +134,8 @@ def sweep(
             tracking.set_tags(run_id, {"tgo.trial_number": trial.number, "tgo.trial_state": "RUNNING"})
 
         try:
-            result = train.run(parent_run_id=parent, seed=seed, run_name=f"seed {seed}", experiment=experiment,
-                               resume=resume, on_start=started, **given)
+            run_cfg = from_dict({**cfg.to_dict(), "seed": seed, "run_name": f"seed {seed}", "experiment": experiment, "resume": resume})
+            result = train.run(run_cfg, parent_run_id=parent, on_start=started)
         except Exception as err:
             trial.set_user_attr(ERROR_ATTR, tracking.short_error(err))  # reported in one line below
             raise
@@ -207,23 +158,20 @@ def sweep(
         mine = [t for t in study.get_trials(deepcopy=False) if t.number in ran and t.state == TrialState.FAIL]
         if mine:
             failed.extend(_seed_of(t) for t in mine)
-            print(f"tgo: sweep {study_name}: seed {_seed_of(mine[0])} failed: {mine[0].user_attrs.get(ERROR_ATTR, '?')} "
-                  f"(its run {mine[0].user_attrs.get(RUN_ATTR, '-')}). Re-run the sweep to retry it.", flush=True)
+            log.warning("sweep %s: seed %s failed: %s (its run %s). Re-run the sweep to retry it.", study_name, _seed_of(mine[0]),
+                        mine[0].user_attrs.get(ERROR_ATTR, "?"), mine[0].user_attrs.get(RUN_ATTR, "-"))
             break
 
     completed = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         completed.setdefault(_seed_of(t), t.user_attrs[RUN_ATTR])
-    client = MlflowClient()
     for seed, run_id in completed.items():
-        try:
-            client.get_run(run_id)
-        except mlflow.exceptions.MlflowException:
+        if not tracking.run_exists(run_id):
             raise ConfigError(
                 f"study {study_name!r} in {mask_url(storage) if storage else 'the default storage'} ran seed {seed} as run {run_id}, which is not "
-                f"in the tracking store {mlflow.get_tracking_uri()}: the study belongs to another store. Use another "
+                f"in the tracking store {tracking.store_name()}: the study belongs to another store. Use another "
                 "study_name or storage."
-            ) from None
+            )
     result = SweepResult(study_name, parent, completed, set(completed) == set(seeds), failed)
     if not result.complete:
         missing = sorted(set(seeds) - set(completed))
@@ -259,7 +207,7 @@ def aggregate_into(parent: str, seed_runs: dict[int, str]) -> tuple[pd.DataFrame
     """Read every seed's geometry and scalars, and log their spread into the parent run."""
     folder = Path(tempfile.mkdtemp(prefix="tgo-sweep-"))
     tables, seed_findings = [], {}
-    for seed, run_id in sorted(seed_runs.items()):
+    for seed, run_id in tqdm(sorted(seed_runs.items()), desc="reading seeds", unit="run", disable=None):
         geometry, _, replicates, head = analysis.read_evidence(run_id, folder / run_id)
         seed_findings[seed] = findings.judge(geometry, replicates, head)
         geometry = geometry.drop(columns="se")
@@ -270,13 +218,12 @@ def aggregate_into(parent: str, seed_runs: dict[int, str]) -> tuple[pd.DataFrame
     summary = summarise(per_seed, ["epoch", "site", "view", "observable"])
     counts = finding_counts(seed_findings)
 
-    client = MlflowClient()
     joined = ",".join(seed_runs[s] for s in sorted(seed_runs))
-    if client.get_run(parent).data.tags.get("tgo.seed_runs") == joined:
+    if tracking.get_run(parent).data.tags.get("tgo.seed_runs") == joined:
         # Aggregated before from these very runs (the tag is set last): logging again would only
         # add every seeds/* step a second time to the parent's history.
         return summary, counts
-    keys = np.where(summary.site == "", summary.observable, "geom/" + summary.site + "/" + summary.view + "/" + summary.observable)
+    keys = np.asarray([o if s == "" else metric_key(s, v, o) for s, v, o in zip(summary.site, summary.view, summary.observable)], dtype=object)
     for epoch in sorted(summary.epoch.unique()):
         rows = summary.epoch == epoch
         metrics = {}
@@ -299,13 +246,12 @@ def aggregate_into(parent: str, seed_runs: dict[int, str]) -> tuple[pd.DataFrame
     counts.to_csv(folder / "tables" / "findings.csv", index=False)
     figdir = folder / "figures"
     geo = summary[summary.site != ""]
-    sites = plots._site_order(geo.site)
+    sites = site_order(geo.site)
     shown = [s for s in (sites[0], sites[len(sites) // 2], "final") if s in sites]
     for name in dict.fromkeys(geo.observable):
         plots.save(plots.mean_and_band(geo[geo.site.isin(shown)], name, len(seed_runs)), figdir / f"seeds_{name}.png")
-    client.log_artifacts(parent, str(folder / "tables"), "tables")
-    client.log_artifacts(parent, str(figdir), "figures")
+    tracking.log_folder(parent, folder / "tables", "tables")
+    tracking.log_folder(parent, figdir, "figures")
     tracking.set_tags(parent, {"tgo.seeds": ",".join(map(str, sorted(seed_runs))), "tgo.seed_runs": joined})
-    if os.environ.get("MLFLOW_RUN_ID") != parent:  # `mlflow run` closes its own run
-        client.set_terminated(parent, "FINISHED")
+    tracking.finish(parent)
     return summary, counts

@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 from urllib.parse import urlparse
 
 import mlflow
@@ -60,8 +60,13 @@ def is_store_failure(err: BaseException) -> bool:
     return module.startswith(("sqlalchemy", "sqlite3", "urllib3"))
 
 
+def tracking_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
 def store_name() -> str:
-    return mask_url(mlflow.get_tracking_uri())
+    """The tracking store's URI for a message: any password in it masked."""
+    return mask_url(tracking_uri())
 
 
 def short_error(err: BaseException) -> str:
@@ -117,6 +122,62 @@ def _schema_lock(uri: str):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+# --------------------------------------------------------------------------------------------------
+# runs: the launcher run of `mlflow run`, parents and children, finishing
+# --------------------------------------------------------------------------------------------------
+
+
+def launcher_run_id() -> str:
+    """The run `mlflow run` opened for this entry point (MLFLOW_RUN_ID), or "". tgo attaches to it or
+    links it, never lets a fluent start_run() without a run id consume it, and leaves closing it to
+    `mlflow run` (`finish`)."""
+    return os.environ.get("MLFLOW_RUN_ID", "")
+
+
+def run_exists(run_id: str) -> bool:
+    try:
+        MlflowClient().get_run(run_id)
+        return True
+    except MlflowException:
+        return False
+
+
+def new_run(experiment: str, run_name: str, tags: dict[str, Any] | None = None) -> str:
+    """A new run in the experiment named `experiment` (created if missing); returns its id."""
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    exp_id = found.experiment_id if found else client.create_experiment(experiment)
+    return client.create_run(exp_id, run_name=run_name or None, tags={k: str(v) for k, v in (tags or {}).items()}).info.run_id
+
+
+def open_parent_run(experiment: str, run_name: str, tags: dict[str, Any]) -> str:
+    """The run that holds a sweep's or study's children: the launcher run under `mlflow run`, else a
+    new run in `experiment`. Tagged with `tags`."""
+    run_id = launcher_run_id() or new_run(experiment, run_name)
+    set_tags(run_id, tags)
+    return run_id
+
+
+def open_child_run(parent_run_id: str, run_name: str, tags: dict[str, Any]) -> str:
+    """A run that records something about `parent_run_id` (an analysis of a training run) as its
+    child: the launcher run under `mlflow run` (unless that is the parent itself), else a new run in
+    the parent's experiment. Tagged with `tags` and mlflow.parentRunId."""
+    launcher = launcher_run_id()
+    if launcher and launcher != parent_run_id:
+        run_id = launcher
+    else:
+        parent = get_run(parent_run_id)
+        run_id = MlflowClient().create_run(parent.info.experiment_id, run_name=run_name or None).info.run_id
+    set_tags(run_id, {"mlflow.parentRunId": parent_run_id, **tags})
+    return run_id
+
+
+def finish(run_id: str, status: str = "FINISHED") -> None:
+    """End a run tgo opened with the client; the launcher run is left to `mlflow run`, which closes it."""
+    if run_id != launcher_run_id():
+        MlflowClient().set_terminated(run_id, status)
+
+
 def get_run(run_id: str):
     """The run, or a TrackingError naming the id and the store."""
     try:
@@ -146,7 +207,7 @@ def start_run(experiment: str, run_name: str = "", resume_run_id: str = "", syst
             kwargs["log_system_metrics"] = True
         except ImportError:
             pass
-    launcher = os.environ.get("MLFLOW_RUN_ID", "")
+    launcher = launcher_run_id()
     if resume_run_id:
         tags = get_run(resume_run_id).data.tags
         if "tgo.error" in tags:  # the error it stopped with is history now
@@ -294,7 +355,33 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int) -> None:
 
 
 def logged_steps(run_id: str, key: str) -> list[int]:
-    return sorted(m.step for m in MlflowClient().get_metric_history(run_id, key))
+    return sorted(step for step, _ in metric_history(run_id, key))
+
+
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of every logged value of `key`."""
+    return [(m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key)]
+
+
+def metric_histories(run_id: str, keys: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
+    """Histories of several keys: one call per key (MLflow has no multi-key history call), eight
+    at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    with ThreadPoolExecutor(8) as pool:
+        pairs = pool.map(lambda key: (key, metric_history(run_id, key)), keys)
+        return dict(tqdm(pairs, total=len(keys), desc="metric histories", leave=False, disable=None))
+
+
+def artifact_names(run_id: str, folder: str) -> list[str]:
+    """Paths of the artifacts directly under `folder` of the run."""
+    return [f.path for f in MlflowClient().list_artifacts(run_id, folder)]
+
+
+def log_folder(run_id: str, folder: str | Path, artifact_path: str | None = None) -> None:
+    MlflowClient().log_artifacts(run_id, str(folder), artifact_path)
 
 
 def log_json(run_id: str, obj: Any, artifact_path: str, name: str) -> None:
@@ -304,7 +391,7 @@ def log_json(run_id: str, obj: Any, artifact_path: str, name: str) -> None:
         MlflowClient().log_artifact(run_id, str(path), artifact_path)
 
 
-def log_file(run_id: str, path: str | Path, artifact_path: str) -> None:
+def log_file(run_id: str, path: str | Path, artifact_path: str | None) -> None:
     MlflowClient().log_artifact(run_id, str(path), artifact_path)
 
 

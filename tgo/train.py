@@ -21,6 +21,7 @@ and the probe run on disjoint shards whose sums are all-reduced, and only rank 0
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -41,12 +42,15 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from tgo import tracking
-from tgo.config import ConfigError, TrainConfig, from_dict, resolve
-from tgo.data import build_datasets
+from tgo.config import ConfigError, TrainConfig, from_dict, from_overrides
+from tgo.data import Datasets, build_datasets
+from tgo.keys import SE_PREFIX, metric_key, parse_metric_key
 from tgo.model import create_model
 from tgo.probe import ProbeResult, head_view, probe
 from tgo.probeset import ProbeSet
 from tgo.spectral import DegenerateGeometryWarning
+
+log = logging.getLogger(__name__)
 
 # Settings that a resumed run may change; any other difference from the run's own config is an error.
 RESUMABLE_CHANGES = ("epochs", "device", "workers", "resume", "compile", "amp", "system_metrics", "run_name", "experiment", "checkpoint_epochs")
@@ -68,7 +72,7 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------------------------------
-# set-up
+# processes, devices, precision and seeds
 # --------------------------------------------------------------------------------------------------
 
 
@@ -154,180 +158,46 @@ def _set_rng_state(state: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# one epoch
+# set-up: everything an epoch needs, built before the run is touched (bad input loses nothing)
 # --------------------------------------------------------------------------------------------------
 
 
-def _autocast(device: torch.device, amp: torch.dtype | None):
-    return torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
+@dataclass
+class Setup:
+    """What `build` makes from a config: the data, the model and its optimisation, the loaders."""
+
+    cfg: TrainConfig
+    d: Dist
+    device: torch.device
+    amp: torch.dtype | None  # autocast dtype, None for full precision
+    channels_last: bool
+    data: Datasets
+    model: torch.nn.Module  # the bare model: evaluated, probed and checkpointed
+    train_model: torch.nn.Module  # what trains: the model, wrapped by DDP and torch.compile if asked
+    optimizer: torch.optim.Optimizer
+    scheduler: object  # a timm scheduler, stepped once per epoch
+    scaler: torch.amp.GradScaler
+    mixup: object | None  # timm's Mixup, or None
+    loss_fn: torch.nn.Module
+    train_loader: DataLoader
+    sampler: object | None  # DistributedSampler under torchrun
+    generator: torch.Generator  # the shuffling generator, re-seeded every epoch
+    val_loader: DataLoader
+    probe_set: ProbeSet | None
+    probe_loader: object | None
+    start_epoch: int = 0  # 0 for a new run; the epoch after the checkpoint's when resuming
 
 
-def train_one_epoch(model, loader, optimizer, loss_fn, mixup, scaler, device, amp, cfg, epoch, d: Dist, channels_last) -> dict[str, float]:
-    """One pass over the training set. Returns train/loss, train/acc1 and train/images_per_s."""
-    model.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.float64, device=device)
-    seen = 0
-    start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, disable=not d.main or None)
-    for images, targets in bar:
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        hard = targets
-        if mixup is not None:
-            images, targets = mixup(images, targets)
-        with _autocast(device, amp):
-            logits = model(images)
-            loss = loss_fn(logits, targets)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise TrainingError(
-                f"non-finite training loss ({value}) at epoch {epoch}, after {seen} images. The run "
-                "stops here; its last good checkpoint (checkpoints/last.pt, the previous epoch) is "
-                "kept. Lower lr, enable grad_clip, or use amp=off."
-            )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        n = images.shape[0]
-        loss_sum += value * n
-        correct += (logits.detach().argmax(dim=1) == hard).sum()
-        seen += n
-        bar.set_postfix(loss=f"{value:.3f}")
-    stats = torch.tensor([loss_sum.item(), correct.item(), float(seen)], dtype=torch.float64, device=device)
-    if d.enabled:
-        dist.all_reduce(stats)
-    elapsed = time.perf_counter() - start
-    return {
-        "train/loss": stats[0].item() / max(stats[2].item(), 1),
-        "train/acc1": 100.0 * stats[1].item() / max(stats[2].item(), 1),
-        "train/images_per_s": stats[2].item() / elapsed,
-    }
+def build(cfg: TrainConfig, d: Dist | None = None, ckpt: dict | None = None) -> Setup:
+    """Datasets, probe set, model, timm optimiser, scheduler, mixup and loss, and the loaders for
+    `cfg`; with a checkpoint, its weights and optimiser state restored."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
 
-
-@torch.no_grad()
-def evaluate(model, loader, device, amp, d: Dist, num_classes: int, channels_last: bool = False) -> dict[str, float]:
-    """val/loss (cross-entropy on hard labels), val/acc1 and val/acc5 (top-min(5, classes)), in %."""
-    model.eval()
-    k = min(5, num_classes)
-    stats = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-k, count
-    for images, targets in loader:
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, amp):
-            logits = model(images)
-        logits = logits.float()
-        top = logits.topk(k, dim=1).indices
-        stats[0] += F.cross_entropy(logits, targets, reduction="sum")
-        stats[1] += (top[:, 0] == targets).sum()
-        stats[2] += (top == targets[:, None]).any(dim=1).sum()
-        stats[3] += targets.numel()
-    if d.enabled:
-        dist.all_reduce(stats)
-    n = max(stats[3].item(), 1)
-    return {"val/loss": stats[0].item() / n, "val/acc1": 100 * stats[1].item() / n, "val/acc5": 100 * stats[2].item() / n}
-
-
-# --------------------------------------------------------------------------------------------------
-# the run
-# --------------------------------------------------------------------------------------------------
-
-
-def _resume_config(cfg: TrainConfig, given: set[str], saved: dict) -> TrainConfig:
-    """The resumed run's own config, with the settings of RESUMABLE_CHANGES that were given
-    (`given`: the names set explicitly) taken from cfg. Any other given setting that differs from
-    the run's own is an error: a resumed run continues with what it started with."""
-    base = from_dict(saved)
-    conflicts = [
-        f"{k} (run: {getattr(base, k)!r}, given: {getattr(cfg, k)!r})"
-        for k in sorted(given)
-        if k not in RESUMABLE_CHANGES and k != "preset" and getattr(cfg, k) != getattr(base, k)
-    ]
-    if conflicts:
-        raise ConfigError(
-            "resume continues a run with its own settings; these differ from it: " + "; ".join(conflicts)
-            + f". Only {', '.join(RESUMABLE_CHANGES)} may change on resume."
-        )
-    return replace(base, **{k: getattr(cfg, k) for k in RESUMABLE_CHANGES if k in given})
-
-
-def _fetch_resume(cfg: TrainConfig, tmp: str):
-    run = tracking.get_run(cfg.resume)
-    path = tracking.download(cfg.resume, "checkpoints/last.pt", tmp)
-    ckpt = tracking.load_checkpoint(path)
-    return run, ckpt
-
-
-def _checkpoint(model, optimizer, scheduler, scaler, cfg, epoch, metrics, run_id) -> dict:
-    return {
-        "format": "tgo-checkpoint-1",
-        "epoch": epoch,
-        "run_id": run_id,
-        "config": cfg.to_dict(),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "rng": _rng_state(),
-        "metrics": metrics,
-    }
-
-
-class StopTraining(Exception):
-    """Raised by an epoch callback to end a run early (an Optuna pruner, for one). The run is
-    closed as KILLED with the tag tgo.stopped_early, its epochs so far intact."""
-
-
-def run(cfg: TrainConfig | None = None, *, parent_run_id: str = "", epoch_callback=None, on_start=None, **overrides) -> TrainResult:
-    """Train a ViT with per-epoch geometry, tracked in MLflow; return the run id and metrics.
-
-    `cfg` is a TrainConfig, or None to build one from `overrides` (preset="demo" by default,
-    values as Python objects or strings). See tgo.config.TrainConfig for every setting.
-    parent_run_id makes the run a child of that run (sweeps and studies); epoch_callback(epoch,
-    metrics) is called after each epoch is recorded and may raise StopTraining; on_start(run_id) as
-    soon as the MLflow run exists (a sweep or study records it in its trial before any work, so that
-    the run of a worker that dies can be found and marked FAILED).
-    """
-    if cfg is None:
-        given = {k: v for k, v in overrides.items() if v is not None and not (isinstance(v, str) and not v.strip())}
-        cfg = resolve(given.get("preset", "demo"), **{k: v for k, v in given.items() if k != "preset"})
-    else:
-        given = {**cfg.to_dict(), **overrides}
-        cfg = resolve(given.pop("preset"), **given)
-    d = _init_distributed(cfg.device.lower())
-    try:
-        return _run(cfg, set(given), d, parent_run_id, epoch_callback, on_start)
-    finally:
-        if d.enabled and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _run(cfg: TrainConfig, given: set[str], d: Dist, parent_run_id: str = "", epoch_callback=None, on_start=None) -> TrainResult:
+    d = d or Dist()
     device = _device(cfg, d)
-    if d.main:
-        tracking.check_tracking()
-    tmp = tempfile.mkdtemp(prefix="tgo-")
-    ckpt = None
-    if cfg.resume:
-        if d.main:
-            resumed_run, ckpt = _fetch_resume(cfg, tmp)
-            tracking.claim(resumed_run)  # refused while another live process trains it
-            if tracking.is_finished(resumed_run) and ckpt["epoch"] >= cfg.epochs:
-                print(f"tgo: run {cfg.resume} already finished {ckpt['epoch']} epochs; pass epochs > {ckpt['epoch']} to extend it.")
-        if d.enabled:
-            box = [ckpt]
-            dist.broadcast_object_list(box, src=0)
-            ckpt = box[0]
-        cfg = _resume_config(cfg, given, ckpt["config"])
-
-    # ---- data, model, optimisation (all before the run is touched: bad input loses nothing) ----
     data = build_datasets(cfg)
     probe_set = None
     if cfg.probe_every:
@@ -337,11 +207,6 @@ def _run(cfg: TrainConfig, given: set[str], d: Dist, parent_run_id: str = "", ep
             raise ConfigError(str(err)) from None
     _seed_epoch(cfg.seed, 0)  # the initial weights depend on the seed alone
     model = create_model(cfg, data.num_classes).to(device)
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
-
     channels_last = cfg.channels_last and device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -351,11 +216,11 @@ def _run(cfg: TrainConfig, given: set[str], d: Dist, parent_run_id: str = "", ep
         warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
     )
     amp = _amp_dtype(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # loss scaling for fp16 only
     mixup = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
         mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing, num_classes=data.num_classes)
-        loss_fn = SoftTargetCrossEntropy()
+        loss_fn = SoftTargetCrossEntropy()  # mixup makes soft targets, smoothing included
     elif cfg.smoothing > 0:
         loss_fn = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
     else:
@@ -383,126 +248,333 @@ def _run(cfg: TrainConfig, given: set[str], d: Dist, parent_run_id: str = "", ep
 
     pin = device.type == "cuda"
     generator = torch.Generator()
+    sampler = None
     if d.enabled:
         from torch.utils.data.distributed import DistributedSampler
 
         sampler = DistributedSampler(data.train, num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed, drop_last=True)
         train_loader = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers, pin_memory=pin, drop_last=True, generator=generator)
     else:
-        sampler = None
         train_loader = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers, pin_memory=pin, drop_last=mixup is not None, generator=generator)
     if len(train_loader) == 0:
         raise ConfigError(f"batch_size: {cfg.batch_size} exceeds the {len(data.train)} training images per process; lower it.")
-    val_shard = list(range(d.rank, len(data.val), d.world))
+    val_shard = list(range(d.rank, len(data.val), d.world))  # disjoint shards, sums all-reduced
     val_loader = DataLoader(Subset(data.val, val_shard), batch_size=cfg.probe_batch_size, num_workers=cfg.workers, pin_memory=pin)
     probe_loader = probe_set.loader(cfg.probe_batch_size, cfg.workers, pin, d.rank, d.world) if probe_set else None
+    return Setup(cfg, d, device, amp, channels_last, data, model, train_model, optimizer, scheduler, scaler, mixup, loss_fn,
+                 train_loader, sampler, generator, val_loader, probe_set, probe_loader, start_epoch)
+
+
+def probe_model(model: torch.nn.Module, loader, cfg: TrainConfig, device: torch.device | str, *, distributed: bool = False,
+                progress: bool | None = False, keep_covariance=()) -> ProbeResult:
+    """The geometry probe of `model` with the probe settings of `cfg` (precision, patch tokens, seed,
+    folds): what training measures every epoch, and what the analysis's re-probe of saved weights
+    measures again."""
+    return probe(
+        model, loader, device=device, precision=cfg.probe_precision, patch_tokens_per_image=cfg.probe_patch_tokens or None,
+        seed=cfg.probe_seed, distributed=distributed, progress=progress, folds=cfg.probe_folds, keep_covariance=keep_covariance,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# one epoch
+# --------------------------------------------------------------------------------------------------
+
+
+def _autocast(device: torch.device, amp: torch.dtype | None):
+    return torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
+
+
+def train_one_epoch(s: Setup, epoch: int) -> dict[str, float]:
+    """One pass over the training set. Returns train/loss, train/acc1 and train/images_per_s."""
+    cfg, device = s.cfg, s.device
+    s.train_model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.float64, device=device)
+    seen = 0
+    start = time.perf_counter()
+    bar = tqdm(s.train_loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, disable=not s.d.main or None)
+    for images, targets in bar:
+        images = images.to(device, non_blocking=True)  # (B, 3, H, W)
+        targets = targets.to(device, non_blocking=True)  # (B,) class indices
+        if s.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        hard = targets  # accuracy is against the hard labels, also under mixup
+        if s.mixup is not None:
+            images, targets = s.mixup(images, targets)  # targets become (B, classes) soft labels
+        with _autocast(device, s.amp):
+            logits = s.train_model(images)  # (B, classes)
+            loss = s.loss_fn(logits, targets)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"non-finite training loss ({value}) at epoch {epoch}, after {seen} images. The run "
+                "stops here; its last good checkpoint (checkpoints/last.pt, the previous epoch) is "
+                "kept. Lower lr, enable grad_clip, or use amp=off."
+            )
+        s.optimizer.zero_grad(set_to_none=True)
+        s.scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            s.scaler.unscale_(s.optimizer)  # clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(s.model.parameters(), cfg.grad_clip)
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+        n = images.shape[0]
+        loss_sum += value * n
+        correct += (logits.detach().argmax(dim=1) == hard).sum()
+        seen += n
+        bar.set_postfix(loss=f"{value:.3f}")
+    stats = torch.tensor([loss_sum.item(), correct.item(), float(seen)], dtype=torch.float64, device=device)
+    if s.d.enabled:
+        dist.all_reduce(stats)  # sums over the ranks' shards
+    elapsed = time.perf_counter() - start
+    return {
+        "train/loss": stats[0].item() / max(stats[2].item(), 1),
+        "train/acc1": 100.0 * stats[1].item() / max(stats[2].item(), 1),
+        "train/images_per_s": stats[2].item() / elapsed,
+    }
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, amp: torch.dtype | None, d: Dist, num_classes: int,
+             channels_last: bool = False) -> dict[str, float]:
+    """val/loss (cross-entropy on hard labels), val/acc1 and val/acc5 (top-min(5, classes)), in %."""
+    model.eval()
+    k = min(5, num_classes)
+    stats = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-k, count
+    for images, targets in loader:
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, amp):
+            logits = model(images)
+        logits = logits.float()
+        top = logits.topk(k, dim=1).indices
+        stats[0] += F.cross_entropy(logits, targets, reduction="sum")
+        stats[1] += (top[:, 0] == targets).sum()
+        stats[2] += (top == targets[:, None]).any(dim=1).sum()
+        stats[3] += targets.numel()
+    if d.enabled:
+        dist.all_reduce(stats)
+    n = max(stats[3].item(), 1)
+    return {"val/loss": stats[0].item() / n, "val/acc1": 100 * stats[1].item() / n, "val/acc5": 100 * stats[2].item() / n}
+
+
+
+
+def run_epoch(s: Setup, epoch: int) -> tuple[dict[str, float], ProbeResult | None]:
+    """Epoch 0 measures the network at initialisation; epoch e >= 1 trains one pass first. Then
+    validation, and the probe when it is due (every probe_every epochs, and the last). Returns the
+    epoch's metrics (geometry and its standard errors included) and the probe's result."""
+    cfg = s.cfg
+    metrics: dict[str, float] = {"lr": s.optimizer.param_groups[0]["lr"]}
+    if epoch > 0:
+        _seed_epoch(cfg.seed, epoch)  # an epoch depends only on the state it starts from
+        s.generator.manual_seed((cfg.seed * 1_000_003 + epoch) % (2**31))
+        if s.sampler is not None:
+            s.sampler.set_epoch(epoch)
+        t0 = time.perf_counter()
+        metrics.update(train_one_epoch(s, epoch))
+        metrics.update(evaluate(s.model, s.val_loader, s.device, s.amp, s.d, s.data.num_classes, s.channels_last))
+        s.scheduler.step(epoch, metrics["val/acc1"])  # sets the lr of the next epoch
+        metrics["time/epoch_s"] = time.perf_counter() - t0
+    else:
+        metrics.update(evaluate(s.model, s.val_loader, s.device, s.amp, s.d, s.data.num_classes, s.channels_last))
+    geometry = None
+    if s.probe_loader is not None and (epoch % cfg.probe_every == 0 or epoch == cfg.epochs):
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(record=True):  # degenerate views: the tag tgo.degenerate_views, not a warning per epoch
+            warnings.simplefilter("always", DegenerateGeometryWarning)
+            geometry = probe_model(s.model, s.probe_loader, cfg, s.device, distributed=s.d.enabled, progress=s.d.main and None)
+        metrics["time/probe_s"] = time.perf_counter() - t0
+        metrics.update(geometry.metrics())
+        metrics.update(geometry.stderr_metrics())  # geom_se/final/cls/*: the head view only
+    return metrics, geometry
+
+
+# --------------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------------
+
+
+def _resume_config(cfg: TrainConfig, given: set[str], saved: dict) -> TrainConfig:
+    """The resumed run's own config, with the settings of RESUMABLE_CHANGES that were given
+    (`given`: the names set explicitly) taken from cfg. Any other given setting that differs from
+    the run's own is an error: a resumed run continues with what it started with."""
+    base = from_dict(saved)
+    conflicts = [
+        f"{k} (run: {getattr(base, k)!r}, given: {getattr(cfg, k)!r})"
+        for k in sorted(given)
+        if k not in RESUMABLE_CHANGES and k != "preset" and getattr(cfg, k) != getattr(base, k)
+    ]
+    if conflicts:
+        raise ConfigError(
+            "resume continues a run with its own settings; these differ from it: " + "; ".join(conflicts)
+            + f". Only {', '.join(RESUMABLE_CHANGES)} may change on resume."
+        )
+    return replace(base, **{k: getattr(cfg, k) for k in RESUMABLE_CHANGES if k in given})
+
+
+def _fetch_resume(cfg: TrainConfig, given: set[str], d: Dist, tmp: str) -> tuple[TrainConfig, dict]:
+    """The config and checkpoint of the run to resume (rank 0 reads them and takes the run's lease;
+    under torchrun every rank gets the checkpoint)."""
+    ckpt = None
+    if d.main:
+        resumed_run = tracking.get_run(cfg.resume)
+        ckpt = tracking.load_checkpoint(tracking.download(cfg.resume, "checkpoints/last.pt", tmp))
+        tracking.claim(resumed_run)  # refused while another live process trains it
+        if tracking.is_finished(resumed_run) and ckpt["epoch"] >= cfg.epochs:
+            log.warning("run %s already finished %d epochs; pass epochs > %d to extend it.", cfg.resume, ckpt["epoch"], ckpt["epoch"])
+    if d.enabled:
+        box = [ckpt]
+        dist.broadcast_object_list(box, src=0)
+        ckpt = box[0]
+    return _resume_config(cfg, given, ckpt["config"]), ckpt
+
+
+def _checkpoint(s: Setup, epoch: int, metrics: dict, run_id: str) -> dict:
+    return {
+        "format": "tgo-checkpoint-1",
+        "epoch": epoch,
+        "run_id": run_id,
+        "config": s.cfg.to_dict(),
+        "model": s.model.state_dict(),
+        "optimizer": s.optimizer.state_dict(),
+        "scheduler": s.scheduler.state_dict(),
+        "scaler": s.scaler.state_dict(),
+        "rng": _rng_state(),
+        "metrics": metrics,
+    }
+
+
+class StopTraining(Exception):
+    """Raised by an epoch callback to end a run early (an Optuna pruner, for one). The run is
+    closed as KILLED with the tag tgo.stopped_early, its epochs so far intact."""
+
+
+def run(cfg: TrainConfig | None = None, *, parent_run_id: str = "", epoch_callback=None, on_start=None, **overrides) -> TrainResult:
+    """Train a ViT with per-epoch geometry, tracked in MLflow; return the run id and metrics.
+
+    `cfg` is a TrainConfig, or None to build one from `overrides` (preset="demo" by default,
+    values as Python objects or strings). See tgo.config.TrainConfig for every setting.
+    parent_run_id makes the run a child of that run (sweeps and studies); epoch_callback(epoch,
+    metrics) is called after each epoch is recorded and may raise StopTraining; on_start(run_id) as
+    soon as the MLflow run exists (a sweep or study records it in its trial before any work, so that
+    the run of a worker that dies can be found and marked FAILED).
+    """
+    if cfg is None:
+        cfg, given = from_overrides(overrides)
+    elif overrides:
+        cfg, given = from_overrides({**cfg.to_dict(), **overrides})
+    else:
+        given = set(cfg.to_dict())  # a TrainConfig is checked when it is made: every field is given
+    d = _init_distributed(cfg.device.lower())
+    try:
+        return _run(cfg, given, d, parent_run_id, epoch_callback, on_start)
+    finally:
+        if d.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(cfg: TrainConfig, given: set[str], d: Dist, parent_run_id: str = "", epoch_callback=None, on_start=None) -> TrainResult:
+    if d.main:
+        tracking.check_tracking()
+    tmp = tempfile.mkdtemp(prefix="tgo-")
+    ckpt = None
+    if cfg.resume:
+        cfg, ckpt = _fetch_resume(cfg, given, d, tmp)
+    s = build(cfg, d, ckpt)  # data, model, optimisation: all before the run is touched
 
     # ---- the MLflow run (rank 0 only) ----
     run_id, lease = "", None
     if d.main:
-        active = tracking.start_run(cfg.experiment, cfg.run_name, cfg.resume, cfg.system_metrics, parent_run_id)
-        run_id = active.info.run_id
+        run_id = tracking.start_run(cfg.experiment, cfg.run_name, cfg.resume, cfg.system_metrics, parent_run_id).info.run_id
         lease = tracking.Lease(run_id).start()  # tells a resume elsewhere that this run is alive
         if on_start is not None:
             on_start(run_id)
     # On a GPU each epoch's record is written by a background thread while the next epoch trains; on
     # the CPU in line, as the two would share the same cores (a background write cost the demo's
     # 8-second epochs about 1 s, an in-line one 0.4 s).
-    committer = EpochCommitter(run_id, tmp, background=device.type != "cpu")
+    committer = EpochCommitter(run_id, tmp, background=s.device.type != "cpu")
     try:
         if d.main:
-            tracking.log_config(run_id, cfg.to_dict())
-            tags = tracking.base_tags("train", cfg.preset, cfg.dataset, cfg.model)
-            tags["tgo.num_classes"] = data.num_classes
-            tags["tgo.data_notes"] = " ".join(data.notes)
-            tags["tgo.world_size"] = d.world
-            if probe_set is not None:
-                tags["tgo.probe_fingerprint"] = probe_set.fingerprint
-                tags["tgo.head_view"] = "/".join(head_view(model))
-                tracking.log_json(run_id, probe_set.record(), "probe", "probe_set.json")
-            tracking.set_tags(run_id, tags)
-            for note in data.notes:
-                print(f"tgo: {note}")
-            if ckpt is not None:
-                _relog_missing(run_id, ckpt)
-                print(f"tgo: resuming run {run_id} at epoch {start_epoch} of {cfg.epochs}.")
-            else:
-                print(f"tgo: run {run_id}: {cfg.model} on {cfg.dataset}, {cfg.epochs} epochs, device {device}.")
+            _record_start(s, run_id, ckpt)
         history: dict[int, dict[str, float]] = {}
         last_metrics = dict(ckpt["metrics"]) if ckpt is not None else {}
         keep = cfg.checkpoint_epoch_set()
-        for epoch in range(start_epoch, cfg.epochs + 1):
-            metrics: dict[str, float] = {}
-            if epoch > 0:
-                _seed_epoch(cfg.seed, epoch)
-                generator.manual_seed((cfg.seed * 1_000_003 + epoch) % (2**31))
-                if sampler is not None:
-                    sampler.set_epoch(epoch)
-                metrics["lr"] = optimizer.param_groups[0]["lr"]
-                t0 = time.perf_counter()
-                metrics.update(train_one_epoch(train_model, train_loader, optimizer, loss_fn, mixup, scaler, device, amp, cfg, epoch, d, channels_last))
-                metrics.update(evaluate(model, val_loader, device, amp, d, data.num_classes, channels_last))
-                scheduler.step(epoch, metrics["val/acc1"])  # sets the lr of the next epoch
-                metrics["time/epoch_s"] = time.perf_counter() - t0
-            else:
-                metrics["lr"] = optimizer.param_groups[0]["lr"]
-                metrics.update(evaluate(model, val_loader, device, amp, d, data.num_classes, channels_last))
-            geometry = None
-            if probe_loader is not None and (epoch % cfg.probe_every == 0 or epoch == cfg.epochs):
-                t0 = time.perf_counter()
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always", DegenerateGeometryWarning)
-                    geometry = probe(
-                        model, probe_loader, device=device, precision=cfg.probe_precision,
-                        patch_tokens_per_image=cfg.probe_patch_tokens or None, seed=cfg.probe_seed,
-                        distributed=d.enabled, progress=d.main and None, folds=cfg.probe_folds,
-                    )
-                metrics["time/probe_s"] = time.perf_counter() - t0
-                metrics.update(geometry.metrics())
-                metrics.update(geometry.stderr_metrics())  # geom_se/final/cls/*: the head view only
+        for epoch in range(s.start_epoch, cfg.epochs + 1):
+            metrics, geometry = run_epoch(s, epoch)
             if d.main:
-                checkpoint = _checkpoint(model, optimizer, scheduler, scaler, cfg, epoch, metrics, run_id)
+                checkpoint = _checkpoint(s, epoch, metrics, run_id)
                 if committer.background:
                     checkpoint = _cpu_copy(checkpoint)  # training goes on while the snapshot is written
                 committer.submit(epoch, cfg.epochs, checkpoint, checkpoint["model"] if epoch in keep else None, geometry, dict(metrics))
-                if geometry is not None and epoch == start_epoch and geometry.degenerate():
+                if geometry is not None and epoch == s.start_epoch and geometry.degenerate():
                     tracking.set_tags(run_id, {"tgo.degenerate_views": ",".join(geometry.degenerate())})
-            history[epoch] = metrics
+            history[epoch] = last_metrics = metrics
             if epoch_callback is not None:
                 if d.main:
                     committer.wait()  # the callback may read the run: its epoch is recorded first
                 epoch_callback(epoch, metrics)
-            last_metrics = metrics
         if d.main:
             committer.wait()
             tracking.end_run("FINISHED")
         return TrainResult(run_id, cfg.epochs, last_metrics, cfg, history)
     except BaseException as err:
         if d.main:
-            try:
-                committer.wait()  # the last good epoch is recorded whole before the run is closed
-            except BaseException:  # noqa: BLE001 - the first error is the one to report
-                pass
-            store_failed = tracking.is_store_failure(err)
-            if isinstance(err, StopTraining):
-                tracking.set_tags(run_id, {"tgo.stopped_early": str(err) or "true"})
-            status = "KILLED" if isinstance(err, (KeyboardInterrupt, StopTraining)) else "FAILED"
-            closed = tracking.end_run(status, f"{type(err).__name__}: {err}")
-            if store_failed:
-                # One message instead of MLflow's chain of tracebacks: what happened, what is kept,
-                # and how to go on.
-                raise TrainingError(
-                    f"run {run_id}: the tracking store {tracking.store_name()} stopped accepting writes "
-                    f"({tracking.short_error(err)}). Epochs {'up to ' + str(committer.recorded) if committer.recorded >= 0 else 'none'} "
-                    "are recorded with their checkpoint. When the store is back, continue with "
-                    f"`tgo train --resume {run_id}` (or `mlflow run . -e train -P resume={run_id}`). "
-                    + ("The run is marked FAILED." if closed else "The run could not be marked and still reads RUNNING; the resume continues it all the same.")
-                ) from None
+            _record_failure(err, run_id, committer)
         raise
     finally:
         if lease is not None:
             lease.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _record_start(s: Setup, run_id: str, ckpt: dict | None) -> None:
+    """The run's config, tags and probe set, and the line that says what starts."""
+    cfg = s.cfg
+    tracking.log_config(run_id, cfg.to_dict())
+    tags = tracking.base_tags("train", cfg.preset, cfg.dataset, cfg.model)
+    tags["tgo.num_classes"] = s.data.num_classes
+    tags["tgo.data_notes"] = " ".join(s.data.notes)
+    tags["tgo.world_size"] = s.d.world
+    if s.probe_set is not None:
+        tags["tgo.probe_fingerprint"] = s.probe_set.fingerprint
+        tags["tgo.head_view"] = "/".join(head_view(s.model))
+        tracking.log_json(run_id, s.probe_set.record(), "probe", "probe_set.json")
+    tracking.set_tags(run_id, tags)
+    for note in s.data.notes:
+        log.info(note)
+    if ckpt is not None:
+        _relog_missing(run_id, ckpt)
+        log.info("resuming run %s at epoch %d of %d.", run_id, s.start_epoch, cfg.epochs)
+    else:
+        log.info("run %s: %s on %s, %d epochs, device %s.", run_id, cfg.model, cfg.dataset, cfg.epochs, s.device)
+
+
+def _record_failure(err: BaseException, run_id: str, committer: EpochCommitter) -> None:
+    """Close the run after `err`: the last good epoch recorded whole first, then the status (KILLED
+    for an interrupt or an early stop, else FAILED) with the error. A tracking store that stopped
+    accepting writes becomes one TrainingError that says what is kept and how to resume."""
+    try:
+        committer.wait()  # the last good epoch is recorded whole before the run is closed
+    except BaseException:  # noqa: BLE001 - the first error is the one to report
+        pass
+    store_failed = tracking.is_store_failure(err)
+    if isinstance(err, StopTraining):
+        tracking.set_tags(run_id, {"tgo.stopped_early": str(err) or "true"})
+    status = "KILLED" if isinstance(err, (KeyboardInterrupt, StopTraining)) else "FAILED"
+    closed = tracking.end_run(status, f"{type(err).__name__}: {err}")
+    if store_failed:
+        # One message instead of MLflow's chain of tracebacks: what happened, what is kept, and how
+        # to go on.
+        recorded = f"up to {committer.recorded}" if committer.recorded >= 0 else "none"
+        raise TrainingError(
+            f"run {run_id}: the tracking store {tracking.store_name()} stopped accepting writes "
+            f"({tracking.short_error(err)}). Epochs {recorded} are recorded with their checkpoint. When the store is "
+            f"back, continue with `tgo train --resume {run_id}` (or `mlflow run . -e train -P resume={run_id}`). "
+            + ("The run is marked FAILED." if closed else "The run could not be marked and still reads RUNNING; the resume continues it all the same.")
+        ) from None
 
 
 def _relog_missing(run_id: str, ckpt: dict) -> None:
@@ -568,9 +640,10 @@ class EpochCommitter:
             self.recorded = epoch
             _report(epoch, epochs, metrics)
         except Exception as err:  # noqa: BLE001 - handed to the training thread by wait()
-            # Everything here writes to the run's store: a failure is the store's (read-only,
-            # full, out of reach), said so in one message by run().
-            self._error = tracking.StoreWriteError(f"recording epoch {epoch}: {tracking.short_error(err)}")
+            # A failure to write to the run's store (read-only, full, out of reach) is said so in one
+            # message by run(); anything else is a bug, raised as it is.
+            store = tracking.is_store_failure(err) or isinstance(err, OSError)
+            self._error = tracking.StoreWriteError(f"recording epoch {epoch}: {tracking.short_error(err)}") if store else err
         except BaseException as err:  # noqa: BLE001
             self._error = err
 
@@ -586,9 +659,10 @@ class EpochCommitter:
 def _report(epoch: int, epochs: int, m: dict[str, float]) -> None:
     parts = [f"epoch {epoch}/{epochs}"]
     for key, fmt, se_fmt in (("train/loss", "train loss {:.3f}", ""), ("val/loss", "val loss {:.3f}", ""), ("val/acc1", "val acc {:.1f}%", ""),
-                             ("geom/final/cls/effective_rank", "final CLS eff. rank {:.1f}", " +- {:.1f}"),
-                             ("geom/final/cls/spectral_anisotropy", "anisotropy {:.3f}", " +- {:.3f}"), ("time/epoch_s", "{:.0f} s", "")):
+                             (metric_key("final", "cls", "effective_rank"), "final CLS eff. rank {:.1f}", " +- {:.1f}"),
+                             (metric_key("final", "cls", "spectral_anisotropy"), "anisotropy {:.3f}", " +- {:.3f}"), ("time/epoch_s", "{:.0f} s", "")):
         if key in m:
-            se = m.get(key.replace("geom/", "geom_se/", 1)) if se_fmt else None  # the jackknife standard error
+            geom = parse_metric_key(key)
+            se = m.get(metric_key(geom.site, geom.view, geom.observable, SE_PREFIX)) if geom else None  # its jackknife standard error
             parts.append(fmt.format(m[key]) + (se_fmt.format(se) if se is not None else ""))
-    print("tgo: " + ", ".join(parts), flush=True)
+    log.info(", ".join(parts))
