@@ -22,9 +22,9 @@ from tgo.study import study
 from tgo.sweep import summarise, sweep
 
 
-def _sweep_cmd(seeds: str, storage: str, name: str, epochs: int = 1) -> list[str]:
+def _sweep_cmd(seeds: str, storage: str, name: str, epochs: int = 1, *extra: str) -> list[str]:
     return [sys.executable, "-m", "tgo", "sweep", "--seeds", seeds, "--storage", storage, "--study_name", name,
-            "--preset", "smoke", "--epochs", str(epochs), "--experiment", "sweeps"]
+            "--preset", "smoke", "--epochs", str(epochs), "--experiment", "sweeps", *extra]
 
 
 def _children(parent: str) -> list:
@@ -51,7 +51,7 @@ def test_summary_statistics_match_numpy_and_scipy():
 
 def test_two_workers_on_one_journal_run_each_seed_once_and_aggregate(store, tmp_path):
     storage = f"journal:{tmp_path / 'sweep.journal'}"
-    workers = [subprocess.Popen(_sweep_cmd("0,1,2", storage, "two"), env=subprocess_env(store), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    workers = [subprocess.Popen(_sweep_cmd("0,1,2", storage, "two", 1, "--figure_format", "pdf"), env=subprocess_env(store), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [w.communicate(timeout=600) for w in workers]
     for w, (out, err) in zip(workers, outputs):
         assert w.returncode == 0, err[-3000:]
@@ -73,7 +73,7 @@ def test_two_workers_on_one_journal_run_each_seed_once_and_aggregate(store, tmp_
         assert mean[epoch] == pytest.approx(values.mean())
         assert high[epoch] == pytest.approx(values.mean() + scipy.stats.t.ppf(0.975, 2) * values.std(ddof=1) / np.sqrt(3))
     names = {a.path for a in client.list_artifacts(parent, "figures")}
-    assert "figures/seeds_effective_rank.png" in names
+    assert "figures/seeds_effective_rank.pdf" in names  # figure_format=pdf
     assert "seeds/finding/1/sign_test_p" in client.get_run(parent).data.metrics
     # One verdict across seeds: the mean of the seeds' first-to-last changes with its t interval,
     # checked against numpy on the children's histories.

@@ -27,7 +27,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -268,13 +268,21 @@ def _report(a: Analysis, title: str, figure_groups: dict[str, list[Path]], folde
             continue
         md += ["", f"## {heading}", ""] + [f"![{p.stem}](../figures/{p.name})" for p in paths]
         h += [f"<h2>{html.escape(heading)}</h2>"]
-        h += [f"<img alt='{p.stem}' src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>" for p in paths]
+        h += [_html_figure(p) for p in paths]
     h += ["</body></html>"]
     (folder / "report").mkdir(parents=True, exist_ok=True)
     md_path, html_path = folder / "report" / "report.md", folder / "report" / "report.html"
     md_path.write_text("\n".join(md) + "\n")
     html_path.write_text("\n".join(h))
     return html_path, md_path
+
+
+def _html_figure(path: Path) -> str:
+    """A figure in the HTML report: PNG and SVG inline (the report is one file), a PDF as a link."""
+    if path.suffix == ".pdf":
+        return f"<p><a href='../figures/{html.escape(path.name)}'>{html.escape(path.name)}</a></p>"
+    mime = "image/svg+xml" if path.suffix == ".svg" else "image/png"
+    return f"<img alt='{html.escape(path.stem)}' src='data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}'>"
 
 
 def _has_tabulate() -> bool:
@@ -333,6 +341,7 @@ def analyze(
     output_dir: str | Path | None = None,
     log: bool = True,
     figures: bool = True,
+    figure_format: Literal["png", "pdf", "svg"] = "png",
 ) -> Analysis:
     """Analyse a training run's geometry: tables, trend statistics, TGO-I verdicts, figures, report.
 
@@ -346,7 +355,12 @@ def analyze(
         output_dir: where to write (default: a temporary folder).
         log: log everything as an analysis run, a child of the training run.
         figures: draw the figures (False: tables, statistics and verdicts only, much faster).
+        figure_format: png, pdf or svg (for papers: pdf or svg).
     """
+    try:
+        plots.check_format(figure_format)
+    except ValueError as err:
+        raise AnalysisError(str(err)) from None
     _check_device(device)
     tracking.check_tracking()
     run = tracking.get_run(run_id)
@@ -422,26 +436,26 @@ def analyze(
     observables = [o for o in OBSERVABLE_NAMES if o in set(geometry.observable)] if figures else []
     chosen = chosen if figures else []
     for name in tqdm(observables, desc="figures", leave=False, disable=None):
-        groups["Observables over training"].append(plots.save(plots.observable_over_epochs(shown, name, label), figdir / f"epochs_{name}.png"))
-        groups["Site x epoch heat maps"].append(plots.save(plots.site_epoch_heatmap(shown, name, label), figdir / f"heatmap_{name}.png"))
+        groups["Observables over training"].append(plots.save(plots.observable_over_epochs(shown, name, label), figdir / f"epochs_{name}.{figure_format}"))
+        groups["Site x epoch heat maps"].append(plots.save(plots.site_epoch_heatmap(shown, name, label), figdir / f"heatmap_{name}.{figure_format}"))
     for site, view in chosen:
         if spectra:
             eig = {e: r[(site, view)].eigenvalues for e, r in spectra.items() if (site, view) in r.geometry}
             sv = {e: r[(site, view)].singular_values for e, r in spectra.items() if (site, view) in r.geometry}
             groups["Eigenspectra over training"].append(plots.save(
                 plots.spectra_over_training(eig, f"Eigenspectrum of {site}/{view} over training", "eigenvalue of the covariance"),
-                figdir / f"eigenspectra_{site}_{view}.png"))
+                figdir / f"eigenspectra_{site}_{view}.{figure_format}"))
             groups["Eigenspectra over training"].append(plots.save(
                 plots.spectra_over_training(sv, f"Singular values of the centered {site}/{view} over training", "singular value"),
-                figdir / f"singular_values_{site}_{view}.png"))
+                figdir / f"singular_values_{site}_{view}.{figure_format}"))
         cov_epochs = sorted(e for e, r in covariances.items() if (site, view) in r.geometry and r[(site, view)].covariance is not None)
         if len(cov_epochs) >= 2:
             first, last = cov_epochs[0], cov_epochs[-1]
             groups["Covariance structure"].append(plots.save(plots.correlation_first_last(
                 covariances[first][(site, view)].covariance, covariances[last][(site, view)].covariance, (first, last),
-                f"Correlation structure of {site}/{view}, first and last epoch"), figdir / f"correlation_{site}_{view}.png"))
+                f"Correlation structure of {site}/{view}, first and last epoch"), figdir / f"correlation_{site}_{view}.{figure_format}"))
     if figures:
-        groups["Depth profile"].append(plots.save(plots.depth_profile(shown, int(epochs[-1]), label), figdir / "depth_profile.png"))
+        groups["Depth profile"].append(plots.save(plots.depth_profile(shown, int(epochs[-1]), label), figdir / f"depth_profile.{figure_format}"))
     result.figures = [p for paths in groups.values() for p in paths]
     result.report_html, result.report_md = _report(result, f"Geometry of run {label} ({run_id})", groups, folder)
     (folder / "findings.json").write_text(json.dumps([f.__dict__ for f in result.findings], indent=2, default=float))

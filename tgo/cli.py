@@ -73,6 +73,7 @@ def _analyze_parser(sub) -> None:
     p.add_argument("--sites", default="", help="comma-separated <site>/<view> pairs for the spectra and covariance figures; empty: final/cls and the middle block's patch view")
     p.add_argument("--device", default="auto", help="device of a re-probe")
     p.add_argument("--output_dir", default="", help="also keep the files here (default: a temporary folder)")
+    p.add_argument("--figure_format", default="png", help="figure files: png, pdf or svg")
 
 
 def _sweep_parser(sub) -> None:
@@ -88,6 +89,7 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--seeds", default="0,1,2,3,4", help="seeds separated by commas")
     p.add_argument("--storage", default="", help="Optuna storage: journal:PATH (processes on one machine), postgresql://... (machines), default sqlite:///optuna.db")
     p.add_argument("--study_name", default="", help="name of the sweep in the storage; default sweep-<seeds>")
+    p.add_argument("--figure_format", default="png", help="figure files of the aggregate: png, pdf or svg")
     _add_train_options(p)  # --seed too, as in MLproject's shared list: the sweep refuses a value
 
 
@@ -102,7 +104,7 @@ def _study_parser(sub) -> None:
     )
     p.add_argument("--n_trials", default="10", help="trials in the whole study (all workers together)")
     p.add_argument("--objectives", default="val/acc1:max", help="metric:max|min, comma-separated for several (multi-objective)")
-    p.add_argument("--search_space", default="", help="YAML search space; default configs/search_space.yaml")
+    p.add_argument("--search_space", default="", help="YAML search space; default: the one shipped in the package (tgo/data/search_space.yaml)")
     p.add_argument("--storage", default="", help="Optuna storage: default sqlite:///optuna.db, journal:PATH, postgresql://...")
     p.add_argument("--study_name", default="tgo-study", help="name of the study in the storage (resumed if it exists)")
     p.add_argument("--pruner", default="median", help="median, hyperband, successive_halving or none")
@@ -111,7 +113,10 @@ def _study_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import tgo
+
     parser = argparse.ArgumentParser(prog="tgo", description="Transformer Geometry Observatory: the spectral geometry of a ViT while it trains, in MLflow.")
+    parser.add_argument("--version", action="version", version=f"tgo {tgo.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,analyze,sweep,study,data}")
     _train_parser(sub)
     _analyze_parser(sub)
@@ -191,6 +196,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             sites=[s.strip() for s in args.sites.split(",") if s.strip()] or None,
             device=args.device,
             output_dir=args.output_dir or None,
+            figure_format=args.figure_format,
         )
     except (C.ConfigError, DataError, TrackingError, AnalysisError) as err:
         return _fail(str(err), 2)
@@ -215,9 +221,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from tgo.tracking import TrackingError
 
     values = _train_values(args)
-    values["experiment"] = values.get("experiment") or "tgo-sweeps"
     try:
-        result = sweep(args.seeds, storage=args.storage, study_name=args.study_name, **values)
+        result = sweep(args.seeds, storage=args.storage, study_name=args.study_name, figure_format=args.figure_format, **values)
     except (C.ConfigError, DataError, TrackingError, StorageError) as err:
         return _fail(str(err), 2)
     for note in result.notes:
@@ -235,7 +240,6 @@ def cmd_study(args: argparse.Namespace) -> int:
     from tgo.tracking import TrackingError
 
     values = _train_values(args)
-    values["experiment"] = values.get("experiment") or "tgo-studies"
     try:
         result = study(
             _int("n_trials", args.n_trials) or 0, objectives=args.objectives, search_space=args.search_space or DEFAULT_SPACE,

@@ -30,8 +30,10 @@ Dataset = Literal["digits", "synthetic", "imagefolder", "imagenet100", "cifar10"
 AmpMode = Literal["auto", "bf16", "fp16", "off"]
 Schedule = Literal["cosine", "step", "plateau", "poly", "tanh", "multistep"]
 ProbePrecision = Literal["float64", "float32"]
+ProbeWeights = Literal["model", "ema"]
 DATASETS, AMP_MODES, SCHEDULES = get_args(Dataset), get_args(AmpMode), get_args(Schedule)
 DEVICES_HELP = "auto, cpu, cuda, cuda:N or mps"
+DATASET_DEPENDENT = ("num_classes",)  # preset values that describe the preset's dataset, dropped for another one
 
 
 def _field(default: Any, help: str) -> Any:
@@ -82,6 +84,9 @@ class TrainConfig:
     reprob: float = _field(0.0, 'random erasing probability')
     hflip: float = _field(0.5, 'horizontal flip probability')
     crop_pct: float = _field(1.0, 'evaluation centre-crop ratio (0.875 for ImageNet, 1 for digits)')
+    repeated_aug: int = _field(0, "repeated augmentation: each training image this many times per epoch, differently augmented (timm's RepeatAugSampler; DeiT: 3); 0 or 1: off")
+    model_ema: bool = _field(False, "keep an exponential moving average of the weights (timm's ModelEmaV3; DeiT: on)")
+    model_ema_decay: float = _field(0.99996, 'decay per step of the weight average (DeiT: 0.99996)')
     # probe
     probe_size: int = _field(256, 'validation images in the fixed geometry probe set')
     probe_every: int = _field(1, 'probe every N epochs (always at epoch 0 and the last); 0 switches the probe off')
@@ -90,6 +95,7 @@ class TrainConfig:
     probe_precision: ProbePrecision = _field("float64", "float64 (default) or float32 products in the probe's accumulators")
     probe_seed: int = _field(0, 'seed of the probe image selection (independent of the training seed)')
     probe_folds: int = _field(5, 'folds of the jackknife that gives every observable its standard error (1: none)')
+    probe_weights: ProbeWeights = _field("model", 'weights the probe measures (and checkpoints/weights_epoch_XXXX.pt keeps): model, the trained weights, or ema, their average (needs model_ema)')
     # run
     seed: int = _field(0, 'training seed (initialisation, shuffling, augmentation)')
     device: str = _field("auto", DEVICES_HELP)
@@ -98,7 +104,7 @@ class TrainConfig:
     channels_last: bool = _field(True, 'channels_last memory format on CUDA')
     checkpoint_epochs: str = _field("0,last", 'epochs whose weights are kept as artifacts: e.g. 0,10,last, or all, or none')
     resume: str = _field("", 'id of a run to continue in place from its last checkpoint')
-    experiment: str = _field("tgo", 'MLflow experiment for new runs (ignored under `mlflow run`, which chooses it)')
+    experiment: str = _field("", "MLflow experiment for new runs; empty: MLflow's choice (MLFLOW_EXPERIMENT_NAME, else Default), as under `mlflow run`")
     run_name: str = _field("", 'MLflow run name for new runs')
     system_metrics: bool = _field(True, 'log CPU, memory and GPU system metrics (needs psutil; pynvml for GPUs)')
 
@@ -142,7 +148,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         dataset="imagenet100", img_size=224, epochs=300, batch_size=256, base_lr=5e-4,
         min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05, sched="cosine", warmup_epochs=5,
         smoothing=0.1, mixup=0.8, cutmix=1.0, auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25,
-        drop_path=0.1, hflip=0.5, crop_pct=0.875, probe_size=1000, probe_batch_size=250,
+        drop_path=0.1, hflip=0.5, crop_pct=0.875, repeated_aug=3, model_ema=True, probe_size=1000, probe_batch_size=250,
         workers=8, checkpoint_epochs="0,1,10,100,last",
     ),
 }
@@ -254,6 +260,10 @@ def _check(cfg: TrainConfig) -> None:
     need(cfg.amp in AMP_MODES, f"amp: unknown mode {cfg.amp!r}; choose one of {', '.join(AMP_MODES)}.")
     need(cfg.sched in SCHEDULES, f"sched: unknown schedule {cfg.sched!r}; choose one of {', '.join(SCHEDULES)}.")
     need(cfg.probe_precision in ("float32", "float64"), f"probe_precision: choose float64 or float32, got {cfg.probe_precision!r}.")
+    need(cfg.repeated_aug >= 0, f"repeated_aug: must be an integer >= 0 (0 or 1: off; DeiT uses 3), got {cfg.repeated_aug}.")
+    need(0 < cfg.model_ema_decay < 1, f"model_ema_decay: must be a number in (0, 1), got {cfg.model_ema_decay}.")
+    need(cfg.probe_weights in ("model", "ema"), f"probe_weights: choose model or ema, got {cfg.probe_weights!r}.")
+    need(cfg.probe_weights == "model" or cfg.model_ema, "probe_weights: ema needs model_ema=true (there is no weight average to measure).")
     for name in ("seed", "probe_seed"):
         need(getattr(cfg, name) < 2**32, f"{name}: must be an integer in [0, 2^32 - 1] (numpy's and torch's seed range), got {getattr(cfg, name)}.")
     _check_timm_names(cfg, need)
@@ -288,6 +298,11 @@ def resolve(preset: str = "demo", **overrides: Any) -> TrainConfig:
             f"unknown parameter(s) {', '.join(unknown)}; the parameters are: {', '.join(FIELD_TYPES)}."
         )
     values: dict[str, Any] = {"preset": preset, **PRESETS[preset]}
+    chosen = overrides.get("dataset")
+    if chosen not in (None, "") and str(chosen).strip() != values.get("dataset", TrainConfig.dataset):
+        # Another dataset than the preset's: the preset's values that describe its own dataset yield.
+        for name in DATASET_DEPENDENT:
+            values.pop(name, None)
     for name, value in overrides.items():
         if name == "preset" or value is None or (isinstance(value, str) and value.strip() == ""):
             continue  # "" is how MLflow and the CLI say "the preset's value"

@@ -1,5 +1,7 @@
 """Tidy tables -> matplotlib figures. Each function takes data, returns a Figure, and draws nothing
-it was not given; `save` writes a PNG. The tables are those of `tgo.analysis`:
+it was not given; `save` writes it as PNG, PDF or SVG (by the file's suffix). Figures are made as
+matplotlib.figure.Figure objects, not through pyplot: no backend is chosen and no global state is
+touched, in a script, a notebook or a server. The tables are those of `tgo.analysis`:
 geometry: columns epoch, site, view, observable, value.
 """
 
@@ -9,14 +11,21 @@ from pathlib import Path
 from typing import Sequence
 
 import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from tgo.keys import site_order
+from tgo.spectral import OBSERVABLE_NAMES
 
-from tgo.keys import site_order  # noqa: E402
-from tgo.spectral import OBSERVABLE_NAMES  # noqa: E402
+FIGURE_FORMATS = ("png", "pdf", "svg")  # figure_format of the analysis and sweep figures
+
+
+def check_format(figure_format: str) -> str:
+    if figure_format not in FIGURE_FORMATS:
+        raise ValueError(f"figure_format: {figure_format!r} is not one of {', '.join(FIGURE_FORMATS)}.")
+    return figure_format
+
 
 VIEW_TITLES = {"cls": "CLS token", "patch": "patch tokens", "mean": "mean-pooled patch tokens"}
 LABELS = {
@@ -39,27 +48,27 @@ LABELS = {
 LOG_SCALE = {"effective_rank", "rankme", "stable_rank", "participation_ratio", "n_components_90", "n_components_95", "n_components_99"}
 
 
-def save(fig: plt.Figure, path: str | Path) -> Path:
+def save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
 def _site_colors(sites: Sequence[str]) -> dict[str, tuple]:
-    cmap = plt.get_cmap("viridis")
+    cmap = matplotlib.colormaps.get_cmap("viridis")
     n = max(len(sites) - 1, 1)
     return {site: cmap(i / n) for i, site in enumerate(sites)}
 
 
-def observable_over_epochs(geometry: pd.DataFrame, observable: str, run_label: str = "") -> plt.Figure:
+def observable_over_epochs(geometry: pd.DataFrame, observable: str, run_label: str = "") -> Figure:
     """One panel per view; one line per site (coloured from the first site to the final norm)."""
     data = geometry[geometry.observable == observable]
     views = [v for v in VIEW_TITLES if v in set(data.view)]
     sites = site_order(data.site)
     colors = _site_colors(sites)
-    fig, axes = plt.subplots(1, len(views), figsize=(5.2 * len(views), 4.2), squeeze=False, sharey=False)
+    fig = Figure(figsize=(5.2 * len(views), 4.2))
+    axes = fig.subplots(1, len(views), squeeze=False, sharey=False)
     for ax, view in zip(axes[0], views):
         for site in sites:
             line = data[(data.view == view) & (data.site == site)].sort_values("epoch")
@@ -81,12 +90,13 @@ def observable_over_epochs(geometry: pd.DataFrame, observable: str, run_label: s
     return fig
 
 
-def site_epoch_heatmap(geometry: pd.DataFrame, observable: str, run_label: str = "") -> plt.Figure:
+def site_epoch_heatmap(geometry: pd.DataFrame, observable: str, run_label: str = "") -> Figure:
     """Site x epoch heat map of one observable, one panel per view (its own colour scale)."""
     data = geometry[geometry.observable == observable]
     views = [v for v in VIEW_TITLES if v in set(data.view)]
     sites = site_order(data.site)
-    fig, axes = plt.subplots(1, len(views), figsize=(5.2 * len(views), 0.32 * len(sites) + 2.2), squeeze=False)
+    fig = Figure(figsize=(5.2 * len(views), 0.32 * len(sites) + 2.2))
+    axes = fig.subplots(1, len(views), squeeze=False)
     for ax, view in zip(axes[0], views):
         grid = data[data.view == view].pivot_table(index="site", columns="epoch", values="value").reindex(sites)
         epochs = list(grid.columns)
@@ -102,12 +112,13 @@ def site_epoch_heatmap(geometry: pd.DataFrame, observable: str, run_label: str =
     return fig
 
 
-def spectra_over_training(spectra: dict[int, np.ndarray], title: str, ylabel: str) -> plt.Figure:
+def spectra_over_training(spectra: dict[int, np.ndarray], title: str, ylabel: str) -> Figure:
     """Log-log rank against value for each epoch's spectrum, coloured from first to last epoch."""
     epochs = sorted(spectra)
-    cmap = plt.get_cmap("plasma")
+    cmap = matplotlib.colormaps.get_cmap("plasma")
     norm = matplotlib.colors.Normalize(vmin=epochs[0], vmax=max(epochs[-1], epochs[0] + 1))
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    fig = Figure(figsize=(6.4, 4.6))
+    ax = fig.subplots()
     for epoch in epochs:
         values = np.asarray(spectra[epoch], dtype=float)
         values = values[values > 0]
@@ -122,7 +133,7 @@ def spectra_over_training(spectra: dict[int, np.ndarray], title: str, ylabel: st
     return fig
 
 
-def correlation_first_last(first: np.ndarray, last: np.ndarray, epochs: tuple[int, int], title: str) -> plt.Figure:
+def correlation_first_last(first: np.ndarray, last: np.ndarray, epochs: tuple[int, int], title: str) -> Figure:
     """Correlation matrices R = C / sqrt(diag C diag C^T) at the first and last epoch, side by side,
     features in the order of an average-linkage clustering of the last epoch's 1 - |R| (scipy), so
     that groups of correlated features show as blocks."""
@@ -136,7 +147,8 @@ def correlation_first_last(first: np.ndarray, last: np.ndarray, epochs: tuple[in
     distance = 1 - np.abs(corr_of(last))
     np.fill_diagonal(distance, 0)
     order = leaves_list(linkage(squareform(np.clip((distance + distance.T) / 2, 0, None), checks=False), "average"))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
+    fig = Figure(figsize=(11, 4.8))
+    axes = fig.subplots(1, 2)
     for ax, cov, epoch in zip(axes, (first, last), epochs):
         corr = corr_of(cov)[np.ix_(order, order)]
         im = ax.imshow(corr, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
@@ -148,14 +160,15 @@ def correlation_first_last(first: np.ndarray, last: np.ndarray, epochs: tuple[in
     return fig
 
 
-def depth_profile(geometry: pd.DataFrame, epoch: int, run_label: str = "") -> plt.Figure:
+def depth_profile(geometry: pd.DataFrame, epoch: int, run_label: str = "") -> Figure:
     """Each observable against site (depth) at one epoch, one line per view."""
     data = geometry[geometry.epoch == epoch]
     observables = [o for o in OBSERVABLE_NAMES if o in set(data.observable)]
     sites = site_order(data.site)
     cols = 5
     rows = int(np.ceil(len(observables) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.2 * rows), squeeze=False)
+    fig = Figure(figsize=(4.0 * cols, 3.2 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     markers = {"cls": "o", "patch": "s", "mean": "^"}
     for ax, observable in zip(axes.flat, observables):
         for view in VIEW_TITLES:
@@ -173,14 +186,15 @@ def depth_profile(geometry: pd.DataFrame, epoch: int, run_label: str = "") -> pl
     return fig
 
 
-def mean_and_band(summary: pd.DataFrame, observable: str, n_seeds: int) -> plt.Figure:
+def mean_and_band(summary: pd.DataFrame, observable: str, n_seeds: int) -> Figure:
     """Mean across seeds with its 95% confidence band, one line per site, one panel per view.
     `summary` has columns epoch, site, view, observable, mean, ci95_low, ci95_high."""
     data = summary[summary.observable == observable]
     views = [v for v in VIEW_TITLES if v in set(data.view)]
     sites = site_order(data.site)
     colors = _site_colors(sites)
-    fig, axes = plt.subplots(1, len(views), figsize=(5.2 * len(views), 4.2), squeeze=False)
+    fig = Figure(figsize=(5.2 * len(views), 4.2))
+    axes = fig.subplots(1, len(views), squeeze=False)
     for ax, view in zip(axes[0], views):
         for site in sites:
             part = data[(data.view == view) & (data.site == site)].sort_values("epoch")

@@ -4,7 +4,8 @@
     result = study(20, objectives="val/acc1:max", preset="demo", epochs=5)
     result = study(20, objectives="val/acc1:max,geom/final/cls/effective_rank:max")   # Pareto
 
-- The search space is a YAML file (configs/search_space.yaml by default; see its header).
+- The search space is a YAML file (tgo/data/search_space.yaml, shipped with the package, by default;
+  see its header for the format).
 - Objectives: any per-epoch metric a training run logs (train/loss, train/acc1, val/loss,
   val/acc1, val/acc5) or any geometry key geom/<site>/<view>/<observable>, each with :max or
   :min, the value at the last epoch. Several make a multi-objective study (Pareto front).
@@ -42,7 +43,7 @@ from tgo.spectral import OBSERVABLE_NAMES
 from tgo.storage import mark_worker, open_storage, reclaim_dead_trials
 from tgo.workers import ERROR_ATTR, RESUME_REFUSED, RUN_ATTR, fail_dead_run, parent_run, retried_run
 
-DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "configs" / "search_space.yaml"
+DEFAULT_SPACE = Path(__file__).resolve().parent / "data" / "search_space.yaml"  # shipped inside the package
 SCALAR_OBJECTIVES = ("train/loss", "train/acc1", "val/loss", "val/acc1", "val/acc5")
 PRUNERS = ("median", "hyperband", "successive_halving", "none")
 CONFIG_ERROR_ATTR = "tgo.config_error"  # the ConfigError a trial failed with
@@ -84,7 +85,7 @@ def parse_objectives(text: str) -> tuple[list[str], list[str]]:
 
 
 def load_search_space(path: str | Path) -> dict[str, dict]:
-    """Read and check a search space file (format in configs/search_space.yaml)."""
+    """Read and check a search space file (format in tgo/data/search_space.yaml)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"search_space: {path} does not exist.")
@@ -157,7 +158,7 @@ def study(
     storage: str = "",
     study_name: str = "tgo-study",
     pruner: str = "median",
-    experiment: str = "tgo-studies",
+    experiment: str = "",
     sampler_seed: int = 0,
     enqueue: list[dict] | None = None,
     **train_overrides,
@@ -233,7 +234,7 @@ def study(
                     raise train.StopTraining(f"pruned by {type(s.pruner).__name__} at epoch {epoch}")
 
         try:
-            trial_cfg = from_dict({**cfg.to_dict(), **params, "run_name": f"trial {trial.number}", "experiment": experiment, "resume": resume})
+            trial_cfg = from_dict({**cfg.to_dict(), **params, "run_name": f"{study_name} trial {trial.number}", "experiment": experiment, "resume": resume})
             result = train.run(trial_cfg, parent_run_id=parent, epoch_callback=report, on_start=started)
         except train.StopTraining as stop:
             tracking.set_tags(run_ids[0], {"tgo.trial_state": "PRUNED"})

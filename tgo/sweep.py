@@ -27,7 +27,7 @@ import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import optuna
@@ -82,8 +82,9 @@ def sweep(
     *,
     storage: str = "",
     study_name: str = "",
-    experiment: str = "tgo-sweeps",
+    experiment: str = "",
     aggregate: bool = True,
+    figure_format: Literal["png", "pdf", "svg"] = "png",
     **train_overrides,
 ) -> SweepResult:
     """Run (or join, or resume) a seed sweep as one worker; aggregate when every seed is done.
@@ -91,6 +92,10 @@ def sweep(
     seeds: the seeds; storage: an Optuna storage URL (tgo.storage; default sqlite:///optuna.db);
     study_name: default "sweep-" + the seeds; train_overrides: any tgo train setting except seed.
     """
+    try:
+        plots.check_format(figure_format)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     seeds = parse_seeds(seeds)
     if train_overrides.get("seed") not in (None, ""):
         raise ConfigError("seed: a sweep sets the seed of each run; pass seeds=... instead.")
@@ -134,7 +139,7 @@ def sweep(
             tracking.set_tags(run_id, {"tgo.trial_number": trial.number, "tgo.trial_state": "RUNNING"})
 
         try:
-            run_cfg = from_dict({**cfg.to_dict(), "seed": seed, "run_name": f"seed {seed}", "experiment": experiment, "resume": resume})
+            run_cfg = from_dict({**cfg.to_dict(), "seed": seed, "run_name": f"{study_name} seed {seed}", "experiment": experiment, "resume": resume})
             result = train.run(run_cfg, parent_run_id=parent, on_start=started)
         except Exception as err:
             trial.set_user_attr(ERROR_ATTR, tracking.short_error(err))  # reported in one line below
@@ -178,7 +183,7 @@ def sweep(
         result.notes.append(f"seeds {missing} are not complete yet (running in other workers, or failed); the worker "
                             "that completes the last seed aggregates, or re-run the sweep once they are done.")
     elif aggregate:
-        result.summary, result.findings = aggregate_into(parent, completed)
+        result.summary, result.findings = aggregate_into(parent, completed, figure_format)
     return result
 
 
@@ -203,7 +208,7 @@ def finding_counts(seed_findings: dict[int, list[findings.Finding]]) -> pd.DataF
     return findings.across_seeds(pd.DataFrame(rows))
 
 
-def aggregate_into(parent: str, seed_runs: dict[int, str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def aggregate_into(parent: str, seed_runs: dict[int, str], figure_format: str = "png") -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read every seed's geometry and scalars, and log their spread into the parent run."""
     folder = Path(tempfile.mkdtemp(prefix="tgo-sweep-"))
     tables, seed_findings = [], {}
@@ -249,7 +254,7 @@ def aggregate_into(parent: str, seed_runs: dict[int, str]) -> tuple[pd.DataFrame
     sites = site_order(geo.site)
     shown = [s for s in (sites[0], sites[len(sites) // 2], "final") if s in sites]
     for name in dict.fromkeys(geo.observable):
-        plots.save(plots.mean_and_band(geo[geo.site.isin(shown)], name, len(seed_runs)), figdir / f"seeds_{name}.png")
+        plots.save(plots.mean_and_band(geo[geo.site.isin(shown)], name, len(seed_runs)), figdir / f"seeds_{name}.{figure_format}")
     tracking.log_folder(parent, folder / "tables", "tables")
     tracking.log_folder(parent, figdir, "figures")
     tracking.set_tags(parent, {"tgo.seeds": ",".join(map(str, sorted(seed_runs))), "tgo.seed_runs": joined})

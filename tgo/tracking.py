@@ -37,7 +37,9 @@ from tgo.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, mask_url, process_aliv
 PARAM_PREFIX = "config."  # resolved config values; entry-point parameters keep their own names
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 LEASE_TAG = "tgo.lease"  # {"worker": "<host>:<pid>", "renewed": unix time, "nonce": ...} of the process training the run
-CLAIM_SETTLE_S = 1.0  # after writing a claim, how long to wait before reading it back
+CLAIM_SETTLE_S = 1.0
+DEFAULT_EXPERIMENT = "Default"  # MLflow's own default: where `mlflow run .` puts its run
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # model training, not GenAI  # after writing a claim, how long to wait before reading it back
 
 
 class TrackingError(RuntimeError):
@@ -142,12 +144,28 @@ def run_exists(run_id: str) -> bool:
         return False
 
 
-def new_run(experiment: str, run_name: str, tags: dict[str, Any] | None = None) -> str:
-    """A new run in the experiment named `experiment` (created if missing); returns its id."""
+def experiment_id(name: str = "") -> str:
+    """The experiment of a new run: `name`, else the one MLflow itself would choose
+    (MLFLOW_EXPERIMENT_NAME or MLFLOW_EXPERIMENT_ID, else "Default"), so that `mlflow run .`,
+    `tgo train`, sweeps and studies land in one experiment unless told otherwise. An experiment tgo
+    creates is tagged as a model-training experiment (EXPERIMENT_KIND) for the MLflow 3 UI."""
     client = MlflowClient()
-    found = client.get_experiment_by_name(experiment)
-    exp_id = found.experiment_id if found else client.create_experiment(experiment)
-    return client.create_run(exp_id, run_name=run_name or None, tags={k: str(v) for k, v in (tags or {}).items()}).info.run_id
+    if not name and os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return os.environ["MLFLOW_EXPERIMENT_ID"]
+    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, tags=EXPERIMENT_KIND)
+    except MlflowException:  # created by another worker at the same moment
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def new_run(experiment: str, run_name: str, tags: dict[str, Any] | None = None) -> str:
+    """A new run in the experiment `experiment` (see experiment_id); returns its id."""
+    return MlflowClient().create_run(experiment_id(experiment), run_name=run_name or None,
+                                     tags={k: str(v) for k, v in (tags or {}).items()}).info.run_id
 
 
 def open_parent_run(experiment: str, run_name: str, tags: dict[str, Any]) -> str:
@@ -230,8 +248,7 @@ def start_run(experiment: str, run_name: str = "", resume_run_id: str = "", syst
         return mlflow.start_run(run_id=launcher, **kwargs)
     if mlflow.active_run() is not None:
         return mlflow.start_run(run_name=run_name or None, nested=True, **kwargs)
-    mlflow.set_experiment(experiment)
-    return mlflow.start_run(run_name=run_name or None, **kwargs)
+    return mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name or None, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -318,6 +335,21 @@ class Lease:
             self._thread.join(timeout=10)
 
 
+def log_datasets(run_id: str, datasets: Sequence[dict[str, Any]]) -> None:
+    """Record the run's data with MLflow's dataset tracking (the UI's Datasets column): each item
+    has name, digest (at most 36 characters, MLflow's limit), context ("training", "probe") and
+    source (a dict of facts: dataset, data_dir, sizes)."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    inputs = []
+    for item in datasets:
+        dataset = MetaDataset(CodeDatasetSource(tags={k: str(v) for k, v in item["source"].items()}), name=item["name"], digest=item["digest"][:36])
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", item["context"])]))
+    MlflowClient().log_inputs(run_id, datasets=inputs)
+
+
 def log_config(run_id: str, config: dict[str, Any], entry_params: dict[str, str] | None = None) -> None:
     """Log the resolved config as params `config.<field>`, and as config/config.json.
 
@@ -381,18 +413,20 @@ def artifact_names(run_id: str, folder: str) -> list[str]:
 
 
 def log_folder(run_id: str, folder: str | Path, artifact_path: str | None = None) -> None:
-    MlflowClient().log_artifacts(run_id, str(folder), artifact_path)
+    with _env_default("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):
+        MlflowClient().log_artifacts(run_id, str(folder), artifact_path)
 
 
 def log_json(run_id: str, obj: Any, artifact_path: str, name: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name
         path.write_text(json.dumps(obj, indent=2, sort_keys=True))
-        MlflowClient().log_artifact(run_id, str(path), artifact_path)
+        log_file(run_id, path, artifact_path)
 
 
 def log_file(run_id: str, path: str | Path, artifact_path: str | None) -> None:
-    MlflowClient().log_artifact(run_id, str(path), artifact_path)
+    with _env_default("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):
+        MlflowClient().log_artifact(run_id, str(path), artifact_path)
 
 
 def local_artifact_dir(run_id: str) -> Path | None:
@@ -446,11 +480,27 @@ def weights_artifact(epoch: int) -> tuple[str, str]:
 
 
 def download(run_id: str, artifact: str, dst: str | Path) -> Path:
-    """One artifact of a run, as a local path; TrackingError when the run lacks it."""
+    """One artifact (a file or a folder) of a run, as a local path; TrackingError when the run lacks
+    it. MLflow's per-file progress bars are off here (unless the user set them): tgo draws its own,
+    which they would interleave with."""
     try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=str(dst)))
+        with _env_default("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):
+            return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=str(dst)))
     except (MlflowException, OSError) as err:
         raise TrackingError(f"run {run_id} has no artifact {artifact} ({err}).") from None
+
+
+@contextlib.contextmanager
+def _env_default(name: str, value: str):
+    """The environment variable `name` set to `value` inside the block if the user has not set it."""
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -22,6 +22,8 @@ and the probe run on disjoint shards whose sums are all-reduced, and only rank 0
 from __future__ import annotations
 
 import logging
+import hashlib
+import json
 import math
 import os
 import random
@@ -29,6 +31,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -185,7 +188,13 @@ class Setup:
     val_loader: DataLoader
     probe_set: ProbeSet | None
     probe_loader: object | None
+    ema: object | None = None  # timm's ModelEmaV3 (model_ema), or None
     start_epoch: int = 0  # 0 for a new run; the epoch after the checkpoint's when resuming
+
+    @property
+    def probed(self) -> torch.nn.Module:
+        """The weights the probe measures and weights_epoch_XXXX.pt keeps (probe_weights)."""
+        return self.ema.module if self.cfg.probe_weights == "ema" else self.model
 
 
 def build(cfg: TrainConfig, d: Dist | None = None, ckpt: dict | None = None) -> Setup:
@@ -225,9 +234,16 @@ def build(cfg: TrainConfig, d: Dist | None = None, ckpt: dict | None = None) -> 
         loss_fn = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
     else:
         loss_fn = torch.nn.CrossEntropyLoss()
+    ema = None
+    if cfg.model_ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.model_ema_decay)  # a copy of the weights, averaged after every step
     start_epoch = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+        if ema is not None:
+            ema.module.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch = int(ckpt["epoch"]) + 1
@@ -249,7 +265,17 @@ def build(cfg: TrainConfig, d: Dist | None = None, ckpt: dict | None = None) -> 
     pin = device.type == "cuda"
     generator = torch.Generator()
     sampler = None
-    if d.enabled:
+    if cfg.repeated_aug > 1:
+        from timm.data.distributed_sampler import RepeatAugSampler
+
+        # DeiT's repeated augmentation: each image num_repeats times per epoch, the copies on
+        # different ranks (so differently augmented); an epoch keeps len(train) images, rounded
+        # down to a multiple of 256 as DeiT does where the set is large enough.
+        sampler = RepeatAugSampler(data.train, num_replicas=d.world, rank=d.rank, shuffle=True, num_repeats=cfg.repeated_aug,
+                                   selected_round=256 if len(data.train) >= 256 * d.world else 0)
+        train_loader = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers, pin_memory=pin,
+                                  drop_last=d.enabled or mixup is not None, generator=generator)
+    elif d.enabled:
         from torch.utils.data.distributed import DistributedSampler
 
         sampler = DistributedSampler(data.train, num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed, drop_last=True)
@@ -262,7 +288,7 @@ def build(cfg: TrainConfig, d: Dist | None = None, ckpt: dict | None = None) -> 
     val_loader = DataLoader(Subset(data.val, val_shard), batch_size=cfg.probe_batch_size, num_workers=cfg.workers, pin_memory=pin)
     probe_loader = probe_set.loader(cfg.probe_batch_size, cfg.workers, pin, d.rank, d.world) if probe_set else None
     return Setup(cfg, d, device, amp, channels_last, data, model, train_model, optimizer, scheduler, scaler, mixup, loss_fn,
-                 train_loader, sampler, generator, val_loader, probe_set, probe_loader, start_epoch)
+                 train_loader, sampler, generator, val_loader, probe_set, probe_loader, ema, start_epoch)
 
 
 def probe_model(model: torch.nn.Module, loader, cfg: TrainConfig, device: torch.device | str, *, distributed: bool = False,
@@ -319,6 +345,8 @@ def train_one_epoch(s: Setup, epoch: int) -> dict[str, float]:
             torch.nn.utils.clip_grad_norm_(s.model.parameters(), cfg.grad_clip)
         s.scaler.step(s.optimizer)
         s.scaler.update()
+        if s.ema is not None:
+            s.ema.update(s.model)
         n = images.shape[0]
         loss_sum += value * n
         correct += (logits.detach().argmax(dim=1) == hard).sum()
@@ -362,6 +390,15 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, a
 
 
 
+def _validate(s: Setup) -> dict[str, float]:
+    """val/* of the trained weights; with model_ema, val_ema/* of their average too."""
+    out = evaluate(s.model, s.val_loader, s.device, s.amp, s.d, s.data.num_classes, s.channels_last)
+    if s.ema is not None:
+        ema = evaluate(s.ema.module, s.val_loader, s.device, s.amp, s.d, s.data.num_classes, s.channels_last)
+        out.update({k.replace("val/", "val_ema/", 1): v for k, v in ema.items()})
+    return out
+
+
 def run_epoch(s: Setup, epoch: int) -> tuple[dict[str, float], ProbeResult | None]:
     """Epoch 0 measures the network at initialisation; epoch e >= 1 trains one pass first. Then
     validation, and the probe when it is due (every probe_every epochs, and the last). Returns the
@@ -372,20 +409,22 @@ def run_epoch(s: Setup, epoch: int) -> tuple[dict[str, float], ProbeResult | Non
         _seed_epoch(cfg.seed, epoch)  # an epoch depends only on the state it starts from
         s.generator.manual_seed((cfg.seed * 1_000_003 + epoch) % (2**31))
         if s.sampler is not None:
-            s.sampler.set_epoch(epoch)
+            # DistributedSampler mixes in the run's seed itself; timm's RepeatAugSampler shuffles by
+            # the epoch alone, so the seed is mixed in here (seeds of a sweep see different orders).
+            s.sampler.set_epoch(epoch if cfg.repeated_aug <= 1 else (cfg.seed * 1_000_003 + epoch) % (2**31))
         t0 = time.perf_counter()
         metrics.update(train_one_epoch(s, epoch))
-        metrics.update(evaluate(s.model, s.val_loader, s.device, s.amp, s.d, s.data.num_classes, s.channels_last))
+        metrics.update(_validate(s))
         s.scheduler.step(epoch, metrics["val/acc1"])  # sets the lr of the next epoch
         metrics["time/epoch_s"] = time.perf_counter() - t0
     else:
-        metrics.update(evaluate(s.model, s.val_loader, s.device, s.amp, s.d, s.data.num_classes, s.channels_last))
+        metrics.update(_validate(s))
     geometry = None
     if s.probe_loader is not None and (epoch % cfg.probe_every == 0 or epoch == cfg.epochs):
         t0 = time.perf_counter()
         with warnings.catch_warnings(record=True):  # degenerate views: the tag tgo.degenerate_views, not a warning per epoch
             warnings.simplefilter("always", DegenerateGeometryWarning)
-            geometry = probe_model(s.model, s.probe_loader, cfg, s.device, distributed=s.d.enabled, progress=s.d.main and None)
+            geometry = probe_model(s.probed, s.probe_loader, cfg, s.device, distributed=s.d.enabled, progress=s.d.main and None)
         metrics["time/probe_s"] = time.perf_counter() - t0
         metrics.update(geometry.metrics())
         metrics.update(geometry.stderr_metrics())  # geom_se/final/cls/*: the head view only
@@ -439,6 +478,7 @@ def _checkpoint(s: Setup, epoch: int, metrics: dict, run_id: str) -> dict:
         "run_id": run_id,
         "config": s.cfg.to_dict(),
         "model": s.model.state_dict(),
+        **({"ema": s.ema.module.state_dict()} if s.ema is not None else {}),
         "optimizer": s.optimizer.state_dict(),
         "scheduler": s.scheduler.state_dict(),
         "scaler": s.scaler.state_dict(),
@@ -488,7 +528,7 @@ def _run(cfg: TrainConfig, given: set[str], d: Dist, parent_run_id: str = "", ep
     # ---- the MLflow run (rank 0 only) ----
     run_id, lease = "", None
     if d.main:
-        run_id = tracking.start_run(cfg.experiment, cfg.run_name, cfg.resume, cfg.system_metrics, parent_run_id).info.run_id
+        run_id = tracking.start_run(cfg.experiment, cfg.run_name or run_name(cfg), cfg.resume, cfg.system_metrics, parent_run_id).info.run_id
         lease = tracking.Lease(run_id).start()  # tells a resume elsewhere that this run is alive
         if on_start is not None:
             on_start(run_id)
@@ -508,7 +548,8 @@ def _run(cfg: TrainConfig, given: set[str], d: Dist, parent_run_id: str = "", ep
                 checkpoint = _checkpoint(s, epoch, metrics, run_id)
                 if committer.background:
                     checkpoint = _cpu_copy(checkpoint)  # training goes on while the snapshot is written
-                committer.submit(epoch, cfg.epochs, checkpoint, checkpoint["model"] if epoch in keep else None, geometry, dict(metrics))
+                weights = checkpoint["ema" if cfg.probe_weights == "ema" else "model"]  # the weights the probe measured
+                committer.submit(epoch, cfg.epochs, checkpoint, weights if epoch in keep else None, geometry, dict(metrics))
                 if geometry is not None and epoch == s.start_epoch and geometry.degenerate():
                     tracking.set_tags(run_id, {"tgo.degenerate_views": ",".join(geometry.degenerate())})
             history[epoch] = last_metrics = metrics
@@ -530,6 +571,31 @@ def _run(cfg: TrainConfig, given: set[str], d: Dist, parent_run_id: str = "", ep
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def run_name(cfg: TrainConfig) -> str:
+    """A name that says what the run is and tells it from its siblings: <preset>-<dataset>-seed<N>-<4
+    hex>. (MLflow's generated names come from Python's `random`, which tgo seeds before the run
+    opens: every run of one seed would get the same name.)"""
+    return f"{cfg.preset}-{cfg.dataset}-seed{cfg.seed}-{uuid.uuid4().hex[:4]}"
+
+
+def _datasets(s: Setup) -> list[dict]:
+    """The training and probe data as MLflow datasets. The probe's digest is its fingerprint (the
+    first 32 hex digits of tgo.probe_fingerprint: the indices and every probe image's content); the
+    training set's, a hash of what identifies it without reading every image (dataset, folder,
+    size, classes)."""
+    cfg, data = s.cfg, s.data
+    folder = os.path.realpath(cfg.data_dir) if cfg.data_dir else ""
+    classes = getattr(data.train, "classes", None) or list(range(data.num_classes))
+    identity = json.dumps([cfg.dataset, folder, len(data.train), [str(c) for c in classes],
+                           cfg.synthetic_train_size if cfg.dataset == "synthetic" else None])
+    source = {"dataset": cfg.dataset, "data_dir": folder, "train_images": len(data.train), "val_images": len(data.val), "classes": data.num_classes}
+    out = [{"name": f"{cfg.dataset}-train", "digest": hashlib.sha256(identity.encode()).hexdigest()[:32], "context": "training", "source": source}]
+    if s.probe_set is not None:
+        out.append({"name": f"{cfg.dataset}-probe", "digest": s.probe_set.fingerprint[:32], "context": "probe",
+                    "source": {**source, "probe_images": len(s.probe_set.indices), "probe_seed": cfg.probe_seed}})
+    return out
+
+
 def _record_start(s: Setup, run_id: str, ckpt: dict | None) -> None:
     """The run's config, tags and probe set, and the line that says what starts."""
     cfg = s.cfg
@@ -538,6 +604,7 @@ def _record_start(s: Setup, run_id: str, ckpt: dict | None) -> None:
     tags["tgo.num_classes"] = s.data.num_classes
     tags["tgo.data_notes"] = " ".join(s.data.notes)
     tags["tgo.world_size"] = s.d.world
+    tags["tgo.probe_weights"] = cfg.probe_weights
     if s.probe_set is not None:
         tags["tgo.probe_fingerprint"] = s.probe_set.fingerprint
         tags["tgo.head_view"] = "/".join(head_view(s.model))
@@ -545,6 +612,8 @@ def _record_start(s: Setup, run_id: str, ckpt: dict | None) -> None:
     tracking.set_tags(run_id, tags)
     for note in s.data.notes:
         log.info(note)
+    if ckpt is None:
+        tracking.log_datasets(run_id, _datasets(s))
     if ckpt is not None:
         _relog_missing(run_id, ckpt)
         log.info("resuming run %s at epoch %d of %d.", run_id, s.start_epoch, cfg.epochs)
