@@ -8,6 +8,9 @@ Prints, each alone on a line:
   probe_share_tgo1: X      the probe's share of an epoch at the tgo1 scale (1000 probe images,
                            126,689 training and 5,000 validation images), estimated from measured
                            per-image costs of ViT-S/16 at 224 px: probe / (train + validation + probe)
+  weight_spectra_share_tgo1: X   the weight spectra's share of a tgo1 epoch (every epoch)
+  kept_features_share_tgo1: X    similarity and intrinsic dimension of the kept features, averaged
+                           over a 300-epoch run that keeps 11 epochs (target of both: <= 0.01)
   demo_wall_s: X           the embedded default (`tgo train`, demo preset) end to end, in seconds
 
     python benchmarks/train.py [--epochs 4] [--rounds 3] [--skip-demo]
@@ -116,6 +119,29 @@ def per_image_costs_224() -> tuple[float, float, float, float]:
     return train, val, per_image, fixed
 
 
+def tgo2_costs_224() -> tuple[float, float]:
+    """Seconds per tgo1 epoch of the TGO-II measurements: the weight spectra of ViT-S/16 (every
+    epoch), and at a kept epoch the similarity and intrinsic dimension of 1000 x 384 features at
+    14 sites x 2 views (the features themselves come from the probe's pass: no extra forward)."""
+    import numpy as np
+    import timm
+
+    from tgo.similarity import feature_metrics
+    from tgo.weights import weight_spectra
+
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=100)
+    start = time.perf_counter()
+    weight_spectra(model)
+    weights = time.perf_counter() - start
+    rng = np.random.default_rng(0)
+    sites = ["patch_embed", "pos_embed", *[f"block_{i:02d}" for i in range(12)], "final"]
+    features = {(s, v): rng.normal(size=(1000, 384)).astype(np.float16) for s in sites for v in ("cls", "mean") if s != "patch_embed" or v == "mean"}
+    start = time.perf_counter()
+    feature_metrics(features, features)
+    similarity = time.perf_counter() - start
+    return weights, similarity
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=4)
@@ -141,6 +167,7 @@ def main() -> None:
     t_bare, t_tgo = statistics.median(bare), statistics.median(tgo)
 
     train, val, probe_img, probe_fixed = per_image_costs_224()
+    weights_s, similarity_s = tgo2_costs_224()
     probe_epoch = TGO1_PROBE * probe_img + probe_fixed
     epoch = TGO1_TRAIN * train + TGO1_VAL * val + probe_epoch
 
@@ -160,6 +187,9 @@ def main() -> None:
           f"(+ {probe_fixed:.2f} s fixed); tgo1 epoch estimate {epoch / 3600:.2f} h on this machine")
     print(f"tgo_over_bare_epoch: {t_tgo / t_bare:.3f}")
     print(f"probe_share_tgo1: {probe_epoch / epoch:.4f}")
+    # weight spectra every epoch; similarity and intrinsic dimension at 11 of 300 epochs (feature_epochs=auto)
+    print(f"weight_spectra_share_tgo1: {weights_s / epoch:.5f}")
+    print(f"kept_features_share_tgo1: {similarity_s * 11 / 300 / epoch:.5f}  (at a kept epoch: {similarity_s / epoch:.5f})")
     print(f"demo_wall_s: {demo_wall:.0f}")
 
 

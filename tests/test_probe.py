@@ -235,3 +235,27 @@ def test_models_pooled_otherwise_are_refused_with_a_message():
     model = tiny_vit(global_pool="map")
     with pytest.raises(ValueError, match="pools by 'map'"):
         probe(model, [torch.randn(4, 3, 32, 32)])
+
+
+def test_token_interaction_is_the_mean_cosine_of_distinct_patch_tokens(images):
+    """TGO-II's token interaction, against numpy on the same model's tokens (a T x T cosine matrix
+    per image, off-diagonal mean), and its closed form for identical tokens."""
+    model = tiny_vit().double().eval()
+    result = probe(model, [images[:20], images[20:]], folds=1)
+    with torch.no_grad():
+        final, blocks = model.forward_intermediates(images.double(), output_fmt="NLC", return_prefix_tokens=True)
+    for site, tokens in (("final", final[:, 1:]), ("block_00", blocks[0][0])):
+        x = tokens.numpy()
+        unit = x / np.linalg.norm(x, axis=-1, keepdims=True)
+        cos = np.einsum("bid,bjd->bij", unit, unit)
+        t = x.shape[1]
+        expected = np.mean([(c.sum() - np.trace(c)) / (t * (t - 1)) for c in cos])
+        assert result.tokens[site] == pytest.approx(expected, rel=1e-10), site
+        assert result.token_metrics()[f"tokens/{site}/mean_cosine"] == result.tokens[site]
+    assert set(result.tokens) == set(site_names(model))
+    from tgo.probe import token_interaction
+
+    same = torch.ones(3, 5, 8)  # every token of an image identical: cosine 1
+    assert torch.allclose(token_interaction(same), torch.ones(3, dtype=torch.float64))
+    loaded = ProbeResult.load(result.save(Path(tempfile.mkdtemp()) / "p.npz"))
+    assert loaded.tokens == pytest.approx(result.tokens)

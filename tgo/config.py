@@ -95,6 +95,7 @@ class TrainConfig:
     probe_precision: ProbePrecision = _field("float64", "float64 (default) or float32 products in the probe's accumulators")
     probe_seed: int = _field(0, 'seed of the probe image selection (independent of the training seed)')
     probe_folds: int = _field(5, 'folds of the jackknife that gives every observable its standard error (1: none)')
+    weight_spectra: bool = _field(True, "every epoch, the singular values, stable rank, effective rank and WeightWatcher's alpha of every weight matrix (weights/...; about 10 s an epoch for ViT-S on a CPU)")
     probe_weights: ProbeWeights = _field("model", 'weights the probe measures (and checkpoints/weights_epoch_XXXX.pt keeps): model, the trained weights, or ema, their average (needs model_ema)')
     # run
     seed: int = _field(0, 'training seed (initialisation, shuffling, augmentation)')
@@ -103,6 +104,7 @@ class TrainConfig:
     compile: bool = _field(False, 'torch.compile the training model')
     channels_last: bool = _field(True, 'channels_last memory format on CUDA')
     checkpoint_epochs: str = _field("0,last", 'epochs whose weights are kept as artifacts: e.g. 0,10,last, or all, or none')
+    feature_epochs: str = _field("auto", 'epochs whose per-image cls and mean features of every site are kept (geometry/features/, float16) and compared (similarity/, intrinsic_dim/): auto (0, powers of 2, the last), a list such as 0,10,last, all, or none')
     resume: str = _field("", 'id of a run to continue in place from its last checkpoint')
     experiment: str = _field("", "MLflow experiment for new runs; empty: MLflow's choice (MLFLOW_EXPERIMENT_NAME, else Default), as under `mlflow run`")
     run_name: str = _field("", 'MLflow run name for new runs')
@@ -121,28 +123,36 @@ class TrainConfig:
 
     def checkpoint_epoch_set(self) -> set[int]:
         """The epochs whose weights are kept, as numbers (0 is the initialisation)."""
-        spec = self.checkpoint_epochs.strip().lower()
-        if spec == "none":
-            return set()
-        if spec == "all":
-            return set(range(self.epochs + 1))
-        out = set()
-        for part in spec.split(","):
-            part = part.strip()
-            out.add(self.epochs if part == "last" else int(part))
-        return out
+        return _epoch_set(self.checkpoint_epochs, self.epochs)
+
+    def feature_epoch_set(self) -> set[int]:
+        """The epochs whose probe features are kept: "auto" is 0, the powers of 2 and the last
+        (11 epochs of a 300-epoch run); with the probe off, none."""
+        return _epoch_set(self.feature_epochs, self.epochs) if self.probe_every else set()
+
+
+def _epoch_set(spec: str, epochs: int) -> set[int]:
+    """"none", "all", "auto" (0, powers of 2, the last) or "0,10,last" -> epoch numbers; ValueError else."""
+    spec = spec.strip().lower()
+    if spec == "none":
+        return set()
+    if spec == "all":
+        return set(range(epochs + 1))
+    if spec == "auto":
+        return {0, epochs} | {2**k for k in range(epochs.bit_length()) if 2**k <= epochs}
+    return {epochs if part.strip() == "last" else int(part) for part in spec.split(",")}
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": dict(
         dataset="digits", img_size=32, epochs=10, batch_size=64, base_lr=1e-3, warmup_epochs=1,
         weight_decay=0.05, smoothing=0.1, hflip=0.0, crop_pct=1.0, probe_size=256,
-        probe_batch_size=128, drop_path=0.0,
+        probe_batch_size=128, drop_path=0.0, weight_spectra=False,
     ),
     "smoke": dict(
         model="vit_tiny_patch16_224", dataset="synthetic", img_size=32, patch_size=8, depth=2, epochs=2, batch_size=32,
         synthetic_train_size=128, synthetic_val_size=64, num_classes=4, base_lr=2e-3,
-        warmup_epochs=0, probe_size=32, probe_batch_size=32, hflip=0.0, system_metrics=False,
+        warmup_epochs=0, probe_size=32, probe_batch_size=32, hflip=0.0, system_metrics=False, weight_spectra=False,
     ),
     "tgo1": dict(
         dataset="imagenet100", img_size=224, epochs=300, batch_size=256, base_lr=5e-4,
@@ -281,6 +291,12 @@ def _check(cfg: TrainConfig) -> None:
         ) from None
     bad = sorted(e for e in epochs if not 0 <= e <= cfg.epochs)
     need(not bad, f"checkpoint_epochs: epochs {bad} are outside 0..{cfg.epochs} (epochs={cfg.epochs}).")
+    try:
+        epochs = _epoch_set(cfg.feature_epochs, cfg.epochs)
+    except ValueError:
+        raise ConfigError(f"feature_epochs: expected auto, all, none or epochs separated by commas (e.g. 0,10,last), got {cfg.feature_epochs!r}.") from None
+    bad = sorted(e for e in epochs if not 0 <= e <= cfg.epochs)
+    need(not bad, f"feature_epochs: epochs {bad} are outside 0..{cfg.epochs} (epochs={cfg.epochs}).")
 
 
 def resolve(preset: str = "demo", **overrides: Any) -> TrainConfig:

@@ -26,6 +26,25 @@ class MetricKey(NamedTuple):
     observable: str
 
 
+TOKENS_PREFIX = "tokens"  # tokens/<site>/mean_cosine: token interaction (TGO-II)
+
+
+def token_key(site: str) -> str:
+    """The key of a site's token interaction: tokens/<site>/mean_cosine."""
+    return f"{TOKENS_PREFIX}/{site}/mean_cosine"
+
+
+def similarity_key(site: str, against: str) -> str:
+    """similarity/<site>/cka_<against>: debiased linear CKA of a site's mean features with the final
+    site's (against="final") or with its own at the previous kept epoch (against="previous")."""
+    return f"similarity/{site}/cka_{against}"
+
+
+def intrinsic_dim_key(site: str, view: str) -> str:
+    """intrinsic_dim/<site>/<view>: TwoNN intrinsic dimension of a site's cls or mean features."""
+    return f"intrinsic_dim/{site}/{view}"
+
+
 def site_names(depth: int) -> list[str]:
     """The sites of a ViT with `depth` blocks, in forward order."""
     return ["patch_embed", "pos_embed", *[f"block_{i:02d}" for i in range(depth)], "final"]

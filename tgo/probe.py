@@ -90,6 +90,22 @@ class ProbeResult:
 
     geometry: dict[tuple[str, str], SiteViewGeometry] = field(default_factory=dict)
     head: tuple[str, str] = ("final", "cls")  # the view that feeds the classifier head
+    tokens: dict[str, float] = field(default_factory=dict)  # site -> mean cosine of distinct patch tokens (token_interaction)
+    features: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)  # (site, cls|mean) -> (N, D) float16, keep_features
+
+    def save_features(self, path: str | Path) -> Path:
+        """The kept per-image features, "<site>/<view>" -> (N, D) float16, rows in the order the probe
+        saw the images (the probe set's order; rank after rank under torchrun), in one .npz."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as fh:
+            np.savez_compressed(fh, **{f"{site}/{view}": x for (site, view), x in self.features.items()})
+        return path
+
+    @staticmethod
+    def load_features(path: str | Path) -> dict[tuple[str, str], np.ndarray]:
+        with np.load(Path(path), allow_pickle=False) as data:
+            return {tuple(k.split("/")): data[k] for k in data.files}
 
     def __getitem__(self, site_view: tuple[str, str]) -> SiteViewGeometry:
         return self.geometry[site_view]
@@ -112,6 +128,10 @@ class ProbeResult:
             for name, value in g.observables.items()
         }
 
+    def token_metrics(self) -> dict[str, float]:
+        """{"tokens/<site>/mean_cosine": value}: each site's token interaction."""
+        return {keys.token_key(site): value for site, value in self.tokens.items()}
+
     def stderr_metrics(self) -> dict[str, float]:
         """{"geom_se/<site>/<view>/<name>": se} for the view that feeds the head (the one TGO-I's
         findings single out), so the MLflow UI shows them beside the estimates without doubling
@@ -132,7 +152,8 @@ class ProbeResult:
         uncentered_singular_values, observables (in `spectral.OBSERVABLE_NAMES` order), n_samples,
         degenerate, and where the probe had folds `replicates` (K x observables, each observable
         without fold k) and `stderr` (their jackknife standard error); "observable_names" lists the
-        observable order and "head_view" names the site/view that feeds the head.
+        observable order and "head_view" names the site/view that feeds the head;
+        "token_similarity/<site>" holds each site's token interaction.
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,6 +170,8 @@ class ProbeResult:
             if g.replicates is not None:
                 arrays[f"{key}/replicates"] = g.replicates
                 arrays[f"{key}/stderr"] = uncertainty.jackknife_se(g.replicates, axis=0)  # OBSERVABLE_NAMES order
+        for site, value in self.tokens.items():
+            arrays[f"token_similarity/{site}"] = np.array(value)
         with open(path, "wb") as fh:
             np.savez_compressed(fh, **arrays)
         return path
@@ -180,7 +203,8 @@ class ProbeResult:
                     degenerate=bool(data[f"{key}/degenerate"]),
                     replicates=replicates,
                 )
-        return cls(geometry, head)
+            tokens = {k.split("/", 1)[1]: float(data[k]) for k in data.files if k.startswith("token_similarity/")}
+        return cls(geometry, head, tokens)
 
 
 def _check_model(model: torch.nn.Module) -> None:
@@ -259,6 +283,7 @@ def probe(
     progress: bool | None = None,
     keep_covariance: Sequence[tuple[str, str]] = (),
     folds: int = uncertainty.DEFAULT_FOLDS,
+    keep_features: bool = False,
 ) -> ProbeResult:
     """Measure the spectral geometry of a timm ViT at every site and token view over a probe loader.
 
@@ -283,6 +308,8 @@ def probe(
         folds: K, the folds of the delete-one-fold jackknife that gives every observable its
             standard error (`tgo.uncertainty`); each image's fold comes from the loader (a
             `ProbeSet` loader yields it) or else from its place in the stream. 1: no uncertainty.
+        keep_features: keep every image's cls and mean features of every site (float16, N x D)
+            in `ProbeResult.features`, for similarity and intrinsic dimension (tgo.similarity).
 
     Returns:
         A `ProbeResult`: eigenvalues, singular values, observables and sample count per site/view.
@@ -312,6 +339,8 @@ def probe(
     pooled_head = head == ("final", "mean")  # avg pooling: final/mean is fc_norm(pooled tokens)
 
     generator = torch.Generator().manual_seed(seed)
+    cosine_sum = {site: torch.zeros((), dtype=torch.float64, device=device) for site in sites}  # token interaction
+    kept: dict[tuple[str, str], list[torch.Tensor]] = {}  # keep_features: per batch, rows in loader order
     captured: dict[str, torch.Tensor] = {}
     hook = model.patch_embed.register_forward_hook(lambda m, i, out: captured.__setitem__("patch", out))
     try:
@@ -343,6 +372,16 @@ def probe(
                     t = tokens["final"][1].shape[1]
                     k = min(patch_tokens_per_image, t)
                     keep = torch.rand(images.shape[0], t, generator=generator).argsort(dim=1)[:, :k].to(device)
+                for site in sites:
+                    cosine_sum[site] += token_interaction(tokens[site][1]).sum()
+                if keep_features:
+                    unsort = torch.argsort(order).to(device)  # back to the loader's order
+                    for site in sites:
+                        prefix, patches = tokens[site]
+                        if prefix is not None and prefix.shape[1] > 0:
+                            kept.setdefault((site, "cls"), []).append(prefix[unsort, 0].to("cpu", torch.float16))
+                        mean = head_input if (pooled_head and site == "final") else patches.mean(dim=1)
+                        kept.setdefault((site, "mean"), []).append(mean[unsort].to("cpu", torch.float16))
                 for (site, view), acc in accs.items():
                     prefix, patches = tokens[site]
                     if view == "cls":
@@ -360,6 +399,20 @@ def probe(
     if distributed is None:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     result = ProbeResult(head=head)
+    for key, parts in kept.items():
+        rows = torch.cat(parts).numpy()
+        if distributed:  # every rank's shard, rank after rank
+            shards = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(shards, rows)
+            rows = np.concatenate(shards)
+        result.features[key] = rows
+    images_seen = torch.tensor(float(seen), dtype=torch.float64, device=device)
+    if distributed:
+        torch.distributed.all_reduce(images_seen)
+    for site, total in cosine_sum.items():
+        if distributed:
+            torch.distributed.all_reduce(total)
+        result.tokens[site] = float(total / images_seen.clamp(min=1))
     for (site, view), acc in accs.items():
         if distributed:
             acc.all_reduce()
@@ -381,6 +434,24 @@ def probe(
             replicates=replicates,
         )
     return result
+
+
+def token_interaction(patches: torch.Tensor) -> torch.Tensor:
+    """Per image, the mean cosine similarity between its distinct patch tokens (TGO-II's token
+    interaction: near 1 when the tokens of an image have smoothed into one direction, near 0 when
+    they stay distinct). patches: (B, T, D) -> (B,), in float64.
+
+        mean_{i != j} cos(t_i, t_j) = (||sum_i t_i/||t_i|| ||^2 - T) / (T (T - 1))
+
+    one pass over the tokens, no T x T matrix. A zero token counts as orthogonal to every other."""
+    x = patches.to(torch.float64)
+    t = x.shape[1]
+    if t < 2:
+        return torch.full((x.shape[0],), float("nan"), dtype=torch.float64, device=x.device)
+    unit = x / x.norm(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
+    nonzero = (x.norm(dim=-1) > 0).sum(dim=1).to(torch.float64)  # ||t/||t|| ||^2 is 1 for these, 0 for zero tokens
+    total = unit.sum(dim=1)  # (B, D)
+    return ((total * total).sum(dim=-1) - nonzero) / (t * (t - 1))
 
 
 def _replicates(acc: MomentAccumulator, label: str) -> np.ndarray | None:

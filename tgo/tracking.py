@@ -475,6 +475,14 @@ def spectra_artifact(epoch: int) -> tuple[str, str]:
     return "geometry/spectra", f"epoch_{epoch:04d}.npz"
 
 
+def features_artifact(epoch: int) -> tuple[str, str]:
+    return "geometry/features", f"epoch_{epoch:04d}.npz"
+
+
+def weight_spectra_artifact(epoch: int) -> tuple[str, str]:
+    return "geometry/weights", f"epoch_{epoch:04d}.npz"
+
+
 def weights_artifact(epoch: int) -> tuple[str, str]:
     return "checkpoints", f"weights_epoch_{epoch:04d}.pt"
 

@@ -52,6 +52,8 @@ from tgo.model import create_model
 from tgo.probe import ProbeResult, head_view, probe
 from tgo.probeset import ProbeSet
 from tgo.spectral import DegenerateGeometryWarning
+from tgo.similarity import feature_metrics
+from tgo.weights import WeightSpectra, weight_spectra
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +191,7 @@ class Setup:
     probe_set: ProbeSet | None
     probe_loader: object | None
     ema: object | None = None  # timm's ModelEmaV3 (model_ema), or None
+    previous_features: dict | None = None  # the probe features of the last kept epoch (feature_epochs)
     start_epoch: int = 0  # 0 for a new run; the epoch after the checkpoint's when resuming
 
     @property
@@ -288,17 +291,18 @@ def build(cfg: TrainConfig, d: Dist | None = None, ckpt: dict | None = None) -> 
     val_loader = DataLoader(Subset(data.val, val_shard), batch_size=cfg.probe_batch_size, num_workers=cfg.workers, pin_memory=pin)
     probe_loader = probe_set.loader(cfg.probe_batch_size, cfg.workers, pin, d.rank, d.world) if probe_set else None
     return Setup(cfg, d, device, amp, channels_last, data, model, train_model, optimizer, scheduler, scaler, mixup, loss_fn,
-                 train_loader, sampler, generator, val_loader, probe_set, probe_loader, ema, start_epoch)
+                 train_loader, sampler, generator, val_loader, probe_set, probe_loader, ema=ema, start_epoch=start_epoch)
 
 
 def probe_model(model: torch.nn.Module, loader, cfg: TrainConfig, device: torch.device | str, *, distributed: bool = False,
-                progress: bool | None = False, keep_covariance=()) -> ProbeResult:
+                progress: bool | None = False, keep_covariance=(), keep_features: bool = False) -> ProbeResult:
     """The geometry probe of `model` with the probe settings of `cfg` (precision, patch tokens, seed,
     folds): what training measures every epoch, and what the analysis's re-probe of saved weights
     measures again."""
     return probe(
         model, loader, device=device, precision=cfg.probe_precision, patch_tokens_per_image=cfg.probe_patch_tokens or None,
         seed=cfg.probe_seed, distributed=distributed, progress=progress, folds=cfg.probe_folds, keep_covariance=keep_covariance,
+        keep_features=keep_features,
     )
 
 
@@ -399,10 +403,11 @@ def _validate(s: Setup) -> dict[str, float]:
     return out
 
 
-def run_epoch(s: Setup, epoch: int) -> tuple[dict[str, float], ProbeResult | None]:
+def run_epoch(s: Setup, epoch: int) -> tuple[dict[str, float], ProbeResult | None, WeightSpectra | None]:
     """Epoch 0 measures the network at initialisation; epoch e >= 1 trains one pass first. Then
     validation, and the probe when it is due (every probe_every epochs, and the last). Returns the
-    epoch's metrics (geometry and its standard errors included) and the probe's result."""
+    epoch's metrics (geometry and its standard errors, token interaction and, with weight_spectra,
+    the weight spectra included), the probe's result and the weight spectra."""
     cfg = s.cfg
     metrics: dict[str, float] = {"lr": s.optimizer.param_groups[0]["lr"]}
     if epoch > 0:
@@ -424,11 +429,23 @@ def run_epoch(s: Setup, epoch: int) -> tuple[dict[str, float], ProbeResult | Non
         t0 = time.perf_counter()
         with warnings.catch_warnings(record=True):  # degenerate views: the tag tgo.degenerate_views, not a warning per epoch
             warnings.simplefilter("always", DegenerateGeometryWarning)
-            geometry = probe_model(s.probed, s.probe_loader, cfg, s.device, distributed=s.d.enabled, progress=s.d.main and None)
+            keep = epoch in cfg.feature_epoch_set()
+            geometry = probe_model(s.probed, s.probe_loader, cfg, s.device, distributed=s.d.enabled, progress=s.d.main and None,
+                                   keep_features=keep)
         metrics["time/probe_s"] = time.perf_counter() - t0
         metrics.update(geometry.metrics())
         metrics.update(geometry.stderr_metrics())  # geom_se/final/cls/*: the head view only
-    return metrics, geometry
+        metrics.update(geometry.token_metrics())  # tokens/<site>/mean_cosine
+        if geometry.features:  # similarity/ and intrinsic_dim/ of the kept features
+            metrics.update(feature_metrics(geometry.features, s.previous_features))
+            s.previous_features = geometry.features
+    weights = None
+    if cfg.weight_spectra and s.d.main:  # the same weights on every rank: measured once
+        t0 = time.perf_counter()
+        weights = weight_spectra(s.probed)
+        metrics.update(weights.metrics())  # weights/<kind>/<site>/<observable>
+        metrics["time/weights_s"] = time.perf_counter() - t0
+    return metrics, geometry, weights
 
 
 # --------------------------------------------------------------------------------------------------
@@ -524,6 +541,8 @@ def _run(cfg: TrainConfig, given: set[str], d: Dist, parent_run_id: str = "", ep
     if cfg.resume:
         cfg, ckpt = _fetch_resume(cfg, given, d, tmp)
     s = build(cfg, d, ckpt)  # data, model, optimisation: all before the run is touched
+    if ckpt is not None and d.main:
+        s.previous_features = _kept_features_before(cfg, s.start_epoch, tmp)  # for similarity/<site>/cka_previous
 
     # ---- the MLflow run (rank 0 only) ----
     run_id, lease = "", None
@@ -543,13 +562,13 @@ def _run(cfg: TrainConfig, given: set[str], d: Dist, parent_run_id: str = "", ep
         last_metrics = dict(ckpt["metrics"]) if ckpt is not None else {}
         keep = cfg.checkpoint_epoch_set()
         for epoch in range(s.start_epoch, cfg.epochs + 1):
-            metrics, geometry = run_epoch(s, epoch)
+            metrics, geometry, spectra_of_weights = run_epoch(s, epoch)
             if d.main:
                 checkpoint = _checkpoint(s, epoch, metrics, run_id)
                 if committer.background:
                     checkpoint = _cpu_copy(checkpoint)  # training goes on while the snapshot is written
                 weights = checkpoint["ema" if cfg.probe_weights == "ema" else "model"]  # the weights the probe measured
-                committer.submit(epoch, cfg.epochs, checkpoint, weights if epoch in keep else None, geometry, dict(metrics))
+                committer.submit(epoch, cfg.epochs, checkpoint, weights if epoch in keep else None, geometry, dict(metrics), spectra_of_weights)
                 if geometry is not None and epoch == s.start_epoch and geometry.degenerate():
                     tracking.set_tags(run_id, {"tgo.degenerate_views": ",".join(geometry.degenerate())})
             history[epoch] = last_metrics = metrics
@@ -594,6 +613,17 @@ def _datasets(s: Setup) -> list[dict]:
         out.append({"name": f"{cfg.dataset}-probe", "digest": s.probe_set.fingerprint[:32], "context": "probe",
                     "source": {**source, "probe_images": len(s.probe_set.indices), "probe_seed": cfg.probe_seed}})
     return out
+
+
+def _kept_features_before(cfg: TrainConfig, epoch: int, tmp: str) -> dict | None:
+    """A resumed run's probe features of its last kept epoch before `epoch`, or None."""
+    earlier = sorted(e for e in cfg.feature_epoch_set() if e < epoch)
+    if not earlier:
+        return None
+    try:
+        return ProbeResult.load_features(tracking.download(cfg.resume, "/".join(tracking.features_artifact(earlier[-1])), tmp))
+    except tracking.TrackingError:  # a run started before tgo kept features
+        return None
 
 
 def _record_start(s: Setup, run_id: str, ckpt: dict | None) -> None:
@@ -684,9 +714,10 @@ class EpochCommitter:
         self._error: BaseException | None = None
         self.recorded = -1  # the last epoch recorded whole (its metrics logged)
 
-    def submit(self, epoch: int, epochs: int, checkpoint: dict, weights: dict | None, geometry: ProbeResult | None, metrics: dict) -> None:
+    def submit(self, epoch: int, epochs: int, checkpoint: dict, weights: dict | None, geometry: ProbeResult | None, metrics: dict,
+               weight_spectra: WeightSpectra | None = None) -> None:
         self.wait()
-        args = (epoch, epochs, checkpoint, weights, geometry, metrics)
+        args = (epoch, epochs, checkpoint, weights, geometry, metrics, weight_spectra)
         if not self.background:
             self._commit(*args)
             self.wait()  # re-raises the writer's error
@@ -694,11 +725,20 @@ class EpochCommitter:
         self._thread = threading.Thread(target=self._commit, args=args, daemon=True)
         self._thread.start()
 
-    def _commit(self, epoch, epochs, checkpoint, weights, geometry, metrics) -> None:
+    def _commit(self, epoch, epochs, checkpoint, weights, geometry, metrics, weight_spectra=None) -> None:
         try:
             if geometry is not None:
                 artifact_dir, name = tracking.spectra_artifact(epoch)
                 tracking.log_file(self.run_id, geometry.save(self.folder / name), artifact_dir)
+            if geometry is not None and geometry.features:
+                artifact_dir, name = tracking.features_artifact(epoch)
+                tracking.log_file(self.run_id, geometry.save_features(self.folder / "features" / name), artifact_dir)
+            if weight_spectra is not None:
+                artifact_dir, name = tracking.weight_spectra_artifact(epoch)
+                path = self.folder / "weights" / name
+                path.parent.mkdir(exist_ok=True)
+                weight_spectra.save(path)
+                tracking.log_file(self.run_id, path, artifact_dir)
             if weights is not None:
                 artifact_dir, name = tracking.weights_artifact(epoch)
                 tracking.save_torch(self.run_id, weights, artifact_dir, name, self.folder, self.local_dir)

@@ -1,0 +1,139 @@
+"""Representation similarity and intrinsic dimension (TGO-II): pure functions of feature matrices.
+
+Every function takes features as arrays of shape (N, D): N images (the probe's), D features (a
+site's width); two representations compared must have the same N, in the same image order. numpy
+only, except `twonn`, which calls scikit-dimension (a maintained implementation; not written here).
+
+Linear CKA (Kornblith et al. 2019, "Similarity of Neural Network Representations Revisited"):
+
+    CKA(X, Y) = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)),   K = X X^T, L = Y Y^T (linear kernels)
+
+With the biased HSIC (tr(K H L H) / (N-1)^2, H the centering matrix) this is
+||Y_c^T X_c||_F^2 / (||X_c^T X_c||_F ||Y_c^T Y_c||_F) on centred features, and at small N it is far
+from 0 even for independent features. The debiased CKA uses the unbiased HSIC estimator of Song et
+al. 2012 ("Feature Selection via Dependence Maximization", JMLR 13, eq. 5), with K~, L~ the Gram
+matrices with their diagonals set to 0:
+
+    HSIC_u(K, L) = [ tr(K~ L~) + (1^T K~ 1)(1^T L~ 1) / ((N-1)(N-2)) - 2/(N-2) 1^T K~ L~ 1 ] / (N (N-3))
+
+which has expectation 0 for independent X and Y (Kornblith et al. 2019, section 3 and Nguyen et al.
+2021 use it for the same reason). Both are invariant to orthogonal transforms and isotropic scaling
+of either representation, and equal 1 for a representation with itself.
+
+SVCCA (Raghu et al. 2017, "SVCCA: Singular Vector Canonical Correlation Analysis for Deep Learning
+Dynamics and Interpretability"): each representation is reduced to the top singular directions of
+its centred features that keep `keep` (99%) of its variance, then CCA between the two reduced
+representations; SVCCA is the mean of the canonical correlations. The canonical correlations are
+the singular values of Q_x^T Q_y, with Q_x, Q_y orthonormal bases of the reduced centred features
+(Bjorck and Golub 1973).
+
+TwoNN (Facco et al. 2017, "Estimating the intrinsic dimension of datasets by a minimal neighborhood
+information", Sci. Rep. 7): from the ratio mu = r2 / r1 of each point's second to first nearest
+neighbour distance, which follows a Pareto law with exponent d.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _as_pair(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"features must be (N, D) arrays over the same N images; got {x.shape} and {y.shape}.")
+    return x, y
+
+
+def _hsic_unbiased(k: np.ndarray, l: np.ndarray) -> float:
+    """Song et al. 2012, eq. 5 (see the module docstring); k, l: (N, N) Gram matrices, N >= 4."""
+    n = k.shape[0]
+    k, l = k.copy(), l.copy()
+    np.fill_diagonal(k, 0.0)
+    np.fill_diagonal(l, 0.0)
+    ones_k, ones_l = k.sum(axis=0), l.sum(axis=0)  # 1^T K~, 1^T L~: (N,)
+    term = np.sum(k * l) + ones_k.sum() * ones_l.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * ones_k @ ones_l
+    return float(term / (n * (n - 3)))
+
+
+def linear_cka(x: np.ndarray, y: np.ndarray, debiased: bool = True) -> float:
+    """Linear CKA between features x (N, Dx) and y (N, Dy) of the same N images; debiased (the
+    unbiased HSIC, for the probe's small N) or not. NaN when either representation is constant."""
+    x, y = _as_pair(x, y)
+    if debiased:
+        if x.shape[0] < 4:
+            raise ValueError("the debiased CKA needs at least 4 images.")
+        k, l = x @ x.T, y @ y.T  # (N, N) linear kernels
+        xy, xx, yy = _hsic_unbiased(k, l), _hsic_unbiased(k, k), _hsic_unbiased(l, l)
+    else:
+        xc, yc = x - x.mean(axis=0), y - y.mean(axis=0)
+        xy = np.linalg.norm(yc.T @ xc) ** 2  # ||Y_c^T X_c||_F^2
+        xx, yy = np.linalg.norm(xc.T @ xc) ** 2, np.linalg.norm(yc.T @ yc) ** 2
+    if xx <= 0 or yy <= 0:
+        return float("nan")
+    return float(xy / np.sqrt(xx * yy))
+
+
+def _top_directions(x: np.ndarray, keep: float) -> np.ndarray:
+    """The centred features projected on the top singular directions that keep `keep` of the
+    variance: (N, k)."""
+    xc = x - x.mean(axis=0)
+    u, s, _ = np.linalg.svd(xc, full_matrices=False)
+    energy = np.cumsum(s**2) / max(np.sum(s**2), np.finfo(float).tiny)
+    k = int(np.searchsorted(energy, keep - 1e-12) + 1)
+    return u[:, :k] * s[:k]
+
+
+def canonical_correlations(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The canonical correlations between centred x (N, Dx) and y (N, Dy), in decreasing order:
+    the singular values of Q_x^T Q_y (orthonormal bases of their column spaces), at most
+    min(rank x, rank y) of them."""
+    x, y = _as_pair(x, y)
+    qx, rx = np.linalg.qr(x - x.mean(axis=0))
+    qy, ry = np.linalg.qr(y - y.mean(axis=0))
+    tol = 1e-10 * max(abs(rx).max(initial=0.0), abs(ry).max(initial=0.0), 1.0)
+    qx = qx[:, np.abs(np.diag(rx)) > tol]  # drop directions the features do not span
+    qy = qy[:, np.abs(np.diag(ry)) > tol]
+    return np.clip(np.linalg.svd(qx.T @ qy, compute_uv=False), 0.0, 1.0)
+
+
+def svcca(x: np.ndarray, y: np.ndarray, keep: float = 0.99) -> float:
+    """SVCCA (Raghu et al. 2017): the mean canonical correlation between the top singular
+    directions of x and of y that keep `keep` of each one's variance."""
+    x, y = _as_pair(x, y)
+    rho = canonical_correlations(_top_directions(x, keep), _top_directions(y, keep))
+    return float(rho.mean()) if rho.size else float("nan")
+
+
+def feature_metrics(features: dict[tuple[str, str], np.ndarray],
+                    previous: dict[tuple[str, str], np.ndarray] | None = None) -> dict[str, float]:
+    """What training logs at an epoch whose probe features are kept (keys in tgo.keys): for each
+    site, the debiased CKA of its mean features with the final site's and with its own at the
+    previous kept epoch, and the TwoNN intrinsic dimension of its cls and mean features (NaN where
+    the features have no variance, as pos_embed/cls)."""
+    from tgo.keys import intrinsic_dim_key, similarity_key
+
+    out = {}
+    final = features.get(("final", "mean"))
+    for (site, view), x in features.items():
+        x = x.astype(np.float64)
+        if view == "mean" and final is not None:
+            out[similarity_key(site, "final")] = linear_cka(x, final.astype(np.float64))
+            if previous is not None and (site, view) in previous:
+                out[similarity_key(site, "previous")] = linear_cka(x, previous[(site, view)].astype(np.float64))
+        try:
+            out[intrinsic_dim_key(site, view)] = twonn(x)
+        except ValueError:  # fewer than 3 distinct points: no dimension to measure
+            out[intrinsic_dim_key(site, view)] = float("nan")
+    return out
+
+
+def twonn(x: np.ndarray, discard_fraction: float = 0.1) -> float:
+    """TwoNN intrinsic dimension of the points x (N, D) (Facco et al. 2017), by scikit-dimension's
+    TwoNN with the largest `discard_fraction` of the ratios r2/r1 left out of the fit, as Facco et
+    al. advise. Duplicate points (r1 = 0) are removed first."""
+    import skdim
+
+    x = np.unique(np.asarray(x, dtype=np.float64), axis=0)
+    if x.shape[0] < 3:
+        raise ValueError("TwoNN needs at least 3 distinct points.")
+    return float(skdim.id.TwoNN(discard_fraction=discard_fraction).fit(x).dimension_)

@@ -1,0 +1,113 @@
+"""Weight spectra (TGO-II): the singular values of every weight matrix of a timm ViT, with their
+stable rank, effective rank and WeightWatcher's power-law exponent alpha.
+
+Matrices, named <site>/<kind> as the probe names sites: patch_embed/patch_embed (the patch
+projection, a convolution), block_XX/qkv, block_XX/proj (attention), block_XX/fc1, block_XX/fc2 (MLP),
+final/head (the classifier). For a weight W (out x in; a convolution as out x in*k*k):
+
+    sigma_i            singular values of W, in decreasing order
+    stable_rank        sum_i sigma_i^2 / sigma_1^2           (= ||W||_F^2 / ||W||_2^2, as WeightWatcher's)
+    effective_rank     exp(H(p)), p_i = sigma_i / sum_j sigma_j   (Roy and Vetterli 2007; tgo.spectral)
+    alpha              the exponent of a power law fitted to the tail of the empirical spectral
+                       density of W^T W, xmin chosen by the Kolmogorov-Smirnov distance (Martin and
+                       Mahoney 2021, "Implicit self-regularization in deep neural networks", JMLR 22),
+                       computed by the `weightwatcher` package itself (its conventions for
+                       convolutions and its fit), not re-implemented here.
+
+Metric keys: weights/<kind>/<site>/<observable>, e.g. weights/qkv/block_03/alpha.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tgo import spectral
+
+KINDS: tuple[str, ...] = ("patch_embed", "qkv", "proj", "fc1", "fc2", "head")
+OBSERVABLES: tuple[str, ...] = ("alpha", "stable_rank", "effective_rank")
+_PARAMETER = re.compile(r"(?:blocks\.(\d+)\.(?:attn|mlp)\.(qkv|proj|fc1|fc2)|(patch_embed)\.proj|(head))\.weight")
+
+
+def matrix_name(parameter: str) -> str | None:
+    """"blocks.3.attn.qkv.weight" -> "block_03/qkv"; None for parameters that are not tracked."""
+    match = _PARAMETER.fullmatch(parameter)
+    if not match:
+        return None
+    block, kind, patch, head = match.groups()
+    if patch:
+        return "patch_embed/patch_embed"
+    if head:
+        return "final/head"
+    return f"block_{int(block):02d}/{kind}"
+
+
+def matrices(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tracked weight matrices of a timm ViT, {<site>/<kind>: W (out, in)}, in forward order."""
+    out = {}
+    for parameter, weight in model.named_parameters():
+        name = matrix_name(parameter)
+        if name is not None and weight.ndim >= 2:
+            out[name] = weight.detach().reshape(weight.shape[0], -1)  # a convolution: out x (in k k)
+    return out
+
+
+def metric_key(name: str, observable: str) -> str:
+    site, kind = name.split("/")
+    return f"weights/{kind}/{site}/{observable}"
+
+
+def matrix_observables(singular_values: np.ndarray) -> dict[str, float]:
+    """Stable rank and effective rank of a matrix with these singular values."""
+    s = np.asarray(singular_values, dtype=np.float64)
+    return {"stable_rank": spectral.stable_rank(s**2), "effective_rank": spectral.effective_rank(s)}
+
+
+def weightwatcher_alphas(model: torch.nn.Module) -> dict[str, float]:
+    """WeightWatcher's alpha of each tracked matrix ({<site>/<kind>: alpha}; NaN where its fit
+    failed), from weightwatcher.WeightWatcher(model).analyze()."""
+    import weightwatcher
+
+    quiet = logging.getLogger("weightwatcher")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # it logs every layer it reads
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            details = weightwatcher.WeightWatcher(model=model).analyze(plot=False, randomize=False, mp_fit=False)
+    finally:
+        quiet.setLevel(level)
+    out = {}
+    for row in details.itertuples():
+        name = matrix_name(f"{row.longname}.weight")
+        if name is not None:
+            out[name] = float(row.alpha) if np.isfinite(row.alpha) and row.alpha > 0 else float("nan")
+    return out
+
+
+@dataclass
+class WeightSpectra:
+    singular_values: dict[str, np.ndarray]  # <site>/<kind> -> sigma, decreasing
+    observables: dict[str, dict[str, float]]  # <site>/<kind> -> {alpha, stable_rank, effective_rank}
+
+    def metrics(self) -> dict[str, float]:
+        return {metric_key(name, o): value for name, obs in self.observables.items() for o, value in obs.items()}
+
+    def save(self, path) -> None:
+        np.savez_compressed(path, **{name.replace("/", "__"): s for name, s in self.singular_values.items()})
+
+
+def weight_spectra(model: torch.nn.Module) -> WeightSpectra:
+    """Singular values (float64), stable rank, effective rank and alpha of every tracked matrix."""
+    alphas = weightwatcher_alphas(model)
+    values, observables = {}, {}
+    for name, w in matrices(model).items():
+        s = torch.linalg.svdvals(w.to("cpu", torch.float64)).numpy()
+        values[name] = s
+        observables[name] = {"alpha": alphas.get(name, float("nan")), **matrix_observables(s)}
+    return WeightSpectra(values, observables)
