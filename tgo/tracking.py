@@ -350,7 +350,7 @@ def log_datasets(run_id: str, datasets: Sequence[dict[str, Any]]) -> None:
     MlflowClient().log_inputs(run_id, datasets=inputs)
 
 
-def log_config(run_id: str, config: dict[str, Any], entry_params: dict[str, str] | None = None) -> None:
+def log_config(run_id: str, config: dict[str, Any]) -> None:
     """Log the resolved config as params `config.<field>`, and as config/config.json.
 
     A param already on the run with another value (a resumed run whose epochs were extended) is
