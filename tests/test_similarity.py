@@ -148,3 +148,15 @@ def test_a_resumed_run_compares_with_the_features_kept_before_it_stopped(store):
     resumed = run(preset="smoke", resume=stopped.info.run_id)
     for key in ("similarity/block_00/cka_previous", "similarity/final/cka_previous", "intrinsic_dim/block_01/mean"):
         assert resumed.history[2][key] == pytest.approx(whole.history[2][key], rel=1e-9), key
+
+
+def test_feature_metrics_leave_out_what_cannot_be_measured():
+    from tgo.similarity import feature_metrics
+
+    rng = np.random.default_rng(6)
+    features = {("final", "mean"): rng.normal(size=(40, 8)), ("pos_embed", "cls"): np.ones((40, 8)),  # no variance
+                ("block_00", "mean"): rng.normal(size=(40, 8))}
+    out = feature_metrics(features)
+    assert all(np.isfinite(v) for v in out.values())
+    assert "intrinsic_dim/pos_embed/cls" not in out and "intrinsic_dim/block_00/mean" in out
+    assert out["similarity/final/cka_final"] == pytest.approx(1.0)

@@ -108,8 +108,9 @@ def feature_metrics(features: dict[tuple[str, str], np.ndarray],
                     previous: dict[tuple[str, str], np.ndarray] | None = None) -> dict[str, float]:
     """What training logs at an epoch whose probe features are kept (keys in tgo.keys): for each
     site, the debiased CKA of its mean features with the final site's and with its own at the
-    previous kept epoch, and the TwoNN intrinsic dimension of its cls and mean features (NaN where
-    the features have no variance, as pos_embed/cls)."""
+    previous kept epoch, and the TwoNN intrinsic dimension of its cls and mean features. A value
+    that cannot be measured (features without variance, as pos_embed/cls) is left out, not logged
+    as NaN."""
     from tgo.keys import intrinsic_dim_key, similarity_key
 
     out = {}
@@ -123,8 +124,8 @@ def feature_metrics(features: dict[tuple[str, str], np.ndarray],
         try:
             out[intrinsic_dim_key(site, view)] = twonn(x)
         except ValueError:  # fewer than 3 distinct points: no dimension to measure
-            out[intrinsic_dim_key(site, view)] = float("nan")
-    return out
+            pass
+    return {key: value for key, value in out.items() if np.isfinite(value)}
 
 
 def twonn(x: np.ndarray, discard_fraction: float = 0.1) -> float:
