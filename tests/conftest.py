@@ -140,3 +140,23 @@ def store(tmp_path, monkeypatch):
     MlflowClient(uri).search_experiments()
     yield uri
     mlflow.set_tracking_uri(None)
+
+
+def interrupted_and_resumed(**settings):
+    """Train with `settings` (an `experiment` of its own) once whole, and once stopped after epoch 1
+    (an epoch callback raising StopTraining) then resumed: (whole, resumed) TrainResults."""
+    import mlflow
+
+    from tgo.train import StopTraining, run
+
+    whole = run(**settings)
+
+    def stop(epoch, _):
+        if epoch == 1:
+            raise StopTraining("interrupted for the test")
+
+    with pytest.raises(StopTraining):
+        run(**settings, epoch_callback=stop)
+    (stopped,) = [r for r in mlflow.search_runs(experiment_names=[settings["experiment"]], output_format="list")
+                  if r.info.run_id != whole.run_id]
+    return whole, run(preset=settings["preset"], resume=stopped.info.run_id)

@@ -13,7 +13,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, subprocess_env
+from tests.conftest import ROOT, interrupted_and_resumed, subprocess_env
 from tgo.config import resolve
 from tgo.train import run
 
@@ -138,7 +138,7 @@ def test_deits_weight_average_and_repeated_augmentation(store):
     import torch
 
     from tgo import tracking
-    from tgo.train import StopTraining, build
+    from tgo.train import build
 
     assert (resolve("tgo1", data_dir="/x").repeated_aug, resolve("tgo1", data_dir="/x").model_ema) == (3, True)
     with pytest.raises(Exception, match="probe_weights: ema needs model_ema=true"):
@@ -151,19 +151,10 @@ def test_deits_weight_average_and_repeated_augmentation(store):
 
     common = dict(preset="smoke", epochs=3, model_ema=True, model_ema_decay=0.9, probe_weights="ema", repeated_aug=3,
                   checkpoint_epochs="all", experiment="ema")
-    whole = run(**common)
+    whole, resumed = interrupted_and_resumed(**common)
     assert {"val_ema/acc1", "val_ema/loss"} <= set(whole.metrics)
     client = MlflowClient()
     assert client.get_run(whole.run_id).data.tags["tgo.probe_weights"] == "ema"
-
-    def stop_after_first(epoch, _):
-        if epoch == 1:
-            raise StopTraining("interrupted for the test")
-
-    with pytest.raises(StopTraining):
-        run(**common, epoch_callback=stop_after_first)
-    (stopped,) = [r for r in mlflow.search_runs(experiment_names=["ema"], output_format="list") if r.info.run_id != whole.run_id]
-    resumed = run(preset="smoke", resume=stopped.info.run_id)
     for key in ("val_ema/acc1", "val/loss", "geom/final/cls/effective_rank", "geom/block_00/patch/stable_rank"):
         assert resumed.metrics[key] == pytest.approx(whole.metrics[key], rel=1e-6), key
     # The kept weights of the last epoch are the average the probe measured, not the trained weights.

@@ -131,21 +131,9 @@ def test_a_training_run_keeps_features_and_logs_similarity_and_intrinsic_dimensi
 def test_a_resumed_run_compares_with_the_features_kept_before_it_stopped(store):
     """cka_previous at the first kept epoch after a resume uses the features the run kept before it
     stopped (read back from its artifacts), as an uninterrupted run does."""
-    from tgo.train import StopTraining, run
+    from tests.conftest import interrupted_and_resumed
 
-    common = dict(preset="smoke", epochs=3, feature_epochs="all", experiment="features")
-    whole = run(**common)
-
-    def stop(epoch, _):
-        if epoch == 1:
-            raise StopTraining("interrupted for the test")
-
-    with pytest.raises(StopTraining):
-        run(**common, epoch_callback=stop)
-    import mlflow
-
-    (stopped,) = [r for r in mlflow.search_runs(experiment_names=["features"], output_format="list") if r.info.run_id != whole.run_id]
-    resumed = run(preset="smoke", resume=stopped.info.run_id)
+    whole, resumed = interrupted_and_resumed(preset="smoke", epochs=3, feature_epochs="all", experiment="features")
     for key in ("similarity/block_00/cka_previous", "similarity/final/cka_previous", "intrinsic_dim/block_01/mean"):
         assert resumed.history[2][key] == pytest.approx(whole.history[2][key], rel=1e-9), key
 
