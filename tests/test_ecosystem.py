@@ -163,3 +163,25 @@ def test_deits_weight_average_and_repeated_augmentation(store):
     last = tracking.load_checkpoint(folder / "last.pt")
     assert all(torch.equal(kept[k], last["ema"][k]) for k in kept)
     assert not all(torch.equal(kept[k], last["model"][k]) for k in kept)
+
+
+def test_two_processes_logging_the_same_dataset_at_once_both_record_it(store, tmp_path):
+    """A sweep's seeds log the same training data at the same moment: MLflow's SQL store looks the
+    dataset up, then inserts it, so one of two processes used to fail on its unique key."""
+    script = tmp_path / "log_datasets.py"
+    script.write_text(
+        "from mlflow.tracking import MlflowClient\n"
+        "from tgo import tracking\n"
+        "client = MlflowClient()\n"
+        "exp = client.get_experiment_by_name('race').experiment_id\n"
+        "for i in range(20):\n"
+        "    run_id = client.create_run(exp).info.run_id\n"
+        "    tracking.log_datasets(run_id, [{'name': 'synthetic-train', 'digest': f'd{i:02d}', 'context': 'training', 'source': {}}])\n"
+        "    assert len(client.get_run(run_id).inputs.dataset_inputs) == 1, run_id\n"
+    )
+    MlflowClient().create_experiment("race")
+    procs = [subprocess.Popen([sys.executable, str(script)], env=subprocess_env(store), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and "not recorded" not in err, err[-2000:]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -34,10 +35,13 @@ from mlflow.tracking import MlflowClient
 import tgo
 from tgo.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, mask_url, process_alive, worker_id
 
+log = logging.getLogger(__name__)
+
 PARAM_PREFIX = "config."  # resolved config values; entry-point parameters keep their own names
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 LEASE_TAG = "tgo.lease"  # {"worker": "<host>:<pid>", "renewed": unix time, "nonce": ...} of the process training the run
 CLAIM_SETTLE_S = 1.0
+DATASET_ATTEMPTS = 4
 DEFAULT_EXPERIMENT = "Default"  # MLflow's own default: where `mlflow run .` puts its run
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # model training, not GenAI  # after writing a claim, how long to wait before reading it back
 
@@ -347,7 +351,18 @@ def log_datasets(run_id: str, datasets: Sequence[dict[str, Any]]) -> None:
     for item in datasets:
         dataset = MetaDataset(CodeDatasetSource(tags={k: str(v) for k, v in item["source"].items()}), name=item["name"], digest=item["digest"][:36])
         inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", item["context"])]))
-    MlflowClient().log_inputs(run_id, datasets=inputs)
+    for attempt in range(DATASET_ATTEMPTS):
+        try:
+            MlflowClient().log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as err:
+            # MLflow's SQL store looks a dataset up, then inserts it: two runs logging the same
+            # dataset at once (a sweep's seeds) collide on its unique key, and the loser finds it
+            # on a second try. The record is informational: a run never fails over it.
+            if attempt + 1 == DATASET_ATTEMPTS:
+                log.warning("run %s: its datasets were not recorded (%s).", run_id, short_error(err))
+                return
+            time.sleep(0.2 + 0.3 * attempt)
 
 
 def log_config(run_id: str, config: dict[str, Any]) -> None:
