@@ -41,7 +41,7 @@ from tgo.config import FIELD_TYPES, ConfigError, TrainConfig, from_dict, from_ov
 from tgo.keys import METRIC_PREFIX, metric_key, parse_metric_key
 from tgo.spectral import OBSERVABLE_NAMES
 from tgo.storage import mark_worker, open_storage, reclaim_dead_trials
-from tgo.workers import ERROR_ATTR, RESUME_REFUSED, RUN_ATTR, fail_dead_run, parent_run, retried_run
+from tgo.workers import ERROR_ATTR, RESUME_REFUSED, RUN_ATTR, fail_dead_run, parent_run, retried_run, trial_started
 
 DEFAULT_SPACE = Path(__file__).resolve().parent / "data" / "search_space.yaml"  # shipped inside the package
 SCALAR_OBJECTIVES = ("train/loss", "train/acc1", "val/loss", "val/acc1", "val/acc5")
@@ -221,11 +221,9 @@ def study(
         mark_worker(trial)
         run_ids: list[str] = []
 
-        def started(run_id: str) -> None:  # the trial knows its run before any work
+        def started(run_id: str) -> None:
             run_ids.append(run_id)
-            trial.set_user_attr(RUN_ATTR, run_id)
-            tracking.set_tags(run_id, {"tgo.trial_number": trial.number, "tgo.trial_state": "RUNNING",
-                                       **{f"tgo.param.{k}": v for k, v in params.items()}})
+            trial_started(trial, run_id, {f"tgo.param.{k}": v for k, v in params.items()})
 
         def report(epoch: int, m: dict) -> None:
             if len(metrics) == 1 and epoch > 0 and metrics[0] in m:

@@ -40,7 +40,7 @@ from tgo import analysis, findings, plots, tracking, train
 from tgo.config import ConfigError, from_dict, from_overrides
 from tgo.keys import metric_key, site_order
 from tgo.storage import mark_worker, mask_url, open_storage, reclaim_dead_trials
-from tgo.workers import ERROR_ATTR, RESUME_REFUSED, RUN_ATTR, fail_dead_run, parent_run, retried_run
+from tgo.workers import ERROR_ATTR, RESUME_REFUSED, RUN_ATTR, fail_dead_run, parent_run, retried_run, trial_started
 
 log = logging.getLogger(__name__)
 
@@ -134,13 +134,9 @@ def sweep(
         resume = retried_run(trial, parent)
         mark_worker(trial)
 
-        def started(run_id: str) -> None:  # the trial knows its run before any work
-            trial.set_user_attr(RUN_ATTR, run_id)
-            tracking.set_tags(run_id, {"tgo.trial_number": trial.number, "tgo.trial_state": "RUNNING"})
-
         try:
             run_cfg = from_dict({**cfg.to_dict(), "seed": seed, "run_name": f"{study_name} seed {seed}", "experiment": experiment, "resume": resume})
-            result = train.run(run_cfg, parent_run_id=parent, on_start=started)
+            result = train.run(run_cfg, parent_run_id=parent, on_start=lambda run_id: trial_started(trial, run_id))
         except Exception as err:
             trial.set_user_attr(ERROR_ATTR, tracking.short_error(err))  # reported in one line below
             raise

@@ -40,10 +40,10 @@ log = logging.getLogger(__name__)
 PARAM_PREFIX = "config."  # resolved config values; entry-point parameters keep their own names
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 LEASE_TAG = "tgo.lease"  # {"worker": "<host>:<pid>", "renewed": unix time, "nonce": ...} of the process training the run
-CLAIM_SETTLE_S = 1.0
-DATASET_ATTEMPTS = 4
+CLAIM_SETTLE_S = 1.0  # after writing a claim, how long to wait before reading it back
+DATASET_ATTEMPTS = 4  # log_datasets: tries before giving the record up
 DEFAULT_EXPERIMENT = "Default"  # MLflow's own default: where `mlflow run .` puts its run
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # model training, not GenAI  # after writing a claim, how long to wait before reading it back
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # model training, not GenAI
 
 
 class TrackingError(RuntimeError):
@@ -233,9 +233,8 @@ def start_run(experiment: str, run_name: str = "", resume_run_id: str = "", syst
     if resume_run_id:
         tags = get_run(resume_run_id).data.tags
         if "tgo.error" in tags:  # the error it stopped with is history now
-            client = MlflowClient()
-            client.set_tag(resume_run_id, "tgo.previous_error", tags["tgo.error"])
-            client.delete_tag(resume_run_id, "tgo.error")
+            set_tags(resume_run_id, {"tgo.previous_error": tags["tgo.error"]})
+            MlflowClient().delete_tag(resume_run_id, "tgo.error")
         if launcher and launcher != resume_run_id:
             client = MlflowClient()
             client.set_tag(launcher, "tgo.resumes", resume_run_id)

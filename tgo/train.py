@@ -411,12 +411,12 @@ def run_epoch(s: Setup, epoch: int) -> tuple[dict[str, float], ProbeResult | Non
     cfg = s.cfg
     metrics: dict[str, float] = {"lr": s.optimizer.param_groups[0]["lr"]}
     if epoch > 0:
-        _seed_epoch(cfg.seed, epoch)  # an epoch depends only on the state it starts from
-        s.generator.manual_seed((cfg.seed * 1_000_003 + epoch) % (2**31))
+        seed = _seed_epoch(cfg.seed, epoch)  # an epoch depends only on the state it starts from
+        s.generator.manual_seed(seed)
         if s.sampler is not None:
             # DistributedSampler mixes in the run's seed itself; timm's RepeatAugSampler shuffles by
-            # the epoch alone, so the seed is mixed in here (seeds of a sweep see different orders).
-            s.sampler.set_epoch(epoch if cfg.repeated_aug <= 1 else (cfg.seed * 1_000_003 + epoch) % (2**31))
+            # the epoch alone, so the epoch's seed is given instead (seeds of a sweep see different orders).
+            s.sampler.set_epoch(epoch if cfg.repeated_aug <= 1 else seed)
         t0 = time.perf_counter()
         metrics.update(train_one_epoch(s, epoch))
         metrics.update(_validate(s))

@@ -47,6 +47,13 @@ def parent_run(study: optuna.Study, experiment: str, study_name: str, kind: str 
     return run_id
 
 
+def trial_started(trial: optuna.Trial, run_id: str, tags: dict | None = None) -> None:
+    """The trial records its run as soon as the run exists, before any work (so that the run of a
+    worker that dies can be found), and the run its trial: tgo.trial_number, tgo.trial_state and `tags`."""
+    trial.set_user_attr(RUN_ATTR, run_id)
+    tracking.set_tags(run_id, {"tgo.trial_number": trial.number, "tgo.trial_state": "RUNNING", **(tags or {})})
+
+
 def retried_run(trial: optuna.Trial, parent: str) -> str:
     """The run to resume for this trial: where the trial retries one whose worker died (the retry
     carries that trial's user attributes, its run id among them), that run, if it is a child of this
