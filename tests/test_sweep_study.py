@@ -294,19 +294,26 @@ def test_workers_started_together_on_a_fresh_sqlite_store_all_open_it(tmp_path):
     assert all(p.returncode == 0 and out.strip() == "ok" for p, (out, _) in zip(procs, results)), [err[-500:] for _, err in results]
 
 
-def test_a_study_whose_trials_all_fail_on_one_configuration_error_stops_with_it(store, tmp_path, capfd):
+def test_a_study_whose_trials_all_fail_on_one_configuration_error_stops_with_it(store, tmp_path, capfd, caplog):
     # Each value is valid alone (checked before the first trial), but not together: mixup needs an
     # even batch size. The study stops after its first two trials instead of failing all four.
     space = tmp_path / "space.yaml"
     space.write_text("mixup: {type: categorical, choices: [0.8]}\nbatch_size: {type: int, low: 7, high: 7}\n")
     storage = f"journal:{tmp_path / 'bad.journal'}"
-    with pytest.raises(ConfigError, match="first 2 trials all failed with the same configuration error, batch_size: mixup/cutmix need an even batch size"):
-        study(4, search_space=space, storage=storage, study_name="bad", preset="smoke", epochs=1)
-    # Each failed trial is reported in one line, without Optuna's traceback.
+    import logging
+
+    logger = logging.getLogger("tgo")  # whatever the CLI (in an earlier test) or a user configured on it
+    logger.addHandler(caplog.handler)
+    try:
+        with pytest.raises(ConfigError, match="first 2 trials all failed with the same configuration error, batch_size: mixup/cutmix need an even batch size"):
+            study(4, search_space=space, storage=storage, study_name="bad", preset="smoke", epochs=1)
+    finally:
+        logger.removeHandler(caplog.handler)
+    # Each failed trial is reported in one line by the "tgo" logger, without Optuna's traceback.
     out, err = capfd.readouterr()
-    assert "Traceback" not in out + err
-    assert "trial 0 failed: ConfigError: batch_size: mixup/cutmix need an even batch size" in out + err  # the "tgo" logger
-    assert "trial 1 failed: ConfigError" in out + err
+    assert "Traceback" not in out + err + caplog.text
+    assert "trial 0 failed: ConfigError: batch_size: mixup/cutmix need an even batch size" in caplog.text
+    assert "trial 1 failed: ConfigError" in caplog.text
     trials = optuna.load_study(study_name="bad", storage=open_storage(storage)).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.WAITING, TrialState.WAITING]  # 2 slots untouched
 
