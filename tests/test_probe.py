@@ -259,3 +259,34 @@ def test_token_interaction_is_the_mean_cosine_of_distinct_patch_tokens(images):
     assert torch.allclose(token_interaction(same), torch.ones(3, dtype=torch.float64))
     loaded = ProbeResult.load(result.save(Path(tempfile.mkdtemp()) / "p.npz"))
     assert loaded.tokens == pytest.approx(result.tokens)
+
+
+def test_token_interaction_replicates_and_kept_feature_rows_follow_the_folds():
+    """Token interaction without each fold (against numpy on the same tokens), and the kept
+    features' rows: their place in the probe set and their fold, saved and loaded with them."""
+    model = tiny_vit().double().eval()
+    images = torch.randn(23, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    ps = ProbeSet.from_dataset(torch.utils.data.TensorDataset(images, torch.zeros(23)), 23, seed=3, folds=4)
+    result = _quiet(probe, model, ps.loader(5), precision="float64", folds=4, keep_features=True)
+    with torch.no_grad():
+        final, _ = model.forward_intermediates(images[torch.as_tensor(ps.indices)].double(), output_fmt="NLC",
+                                               return_prefix_tokens=True)
+    x = final[:, 1:].numpy()
+    unit = x / np.linalg.norm(x, axis=-1, keepdims=True)
+    cos = np.einsum("bid,bjd->bij", unit, unit)
+    t = x.shape[1]
+    per_image = np.array([(c.sum() - np.trace(c)) / (t * (t - 1)) for c in cos])
+    folds = ps.fold_ids  # 4 folds of 5 images, 3 images in every replicate
+    want = [per_image[folds != k].mean() for k in range(4)]
+    np.testing.assert_allclose(result.token_replicates["final"], want, rtol=1e-10)
+    rows = result.feature_rows
+    np.testing.assert_array_equal(rows.position, np.arange(23))
+    np.testing.assert_array_equal(rows.fold, folds)
+    assert rows.folds == 4
+    np.testing.assert_allclose(result.features[("final", "mean")].astype(float), x.mean(axis=1), rtol=2e-3, atol=2e-3)
+    path = result.save_features(Path(tempfile.mkdtemp()) / "f.npz")
+    loaded = ProbeResult.load_feature_rows(path)
+    np.testing.assert_array_equal(loaded.fold, folds)
+    assert loaded.folds == 4 and set(ProbeResult.load_features(path)) == set(result.features)
+    again = ProbeResult.load(result.save(Path(tempfile.mkdtemp()) / "p.npz"))
+    np.testing.assert_array_equal(again.token_replicates["final"], result.token_replicates["final"])

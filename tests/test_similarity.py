@@ -7,7 +7,7 @@ import pytest
 import scipy.linalg
 import scipy.spatial
 
-from tgo.similarity import canonical_correlations, linear_cka, svcca, twonn
+from tgo.similarity import canonical_correlations, cka_matrix, jackknife, linear_cka, svcca, twonn
 
 
 def _orthogonal(d: int, rng) -> np.ndarray:
@@ -56,6 +56,28 @@ def test_cka_matches_its_definitions_computed_independently():
     h = np.eye(7) - 1 / 7  # the centering matrix: biased HSIC = tr(K H L H)
     b = [np.trace(a @ h @ c @ h) for a, c in ((k, l), (k, k), (l, l))]
     assert linear_cka(x, y, debiased=False) == pytest.approx(b[0] / np.sqrt(b[1] * b[2]), rel=1e-10)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_cka_matrix_is_every_pair_of_linear_cka(debiased):
+    rng = np.random.default_rng(3)
+    xs = [rng.normal(size=(40, d)) for d in (6, 9, 4)]
+    xs[1][:, :6] += xs[0]  # some shared structure
+    xs.append(np.ones((40, 5)))  # no variance: NaN row and column
+    got = cka_matrix(xs, debiased)
+    for i, j in itertools.product(range(3), range(3)):
+        assert got[i, j] == pytest.approx(linear_cka(xs[i], xs[j], debiased), rel=1e-10, abs=1e-12)
+    assert np.isnan(got[3]).all() and np.isnan(got[:, 3]).all()
+
+
+def test_jackknife_replicates_leave_out_one_fold_each():
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(23, 5)), rng.normal(size=(23, 5))
+    fold = np.array([0, 1, 2, 3] * 5 + [4, 4, 4])  # 4 folds of 5, 3 images in every replicate
+    full, reps = jackknife(linear_cka, fold, 4, x, y)
+    assert full == linear_cka(x, y)
+    np.testing.assert_allclose(reps, [linear_cka(x[fold != k], y[fold != k]) for k in range(4)], rtol=1e-12)
+    assert jackknife(linear_cka, fold, 1, x, y)[1] is None
 
 
 def test_canonical_correlations_match_the_covariance_eigenproblem():

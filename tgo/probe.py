@@ -85,27 +85,56 @@ class SiteViewGeometry:
 
 
 @dataclass
+class FeatureRows:
+    """Which image each row of the kept features is: its place in the probe set (so that two epochs
+    or two runs probed on the same set can be lined up image by image) and its jackknife fold
+    (`tgo.uncertainty.fold_ids`; K for the images kept in every replicate)."""
+
+    position: np.ndarray  # (N,) int64
+    fold: np.ndarray  # (N,) int64, 0..folds (folds: in every replicate)
+    folds: int  # K, the probe's folds (1: no jackknife)
+
+
+@dataclass
 class ProbeResult:
     """Per site and view geometry of one probe pass; `metrics()` gives the MLflow keys."""
 
     geometry: dict[tuple[str, str], SiteViewGeometry] = field(default_factory=dict)
     head: tuple[str, str] = ("final", "cls")  # the view that feeds the classifier head
     tokens: dict[str, float] = field(default_factory=dict)  # site -> mean cosine of distinct patch tokens (token_interaction)
+    # site -> (K,) token interaction without fold k (None: no folds), for its jackknife standard error
+    token_replicates: dict[str, np.ndarray] = field(default_factory=dict)
     features: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)  # (site, cls|mean) -> (N, D) float16, keep_features
+    # keep_features: for each feature row, the image's place in the probe set and its jackknife fold
+    feature_rows: FeatureRows | None = None
 
     def save_features(self, path: str | Path) -> Path:
         """The kept per-image features, "<site>/<view>" -> (N, D) float16, rows in the order the probe
-        saw the images (the probe set's order; rank after rank under torchrun), in one .npz."""
+        saw the images (the probe set's order; rank after rank under torchrun), in one .npz, with
+        "_position" (each row's place in the probe set), "_fold" (its jackknife fold) and "_folds" (K)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {f"{site}/{view}": x for (site, view), x in self.features.items()}
+        if self.feature_rows is not None:
+            rows = self.feature_rows
+            arrays |= {"_position": rows.position, "_fold": rows.fold, "_folds": np.array(rows.folds)}
         with open(path, "wb") as fh:
-            np.savez_compressed(fh, **{f"{site}/{view}": x for (site, view), x in self.features.items()})
+            np.savez_compressed(fh, **arrays)
         return path
 
     @staticmethod
     def load_features(path: str | Path) -> dict[tuple[str, str], np.ndarray]:
+        """The features a `save_features` file holds, (site, view) -> (N, D) float16."""
         with np.load(Path(path), allow_pickle=False) as data:
-            return {tuple(k.split("/")): data[k] for k in data.files}
+            return {tuple(k.split("/")): data[k] for k in data.files if "/" in k}
+
+    @staticmethod
+    def load_feature_rows(path: str | Path) -> FeatureRows | None:
+        """Each feature row's place in the probe set and fold (None for files saved without them)."""
+        with np.load(Path(path), allow_pickle=False) as data:
+            if "_position" not in data.files:
+                return None
+            return FeatureRows(data["_position"], data["_fold"], int(data["_folds"]))
 
     def __getitem__(self, site_view: tuple[str, str]) -> SiteViewGeometry:
         return self.geometry[site_view]
@@ -153,7 +182,8 @@ class ProbeResult:
         degenerate, and where the probe had folds `replicates` (K x observables, each observable
         without fold k) and `stderr` (their jackknife standard error); "observable_names" lists the
         observable order and "head_view" names the site/view that feeds the head;
-        "token_similarity/<site>" holds each site's token interaction.
+        "token_similarity/<site>" holds each site's token interaction and, where the probe had folds,
+        "token_similarity_replicates/<site>" its K leave-one-fold-out values.
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,6 +202,8 @@ class ProbeResult:
                 arrays[f"{key}/stderr"] = uncertainty.jackknife_se(g.replicates, axis=0)  # OBSERVABLE_NAMES order
         for site, value in self.tokens.items():
             arrays[f"token_similarity/{site}"] = np.array(value)
+        for site, reps in self.token_replicates.items():
+            arrays[f"token_similarity_replicates/{site}"] = reps
         with open(path, "wb") as fh:
             np.savez_compressed(fh, **arrays)
         return path
@@ -204,7 +236,8 @@ class ProbeResult:
                     replicates=replicates,
                 )
             tokens = {k.split("/", 1)[1]: float(data[k]) for k in data.files if k.startswith("token_similarity/")}
-        return cls(geometry, head, tokens)
+            token_reps = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith("token_similarity_replicates/")}
+        return cls(geometry, head, tokens, token_reps)
 
 
 def _check_model(model: torch.nn.Module) -> None:
@@ -339,7 +372,11 @@ def probe(
     pooled_head = head == ("final", "mean")  # avg pooling: final/mean is fc_norm(pooled tokens)
 
     generator = torch.Generator().manual_seed(seed)
-    cosine_sum = {site: torch.zeros((), dtype=torch.float64, device=device) for site in sites}  # token interaction
+    # token interaction: per site, the sum of the per-image values in each fold (K + 1 bins, the last
+    # for images kept in every replicate), and the images per fold
+    cosine_sum = {site: torch.zeros(folds + 1, dtype=torch.float64, device=device) for site in sites}
+    fold_images = torch.zeros(folds + 1, dtype=torch.float64, device=device)
+    kept_rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # keep_features: (place in this loader, fold) per batch
     kept: dict[tuple[str, str], list[torch.Tensor]] = {}  # keep_features: per batch, rows in loader order
     captured: dict[str, torch.Tensor] = {}
     hook = model.patch_embed.register_forward_hook(lambda m, i, out: captured.__setitem__("patch", out))
@@ -372,9 +409,12 @@ def probe(
                     t = tokens["final"][1].shape[1]
                     k = min(patch_tokens_per_image, t)
                     keep = torch.rand(images.shape[0], t, generator=generator).argsort(dim=1)[:, :k].to(device)
+                sorted_fold = fold[order].to(device)
+                fold_images.index_add_(0, sorted_fold, torch.ones_like(sorted_fold, dtype=torch.float64))
                 for site in sites:
-                    cosine_sum[site] += token_interaction(tokens[site][1]).sum()
+                    cosine_sum[site].index_add_(0, sorted_fold, token_interaction(tokens[site][1]))
                 if keep_features:
+                    kept_rows.append((torch.arange(seen - images.shape[0], seen), fold.clone()))
                     unsort = torch.argsort(order).to(device)  # back to the loader's order
                     for site in sites:
                         prefix, patches = tokens[site]
@@ -399,20 +439,31 @@ def probe(
     if distributed is None:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     result = ProbeResult(head=head)
+
+    def gathered(rows: np.ndarray) -> np.ndarray:  # every rank's shard, rank after rank
+        if not distributed:
+            return rows
+        shards = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(shards, rows)
+        return np.concatenate(shards)
+
     for key, parts in kept.items():
-        rows = torch.cat(parts).numpy()
-        if distributed:  # every rank's shard, rank after rank
-            shards = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(shards, rows)
-            rows = np.concatenate(shards)
-        result.features[key] = rows
-    images_seen = torch.tensor(float(seen), dtype=torch.float64, device=device)
+        result.features[key] = gathered(torch.cat(parts).numpy())
+    if keep_features:
+        # a rank's i-th image is image i * world + rank of the probe set (ProbeSet.loader's shards)
+        world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed else (1, 0)
+        place = np.concatenate([p.numpy() for p, _ in kept_rows] or [np.zeros(0)]).astype(np.int64) * world + rank
+        fold_of = np.concatenate([f.numpy() for _, f in kept_rows] or [np.zeros(0)]).astype(np.int64)
+        result.feature_rows = FeatureRows(gathered(place), gathered(fold_of), folds)
     if distributed:
-        torch.distributed.all_reduce(images_seen)
-    for site, total in cosine_sum.items():
+        torch.distributed.all_reduce(fold_images)
+    for site, per_fold in cosine_sum.items():
         if distributed:
-            torch.distributed.all_reduce(total)
-        result.tokens[site] = float(total / images_seen.clamp(min=1))
+            torch.distributed.all_reduce(per_fold)
+        result.tokens[site] = float(per_fold.sum() / fold_images.sum().clamp(min=1))
+        if folds > 1:  # without fold k: (total - fold k) / (images - images of fold k)
+            reps = (per_fold.sum() - per_fold[:folds]) / (fold_images.sum() - fold_images[:folds]).clamp(min=1)
+            result.token_replicates[site] = reps.cpu().numpy()
     for (site, view), acc in accs.items():
         if distributed:
             acc.all_reduce()

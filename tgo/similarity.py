@@ -44,33 +44,78 @@ def _as_pair(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def _hsic_unbiased(k: np.ndarray, l: np.ndarray) -> float:
-    """Song et al. 2012, eq. 5 (see the module docstring); k, l: (N, N) Gram matrices, N >= 4."""
-    n = k.shape[0]
-    k, l = k.copy(), l.copy()
-    np.fill_diagonal(k, 0.0)
-    np.fill_diagonal(l, 0.0)
-    ones_k, ones_l = k.sum(axis=0), l.sum(axis=0)  # 1^T K~, 1^T L~: (N,)
-    term = np.sum(k * l) + ones_k.sum() * ones_l.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * ones_k @ ones_l
-    return float(term / (n * (n - 3)))
+def _hsic_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+    """Song et al. 2012, eq. 5 (see the module docstring) for the linear kernels K = X X^T and
+    L = Y Y^T, from the features (N, Dx) and (N, Dy) without forming an N x N matrix (N >= 4).
+    With a_i = ||x_i||^2, b_i = ||y_i||^2 (the Gram diagonals) and s_x = sum_i x_i:
+    tr(K~ L~) = ||X^T Y||_F^2 - sum_i a_i b_i, 1^T K~ 1 = ||s_x||^2 - sum_i a_i and
+    (K~ 1)_i = x_i . s_x - a_i. O(N Dx Dy) instead of O(N^2 (Dx + Dy))."""
+    n = x.shape[0]
+    a, b = np.einsum("ij,ij->i", x, x), np.einsum("ij,ij->i", y, y)
+    sx, sy = x.sum(axis=0), y.sum(axis=0)
+    trace = float(np.sum((x.T @ y) ** 2) - a @ b)
+    ones_k, ones_l = float(sx @ sx - a.sum()), float(sy @ sy - b.sum())
+    k1, l1 = x @ sx - a, y @ sy - b  # K~ 1, L~ 1: (N,)
+    term = trace + ones_k * ones_l / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * float(k1 @ l1)
+    return term / (n * (n - 3))
+
+
+def _centred(x: np.ndarray) -> np.ndarray:
+    return x - x.mean(axis=0)
 
 
 def linear_cka(x: np.ndarray, y: np.ndarray, debiased: bool = True) -> float:
     """Linear CKA between features x (N, Dx) and y (N, Dy) of the same N images; debiased (the
-    unbiased HSIC, for the probe's small N) or not. NaN when either representation is constant."""
+    unbiased HSIC, for the probe's small N) or not. NaN when either representation is constant.
+
+    Both forms are invariant to a shift of either representation, so the features are centred
+    first (which keeps float64 sums small)."""
     x, y = _as_pair(x, y)
+    x, y = _centred(x), _centred(y)
     if debiased:
         if x.shape[0] < 4:
             raise ValueError("the debiased CKA needs at least 4 images.")
-        k, l = x @ x.T, y @ y.T  # (N, N) linear kernels
-        xy, xx, yy = _hsic_unbiased(k, l), _hsic_unbiased(k, k), _hsic_unbiased(l, l)
+        xy, xx, yy = _hsic_unbiased(x, y), _hsic_unbiased(x, x), _hsic_unbiased(y, y)
     else:
-        xc, yc = x - x.mean(axis=0), y - y.mean(axis=0)
-        xy = np.linalg.norm(yc.T @ xc) ** 2  # ||Y_c^T X_c||_F^2
-        xx, yy = np.linalg.norm(xc.T @ xc) ** 2, np.linalg.norm(yc.T @ yc) ** 2
+        xy = np.linalg.norm(y.T @ x) ** 2  # ||Y_c^T X_c||_F^2
+        xx, yy = np.linalg.norm(x.T @ x) ** 2, np.linalg.norm(y.T @ y) ** 2
     if xx <= 0 or yy <= 0:
         return float("nan")
     return float(xy / np.sqrt(xx * yy))
+
+
+def cka_matrix(features: list[np.ndarray], debiased: bool = True) -> np.ndarray:
+    """Linear CKA between every pair of representations of the same N images: (S, S), symmetric,
+    1 on the diagonal (NaN rows for a representation without variance). Each representation's own
+    HSIC is computed once, so S representations cost S (S + 1) / 2 products X^T Y."""
+    xs = [_centred(np.asarray(x, dtype=np.float64)) for x in features]
+    if len({x.shape[0] for x in xs}) > 1:
+        raise ValueError(f"features must share their N images; got {[x.shape for x in xs]}.")
+    if debiased and xs and xs[0].shape[0] < 4:
+        raise ValueError("the debiased CKA needs at least 4 images.")
+    hsic = _hsic_unbiased if debiased else (lambda x, y: float(np.linalg.norm(y.T @ x) ** 2))
+    own = np.array([hsic(x, x) for x in xs])
+    out = np.full((len(xs), len(xs)), np.nan)
+    for i in range(len(xs)):
+        for j in range(i, len(xs)):
+            if own[i] > 0 and own[j] > 0:
+                out[i, j] = out[j, i] = 1.0 if i == j else hsic(xs[i], xs[j]) / np.sqrt(own[i] * own[j])
+    return out
+
+
+def jackknife(statistic, fold: np.ndarray, folds: int, *features: np.ndarray) -> tuple[float, np.ndarray | None]:
+    """A statistic of features over N images, and its K leave-one-fold-out replicates.
+
+    statistic(*features) -> float on (N, D) arrays; fold (N,) each image's fold, 0..K-1, or K for
+    the images kept in every replicate (`tgo.uncertainty.fold_ids`). Returns (the statistic on all
+    images, (K,) replicates), replicates None when K < 2. The replicates pair with those of any
+    other statistic of the same images (`tgo.uncertainty.paired_se`)."""
+    full = float(statistic(*features))
+    if folds < 2:
+        return full, None
+    fold = np.asarray(fold)
+    reps = np.array([statistic(*(f[fold != k] for f in features)) for k in range(folds)], dtype=np.float64)
+    return full, reps
 
 
 def _top_directions(x: np.ndarray, keep: float) -> np.ndarray:
@@ -113,7 +158,7 @@ def feature_metrics(features: dict[tuple[str, str], np.ndarray],
     as NaN."""
     from tgo.keys import intrinsic_dim_key, similarity_key
 
-    out = {}
+    out: dict[str, float] = {}
     final = features.get(("final", "mean"))
     for (site, view), x in features.items():
         x = x.astype(np.float64)
