@@ -30,7 +30,7 @@ def trained(tmp_path_factory):
     mlflow.set_tracking_uri(uri)
     from tgo.train import run
 
-    result = run(preset="smoke", epochs=EPOCHS, checkpoint_epochs="all", experiment="analysis")
+    result = run(preset="smoke", epochs=EPOCHS, checkpoint_epochs="all", experiment="analysis", weight_spectra=True)
     yield result, folder, uri
     mlflow.set_tracking_uri(None)
     if old is None:
@@ -50,6 +50,8 @@ def test_every_figure_is_a_readable_png(analysed):
     for name in OBSERVABLE_NAMES:
         assert f"epochs_{name}.png" in names and f"heatmap_{name}.png" in names
     assert {"eigenspectra_final_cls.png", "singular_values_final_cls.png", "correlation_final_cls.png", "depth_profile.png"} <= names
+    assert {"cka_sites_mean.png", "cka_sites_cls.png", "svcca_sites_mean.png", "cka_epochs_mean.png", "cka_epochs_cls.png",
+            "intrinsic_dim.png", "token_interaction.png", "weight_alpha.png"} <= names  # TGO-II
     for path in analysed.figures:
         with Image.open(path) as img:
             img.verify()
@@ -120,9 +122,53 @@ def test_report_and_the_runs_are_linked_both_ways(analysed, trained):
     assert client.get_run(result.run_id).data.tags["tgo.analysis_run"] == analysed.analysis_run_id
     top = {a.path for a in client.list_artifacts(child.info.run_id)}
     assert {"figures", "tables", "report", "findings.json"} <= top
-    assert set(child.data.metrics) == {f"finding/{i}" for i in range(1, 6)}
+    assert set(child.data.metrics) == {f"finding/{i}" for i in range(1, 9)}
+    assert "TGO-II findings" in html and "| 8 |" in md
     saved = json.loads((analysed.output_dir / "findings.json").read_text())
     assert [f["verdict"] for f in saved] == [f.verdict for f in analysed.findings]
+
+
+def test_tgo2_tables_are_the_kept_features_measured_independently(analysed, trained, tmp_path):
+    """The TGO-II tables against numpy on the features the run kept (downloaded here), and findings
+    6-8 judged with their standard errors."""
+    from tgo.probe import ProbeResult
+    from tgo.tracking import download
+
+    result, _, _ = trained
+    kept = {e: ProbeResult.load_features(download(result.run_id, f"geometry/features/epoch_{e:04d}.npz", tmp_path / str(e)))
+            for e in (0, EPOCHS)}
+
+    def cka(x, y):  # debiased linear CKA from its N x N Gram matrices (Song et al. 2012, eq. 5), independently
+        def hsic(k, l):
+            n = len(k)
+            k, l = k - np.diag(np.diag(k)), l - np.diag(np.diag(l))
+            return (np.sum(k * l) + k.sum() * l.sum() / ((n - 1) * (n - 2)) - 2 / (n - 2) * k.sum(0) @ l.sum(0)) / (n * (n - 3))
+        k, l = x @ x.T, y @ y.T
+        return hsic(k, l) / np.sqrt(hsic(k, k) * hsic(l, l))
+
+    f = {key: x.astype(float) for key, x in kept[EPOCHS].items()}
+    sites = analysed.second["site_similarity"]
+    row = sites[(sites.epoch == EPOCHS) & (sites.view == "mean") & (sites.site_a == "block_00") & (sites.site_b == "final")]
+    assert row.cka.iloc[0] == pytest.approx(cka(f[("block_00", "mean")], f[("final", "mean")]), rel=1e-8)
+    csv = pd.read_csv(analysed.output_dir / "tables" / "site_similarity.csv")
+    assert len(csv) == len(sites) and set(csv.epoch) == set(range(EPOCHS + 1))  # every pair at every kept epoch
+    epochs = analysed.second["epoch_similarity"]
+    first = epochs[(epochs.epoch == 0) & (epochs.site == "block_01") & (epochs.view == "cls")].cka_last.iloc[0]
+    assert first == pytest.approx(cka(kept[0][("block_01", "cls")].astype(float), f[("block_01", "cls")]), rel=1e-8)
+    spec = analysed.second["specialisation"].set_index("site")
+    assert spec.loc["block_01", "cka_first_last"] == pytest.approx(cka(kept[0][("block_01", "mean")].astype(float), f[("block_01", "mean")]), rel=1e-8)
+    assert (spec.se > 0).all()
+    dims = analysed.second["intrinsic_dim"]
+    logged = MlflowClient().get_run(result.run_id).data.metrics["intrinsic_dim/final/cls"]
+    assert dims[(dims.epoch == EPOCHS) & (dims.site == "final") & (dims.view == "cls")].intrinsic_dim.iloc[0] == pytest.approx(logged, rel=1e-9)
+    tokens = analysed.second["tokens"]
+    assert (tokens.se > 0).all() and len(tokens) == (EPOCHS + 1) * 5
+    alpha = analysed.second["weights"]
+    assert set(alpha.kind) >= {"qkv", "proj", "fc1", "fc2"} and set(alpha.epoch) == set(range(EPOCHS + 1))
+    by_number = {f.number: f for f in analysed.findings}
+    assert "+-" in by_number[6].evidence and by_number[6].method.startswith("change only")  # 2 blocks: no trend test
+    assert by_number[7].method.startswith("paired") and "+-" in by_number[7].evidence
+    assert by_number[8].method.startswith("non-inferiority") and "block_01" in by_number[8].evidence
 
 
 def test_reprobe_on_more_images(trained):

@@ -49,6 +49,9 @@ def test_against_weightwatcher_on_the_same_model():
         assert result.singular_values[name][0] == pytest.approx(ww.sv_max, rel=1e-6), name
     keys = result.metrics()
     assert "weights/qkv/block_00/alpha" in keys and "weights/head/final/stable_rank" in keys
+    assert all(np.isfinite(v) for v in keys.values())
+    assert all(k in keys for name, obs in result.observables.items() for o, v in obs.items() if np.isfinite(v)
+               for k in [f"weights/{name.split('/')[1]}/{name.split('/')[0]}/{o}"])
 
 
 def test_a_training_run_logs_weight_spectra_and_token_interaction(store, tmp_path):

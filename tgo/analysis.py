@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 import tgo
 from tgo import findings as F
-from tgo import plots, tracking
+from tgo import plots, representations, tracking, uncertainty
 from tgo.findings import Finding
 from tgo.keys import METRIC_PREFIX, parse_metric_key, site_order
 from tgo.probe import ProbeResult
@@ -64,6 +64,7 @@ class Analysis:
     analysis_run_id: str = ""
     everywhere: pd.DataFrame = field(default_factory=pd.DataFrame)  # findings 1-4 at every site/view
     head: tuple[str, str] = ("final", "cls")  # the view that feeds the classifier head
+    second: dict[str, pd.DataFrame] = field(default_factory=dict)  # TGO-II's tables (SecondStudy.tables)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,6 +164,101 @@ def trend_statistics(geometry: pd.DataFrame, replicates: F.Replicates | None = N
 
 
 # --------------------------------------------------------------------------------------------------
+# TGO-II: similarity, intrinsic dimension, token interaction, weight spectra (findings 6-8)
+# --------------------------------------------------------------------------------------------------
+
+
+def token_table(spectra: dict[int, ProbeResult]) -> pd.DataFrame:
+    """Token interaction of every site at every probed epoch with its jackknife standard error
+    (NaN without folds): columns epoch, site, mean_cosine, se."""
+    rows = [(epoch, site, value, float(uncertainty.jackknife_se(r.token_replicates[site])) if site in r.token_replicates else np.nan)
+            for epoch, r in sorted(spectra.items()) for site, value in r.tokens.items()]
+    return pd.DataFrame(rows, columns=["epoch", "site", "mean_cosine", "se"])
+
+
+def weight_table(run) -> pd.DataFrame:
+    """The weight spectra a run logged every epoch (weights/<kind>/<site>/<observable>, alpha and the
+    ranks): columns epoch, kind, site, observable, value."""
+    keys = [k for k in run.data.metrics if k.startswith("weights/") and k.count("/") == 3]
+    rows = [(step, *key.split("/")[1:], value) for key, hist in tracking.metric_histories(run.info.run_id, keys).items() for step, value in hist]
+    return pd.DataFrame(rows, columns=["epoch", "kind", "site", "observable", "value"])
+
+
+@dataclass
+class SecondStudy:
+    """TGO-II's part of an analysis: tables (tidy, written as tables/*.csv) and findings 6-8."""
+
+    findings: list[Finding]
+    tables: dict[str, pd.DataFrame]
+    notes: list[str]
+
+
+def second_study(kept: dict[int, representations.KeptEpoch], spectra: dict[int, ProbeResult], weights: pd.DataFrame,
+                 head: tuple[str, str]) -> SecondStudy:
+    """Findings 6-8 and their tables from a run's kept features (`tgo.representations.read_kept`),
+    its spectra (token interaction) and its weight spectra (`weight_table`)."""
+    notes, tables = [], {"weights": weights}
+    tokens = token_table(spectra)
+    tables["tokens"] = tokens
+    if len(kept) >= 2:
+        tables["site_similarity"] = representations.site_similarity(kept)
+        tables["epoch_similarity"] = representations.epoch_similarity(kept)
+        at = head if head in kept[max(kept)].features else ("final", "mean")
+        tables["intrinsic_dim"], id_jack = representations.intrinsic_dimension(kept, jackknife_at=at)
+        spec = representations.specialisation(kept)
+        tables["specialisation"] = pd.DataFrame({"site": spec.places, "cka_first_last": spec.values, "se": spec.se})
+        found = [F.finding6(spec.places, spec.values, spec.replicates),
+                 F.finding7(id_jack.places, id_jack.values, id_jack.replicates, "/".join(at))]
+        if any(k.rows is None for k in kept.values()):
+            notes.append("Some kept features were saved without their folds (before tgo kept them): findings 6 and 7 "
+                         "have no standard errors there.")
+    else:
+        why = (f"the run kept features at {len(kept)} epoch(s); findings 6 and 7 need two or more "
+               "(feature_epochs: auto keeps 0, powers of 2 and the last).")
+        found = [Finding(6, F.FINDING6, "inconclusive", why, "no test"), Finding(7, F.FINDING7, "inconclusive", why, "no test")]
+    blocks = site_order(s for s in tokens.site if s.startswith("block_")) if len(tokens) else []
+    epochs = sorted(tokens.epoch.unique()) if len(tokens) else []
+    if blocks and len(epochs) >= 2:
+        deepest, (first, last) = blocks[-1], (epochs[0], epochs[-1])
+        value = {e: spectra[e].tokens[deepest] for e in (first, last)}
+        reps = tuple(spectra[e].token_replicates.get(deepest) for e in (first, last))
+        found.append(F.finding8(deepest, (int(first), int(last)), (value[first], value[last]), reps))
+    else:
+        found.append(Finding(8, F.FINDING8, "inconclusive", "no token interaction at two epochs (a run from before tgo measured it).", "no test"))
+    return SecondStudy(found, tables, notes)
+
+
+def _second_study_figures(study: SecondStudy, label: str, figdir: Path, figure_format: str) -> dict[str, list[Path]]:
+    groups: dict[str, list[Path]] = {"Similarity between sites": [], "Similarity over training": [], "Intrinsic dimension": [],
+                                     "Token interaction": [], "Weight spectra": []}
+    t = study.tables
+    for view in ("mean", "cls"):
+        if "site_similarity" in t and (t["site_similarity"].view == view).any():
+            groups["Similarity between sites"].append(plots.save(
+                plots.similarity_heatmaps(t["site_similarity"], view, "cka", label), figdir / f"cka_sites_{view}.{figure_format}"))
+        if "epoch_similarity" in t and (t["epoch_similarity"].view == view).any():
+            groups["Similarity over training"].append(plots.save(
+                plots.similarity_over_training(t["epoch_similarity"], view, label), figdir / f"cka_epochs_{view}.{figure_format}"))
+    if "site_similarity" in t and (t["site_similarity"].view == "mean").any():
+        groups["Similarity between sites"].append(plots.save(
+            plots.similarity_heatmaps(t["site_similarity"], "mean", "svcca", label), figdir / f"svcca_sites_mean.{figure_format}"))
+    if "intrinsic_dim" in t and t["intrinsic_dim"].intrinsic_dim.notna().any():
+        groups["Intrinsic dimension"].append(plots.save(plots.per_site_over_epochs(
+            t["intrinsic_dim"], "intrinsic_dim", "TwoNN intrinsic dimension", f"Intrinsic dimension over training - {label}", panel="view"),
+            figdir / f"intrinsic_dim.{figure_format}"))
+    if len(t["tokens"]):
+        groups["Token interaction"].append(plots.save(plots.per_site_over_epochs(
+            t["tokens"], "mean_cosine", "mean cosine of distinct patch tokens", f"Token interaction over training - {label}", se="se"),
+            figdir / f"token_interaction.{figure_format}"))
+    alpha = t["weights"][t["weights"].observable == "alpha"].dropna(subset=["value"]) if len(t["weights"]) else t["weights"]
+    if len(alpha):
+        groups["Weight spectra"].append(plots.save(plots.per_site_over_epochs(
+            alpha, "value", "WeightWatcher alpha", f"Power-law exponent of the weight spectra - {label}", panel="kind"),
+            figdir / f"weight_alpha.{figure_format}"))
+    return groups
+
+
+# --------------------------------------------------------------------------------------------------
 # re-probing saved weights
 # --------------------------------------------------------------------------------------------------
 
@@ -230,7 +326,8 @@ def _reprobe(run_id: str, folder: Path, probe_size: int, data_dir: str, probe_se
 # --------------------------------------------------------------------------------------------------
 
 
-def _report(a: Analysis, title: str, figure_groups: dict[str, list[Path]], folder: Path) -> tuple[Path, Path]:
+def _report(a: Analysis, title: str, figure_groups: dict[str, list[Path]], folder: Path,
+            second_groups: dict[str, list[Path]] | None = None) -> tuple[Path, Path]:
     verdict_color = {"supported": "#1a7f37", "contradicted": "#cf222e", "mixed": "#9a6700", "inconclusive": "#57606a"}
     method = F.METHOD.format(alpha=F.ALPHA, min_trend=F.MIN_TREND_EPOCHS)
     head = "/".join(a.head)
@@ -238,7 +335,8 @@ def _report(a: Analysis, title: str, figure_groups: dict[str, list[Path]], folde
     md += [f"> {n}" for n in a.notes] + ([""] if a.notes else [])
     md += ["## TGO-I findings", "", f"Findings 1-4 are judged at {head}, the view that feeds the head.", "",
            "| # | finding | verdict | test | numbers |", "| --- | --- | --- | --- | --- |"]
-    md += [f"| {f.number} | {f.claim} | **{f.verdict}** | {f.method} | {f.evidence} |" for f in a.findings]
+    first, second = [f for f in a.findings if f.number <= 5], [f for f in a.findings if f.number > 5]
+    md += [f"| {f.number} | {f.claim} | **{f.verdict}** | {f.method} | {f.evidence} |" for f in first]
     md += ["", "**Method.** " + method]
     h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
          "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
@@ -249,7 +347,7 @@ def _report(a: Analysis, title: str, figure_groups: dict[str, list[Path]], folde
     h += [f"<h2>TGO-I findings</h2><p>Findings 1-4 are judged at {html.escape(head)}, the view that feeds the head.</p>"
           "<table><tr><th>#</th><th>finding</th><th>verdict</th><th>test</th><th>numbers</th></tr>"]
     h += [f"<tr><td>{f.number}</td><td>{html.escape(f.claim)}</td><td style='color:{verdict_color[f.verdict]}'><b>{f.verdict}</b></td>"
-          f"<td>{html.escape(f.method)}</td><td>{html.escape(f.evidence)}</td></tr>" for f in a.findings]
+          f"<td>{html.escape(f.method)}</td><td>{html.escape(f.evidence)}</td></tr>" for f in first]
     h += ["</table>", f"<p><b>Method.</b> {html.escape(method)}</p>"]
     if len(a.everywhere):
         counts = a.everywhere.pivot_table(index="finding", columns="verdict", values="site", aggfunc="count", fill_value=0)
@@ -263,12 +361,25 @@ def _report(a: Analysis, title: str, figure_groups: dict[str, list[Path]], folde
     md += ["", "## Most significant changes", "", top.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else top.to_string(index=False)]
     h += ["<h2>Most significant changes</h2>", top.to_html(index=False, float_format=lambda x: f"{x:.4g}"),
           "<p>All tests: tables/trends.csv; all values and standard errors: tables/geometry.csv.</p>"]
-    for heading, paths in figure_groups.items():
-        if not paths:
-            continue
-        md += ["", f"## {heading}", ""] + [f"![{p.stem}](../figures/{p.name})" for p in paths]
-        h += [f"<h2>{html.escape(heading)}</h2>"]
-        h += [_html_figure(p) for p in paths]
+    def add_figures(groups: dict[str, list[Path]], level: str) -> None:
+        nonlocal md, h
+        for heading, paths in groups.items():
+            if paths:
+                md += ["", f"{'#' * int(level)} {heading}", ""] + [f"![{p.stem}](../figures/{p.name})" for p in paths]
+                h += [f"<h{level}>{html.escape(heading)}</h{level}>"] + [_html_figure(p) for p in paths]
+
+    add_figures(figure_groups, "2")
+    if second:
+        md += ["", "## TGO-II findings", "", "| # | finding | verdict | test | numbers |", "| --- | --- | --- | --- | --- |"]
+        md += [f"| {f.number} | {f.claim} | **{f.verdict}** | {f.method} | {f.evidence} |" for f in second]
+        md += ["", "**Method.** " + F.METHOD_TGO2.format(alpha=F.ALPHA, margin=F.TOKEN_MARGIN)]
+        h += ["<h2>TGO-II findings</h2><table><tr><th>#</th><th>finding</th><th>verdict</th><th>test</th><th>numbers</th></tr>"]
+        h += [f"<tr><td>{f.number}</td><td>{html.escape(f.claim)}</td><td style='color:{verdict_color[f.verdict]}'><b>{f.verdict}</b></td>"
+              f"<td>{html.escape(f.method)}</td><td>{html.escape(f.evidence)}</td></tr>" for f in second]
+        h += ["</table>", f"<p><b>Method.</b> {html.escape(F.METHOD_TGO2.format(alpha=F.ALPHA, margin=F.TOKEN_MARGIN))}</p>",
+              "<p>Tables: site_similarity.csv (CKA and SVCCA of every pair of sites at every kept epoch), epoch_similarity.csv, "
+              "intrinsic_dim.csv, specialisation.csv, tokens.csv, weights.csv.</p>"]
+        add_figures(second_groups or {}, "3")
     h += ["</body></html>"]
     (folder / "report").mkdir(parents=True, exist_ok=True)
     md_path, html_path = folder / "report" / "report.md", folder / "report" / "report.html"
@@ -402,6 +513,12 @@ def analyze(
     result = Analysis(run_id, geometry, scalars, trends, F.judge(geometry, replicates, head, trends=trends, wide=wide), source,
                       notes, output_dir=folder, everywhere=wide, head=head)
 
+    # TGO-II (findings 6-8): the kept features, token interaction and weight spectra
+    study = second_study(representations.read_kept(run_id, folder / "download" / "features"), spectra, weight_table(run), head)
+    result.findings += study.findings
+    result.notes += study.notes
+    result.second = study.tables
+
     # covariance structure at the first and last epoch: a re-probe of those weights (cheap) unless done
     epochs = sorted(geometry.epoch.unique())
     if figures and not covariances and len(epochs) >= 1:
@@ -418,6 +535,8 @@ def analyze(
     result.everywhere.to_csv(tables / "everywhere.csv", index=False)
     pd.DataFrame([t | {"finding": f.number} for f in result.findings for t in f.tests]).to_csv(tables / "finding_tests.csv", index=False)
     scalars.to_csv(tables / "scalars.csv", index=False)
+    for name, table in result.second.items():  # the full CKA and SVCCA matrices among them (site_similarity)
+        table.to_csv(tables / f"{name}.csv", index=False)
     try:
         geometry.to_parquet(tables / "geometry.parquet", index=False)
     except ImportError:
@@ -456,8 +575,9 @@ def analyze(
                 f"Correlation structure of {site}/{view}, first and last epoch"), figdir / f"correlation_{site}_{view}.{figure_format}"))
     if figures:
         groups["Depth profile"].append(plots.save(plots.depth_profile(shown, int(epochs[-1]), label), figdir / f"depth_profile.{figure_format}"))
-    result.figures = [p for paths in groups.values() for p in paths]
-    result.report_html, result.report_md = _report(result, f"Geometry of run {label} ({run_id})", groups, folder)
+    second_groups = _second_study_figures(study, label, figdir, figure_format) if figures else {}
+    result.figures = [p for paths in (*groups.values(), *second_groups.values()) for p in paths]
+    result.report_html, result.report_md = _report(result, f"Geometry of run {label} ({run_id})", groups, folder, second_groups)
     (folder / "findings.json").write_text(json.dumps([f.__dict__ for f in result.findings], indent=2, default=float))
 
     if log:

@@ -430,3 +430,128 @@ def seed_effects(findings_of_seed: list[Finding]) -> list[dict]:
         if not any(r["finding"] == f.number for r in rows):
             rows.append({"finding": f.number, "observable": "", "effect": np.nan, "expected": 1, "verdict": f.verdict})
     return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# TGO-II
+# --------------------------------------------------------------------------------------------------
+
+FINDING6 = "Later layers specialise more: the deeper a block, the further training moves its representation from where it started"
+FINDING7 = "Intrinsic dimension rises, then settles"
+FINDING8 = "Token interaction stays strong: the deepest block's patch tokens stay as alike as at initialisation"
+TOKEN_MARGIN = 0.05  # finding 8: a fall of mean token cosine by less than this counts as staying
+METHOD_TGO2 = (
+    "Standard errors come from the same delete-one-fold jackknife as TGO-I's (the probe's K folds; "
+    "CKA and TwoNN recomputed without each fold), paired wherever two numbers share the probe's images, "
+    "and every test is Student t with K - 1 degrees of freedom at level {alpha}. Finding 6: each block's "
+    "debiased linear CKA (mean-pooled tokens) between the first and last kept epoch, tested for a fall "
+    "with depth by the change from the first to the last block and Mann-Kendall over the blocks; both "
+    "must agree, as for findings 1-4 over epochs. Finding 7: TwoNN intrinsic dimension of the view that "
+    "feeds the head at the first, middle and last kept epoch; supported when the rise to the middle epoch "
+    "and the bend (that rise minus the later change) are both significantly positive, contradicted when "
+    "the dimension fell or kept rising faster (Holm). Finding 8: the deepest block's mean cosine between "
+    "distinct patch tokens from the first to the last epoch, by a non-inferiority test with margin "
+    "{margin}: supported when a fall smaller than the margin is shown, contradicted when a larger one is. "
+    "On noise each verdict decides at most {alpha:.0%} of the time (tests/test_findings_tgo2.py)."
+)
+
+
+def _one_test(d: float, reps: np.ndarray | None) -> tuple[float, float]:
+    """(se, two-sided p) of a statistic d whose leave-one-fold-out replicates are reps (K,)."""
+    if reps is None or len(reps) < 2 or not np.all(np.isfinite(reps)):
+        return np.nan, np.nan
+    se = float(uncertainty.jackknife_se(reps))
+    return se, float(uncertainty.t_test(d, se, len(reps)))
+
+
+def finding6(blocks: list[str], values: np.ndarray, replicates: np.ndarray | None, alpha: float = ALPHA) -> Finding:
+    """Finding 6 from each block's debiased CKA between its first and last kept epoch (values, in
+    depth order; replicates (B, K)): expected to fall with depth.
+
+    Two tests, as for findings 1-4 over epochs, here over depth: the change from the first to the
+    last block (its paired jackknife standard error: the same images at every block; Student t,
+    K - 1 degrees of freedom) and Mann-Kendall over the blocks (from 5 blocks on); both must reject
+    the same way (`combine`)."""
+    values = np.asarray(values, float)
+    if len(values) < 2 or not np.all(np.isfinite(values)):
+        return Finding(6, FINDING6, "inconclusive", f"needs two kept epochs and two blocks; have {len(values)} block(s) measured.", "no test")
+    d = float(values[-1] - values[0])
+    se, p_change = _one_test(d, None if replicates is None else replicates[-1] - replicates[0])
+    row = {"change": d, "change_se": se, "change_p": p_change, "n_epochs": len(values)}
+    row.update(trend_test(np.arange(len(values)), values))
+    p, direction, method = combine(row)
+    method = method.replace("epochs", "blocks")
+    call = "not significant" if not (np.isfinite(p) and p < alpha) else ("as expected" if direction < 0 else "against")
+    verdict = verdict_of(call == "as expected", call == "against")
+    listing = ", ".join(f"{b} {_fmt(v)}" for b, v in zip(blocks, values))
+    trend = f"; Kendall tau over depth {_fmt(row['kendall_tau'])} (p {_fmt(row['trend_p'])})" if np.isfinite(row["kendall_tau"]) else ""
+    evidence = (f"Debiased CKA of each block with itself from the first to the last kept epoch: {listing}. "
+                f"Last minus first block {_fmt(d)} +- {_fmt(se)} (p {_fmt(p_change)}){trend}: {call}.")
+    tests = [{"observable": "cka_first_last", "site": b, "value": float(v)} for b, v in zip(blocks, values)]
+    tests.append({"observable": "last_minus_first_block", **row, "p": p, "call": call, "expected": -1})
+    return Finding(6, FINDING6, verdict, evidence, method, tests)
+
+
+def finding7(epochs: list[int], values: np.ndarray, replicates: np.ndarray | None, where: str, alpha: float = ALPHA) -> Finding:
+    """Finding 7 from the intrinsic dimension at the kept epochs (values; replicates (E, K)).
+
+    With first, middle (the middle kept epoch, fixed by the schedule, not by the data) and last
+    epochs: the rise r = ID_mid - ID_first and the bend b = r - (ID_last - ID_mid), each against its
+    jackknife standard error (the replicates of the same combination; the same images at every
+    epoch). Supported: r > 0 and b > 0, both significant (it rose, and rose less, or fell, after
+    the middle: intersection-union, level alpha). Contradicted: r < 0 significant (it fell) or
+    b < 0 significant (it kept rising faster), Holm across the two. Else inconclusive."""
+    values = np.asarray(values, float)
+    if len(values) < 3:
+        return Finding(7, FINDING7, "inconclusive", f"needs three kept epochs at {where}; has {len(values)}.", "no test")
+    i, j, k = 0, len(values) // 2, len(values) - 1
+    weights_r, weights_b = np.zeros(len(values)), np.zeros(len(values))
+    weights_r[[i, j]] = [-1, 1]
+    weights_b[[i, j, k]] = [-1, 2, -1]
+    r, b = float(weights_r @ values), float(weights_b @ values)
+    se_r, p_r = _one_test(r, None if replicates is None else weights_r @ replicates)
+    se_b, p_b = _one_test(b, None if replicates is None else weights_b @ replicates)
+    e0, e1, e2 = epochs[i], epochs[j], epochs[k]
+    evidence = (f"At {where}: intrinsic dimension {_fmt(values[i])} at epoch {e0}, {_fmt(values[j])} at epoch {e1}, "
+                f"{_fmt(values[k])} at epoch {e2}; rise to the middle epoch {_fmt(r)} +- {_fmt(se_r)} (p {_fmt(p_r)}), "
+                f"bend (rise minus later change) {_fmt(b)} +- {_fmt(se_b)} (p {_fmt(p_b)}).")
+    tests = [{"observable": "rise", "value": r, "se": se_r, "p": p_r, "expected": 1},
+             {"observable": "bend", "value": b, "se": se_b, "p": p_b, "expected": 1}]
+    if not (np.isfinite(p_r) and np.isfinite(p_b)):
+        return Finding(7, FINDING7, "inconclusive", evidence + " No standard errors (features kept without folds, or probe_folds=1).",
+                       "no standard errors", tests)
+    if r > 0 and b > 0 and max(p_r, p_b) < alpha:
+        verdict = "supported"
+    else:
+        against = holm(np.array([p_r if r < 0 else 1.0, p_b if b < 0 else 1.0]))
+        verdict = "contradicted" if np.nanmin(against) < alpha else "inconclusive"
+    return Finding(7, FINDING7, verdict, evidence, "paired standard errors (first, middle, last kept epoch)", tests)
+
+
+def finding8(site: str, epochs: tuple[int, int], values: tuple[float, float], replicates: tuple[np.ndarray | None, np.ndarray | None],
+             margin: float = TOKEN_MARGIN, alpha: float = ALPHA) -> Finding:
+    """Finding 8 from the deepest block's token interaction (mean cosine of distinct patch tokens)
+    at the first and last probed epoch, with their replicates.
+
+    A non-inferiority test (a claim of "no fall" needs one; an insignificant change would only be
+    absence of evidence): with d = last - first and its paired jackknife standard error, supported
+    when d > -margin is shown (one-sided Student t of (d + margin) / se, K - 1 degrees of freedom,
+    p < alpha), contradicted when d < -margin is shown the same way, else inconclusive. On a
+    network whose token cosine fell by exactly the margin, supported comes out at most alpha of the
+    time (tests/test_findings.py)."""
+    first, last = values
+    d = float(last - first)
+    rf, rl = replicates
+    evidence = f"At {site}: mean cosine of distinct patch tokens {_fmt(first)} at epoch {epochs[0]}, {_fmt(last)} at epoch {epochs[1]} (change {_fmt(d)}"
+    if rf is None or rl is None or len(rf) != len(rl) or len(rf) < 2:
+        return Finding(8, FINDING8, "inconclusive", evidence + "); no standard errors (probe_folds=1, or a run from before tgo kept them).",
+                       "no standard errors", [{"observable": "token_cosine_change", "value": d}])
+    se = float(uncertainty.paired_se(rf, rl))
+    k = len(rf)
+    t = (d + margin) / se if se > 0 else np.sign(d + margin) * np.inf
+    p_stays, p_falls = float(scipy.stats.t.sf(t, k - 1)), float(scipy.stats.t.cdf(t, k - 1))
+    verdict = "supported" if p_stays < alpha else ("contradicted" if p_falls < alpha else "inconclusive")
+    evidence += (f" +- {_fmt(se)}); margin {margin}: a fall smaller than the margin shown with p {_fmt(p_stays)}, "
+                 f"a larger fall with p {_fmt(p_falls)}.")
+    tests = [{"observable": "token_cosine_change", "value": d, "se": se, "margin": margin, "p_stays": p_stays, "p_falls": p_falls}]
+    return Finding(8, FINDING8, verdict, evidence, "non-inferiority, paired standard errors", tests)

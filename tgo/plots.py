@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -209,5 +210,110 @@ def mean_and_band(summary: pd.DataFrame, observable: str, n_seeds: int) -> Figur
     fullest = max(axes[0], key=lambda ax: len(ax.get_lines()))
     fig.legend(*fullest.get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5), title="site", fontsize=8)
     fig.suptitle(f"{LABELS.get(observable, observable)}: mean and 95% confidence band over {n_seeds} seeds")
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------
+# TGO-II: similarity, intrinsic dimension, token interaction, weight spectra (tables of
+# tgo.representations and tgo.analysis)
+# --------------------------------------------------------------------------------------------------
+
+
+def _short(site: str) -> str:
+    return site.replace("block_", "b").replace("patch_embed", "patch").replace("pos_embed", "pos")
+
+
+def _spread(epochs: Sequence[int], most: int) -> list[int]:
+    """At most `most` of the epochs, evenly spread, the first and last always among them."""
+    epochs = sorted(epochs)
+    if len(epochs) <= most:
+        return epochs
+    return sorted({epochs[int(round(i))] for i in np.linspace(0, len(epochs) - 1, most)})
+
+
+def similarity_heatmaps(table: pd.DataFrame, view: str, measure: str = "cka", run_label: str = "", most: int = 9) -> Figure:
+    """Site x site heat maps of CKA (or SVCCA) at kept epochs (at most `most`, spread from the first
+    to the last), one panel per epoch, on one colour scale from 0 to 1. `table`: columns epoch,
+    view, site_a, site_b and the measure (tgo.representations.site_similarity)."""
+    data = table[table.view == view]
+    epochs = _spread(data.epoch.unique(), most)
+    sites = site_order(data.site_a)
+    cols = min(3, len(epochs))
+    rows = int(np.ceil(len(epochs) / cols))
+    fig = Figure(figsize=(4.2 * cols + 1.0, 3.9 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    image = None
+    for ax, epoch in zip(axes.flat, epochs):
+        grid = data[data.epoch == epoch].pivot_table(index="site_a", columns="site_b", values=measure).reindex(index=sites, columns=sites)
+        image = ax.imshow(grid.to_numpy(dtype=float), vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+        ticks = [_short(s) for s in sites]
+        ax.set_xticks(range(len(sites)), ticks, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(sites)), ticks, fontsize=7)
+        ax.set_title(f"epoch {epoch}", fontsize=10)
+    for ax in list(axes.flat)[len(epochs):]:
+        ax.axis("off")
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="debiased linear CKA" if measure == "cka" else "SVCCA")
+    name = "Debiased linear CKA" if measure == "cka" else "SVCCA"
+    fig.suptitle(f"{name} between sites ({VIEW_TITLES.get(view, view)}){' - ' + run_label if run_label else ''}")
+    return fig
+
+
+def similarity_over_training(table: pd.DataFrame, view: str, run_label: str = "") -> Figure:
+    """Each site's CKA with itself at the last kept epoch, and with the previous kept epoch, against
+    epoch (tgo.representations.epoch_similarity); one line per site."""
+    data = table[table.view == view]
+    sites = site_order(data.site)
+    colors = _site_colors(sites)
+    fig = Figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2, squeeze=False)[0]
+    for ax, column, title in ((axes[0], "cka_last", "with itself at the last kept epoch"),
+                              (axes[1], "cka_previous", "with itself at the previous kept epoch")):
+        for site in sites:
+            line = data[data.site == site].sort_values("epoch").dropna(subset=[column])
+            if not line.empty:
+                ax.plot(line.epoch, line[column], color=colors[site], lw=2.4 if site == "final" else 1.2, marker="o", ms=3, label=site)
+        ax.set_xscale("symlog", linthresh=1)  # kept epochs are log-spaced by default: 0, 1, 2, 4, ...
+        kept = sorted(data.epoch.unique())
+        ax.set_xticks(_spread(kept, 8), [str(e) for e in _spread(kept, 8)])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xlabel("kept epoch (symmetric log scale)")
+        ax.set_ylabel("debiased linear CKA")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    fig.legend(*max(axes, key=lambda a: len(a.get_lines())).get_legend_handles_labels(), loc="center left",
+               bbox_to_anchor=(1.0, 0.5), title="site", fontsize=8)
+    fig.suptitle(f"How far each site's representation moves ({VIEW_TITLES.get(view, view)}){' - ' + run_label if run_label else ''}")
+    fig.tight_layout()
+    return fig
+
+
+def per_site_over_epochs(table: pd.DataFrame, value: str, ylabel: str, title: str, panel: str | None = None, se: str | None = None) -> Figure:
+    """One line per site against epoch, one panel per value of the column `panel` (e.g. view or
+    matrix kind); a band of +-1.96 standard errors where `se` names a column that has them."""
+    panels = list(dict.fromkeys(table[panel])) if panel else [None]
+    fig = Figure(figsize=(min(5.2 * len(panels), 22), 4.2))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, name in zip(axes, panels):
+        data = table if panel is None else table[table[panel] == name]
+        sites = site_order(data.site)
+        colors = _site_colors(sites)
+        for site in sites:
+            line = data[data.site == site].sort_values("epoch").dropna(subset=[value])
+            if line.empty:
+                continue
+            ax.plot(line.epoch, line[value], color=colors[site], lw=2.4 if site == "final" else 1.2, marker="o" if len(line) < 15 else None,
+                    ms=3, label=site)
+            if se and line[se].notna().any():
+                ax.fill_between(line.epoch, line[value] - 1.96 * line[se], line[value] + 1.96 * line[se], color=colors[site], alpha=0.15, lw=0)
+        ax.set_xlabel("epoch (0 = initialisation)")
+        ax.set_ylabel(ylabel)
+        if name is not None:
+            ax.set_title(VIEW_TITLES.get(name, name))
+        ax.grid(alpha=0.3)
+    fig.legend(*max(axes, key=lambda a: len(a.get_lines())).get_legend_handles_labels(), loc="center left",
+               bbox_to_anchor=(1.0, 0.5), title="site", fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     return fig

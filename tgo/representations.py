@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tgo import tracking
+from tgo import similarity, tracking, uncertainty
 from tgo.keys import site_order
 from tgo.probe import FeatureRows, ProbeResult
 
@@ -63,3 +63,122 @@ def read_kept(run_id: str, folder: str | Path) -> dict[int, KeptEpoch]:
             rows = FeatureRows(rows.position[order], rows.fold[order], rows.folds)
         out[int(path.stem.split("_")[1])] = KeptEpoch(features, rows)
     return out
+
+
+def _blocks(sites: list[str]) -> list[str]:
+    return [s for s in sites if s.startswith("block_")]
+
+
+def site_similarity(kept: dict[int, KeptEpoch], views: tuple[str, ...] = ("mean", "cls")) -> pd.DataFrame:
+    """Debiased linear CKA and SVCCA between every pair of sites at each kept epoch, per view:
+    columns epoch, view, site_a, site_b, cka, svcca (both orders, so that a pivot gives the S x S
+    matrix; NaN where a site has no variance, as pos_embed/cls)."""
+    rows = []
+    for epoch, k in sorted(kept.items()):
+        for view in views:
+            sites = [s for s in k.sites if (s, view) in k.features]
+            xs = [k.features[(s, view)] for s in sites]
+            if len(xs) < 2:
+                continue
+            cka, svcca = similarity.cka_matrix(xs), similarity.svcca_matrix(xs)
+            rows += [(epoch, view, a, b, cka[i, j], svcca[i, j]) for i, a in enumerate(sites) for j, b in enumerate(sites)]
+    return pd.DataFrame(rows, columns=["epoch", "view", "site_a", "site_b", "cka", "svcca"])
+
+
+def epoch_similarity(kept: dict[int, KeptEpoch], views: tuple[str, ...] = ("mean", "cls")) -> pd.DataFrame:
+    """For each site and view at each kept epoch: debiased CKA with itself at the last kept epoch
+    (cka_last, and svcca_last), at the previous kept epoch (cka_previous) and at the first
+    (cka_first). Columns epoch, site, view, cka_last, svcca_last, cka_previous, cka_first."""
+    epochs = sorted(kept)
+    rows = []
+    if not epochs:
+        return pd.DataFrame(rows, columns=["epoch", "site", "view", "cka_last", "svcca_last", "cka_previous", "cka_first"])
+    first, last = kept[epochs[0]], kept[epochs[-1]]
+    for i, epoch in enumerate(epochs):
+        k = kept[epoch]
+        for (site, view), x in k.features.items():
+            if view not in views:
+                continue
+            x = x.astype(np.float64)
+
+            def against(other: KeptEpoch | None) -> float:
+                y = other.features.get((site, view)) if other is not None else None
+                return similarity.linear_cka(x, y.astype(np.float64)) if y is not None and len(y) == len(x) else np.nan
+
+            y_last = last.features.get((site, view))
+            rows.append((epoch, site, view, against(last),
+                         similarity.svcca(x, y_last.astype(np.float64)) if y_last is not None and len(y_last) == len(x) else np.nan,
+                         against(kept[epochs[i - 1]] if i else None), against(first)))
+    return pd.DataFrame(rows, columns=["epoch", "site", "view", "cka_last", "svcca_last", "cka_previous", "cka_first"])
+
+
+@dataclass
+class Jackknifed:
+    """A statistic at several places (blocks, or epochs), its estimates and, where the features
+    carried their folds, its (K,) leave-one-fold-out replicates at each place (paired fold by fold:
+    the same images everywhere)."""
+
+    places: list  # block names or epochs
+    values: np.ndarray  # (P,)
+    replicates: np.ndarray | None  # (P, K), or None without folds
+
+    @property
+    def se(self) -> np.ndarray:
+        if self.replicates is None:
+            return np.full(len(self.values), np.nan)
+        return uncertainty.jackknife_se(self.replicates, axis=1)
+
+
+def _folds(*epochs: KeptEpoch) -> tuple[np.ndarray, int] | None:
+    """The fold of each row, shared by these epochs (None if one lacks them or they differ)."""
+    rows = [k.rows for k in epochs]
+    if any(r is None or r.folds < 2 for r in rows) or any(not np.array_equal(r.fold, rows[0].fold) for r in rows):
+        return None
+    return rows[0].fold, rows[0].folds
+
+
+def specialisation(kept: dict[int, KeptEpoch], view: str = "mean") -> Jackknifed:
+    """For each block, the debiased CKA between its features at the first and at the last kept
+    epoch (1: training left its representation where it started; lower: it moved further), with
+    jackknife replicates. Empty with fewer than two kept epochs."""
+    epochs = sorted(kept)
+    if len(epochs) < 2:
+        return Jackknifed([], np.zeros(0), None)
+    first, last = kept[epochs[0]], kept[epochs[-1]]
+    blocks = [b for b in _blocks(last.sites) if (b, view) in first.features and (b, view) in last.features]
+    folds = _folds(first, last)
+    values, reps = [], []
+    for block in blocks:
+        x, y = first.features[(block, view)].astype(np.float64), last.features[(block, view)].astype(np.float64)
+        value, r = similarity.jackknife(similarity.linear_cka, folds[0], folds[1], x, y) if folds else (similarity.linear_cka(x, y), None)
+        values.append(value)
+        reps.append(r)
+    return Jackknifed(blocks, np.array(values), np.array(reps) if folds and reps else None)
+
+
+def _twonn_or_nan(x: np.ndarray) -> float:
+    try:
+        return similarity.twonn(x)
+    except ValueError:  # fewer than 3 distinct points
+        return float("nan")
+
+
+def intrinsic_dimension(kept: dict[int, KeptEpoch], jackknife_at: tuple[str, str] | None = None) -> tuple[pd.DataFrame, Jackknifed | None]:
+    """TwoNN intrinsic dimension of every site's cls and mean features at each kept epoch (columns
+    epoch, site, view, intrinsic_dim; NaN where it cannot be measured), and, for the site/view
+    `jackknife_at`, its values over the kept epochs with replicates (TwoNN is refitted K times per
+    epoch, so only there)."""
+    rows = [(epoch, site, view, _twonn_or_nan(x.astype(np.float64)))
+            for epoch, k in sorted(kept.items()) for (site, view), x in k.features.items()]
+    table = pd.DataFrame(rows, columns=["epoch", "site", "view", "intrinsic_dim"])
+    if jackknife_at is None:
+        return table, None
+    epochs = [e for e in sorted(kept) if jackknife_at in kept[e].features]
+    folds = _folds(*(kept[e] for e in epochs)) if epochs else None
+    values = [table[(table.epoch == e) & (table.site == jackknife_at[0]) & (table.view == jackknife_at[1])].intrinsic_dim.iloc[0]
+              for e in epochs]
+    reps = None
+    if folds:
+        reps = np.array([similarity.jackknife(_twonn_or_nan, folds[0], folds[1], kept[e].features[jackknife_at].astype(np.float64))[1]
+                         for e in epochs])
+    return table, Jackknifed(epochs, np.array(values, dtype=float), reps)

@@ -118,14 +118,22 @@ def jackknife(statistic, fold: np.ndarray, folds: int, *features: np.ndarray) ->
     return full, reps
 
 
-def _top_directions(x: np.ndarray, keep: float) -> np.ndarray:
-    """The centred features projected on the top singular directions that keep `keep` of the
-    variance: (N, k)."""
-    xc = x - x.mean(axis=0)
-    u, s, _ = np.linalg.svd(xc, full_matrices=False)
-    energy = np.cumsum(s**2) / max(np.sum(s**2), np.finfo(float).tiny)
-    k = int(np.searchsorted(energy, keep - 1e-12) + 1)
-    return u[:, :k] * s[:k]
+def _top_directions(x: np.ndarray, keep: float) -> np.ndarray | None:
+    """An orthonormal basis (N, k) of the top singular directions of the centred features that keep
+    `keep` of the variance (the left singular vectors); None for features without variance."""
+    u, s, _ = np.linalg.svd(_centred(x), full_matrices=False)
+    total = np.sum(s**2)
+    if total <= 0:
+        return None
+    k = int(np.searchsorted(np.cumsum(s**2) / total, keep - 1e-12) + 1)
+    return u[:, :k]
+
+
+def _mean_correlation(qx: np.ndarray | None, qy: np.ndarray | None) -> float:
+    """The mean canonical correlation between two orthonormal bases (singular values of Q_x^T Q_y)."""
+    if qx is None or qy is None:
+        return float("nan")
+    return float(np.clip(np.linalg.svd(qx.T @ qy, compute_uv=False), 0.0, 1.0).mean())
 
 
 def canonical_correlations(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -143,10 +151,23 @@ def canonical_correlations(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def svcca(x: np.ndarray, y: np.ndarray, keep: float = 0.99) -> float:
     """SVCCA (Raghu et al. 2017): the mean canonical correlation between the top singular
-    directions of x and of y that keep `keep` of each one's variance."""
+    directions of x and of y that keep `keep` of each one's variance. Where k_x + k_y > N the
+    reduced representations share directions by dimension count alone (their canonical
+    correlations tend to 1): keep N well above the directions kept. NaN for features without
+    variance."""
     x, y = _as_pair(x, y)
-    rho = canonical_correlations(_top_directions(x, keep), _top_directions(y, keep))
-    return float(rho.mean()) if rho.size else float("nan")
+    return _mean_correlation(_top_directions(x, keep), _top_directions(y, keep))
+
+
+def svcca_matrix(features: list[np.ndarray], keep: float = 0.99) -> np.ndarray:
+    """SVCCA between every pair of representations of the same N images: (S, S), symmetric (one SVD
+    per representation)."""
+    bases = [_top_directions(np.asarray(x, dtype=np.float64), keep) for x in features]
+    out = np.full((len(bases), len(bases)), np.nan)
+    for i in range(len(bases)):
+        for j in range(i, len(bases)):
+            out[i, j] = out[j, i] = _mean_correlation(bases[i], bases[j])
+    return out
 
 
 def feature_metrics(features: dict[tuple[str, str], np.ndarray],

@@ -96,7 +96,9 @@ class WeightSpectra:
     observables: dict[str, dict[str, float]]  # <site>/<kind> -> {alpha, stable_rank, effective_rank}
 
     def metrics(self) -> dict[str, float]:
-        return {metric_key(name, o): value for name, obs in self.observables.items() for o, value in obs.items()}
+        """The MLflow metrics; a value that could not be measured (WeightWatcher's alpha where its
+        fit fails, as for a small head) is left out rather than logged as NaN."""
+        return {metric_key(name, o): value for name, obs in self.observables.items() for o, value in obs.items() if np.isfinite(value)}
 
     def save(self, path) -> None:
         np.savez_compressed(path, **{name.replace("/", "__"): s for name, s in self.singular_values.items()})
