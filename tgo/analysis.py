@@ -16,6 +16,10 @@ and last value with their jackknife standard errors, the paired first-to-last ch
 Mann-Kendall trend test with Sen's slope, Spearman's rho (for reference), the share of steps in the
 dominant direction, and the combined p that the verdicts use. The verdicts and their method:
 `tgo.findings`; the definitions of the observables: docs/METRICS.md.
+
+TGO-II (`second_study`): from the features the run kept (`tgo.representations`), its token
+interaction (the spectra files) and its weight spectra (metric histories): CKA/SVCCA tables and
+heat maps, intrinsic dimension, token and weight-alpha figures, and findings 6-8.
 """
 
 from __future__ import annotations
