@@ -19,6 +19,8 @@ Metric keys: weights/<kind>/<site>/<observable>, e.g. weights/qkv/block_03/alpha
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import re
 import warnings
@@ -71,13 +73,14 @@ def matrix_observables(singular_values: np.ndarray) -> dict[str, float]:
 def weightwatcher_alphas(model: torch.nn.Module) -> dict[str, float]:
     """WeightWatcher's alpha of each tracked matrix ({<site>/<kind>: alpha}; NaN where its fit
     failed), from weightwatcher.WeightWatcher(model).analyze()."""
-    import weightwatcher
+    with contextlib.redirect_stdout(io.StringIO()):  # its import prints which SVD backend it found
+        import weightwatcher
 
     quiet = logging.getLogger("weightwatcher")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # it logs every layer it reads
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # it prints fit notes ("SMALL N PL FIT")
             warnings.simplefilter("ignore")
             details = weightwatcher.WeightWatcher(model=model).analyze(plot=False, randomize=False, mp_fit=False)
     finally:
