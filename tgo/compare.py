@@ -427,7 +427,8 @@ def _fmt(x: float) -> str:
 
 
 def _table_text(table: pd.DataFrame) -> str:
-    return table.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else table.to_string(index=False)
+    """A Markdown table (tabulate), else the plain text table in a code block, which keeps its columns."""
+    return table.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else "```\n" + table.to_string(index=False) + "\n```"
 
 
 def _method_text(c: Comparison) -> str:
