@@ -79,7 +79,7 @@ def test_every_mlproject_parameter_reaches_its_command_and_tgo():
     for name, entry in project["entry_points"].items():
         params, command = entry["parameters"], entry["command"]
         for param, spec in params.items():
-            assert "type" in spec and ("default" in spec or param == "run_id"), (name, param)
+            assert "type" in spec and ("default" in spec or param in ("run_id", "run_a", "run_b")), (name, param)
             assert spec["type"] in ("string", "float", "path", "uri"), (name, param)
             assert f"{{{param}}}" in command, f"{name}: parameter {param} does not reach the command"
         if "entrypoints/train.py" not in command:

@@ -3,6 +3,7 @@
     tgo train --preset demo --epochs 5
     tgo train --resume <run_id>
     tgo data imagenet100 --src /data/imagenet --dst /data/imagenet100
+    tgo compare <run_a> <run_b>
 
 Exit status: 0 on success, 2 for bad parameters or data (nothing was logged), 1 when a run failed.
 """
@@ -112,17 +113,43 @@ def _study_parser(sub) -> None:
     _add_train_options(p)
 
 
+COMPARE_HELP = {  # MLproject's comments above the compare parameters repeat these
+    "run_a": "the first training run, or a sweep parent (its seed runs)",
+    "run_b": "the second training run, or a sweep parent (its seed runs)",
+    "figure_format": "figure files: png, pdf or svg",
+}
+
+
+def _compare_parser(sub) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="which sites and observables differ between two runs (or two sweep parents), and their CKA",
+        description="Read two training runs (or sweep parents) through the MLflow tracking API and test, at the "
+        "epochs both probed, which sites and observables differ (jackknife standard errors for one run per side, "
+        "Welch's t test across seeds for sweeps; Benjamini-Hochberg per epoch), with effect sizes, the CKA between "
+        "the runs' features at each site, figures and a report; log them as a comparison run that links both.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("run_a", help=COMPARE_HELP["run_a"])
+    p.add_argument("run_b", help=COMPARE_HELP["run_b"])
+    p.add_argument("--output_dir", default="", help="also keep the files here (default: a temporary folder)")
+    p.add_argument("--no-log", dest="log", action="store_false", help="write the files only; log no comparison run")
+    p.add_argument("--no-figures", dest="figures", action="store_false", help="tables, tests and report only (faster)")
+    p.add_argument("--figure_format", default="png", help=COMPARE_HELP["figure_format"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     import tgo
 
     parser = argparse.ArgumentParser(prog="tgo", description="Transformer Geometry Observatory: the spectral geometry of a ViT while it trains, in MLflow.")
     parser.add_argument("--version", action="version", version=f"tgo {tgo.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,analyze,sweep,study,data}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,analyze,sweep,study,data,compare}")
     _train_parser(sub)
     _analyze_parser(sub)
     _sweep_parser(sub)
     _study_parser(sub)
     _data_parser(sub)
+    _compare_parser(sub)
     return parser
 
 
@@ -276,13 +303,37 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0 if complete else 1
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from tgo.compare import CompareError, compare
+    from tgo.tracking import TrackingError
+
+    try:
+        result = compare(args.run_a, args.run_b, output_dir=args.output_dir or None, log=args.log, figures=args.figures,
+                         figure_format=args.figure_format)
+    except (CompareError, TrackingError) as err:
+        return _fail(str(err), 2)
+    for note in result.notes:
+        print(f"tgo: {note}")
+    tested = int(((result.differences.epoch == result.last_epoch) & result.differences.p.notna()).sum())
+    print(f"tgo: compared {args.run_a} (A) with {args.run_b} (B) at {len(result.epochs)} matched epochs ({result.method}); "
+          f"at epoch {result.last_epoch}, {len(result.differing)} of {tested} site/view/observable tests differ.")
+    for row in result.differing.head(10).itertuples():
+        print(f"  {row.site}/{row.view} {row.observable}: {row.a:.4g} -> {row.b:.4g} (difference {row.difference:+.4g}, q {row.q:.2g})")
+    if len(result.cka):
+        last = result.cka[result.cka.epoch == result.cka.epoch.max()]
+        print(f"tgo: CKA between the runs at epoch {int(last.epoch.iloc[0])}: "
+              + ", ".join(f"{r.site}/{r.view} {r.cka:.3f}" for r in last.itertuples()))
+    print(f"tgo: report {result.report_html}" + (f"; comparison run {result.comparison_run_id}" if result.comparison_run_id else " (not logged)"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _log_to_stdout()
     # MLflow's SQL store logs every database error it raises with a full traceback; tgo reports the
     # error it catches in one message (a store turned read-only, say), so the duplicate is muted.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
-    commands = {"train": cmd_train, "analyze": cmd_analyze, "sweep": cmd_sweep, "study": cmd_study, "data": cmd_data}
+    commands = {"train": cmd_train, "analyze": cmd_analyze, "sweep": cmd_sweep, "study": cmd_study, "data": cmd_data, "compare": cmd_compare}
     return commands[args.command](args)
 
 

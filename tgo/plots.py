@@ -317,3 +317,97 @@ def per_site_over_epochs(table: pd.DataFrame, value: str, ylabel: str, title: st
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------------------------------
+# comparing two runs (tgo.compare)
+# --------------------------------------------------------------------------------------------------
+
+SIDE_STYLES = ({"color": "#1f77b4", "marker": "o"}, {"color": "#d62728", "marker": "s"})  # run A, run B
+
+
+def compare_over_epochs(summary: pd.DataFrame, site: str, view: str, observables: Sequence[str], labels: Sequence[str]) -> Figure:
+    """Two runs side by side at one site and view: one panel per observable, one line per run with
+    its interval as a band. `summary` has columns side (0 for run A, 1 for B), epoch, site, view,
+    observable, value, low, high (low/high NaN where there is no interval)."""
+    data = summary[(summary.site == site) & (summary.view == view)]
+    observables = [o for o in observables if o in set(data.observable)]
+    fig = Figure(figsize=(4.2 * max(len(observables), 1), 3.8))
+    axes = fig.subplots(1, max(len(observables), 1), squeeze=False)
+    for ax, observable in zip(axes[0], observables):
+        for side, label in enumerate(labels):
+            line = data[(data.observable == observable) & (data.side == side)].sort_values("epoch")
+            if line.empty:
+                continue
+            style = SIDE_STYLES[side % 2]
+            ax.plot(line.epoch, line.value, color=style["color"], marker=style["marker"] if len(line) < 15 else None, ms=4, lw=1.6, label=label)
+            if line.low.notna().any():
+                ax.fill_between(line.epoch, line.low, line.high, color=style["color"], alpha=0.18, lw=0)
+        ax.set_title(LABELS.get(observable, observable), fontsize=10)
+        ax.set_xlabel("epoch (0 = initialisation)")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.02), ncol=2, fontsize=9)
+    fig.suptitle(f"{site}/{view} over training, both runs (bands: 95% intervals)")
+    fig.tight_layout()
+    return fig
+
+
+def compare_depth_profile(summary: pd.DataFrame, epoch: int, observables: Sequence[str], labels: Sequence[str]) -> Figure:
+    """Two runs at one epoch, site by site: one row per view, one panel per observable, one line
+    per run with error bars (its interval). `summary` as in `compare_over_epochs`."""
+    data = summary[summary.epoch == epoch]
+    views = [v for v in VIEW_TITLES if v in set(data.view)]
+    observables = [o for o in observables if o in set(data.observable)]
+    fig = Figure(figsize=(4.0 * max(len(observables), 1), 2.9 * max(len(views), 1) + 0.6))
+    axes = fig.subplots(max(len(views), 1), max(len(observables), 1), squeeze=False)
+    for row, view in zip(axes, views):
+        sites = site_order(data[data.view == view].site)  # the cls view has no patch_embed
+        for ax, observable in zip(row, observables):
+            for side, label in enumerate(labels):
+                line = data[(data.view == view) & (data.observable == observable) & (data.side == side)].set_index("site").reindex(sites)
+                if not line.value.notna().any():
+                    continue
+                style = SIDE_STYLES[side % 2]
+                x = np.arange(len(sites)) + (0.08 if side else -0.08)
+                err = np.vstack([line.value - line.low, line.high - line.value])
+                ax.errorbar(x, line.value, yerr=np.where(np.isfinite(err), err, 0), color=style["color"], marker=style["marker"],
+                            ms=3.5, lw=1.2, capsize=2, label=label)
+            ax.set_title(f"{LABELS.get(observable, observable)} ({view})", fontsize=9)
+            ax.set_xticks(range(len(sites)), [s.replace("block_", "b") for s in sites], rotation=90, fontsize=7)
+            ax.grid(alpha=0.3)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.02), ncol=2, fontsize=9)
+    fig.suptitle(f"Depth profile at epoch {epoch}, both runs (x: site, from patch embedding to final norm; bars: 95% intervals)")
+    fig.tight_layout()
+    return fig
+
+
+def cross_run_cka(cka: pd.DataFrame, title: str) -> Figure:
+    """Debiased linear CKA between two runs' features at each site: one panel per view, x the sites
+    in forward order, one line per epoch with error bars (1.96 standard errors). `cka` has columns
+    epoch, site, view, cka, se."""
+    views = [v for v in VIEW_TITLES if v in set(cka.view)]
+    epochs = sorted(cka.epoch.unique())
+    cmap = matplotlib.colormaps.get_cmap("plasma")
+    fig = Figure(figsize=(5.6 * max(len(views), 1), 4.2))
+    axes = fig.subplots(1, max(len(views), 1), squeeze=False)
+    for ax, view in zip(axes[0], views):
+        sites = site_order(cka[cka.view == view].site)
+        for i, epoch in enumerate(epochs):
+            line = cka[(cka.view == view) & (cka.epoch == epoch)].set_index("site").reindex(sites)
+            if not line.cka.notna().any():
+                continue
+            err = 1.96 * line.se.to_numpy(dtype=float)
+            ax.errorbar(range(len(sites)), line.cka, yerr=np.where(np.isfinite(err), err, 0), marker="o", ms=3.5, lw=1.3, capsize=2,
+                        color=cmap(i / max(len(epochs) - 1, 1) * 0.85), label=f"epoch {epoch}")
+        ax.set_title(VIEW_TITLES[view])
+        ax.set_xticks(range(len(sites)), [s.replace("block_", "b") for s in sites], rotation=90, fontsize=8)
+        ax.set_ylabel("debiased linear CKA between the runs")
+        ax.axhline(1.0, color="#888", lw=0.8, ls=":")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -574,3 +574,15 @@ def resumable(run_id: str, parent_run_id: str) -> bool:
 
 def is_finished(run) -> bool:
     return run.info.status == RunStatus.to_string(RunStatus.FINISHED)
+
+
+def open_linked_run(beside_run_id: str, run_name: str, tags: dict[str, Any]) -> str:
+    """A run that records something about several runs at once (a comparison of two runs) without
+    being the child of any of them: the launcher run under `mlflow run`, else a new run in the
+    experiment of `beside_run_id`. Tagged with `tags`; never given mlflow.parentRunId."""
+    run_id = launcher_run_id()
+    if not run_id:
+        experiment = get_run(beside_run_id).info.experiment_id
+        run_id = MlflowClient().create_run(experiment, run_name=run_name or None).info.run_id
+    set_tags(run_id, tags)
+    return run_id
