@@ -357,12 +357,12 @@ def _report(a: Analysis, title: str, figure_groups: dict[str, list[Path]], folde
         counts = a.everywhere.pivot_table(index="finding", columns="verdict", values="site", aggfunc="count", fill_value=0)
         counts = counts.reindex(columns=list(verdict_color), fill_value=0).reset_index()
         md += ["", "## Everywhere: site/views per verdict (Benjamini-Hochberg)", "",
-               counts.to_markdown(index=False) if _has_tabulate() else counts.to_string(index=False)]
+               markdown_table(counts)]
         h += ["<h2>Everywhere: site/views per verdict (Benjamini-Hochberg)</h2>", counts.to_html(index=False),
               "<p>Per site/view: tables/everywhere.csv.</p>"]
     columns = ["site", "view", "observable", "first", "last", "change", "change_se", "change_p", "kendall_tau", "trend_p", "p"]
     top = a.trends.sort_values("p").head(15)[columns]
-    md += ["", "## Most significant changes", "", top.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else top.to_string(index=False)]
+    md += ["", "## Most significant changes", "", markdown_table(top)]
     h += ["<h2>Most significant changes</h2>", top.to_html(index=False, float_format=lambda x: f"{x:.4g}"),
           "<p>All tests: tables/trends.csv; all values and standard errors: tables/geometry.csv.</p>"]
     def add_figures(groups: dict[str, list[Path]], level: str) -> None:
@@ -400,13 +400,13 @@ def _html_figure(path: Path) -> str:
     return f"<img alt='{html.escape(path.stem)}' src='data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}'>"
 
 
-def _has_tabulate() -> bool:
+def markdown_table(table: pd.DataFrame) -> str:
+    """A Markdown table (pandas' to_markdown needs tabulate, the `report` extra), else the plain
+    text table in a code block, which keeps its columns."""
     try:
-        import tabulate  # noqa: F401
-
-        return True
+        return table.to_markdown(index=False, floatfmt=".4g")
     except ImportError:
-        return False
+        return "```\n" + table.to_string(index=False) + "\n```"
 
 
 # --------------------------------------------------------------------------------------------------

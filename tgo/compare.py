@@ -77,7 +77,7 @@ from tqdm.auto import tqdm
 
 import tgo
 from tgo import plots, tracking, uncertainty
-from tgo.analysis import AnalysisError, _has_tabulate, _html_figure, read_evidence
+from tgo.analysis import AnalysisError, _html_figure, markdown_table, read_evidence
 from tgo.findings import ALPHA, Replicates, benjamini_hochberg
 from tgo.keys import site_order
 from tgo.spectral import OBSERVABLE_NAMES
@@ -426,11 +426,6 @@ def _fmt(x: float) -> str:
     return "nan" if x is None or not np.isfinite(x) else f"{x:.4g}"
 
 
-def _table_text(table: pd.DataFrame) -> str:
-    """A Markdown table (tabulate), else the plain text table in a code block, which keeps its columns."""
-    return table.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else "```\n" + table.to_string(index=False) + "\n```"
-
-
 def _method_text(c: Comparison) -> str:
     if c.method == "jackknife":
         text = ("One run per side: each difference b - a is tested against its jackknife standard error over the probe's "
@@ -486,15 +481,15 @@ def _report(c: Comparison, sides: tuple[_Side, _Side], figure_groups: dict[str, 
     by_site = _by_site(c.differences, last)
     if len(by_site):
         md += [f"## Sites at epoch {last}", "", "Per site and view: significant differences among the observables tested there.", "",
-               _table_text(by_site), ""]
-    md += [f"## What differs at epoch {last}", "", _table_text(top) if len(top) else "Nothing differs significantly.", ""]
+               markdown_table(by_site), ""]
+    md += [f"## What differs at epoch {last}", "", markdown_table(top) if len(top) else "Nothing differs significantly.", ""]
     if len(c.differing) > len(top):
         md += [f"({len(c.differing) - len(top)} more in tables/differences.csv.)", ""]
     md += ["**Method.** " + _method_text(c), ""]
     if len(cka_view):
         md += [f"## CKA between the runs at epoch {int(cka_last.epoch.iloc[0])}", "",
                "Debiased linear CKA between run A's and run B's features of the same probe images (1: alike up to a rotation "
-               "and scale); standard errors in tables/cka.csv.", "", _table_text(cka_view), ""]
+               "and scale); standard errors in tables/cka.csv.", "", markdown_table(cka_view), ""]
     h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
          "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
          "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}"
