@@ -69,46 +69,52 @@ def _blocks(sites: list[str]) -> list[str]:
     return [s for s in sites if s.startswith("block_")]
 
 
-def site_similarity(kept: dict[int, KeptEpoch], views: tuple[str, ...] = ("mean", "cls")) -> pd.DataFrame:
+def prepared(kept: dict[int, KeptEpoch], views: tuple[str, ...] = ("mean", "cls")) -> dict[tuple[int, str, str], similarity.Representation]:
+    """(epoch, site, view) -> the features prepared once (centred, own HSIC, SVCCA basis) for the
+    many comparisons of `site_similarity` and `epoch_similarity`."""
+    return {(epoch, site, view): similarity.Representation.of(x)
+            for epoch, k in kept.items() for (site, view), x in k.features.items() if view in views}
+
+
+def site_similarity(kept: dict[int, KeptEpoch], views: tuple[str, ...] = ("mean", "cls"),
+                    reps: dict | None = None) -> pd.DataFrame:
     """Debiased linear CKA and SVCCA between every pair of sites at each kept epoch, per view:
     columns epoch, view, site_a, site_b, cka, svcca (both orders, so that a pivot gives the S x S
-    matrix; NaN where a site has no variance, as pos_embed/cls)."""
+    matrix; NaN where a site has no variance, as pos_embed/cls). `reps`: from `prepared`."""
+    reps = prepared(kept, views) if reps is None else reps
     rows = []
     for epoch, k in sorted(kept.items()):
         for view in views:
-            sites = [s for s in k.sites if (s, view) in k.features]
-            xs = [k.features[(s, view)] for s in sites]
-            if len(xs) < 2:
-                continue
-            cka, svcca = similarity.cka_matrix(xs), similarity.svcca_matrix(xs)
-            rows += [(epoch, view, a, b, cka[i, j], svcca[i, j]) for i, a in enumerate(sites) for j, b in enumerate(sites)]
+            sites = [s for s in k.sites if (epoch, s, view) in reps]
+            for i, a in enumerate(sites):
+                for b in sites[i:]:
+                    ra, rb = reps[(epoch, a, view)], reps[(epoch, b, view)]
+                    cka = 1.0 if a == b and ra.hsic > 0 else similarity.cka_between(ra, rb)
+                    svcca = similarity.svcca_between(ra, rb)
+                    rows += [(epoch, view, a, b, cka, svcca)] + ([(epoch, view, b, a, cka, svcca)] if a != b else [])
     return pd.DataFrame(rows, columns=["epoch", "view", "site_a", "site_b", "cka", "svcca"])
 
 
-def epoch_similarity(kept: dict[int, KeptEpoch], views: tuple[str, ...] = ("mean", "cls")) -> pd.DataFrame:
+def epoch_similarity(kept: dict[int, KeptEpoch], views: tuple[str, ...] = ("mean", "cls"),
+                     reps: dict | None = None) -> pd.DataFrame:
     """For each site and view at each kept epoch: debiased CKA with itself at the last kept epoch
     (cka_last, and svcca_last), at the previous kept epoch (cka_previous) and at the first
     (cka_first). Columns epoch, site, view, cka_last, svcca_last, cka_previous, cka_first."""
+    reps = prepared(kept, views) if reps is None else reps
     epochs = sorted(kept)
     rows = []
-    if not epochs:
-        return pd.DataFrame(rows, columns=["epoch", "site", "view", "cka_last", "svcca_last", "cka_previous", "cka_first"])
-    first, last = kept[epochs[0]], kept[epochs[-1]]
     for i, epoch in enumerate(epochs):
-        k = kept[epoch]
-        for (site, view), x in k.features.items():
-            if view not in views:
-                continue
-            x = x.astype(np.float64)
+        for site, view in (key for key in kept[epoch].features if key[1] in views):
+            here = reps[(epoch, site, view)]
 
-            def against(other: KeptEpoch | None) -> float:
-                y = other.features.get((site, view)) if other is not None else None
-                return similarity.linear_cka(x, y.astype(np.float64)) if y is not None and len(y) == len(x) else np.nan
+            def against(other: int | None, measure=similarity.cka_between) -> float:
+                there = reps.get((other, site, view)) if other is not None else None
+                if there is None or there.centred.shape[0] != here.centred.shape[0]:
+                    return np.nan
+                return measure(here, there)
 
-            y_last = last.features.get((site, view))
-            rows.append((epoch, site, view, against(last),
-                         similarity.svcca(x, y_last.astype(np.float64)) if y_last is not None and len(y_last) == len(x) else np.nan,
-                         against(kept[epochs[i - 1]] if i else None), against(first)))
+            rows.append((epoch, site, view, against(epochs[-1]), against(epochs[-1], similarity.svcca_between),
+                         against(epochs[i - 1] if i else None), against(epochs[0])))
     return pd.DataFrame(rows, columns=["epoch", "site", "view", "cka_last", "svcca_last", "cka_previous", "cka_first"])
 
 

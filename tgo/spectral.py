@@ -320,7 +320,7 @@ def mean_abs_correlation(covariance: np.ndarray) -> float:
     corr *= inv_sd[None, :]
     np.minimum(corr, 1.0, out=corr)
     off_diagonal_sum = corr.sum() - np.trace(corr)
-    return float(off_diagonal_sum / (d * (d - 1)))
+    return float(min(off_diagonal_sum / (d * (d - 1)), 1.0))  # a mean of values <= 1 can round to 1 + eps
 
 
 # --------------------------------------------------------------------------------------------------
