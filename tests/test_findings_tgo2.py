@@ -102,3 +102,35 @@ def test_finding_8_says_stays_at_most_5_percent_of_the_time_when_it_fell_by_the_
     assert [_finding8(rng, 0.0) for _ in range(20)].count("supported") >= 18  # no fall: stays
     assert [_finding8(rng, 0.2) for _ in range(20)].count("contradicted") >= 18  # a clear fall
     assert F.finding8("block_11", (0, 9), (0.6, 0.6), (None, None)).verdict == "inconclusive"
+
+
+def test_findings_6_to_8_across_seeds_by_the_same_rules():
+    """A sweep's verdict on findings 6-8: each seed's effect (finding 6: last minus first block's
+    CKA; 7: rise and bend; 8: the change plus the margin) with a one-sample t test across seeds
+    (scipy), Holm across a finding's observables; finding 7 needs both rise and bend."""
+    import pandas as pd
+    import scipy.stats
+
+    rng = np.random.default_rng(4)
+    per_seed = {}
+    for seed in range(4):
+        j = specialisation(_blocks_run(rng, np.linspace(0.2, 2.0, 6)))
+        _, i = intrinsic_dimension(_id_run(rng, [1, 5, 5], n=300), jackknife_at=("final", "cls"))
+        per_seed[seed] = [F.finding6(j.places, j.values, j.replicates), F.finding7(i.places, i.values, i.replicates, "final/cls"),
+                          F.finding8("block_11", (0, 9), (0.6, 0.6 - 0.01 * seed), (np.full(5, 0.6), np.full(5, 0.6) - 0.01 * seed))]
+    rows = [dict(r, seed=s) for s, found in per_seed.items() for r in F.seed_effects(found)]
+    table = F.across_seeds(pd.DataFrame(rows))
+    six = table[table.finding == 6].iloc[0]
+    effects = [next(t["change"] for t in found[0].tests if t["observable"] == "last_minus_first_block") for found in per_seed.values()]
+    assert six["mean"] == pytest.approx(np.mean(effects)) and six.p == pytest.approx(scipy.stats.ttest_1samp(effects, 0).pvalue)
+    assert six.verdict == "supported" and six.supported == 4
+    seven = table[table.finding == 7]
+    assert set(seven.observable) == {"rise", "bend"} and (seven.verdict == "supported").all()
+    eight = table[table.finding == 8].iloc[0]
+    assert eight["mean"] == pytest.approx(F.TOKEN_MARGIN - 0.015)  # changes 0, -0.01, -0.02, -0.03
+    # Finding 7 across seeds is not supported by a rise alone.
+    only_rise = [{"finding": 7, "observable": "rise", "effect": e, "expected": 1, "verdict": "inconclusive", "seed": s}
+                 for s, e in enumerate([3.0, 3.2, 2.9, 3.1])]
+    only_rise += [{"finding": 7, "observable": "bend", "effect": e, "expected": 1, "verdict": "inconclusive", "seed": s}
+                  for s, e in enumerate([0.5, -0.4, 0.2, -0.3])]
+    assert (F.across_seeds(pd.DataFrame(only_rise)).verdict == "inconclusive").all()

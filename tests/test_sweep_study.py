@@ -75,6 +75,7 @@ def test_two_workers_on_one_journal_run_each_seed_once_and_aggregate(store, tmp_
     names = {a.path for a in client.list_artifacts(parent, "figures")}
     assert "figures/seeds_effective_rank.pdf" in names  # figure_format=pdf
     assert "seeds/finding/1/sign_test_p" in client.get_run(parent).data.metrics
+    assert {f"seeds/finding/{n}" for n in (6, 7, 8)} <= set(client.get_run(parent).data.metrics)  # TGO-II too
     # One verdict across seeds: the mean of the seeds' first-to-last changes with its t interval,
     # checked against numpy on the children's histories.
     assert client.get_run(parent).data.metrics["seeds/finding/1"] in (-1.0, 0.0, 1.0)

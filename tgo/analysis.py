@@ -143,10 +143,16 @@ def read_geometry(run_id: str, folder: str | Path) -> tuple[pd.DataFrame, str]:
     return table, source
 
 
+def read_spectra(run_id: str, folder: str | Path) -> tuple[pd.DataFrame, str, dict[int, ProbeResult]]:
+    """(geometry table, source, every epoch's spectra) of a run (spectra empty when read from its
+    metric histories)."""
+    return _read(tracking.get_run(run_id), Path(folder))
+
+
 def read_evidence(run_id: str, folder: str | Path):
     """(geometry table, source, jackknife replicates, head view) of a run, what `tgo.findings.judge`
     needs."""
-    table, source, spectra = _read(tracking.get_run(run_id), Path(folder))
+    table, source, spectra = read_spectra(run_id, folder)
     return table, source, replicates_of(spectra), head_of(spectra)
 
 
@@ -197,18 +203,24 @@ class SecondStudy:
     notes: list[str]
 
 
-def second_study(kept: dict[int, representations.KeptEpoch], spectra: dict[int, ProbeResult], weights: pd.DataFrame,
-                 head: tuple[str, str]) -> SecondStudy:
+def second_study(kept: dict[int, representations.KeptEpoch], spectra: dict[int, ProbeResult], weights: pd.DataFrame | None,
+                 head: tuple[str, str], findings_only: bool = False) -> SecondStudy:
     """Findings 6-8 and their tables from a run's kept features (`tgo.representations.read_kept`),
-    its spectra (token interaction) and its weight spectra (`weight_table`)."""
-    notes, tables = [], {"weights": weights}
+    its spectra (token interaction) and its weight spectra (`weight_table`; None: not read).
+    findings_only: skip what the findings do not use (the site x site and epoch similarity tables,
+    the intrinsic dimension of the other sites), as a sweep's aggregate does for every seed."""
+    notes, tables = [], {} if weights is None else {"weights": weights}
     tokens = token_table(spectra)
     tables["tokens"] = tokens
     if len(kept) >= 2:
-        tables["site_similarity"] = representations.site_similarity(kept)
-        tables["epoch_similarity"] = representations.epoch_similarity(kept)
         at = head if head in kept[max(kept)].features else ("final", "mean")
-        tables["intrinsic_dim"], id_jack = representations.intrinsic_dimension(kept, jackknife_at=at)
+        if findings_only:  # the intrinsic dimension at `at` only
+            kept_at = {e: representations.KeptEpoch({at: k.features[at]}, k.rows) for e, k in kept.items() if at in k.features}
+            tables["intrinsic_dim"], id_jack = representations.intrinsic_dimension(kept_at, jackknife_at=at)
+        else:
+            tables["site_similarity"] = representations.site_similarity(kept)
+            tables["epoch_similarity"] = representations.epoch_similarity(kept)
+            tables["intrinsic_dim"], id_jack = representations.intrinsic_dimension(kept, jackknife_at=at)
         spec = representations.specialisation(kept)
         tables["specialisation"] = pd.DataFrame({"site": spec.places, "cka_first_last": spec.values, "se": spec.se})
         found = [F.finding6(spec.places, spec.values, spec.replicates),
@@ -254,7 +266,8 @@ def _second_study_figures(study: SecondStudy, label: str, figdir: Path, figure_f
         groups["Token interaction"].append(plots.save(plots.per_site_over_epochs(
             t["tokens"], "mean_cosine", "mean cosine of distinct patch tokens", f"Token interaction over training - {label}", se="se"),
             figdir / f"token_interaction.{figure_format}"))
-    alpha = t["weights"][t["weights"].observable == "alpha"].dropna(subset=["value"]) if len(t["weights"]) else t["weights"]
+    weights = t.get("weights", pd.DataFrame(columns=["observable", "value"]))
+    alpha = weights[weights.observable == "alpha"].dropna(subset=["value"])
     if len(alpha):
         groups["Weight spectra"].append(plots.save(plots.per_site_over_epochs(
             alpha, "value", "WeightWatcher alpha", f"Power-law exponent of the weight spectra - {label}", panel="kind"),

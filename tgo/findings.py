@@ -403,6 +403,8 @@ def across_seeds(per_seed: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
         adjusted = holm(np.array([o["p"] for o in obs]))
         n_for = sum(bool(pa < alpha and np.sign(o["mean"]) == o["expected"]) for o, pa in zip(obs, adjusted))
         n_against = sum(bool(pa < alpha and np.sign(o["mean"]) == -o["expected"]) for o, pa in zip(obs, adjusted))
+        if number in JOINT_FINDINGS and n_for < len(obs):  # supported only when every part is (finding 7)
+            n_for = 0
         seeds = part.drop_duplicates("seed")
         sup, con = int((seeds.verdict == "supported").sum()), int((seeds.verdict == "contradicted").sum())
         sign_p = scipy.stats.binomtest(sup, sup + con, 0.5, alternative="greater").pvalue if sup + con else 1.0
@@ -421,6 +423,15 @@ def seed_effects(findings_of_seed: list[Finding]) -> list[dict]:
             for r in f.tests:
                 rows.append({"finding": f.number, "observable": r["observable"], "effect": r["change"],
                              "expected": r["expected"], "verdict": f.verdict})
+        elif f.number == 6:  # the last block's CKA minus the first's
+            rows += [{"finding": 6, "observable": r["observable"], "effect": r["change"], "expected": -1, "verdict": f.verdict}
+                     for r in f.tests if r["observable"] == "last_minus_first_block"]
+        elif f.number == 7:  # the rise and the bend
+            rows += [{"finding": 7, "observable": r["observable"], "effect": r["value"], "expected": 1, "verdict": f.verdict}
+                     for r in f.tests if r["observable"] in ("rise", "bend")]
+        elif f.number == 8:  # the change plus the margin: positive when the fall is smaller than the margin
+            rows += [{"finding": 8, "observable": "token_cosine_change_plus_margin", "effect": r["value"] + TOKEN_MARGIN,
+                      "expected": 1, "verdict": f.verdict} for r in f.tests if r["observable"] == "token_cosine_change"]
         elif f.number == 5:
             for name, direction in FINDING5_OBSERVABLES.items():
                 tests = [t for t in f.tests if t["observable"] == name]
@@ -440,6 +451,7 @@ FINDING6 = "Later layers specialise more: the deeper a block, the further traini
 FINDING7 = "Intrinsic dimension rises, then settles"
 FINDING8 = "Token interaction stays strong: the deepest block's patch tokens stay as alike as at initialisation"
 TOKEN_MARGIN = 0.05  # finding 8: a fall of mean token cosine by less than this counts as staying
+JOINT_FINDINGS = {7}  # across seeds, supported only when every observable moved as expected (rise and bend)
 METHOD_TGO2 = (
     "Standard errors come from the same delete-one-fold jackknife as TGO-I's (the probe's K folds; "
     "CKA and TwoNN recomputed without each fold), paired wherever two numbers share the probe's images, "

@@ -36,7 +36,7 @@ import scipy.stats
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from tgo import analysis, findings, plots, tracking, train
+from tgo import analysis, findings, plots, representations, tracking, train
 from tgo.config import ConfigError, from_dict, from_overrides
 from tgo.keys import metric_key, site_order
 from tgo.storage import mark_worker, mask_url, open_storage, reclaim_dead_trials
@@ -195,8 +195,9 @@ def summarise(per_seed: pd.DataFrame, group: Sequence[str]) -> pd.DataFrame:
 
 
 def finding_counts(seed_findings: dict[int, list[findings.Finding]]) -> pd.DataFrame:
-    """Per TGO-I finding across seeds (`tgo.findings.across_seeds`): per observable, the mean of the
-    seeds' effects (first-to-last change; finding 5: the head's margin over the nearest site) with
+    """Per finding across seeds (`tgo.findings.across_seeds`; TGO-I's 1-5 and TGO-II's 6-8): per
+    observable, the mean of the seeds' effects (first-to-last change; finding 5: the head's margin
+    over the nearest site; findings 6-8: `tgo.findings.seed_effects`) with
     its t interval and test, Holm across the finding's observables, one verdict across seeds by the
     rules of a single run; and the seeds that support, contradict or are mixed on it with the
     one-sided sign test of supported against contradicted (H0: each is equally likely)."""
@@ -209,8 +210,11 @@ def aggregate_into(parent: str, seed_runs: dict[int, str], figure_format: str = 
     folder = Path(tempfile.mkdtemp(prefix="tgo-sweep-"))
     tables, seed_findings = [], {}
     for seed, run_id in tqdm(sorted(seed_runs.items()), desc="reading seeds", unit="run", disable=None):
-        geometry, _, replicates, head = analysis.read_evidence(run_id, folder / run_id)
-        seed_findings[seed] = findings.judge(geometry, replicates, head)
+        geometry, _, spectra = analysis.read_spectra(run_id, folder / run_id)
+        replicates, head = analysis.replicates_of(spectra), analysis.head_of(spectra)
+        kept = representations.read_kept(run_id, folder / run_id / "features")
+        second = analysis.second_study(kept, spectra, None, head, findings_only=True)  # TGO-II: findings 6-8
+        seed_findings[seed] = findings.judge(geometry, replicates, head) + second.findings
         geometry = geometry.drop(columns="se")
         scalars = analysis.scalar_table(run_id, analysis.SCALARS).rename(columns={"key": "observable"})
         scalars["site"], scalars["view"] = "", ""
