@@ -218,8 +218,9 @@ def second_study(kept: dict[int, representations.KeptEpoch], spectra: dict[int, 
             kept_at = {e: representations.KeptEpoch({at: k.features[at]}, k.rows) for e, k in kept.items() if at in k.features}
             tables["intrinsic_dim"], id_jack = representations.intrinsic_dimension(kept_at, jackknife_at=at)
         else:
-            tables["site_similarity"] = representations.site_similarity(kept)
-            tables["epoch_similarity"] = representations.epoch_similarity(kept)
+            prepared = representations.prepared(kept)  # each epoch, site and view prepared once for both tables
+            tables["site_similarity"] = representations.site_similarity(kept, reps=prepared)
+            tables["epoch_similarity"] = representations.epoch_similarity(kept, reps=prepared)
             tables["intrinsic_dim"], id_jack = representations.intrinsic_dimension(kept, jackknife_at=at)
         spec = representations.specialisation(kept)
         tables["specialisation"] = pd.DataFrame({"site": spec.places, "cka_first_last": spec.values, "se": spec.se})
