@@ -31,6 +31,9 @@ SKIP = {
     "/data/": "needs ImageNet on this machine",
     "db-host": "needs a PostgreSQL server on another host",
     "...": "has a value for the reader to fill in",
+    # The same analysis of the same run as the `mlflow run . -e analyze` line before it (which is run);
+    # the `tgo analyze` command itself is run by tests/test_scale_out.py against a tracking server.
+    "tgo analyze <run_id>": "the same analysis as the mlflow run line above it",
 }
 SMOKE = ("-e train", "-e sweep", "-e study", "tgo train --preset", "tgo sweep", "tgo study")
 
