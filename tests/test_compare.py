@@ -67,7 +67,8 @@ def test_paired_standard_error_is_the_jackknife_of_the_fold_differences():
     (ga, ra), (gb, rb) = _pair(rng, shift=0.3, shared=3.0)
     paired = run_differences(ga, gb, ra, rb, paired=True).set_index(["site", "view", "observable"])
     independent = run_differences(ga, gb, ra, rb, paired=False).set_index(["site", "view", "observable"])
-    assert set(paired.index.get_level_values("observable")) == set(TESTED)  # n_components_* left out
+    # n_components_* left out (TESTED also names the tokens view's mean_cosine, which these runs lack)
+    assert set(paired.index.get_level_values("observable")) == set(TESTED) - {"mean_cosine"}
     for site, view in SITES:
         for name in ("effective_rank", "alpha"):
             col = OBSERVABLE_NAMES.index(name)
@@ -275,6 +276,18 @@ def test_tgo_compare_logs_a_comparison_run_that_links_both(two_runs, capsys):
     assert "What differs at epoch 1" in report and "seed-to-seed" in report and "CKA between the runs" in report
     table = pd.read_csv(folder / "ab" / "tables" / "differences.csv")
     assert set(table.epoch) == {0, 1} and (table.method == "paired jackknife").all()  # the same probe images and folds
+    # Token interaction (TGO-II) is tested beside the observables, with its own paired jackknife:
+    # against numpy on the two runs' spectra files.
+    from tgo.probe import ProbeResult
+    from tgo.tracking import download
+
+    tokens = table[(table.view == "tokens") & (table.epoch == 1)].set_index("site")
+    assert set(tokens.index) == {"patch_embed", "pos_embed", "block_00", "block_01", "final"}
+    ra, rb = (ProbeResult.load(download(r, "geometry/spectra/epoch_0001.npz", folder / f"tok_{r}")) for r in (a, b))
+    d = rb.tokens["final"] - ra.tokens["final"]
+    se = uncertainty.jackknife_se(rb.token_replicates["final"] - ra.token_replicates["final"])
+    assert tokens.loc["final", "difference"] == pytest.approx(d) and tokens.loc["final", "se"] == pytest.approx(se)
+    assert tokens.loc["final", "p"] == pytest.approx(float(uncertainty.t_test(d, se, K)))
 
 
 def test_a_run_compared_with_itself_differs_nowhere_and_has_cka_1_at_every_site(two_runs):

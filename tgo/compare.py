@@ -15,8 +15,9 @@ latest comparison, when a run is compared several times). Bad input writes nothi
 
 Matched epochs are those every compared run probed. At each, for every site, view and observable
 (`tgo.spectral.OBSERVABLE_NAMES` less the integer-valued n_components_*, which have step-like
-replicates, and less the views without variance at every epoch, such as pos_embed/cls), the
-difference d = b - a is tested:
+replicates, and less the views without variance at every epoch, such as pos_embed/cls), and for
+each site's token interaction (TGO-II: view `tokens`, observable `mean_cosine`, with its own
+jackknife replicates), the difference d = b - a is tested:
 
 - One run per side: the jackknife over the probe's K folds (`tgo.uncertainty`). When both runs
   were probed on the same images with the same folds (equal `tgo.probe_fingerprint` tags, probe
@@ -77,12 +78,13 @@ from tqdm.auto import tqdm
 
 import tgo
 from tgo import plots, tracking, uncertainty
-from tgo.analysis import AnalysisError, _html_figure, markdown_table, read_evidence
+from tgo.analysis import AnalysisError, _html_figure, head_of, markdown_table, read_spectra, replicates_of
 from tgo.findings import ALPHA, Replicates, benjamini_hochberg
 from tgo.keys import site_order
 from tgo.spectral import OBSERVABLE_NAMES
 
-TESTED = tuple(o for o in OBSERVABLE_NAMES if not o.startswith("n_components_"))
+TOKENS_VIEW, TOKENS_OBSERVABLE = "tokens", "mean_cosine"  # token interaction (TGO-II), tested beside the observables
+TESTED = tuple(o for o in OBSERVABLE_NAMES if not o.startswith("n_components_")) + (TOKENS_OBSERVABLE,)
 KEY_OBSERVABLES = ("effective_rank", "spectral_entropy", "spectral_anisotropy", "participation_ratio")
 KEYS = ["epoch", "site", "view", "observable"]
 COLUMNS = [*KEYS, "a", "b", "difference", "relative", "se", "se_a", "se_b", "sd_a", "sd_b", "n_a", "n_b", "df", "t",
@@ -162,7 +164,7 @@ def run_differences(geometry_a: pd.DataFrame, geometry_b: pd.DataFrame, replicat
     Args:
         geometry_a, geometry_b: geometry tables (epoch, site, view, observable, value, se).
         replicates_a, replicates_b: (site, view) -> epoch -> (K, len(OBSERVABLE_NAMES)) jackknife
-            replicates (`tgo.analysis.replicates_of`); they give K, and the paired standard error.
+            replicates ((K, 1) for the tokens view, `with_tokens`) (`tgo.analysis.replicates_of`); they give K, and the paired standard error.
         paired: both runs were probed on the same images with the same folds: pair the replicates
             fold by fold where both have them with the same K.
         epochs: the epochs to test (default: those both tables have).
@@ -190,7 +192,8 @@ def run_differences(geometry_a: pd.DataFrame, geometry_b: pd.DataFrame, replicat
             continue
         m.loc[rows, "folds"] = min(ks)
         if paired and ra is not None and rb is not None and ra.shape == rb.shape:
-            cols = [column[o] for o in m.loc[rows, "observable"]]
+            # token interaction's replicates are one column (K, 1); the observables', OBSERVABLE_NAMES
+            cols = [column[o] for o in m.loc[rows, "observable"]] if ra.shape[1] > 1 else [0] * len(rows)
             m.loc[rows, "se"] = uncertainty.paired_se(ra[:, cols], rb[:, cols])
             m.loc[rows, "method"] = "paired jackknife"
     m["df"] = m.folds - 1
@@ -392,17 +395,33 @@ def _resolve(run_id: str, which: str) -> _Side:
     return _Side(run_id, run, [run], name)
 
 
+def with_tokens(table: pd.DataFrame, replicates: dict, spectra: Mapping[int, object]) -> tuple[pd.DataFrame, dict]:
+    """A geometry table and its replicates with each site's token interaction added as the view
+    `tokens`, observable `mean_cosine` (replicates (K, 1)), so that it is tested like the rest."""
+    rows, reps = [], dict(replicates)
+    for epoch, result in spectra.items():
+        for site, value in result.tokens.items():
+            r = result.token_replicates.get(site)
+            rows.append((epoch, site, TOKENS_VIEW, TOKENS_OBSERVABLE, value, float(uncertainty.jackknife_se(r)) if r is not None else np.nan))
+            if r is not None:
+                reps.setdefault((site, TOKENS_VIEW), {})[epoch] = np.asarray(r, float)[:, None]
+    tokens = pd.DataFrame(rows, columns=["epoch", "site", "view", "observable", "value", "se"])
+    return (pd.concat([table, tokens], ignore_index=True) if len(tokens) else table), reps
+
+
 def _read_side(side: _Side, which: str, folder: Path) -> None:
     for run in side.runs:
         run_id = run.info.run_id
         try:
-            table, _, replicates, head = read_evidence(run_id, folder / run_id)
+            table, _, spectra = read_spectra(run_id, folder / run_id)
         except AnalysisError as err:
             raise CompareError(f"{which}: {err}") from None
         if table.empty:
             raise CompareError(f"{which}: run {run_id} has no epochs of geometry yet; compare it once it has probed an epoch.")
+        table, replicates = with_tokens(table, replicates_of(spectra), spectra)
         side.tables.append(table)
         side.replicates.append(replicates)
+        head = head_of(spectra)
     side.head = head  # the last run read; every seed of a sweep has the same model
 
 
