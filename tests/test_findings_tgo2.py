@@ -134,3 +134,34 @@ def test_findings_6_to_8_across_seeds_by_the_same_rules():
     only_rise += [{"finding": 7, "observable": "bend", "effect": e, "expected": 1, "verdict": "inconclusive", "seed": s}
                   for s, e in enumerate([0.5, -0.4, 0.2, -0.3])]
     assert (F.across_seeds(pd.DataFrame(only_rise)).verdict == "inconclusive").all()
+
+
+def test_what_cannot_be_measured_is_named_and_a_late_baseline_is_said():
+    nan_block = F.finding6(["block_00", "block_01", "block_02"], np.array([0.9, np.nan, 0.5]), None, epochs=(0, 8))
+    assert nan_block.verdict == "inconclusive" and "block_01" in nan_block.evidence and "two kept epochs" not in nan_block.evidence
+    late = F.finding6(["block_00", "block_01"], np.array([0.9, 0.5]), np.array([[0.9, 0.91, 0.89], [0.5, 0.52, 0.49]]), epochs=(4, 8))
+    assert "from epoch 4 to epoch 8" in late.evidence and "not the initialisation" in late.evidence
+    no_id = F.finding7([0, 2, 4], np.array([5.0, np.nan, 6.0]), np.ones((3, 5)), "final/cls")
+    assert no_id.verdict == "inconclusive" and "could not be measured" in no_id.evidence
+    tokens = F.finding8("block_01", (2, 9), (0.5, 0.5), (np.full(5, 0.5), np.full(5, 0.5) + np.linspace(0, 0.01, 5)))
+    assert "not the initialisation" in tokens.evidence
+
+
+def test_tiny_probe_sets_give_nan_replicates_not_a_crash():
+    from tgo.similarity import Representation, cka_between, jackknife, linear_cka
+
+    rng = np.random.default_rng(7)
+    x, y = rng.normal(size=(6, 3)), rng.normal(size=(6, 3))
+    full, reps = jackknife(linear_cka, np.array([0, 0, 0, 1, 1, 1]), 2, x, y)  # 3 images per replicate: below CKA's 4
+    assert np.isfinite(full) and np.isnan(reps).all()
+    assert np.isnan(cka_between(Representation.of(x[:3]), Representation.of(y[:3])))
+
+
+def test_rows_saved_rank_after_rank_are_put_back_in_probe_set_order():
+    from tgo.representations import shard_positions
+
+    np.testing.assert_array_equal(shard_positions(7, 2), [0, 2, 4, 6, 1, 3, 5])  # rank 0: 0, 2, 4, 6; rank 1: 1, 3, 5
+    images = np.arange(7)
+    saved = np.concatenate([images[0::2], images[1::2]])  # what two ranks gathered
+    np.testing.assert_array_equal(saved[np.argsort(shard_positions(7, 2), kind="stable")], images)
+    np.testing.assert_array_equal(shard_positions(5, 1), np.arange(5))

@@ -218,13 +218,11 @@ def second_study(kept: dict[int, representations.KeptEpoch], spectra: dict[int, 
             kept_at = {e: representations.KeptEpoch({at: k.features[at]}, k.rows) for e, k in kept.items() if at in k.features}
             tables["intrinsic_dim"], id_jack = representations.intrinsic_dimension(kept_at, jackknife_at=at)
         else:
-            prepared = representations.prepared(kept)  # each epoch, site and view prepared once for both tables
-            tables["site_similarity"] = representations.site_similarity(kept, reps=prepared)
-            tables["epoch_similarity"] = representations.epoch_similarity(kept, reps=prepared)
+            tables["site_similarity"], tables["epoch_similarity"] = representations.similarity_tables(kept)
             tables["intrinsic_dim"], id_jack = representations.intrinsic_dimension(kept, jackknife_at=at)
         spec = representations.specialisation(kept)
         tables["specialisation"] = pd.DataFrame({"site": spec.places, "cka_first_last": spec.values, "se": spec.se})
-        found = [F.finding6(spec.places, spec.values, spec.replicates),
+        found = [F.finding6(spec.places, spec.values, spec.replicates, epochs=spec.epochs),
                  F.finding7(id_jack.places, id_jack.values, id_jack.replicates, "/".join(at))]
         if any(k.rows is None for k in kept.values()):
             notes.append("Some kept features were saved without their folds (before tgo kept them): findings 6 and 7 "

@@ -476,7 +476,14 @@ def _one_test(d: float, reps: np.ndarray | None) -> tuple[float, float]:
     return se, float(uncertainty.t_test(d, se, len(reps)))
 
 
-def finding6(blocks: list[str], values: np.ndarray, replicates: np.ndarray | None, alpha: float = ALPHA) -> Finding:
+def _baseline(first_epoch: int) -> str:
+    """What the evidence says when the first epoch measured is not the initialisation (a run resumed
+    from before tgo kept these, or a feature_epochs list without 0)."""
+    return "" if first_epoch == 0 else f" The first epoch measured is {first_epoch}, not the initialisation (epoch 0)."
+
+
+def finding6(blocks: list[str], values: np.ndarray, replicates: np.ndarray | None, alpha: float = ALPHA,
+             epochs: tuple[int, int] = (0, 0)) -> Finding:
     """Finding 6 from each block's debiased CKA between its first and last kept epoch (values, in
     depth order; replicates (B, K)): expected to fall with depth.
 
@@ -485,8 +492,12 @@ def finding6(blocks: list[str], values: np.ndarray, replicates: np.ndarray | Non
     K - 1 degrees of freedom) and Mann-Kendall over the blocks (from 5 blocks on); both must reject
     the same way (`combine`)."""
     values = np.asarray(values, float)
-    if len(values) < 2 or not np.all(np.isfinite(values)):
+    if len(values) < 2:
         return Finding(6, FINDING6, "inconclusive", f"needs two kept epochs and two blocks; have {len(values)} block(s) measured.", "no test")
+    if not np.all(np.isfinite(values)):
+        missing = [b for b, v in zip(blocks, values) if not np.isfinite(v)]
+        return Finding(6, FINDING6, "inconclusive", f"the CKA between epochs {epochs[0]} and {epochs[1]} could not be measured at "
+                       f"{', '.join(missing)} (features without variance).", "no test")
     d = float(values[-1] - values[0])
     se, p_change = _one_test(d, None if replicates is None else replicates[-1] - replicates[0])
     row = {"change": d, "change_se": se, "change_p": p_change, "n_epochs": len(values)}
@@ -497,8 +508,8 @@ def finding6(blocks: list[str], values: np.ndarray, replicates: np.ndarray | Non
     verdict = verdict_of(call == "as expected", call == "against")
     listing = ", ".join(f"{b} {_fmt(v)}" for b, v in zip(blocks, values))
     trend = f"; Kendall tau over depth {_fmt(row['kendall_tau'])} (p {_fmt(row['trend_p'])})" if np.isfinite(row["kendall_tau"]) else ""
-    evidence = (f"Debiased CKA of each block with itself from the first to the last kept epoch: {listing}. "
-                f"Last minus first block {_fmt(d)} +- {_fmt(se)} (p {_fmt(p_change)}){trend}: {call}.")
+    evidence = (f"Debiased CKA of each block with itself from epoch {epochs[0]} to epoch {epochs[1]} (the first and last kept): "
+                f"{listing}. Last minus first block {_fmt(d)} +- {_fmt(se)} (p {_fmt(p_change)}){trend}: {call}.{_baseline(epochs[0])}")
     tests = [{"observable": "cka_first_last", "site": b, "value": float(v)} for b, v in zip(blocks, values)]
     tests.append({"observable": "last_minus_first_block", **row, "p": p, "call": call, "expected": -1})
     return Finding(6, FINDING6, verdict, evidence, method, tests)
@@ -524,14 +535,20 @@ def finding7(epochs: list[int], values: np.ndarray, replicates: np.ndarray | Non
     se_r, p_r = _one_test(r, None if replicates is None else weights_r @ replicates)
     se_b, p_b = _one_test(b, None if replicates is None else weights_b @ replicates)
     e0, e1, e2 = epochs[i], epochs[j], epochs[k]
-    evidence = (f"At {where}: intrinsic dimension {_fmt(values[i])} at epoch {e0}, {_fmt(values[j])} at epoch {e1}, "
+    evidence = (f"At {where}{' (from epoch ' + str(e0) + ', not the initialisation)' if e0 != 0 else ''}: intrinsic dimension {_fmt(values[i])} at epoch {e0}, {_fmt(values[j])} at epoch {e1}, "
                 f"{_fmt(values[k])} at epoch {e2}; rise to the middle epoch {_fmt(r)} +- {_fmt(se_r)} (p {_fmt(p_r)}), "
                 f"bend (rise minus later change) {_fmt(b)} +- {_fmt(se_b)} (p {_fmt(p_b)}).")
     tests = [{"observable": "rise", "value": r, "se": se_r, "p": p_r, "expected": 1},
              {"observable": "bend", "value": b, "se": se_b, "p": p_b, "expected": 1}]
-    if not (np.isfinite(p_r) and np.isfinite(p_b)):
+    if not np.all(np.isfinite(values[[i, j, k]])):
+        return Finding(7, FINDING7, "inconclusive", evidence + " The intrinsic dimension could not be measured at every one of "
+                       "these epochs (features without variance, or fewer than 3 distinct images).", "no test", tests)
+    if replicates is None:
         return Finding(7, FINDING7, "inconclusive", evidence + " No standard errors (features kept without folds, or probe_folds=1).",
                        "no standard errors", tests)
+    if not (np.isfinite(p_r) and np.isfinite(p_b)):
+        return Finding(7, FINDING7, "inconclusive", evidence + " Some leave-one-fold-out estimates could not be measured (too few "
+                       "images per fold for TwoNN): no standard errors.", "no standard errors", tests)
     if r > 0 and b > 0 and max(p_r, p_b) < alpha:
         verdict = "supported"
     else:
@@ -550,7 +567,7 @@ def finding8(site: str, epochs: tuple[int, int], values: tuple[float, float], re
     when d > -margin is shown (one-sided Student t of (d + margin) / se, K - 1 degrees of freedom,
     p < alpha), contradicted when d < -margin is shown the same way, else inconclusive. On a
     network whose token cosine fell by exactly the margin, supported comes out at most alpha of the
-    time (tests/test_findings.py)."""
+    time (tests/test_findings_tgo2.py)."""
     first, last = values
     d = float(last - first)
     rf, rl = replicates
@@ -564,6 +581,6 @@ def finding8(site: str, epochs: tuple[int, int], values: tuple[float, float], re
     p_stays, p_falls = float(scipy.stats.t.sf(t, k - 1)), float(scipy.stats.t.cdf(t, k - 1))
     verdict = "supported" if p_stays < alpha else ("contradicted" if p_falls < alpha else "inconclusive")
     evidence += (f" +- {_fmt(se)}); margin {margin}: a fall smaller than the margin shown with p {_fmt(p_stays)}, "
-                 f"a larger fall with p {_fmt(p_falls)}.")
+                 f"a larger fall with p {_fmt(p_falls)}.{_baseline(epochs[0])}")
     tests = [{"observable": "token_cosine_change", "value": d, "se": se, "margin": margin, "p_stays": p_stays, "p_falls": p_falls}]
     return Finding(8, FINDING8, verdict, evidence, "non-inferiority, paired standard errors", tests)

@@ -235,7 +235,7 @@ def _spread(epochs: Sequence[int], most: int) -> list[int]:
 def similarity_heatmaps(table: pd.DataFrame, view: str, measure: str = "cka", run_label: str = "", most: int = 9) -> Figure:
     """Site x site heat maps of CKA (or SVCCA) at kept epochs (at most `most`, spread from the first
     to the last), one panel per epoch, on one colour scale from 0 to 1. `table`: columns epoch,
-    view, site_a, site_b and the measure (tgo.representations.site_similarity)."""
+    view, site_a, site_b and the measure (tgo.representations.similarity_tables)."""
     data = table[table.view == view]
     epochs = _spread(data.epoch.unique(), most)
     sites = site_order(data.site_a)
@@ -262,7 +262,7 @@ def similarity_heatmaps(table: pd.DataFrame, view: str, measure: str = "cka", ru
 
 def similarity_over_training(table: pd.DataFrame, view: str, run_label: str = "") -> Figure:
     """Each site's CKA with itself at the last kept epoch, and with the previous kept epoch, against
-    epoch (tgo.representations.epoch_similarity); one line per site."""
+    epoch (tgo.representations.similarity_tables); one line per site."""
     data = table[table.view == view]
     sites = site_order(data.site)
     colors = _site_colors(sites)

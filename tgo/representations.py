@@ -6,10 +6,11 @@ At its `feature_epochs` a training run keeps the per-image `cls` and `mean` feat
 and jackknife fold). Everything here is computed from those files after the fact, for any pair of
 sites, epochs or runs, with the estimators of `tgo.similarity`:
 
-- `site_similarity`: debiased linear CKA (and SVCCA) between every pair of sites at each kept
-  epoch, per view: the site x site matrices.
-- `epoch_similarity`: for each site and view, the CKA (and SVCCA) of every kept epoch with the
-  last kept epoch, with the previous kept epoch and with the first (how far training moved it).
+- `similarity_tables`: debiased linear CKA (and SVCCA) between every pair of sites at each kept
+  epoch, per view (the site x site matrices); and for each site and view, the CKA (and SVCCA) of
+  every kept epoch with the last kept epoch, with the previous kept epoch and with the first (how
+  far training moved it).
+- `specialisation`: each block's CKA between the first and last kept epoch, with replicates.
 - `intrinsic_dimension`: TwoNN of each site's cls and mean features at each kept epoch.
 
 Standard errors: the probe deals its images into K folds (`tgo.uncertainty.fold_ids`); a statistic
@@ -46,20 +47,33 @@ class KeptEpoch:
         return site_order({site for site, _ in self.features})
 
 
+def shard_positions(n: int, world: int) -> np.ndarray:
+    """The probe-set place of each of n feature rows saved rank after rank by `world` processes
+    (rank r probes images r, r + world, ...: `ProbeSet.loader`), as files kept before tgo saved
+    each row's place were."""
+    return np.concatenate([np.arange(r, n, world) for r in range(world)]) if n else np.zeros(0, dtype=np.int64)
+
+
 def read_kept(run_id: str, folder: str | Path) -> dict[int, KeptEpoch]:
     """Every kept epoch of a run (one download of geometry/features/), rows sorted by their place in
-    the probe set, so that epochs, and runs probed on the same set, line up image by image. Empty
-    when the run kept none."""
+    the probe set, so that epochs, and runs probed on the same set, line up image by image (files
+    from before tgo saved each row's place: by the run's world size, `shard_positions`). Empty when
+    the run kept none. Memory: the files' size (float16), about 230 MB for a tgo1 run's auto epochs."""
     artifact_dir, _ = tracking.features_artifact(0)
     if not tracking.artifact_names(run_id, artifact_dir):
         return {}
     local = tracking.download(run_id, artifact_dir, Path(folder) / run_id)
+    world = int(tracking.get_run(run_id).data.tags.get("tgo.world_size", "1") or 1)
     out = {}
     for path in sorted(local.glob("epoch_*.npz")):
         features, rows = ProbeResult.load_features(path), ProbeResult.load_feature_rows(path)
         if rows is not None:
-            order = np.argsort(rows.position, kind="stable")
-            features = {key: x[order] for key, x in features.items()}
+            position = rows.position
+        else:  # saved before the rows were
+            position = shard_positions(len(next(iter(features.values()))) if features else 0, world)
+        order = np.argsort(position, kind="stable")
+        features = {key: x[order] for key, x in features.items()}
+        if rows is not None:
             rows = FeatureRows(rows.position[order], rows.fold[order], rows.folds)
         out[int(path.stem.split("_")[1])] = KeptEpoch(features, rows)
     return out
@@ -69,53 +83,50 @@ def _blocks(sites: list[str]) -> list[str]:
     return [s for s in sites if s.startswith("block_")]
 
 
-def prepared(kept: dict[int, KeptEpoch], views: tuple[str, ...] = ("mean", "cls")) -> dict[tuple[int, str, str], similarity.Representation]:
-    """(epoch, site, view) -> the features prepared once (centred, own HSIC, SVCCA basis) for the
-    many comparisons of `site_similarity` and `epoch_similarity`."""
-    return {(epoch, site, view): similarity.Representation.of(x)
-            for epoch, k in kept.items() for (site, view), x in k.features.items() if view in views}
+def _prepared(k: KeptEpoch, views: tuple[str, ...]) -> dict[tuple[str, str], similarity.Representation]:
+    """(site, view) -> one epoch's features prepared once (centred, own HSIC, SVCCA basis)."""
+    return {key: similarity.Representation.of(x) for key, x in k.features.items() if key[1] in views}
 
 
-def site_similarity(kept: dict[int, KeptEpoch], views: tuple[str, ...] = ("mean", "cls"),
-                    reps: dict | None = None) -> pd.DataFrame:
-    """Debiased linear CKA and SVCCA between every pair of sites at each kept epoch, per view:
-    columns epoch, view, site_a, site_b, cka, svcca (both orders, so that a pivot gives the S x S
-    matrix; NaN where a site has no variance, as pos_embed/cls). `reps`: from `prepared`."""
-    reps = prepared(kept, views) if reps is None else reps
-    rows = []
-    for epoch, k in sorted(kept.items()):
-        for view in views:
-            sites = [s for s in k.sites if (epoch, s, view) in reps]
-            for i, a in enumerate(sites):
-                for b in sites[i:]:
-                    ra, rb = reps[(epoch, a, view)], reps[(epoch, b, view)]
-                    cka = 1.0 if a == b and ra.hsic > 0 else similarity.cka_between(ra, rb)
-                    svcca = similarity.svcca_between(ra, rb)
-                    rows += [(epoch, view, a, b, cka, svcca)] + ([(epoch, view, b, a, cka, svcca)] if a != b else [])
-    return pd.DataFrame(rows, columns=["epoch", "view", "site_a", "site_b", "cka", "svcca"])
+def similarity_tables(kept: dict[int, KeptEpoch], views: tuple[str, ...] = ("mean", "cls")) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Both similarity tables of a run's kept features, each epoch prepared once and at most four
+    epochs (this, the previous, the first and the last) held at a time:
 
-
-def epoch_similarity(kept: dict[int, KeptEpoch], views: tuple[str, ...] = ("mean", "cls"),
-                     reps: dict | None = None) -> pd.DataFrame:
-    """For each site and view at each kept epoch: debiased CKA with itself at the last kept epoch
-    (cka_last, and svcca_last), at the previous kept epoch (cka_previous) and at the first
-    (cka_first). Columns epoch, site, view, cka_last, svcca_last, cka_previous, cka_first."""
-    reps = prepared(kept, views) if reps is None else reps
+    - site similarity: debiased linear CKA and SVCCA between every pair of sites at each kept epoch,
+      per view; columns epoch, view, site_a, site_b, cka, svcca (both orders, so that a pivot gives
+      the S x S matrix; NaN where a site has no variance, as pos_embed/cls);
+    - epoch similarity: for each site and view at each kept epoch, debiased CKA with itself at the
+      last kept epoch (cka_last, and svcca_last), at the previous (cka_previous) and at the first
+      (cka_first); columns epoch, site, view, cka_last, svcca_last, cka_previous, cka_first.
+    """
+    site_rows, epoch_rows = [], []
     epochs = sorted(kept)
-    rows = []
-    for i, epoch in enumerate(epochs):
-        for site, view in (key for key in kept[epoch].features if key[1] in views):
-            here = reps[(epoch, site, view)]
+    if epochs:
+        first, last = _prepared(kept[epochs[0]], views), _prepared(kept[epochs[-1]], views)
+        previous: dict | None = None
+        for i, epoch in enumerate(epochs):
+            here = first if i == 0 else last if i == len(epochs) - 1 else _prepared(kept[epoch], views)
+            for view in views:
+                sites = [s for s in kept[epoch].sites if (s, view) in here]
+                for a_i, a in enumerate(sites):
+                    for b in sites[a_i:]:
+                        ra, rb = here[(a, view)], here[(b, view)]
+                        cka = 1.0 if a == b and ra.hsic > 0 else similarity.cka_between(ra, rb)
+                        svcca = similarity.svcca_between(ra, rb)
+                        site_rows += [(epoch, view, a, b, cka, svcca)] + ([(epoch, view, b, a, cka, svcca)] if a != b else [])
+            for (site, view), rep in here.items():
 
-            def against(other: int | None, measure=similarity.cka_between) -> float:
-                there = reps.get((other, site, view)) if other is not None else None
-                if there is None or there.centred.shape[0] != here.centred.shape[0]:
-                    return np.nan
-                return measure(here, there)
+                def against(other: dict | None, measure=similarity.cka_between) -> float:
+                    there = other.get((site, view)) if other is not None else None
+                    if there is None or there.centred.shape[0] != rep.centred.shape[0]:
+                        return np.nan
+                    return measure(rep, there)
 
-            rows.append((epoch, site, view, against(epochs[-1]), against(epochs[-1], similarity.svcca_between),
-                         against(epochs[i - 1] if i else None), against(epochs[0])))
-    return pd.DataFrame(rows, columns=["epoch", "site", "view", "cka_last", "svcca_last", "cka_previous", "cka_first"])
+                epoch_rows.append((epoch, site, view, against(last), against(last, similarity.svcca_between), against(previous),
+                                   against(first)))
+            previous = here
+    return (pd.DataFrame(site_rows, columns=["epoch", "view", "site_a", "site_b", "cka", "svcca"]),
+            pd.DataFrame(epoch_rows, columns=["epoch", "site", "view", "cka_last", "svcca_last", "cka_previous", "cka_first"]))
 
 
 @dataclass
@@ -127,6 +138,7 @@ class Jackknifed:
     places: list  # block names or epochs
     values: np.ndarray  # (P,)
     replicates: np.ndarray | None  # (P, K), or None without folds
+    epochs: tuple[int, int] = (0, 0)  # specialisation: the two kept epochs compared
 
     @property
     def se(self) -> np.ndarray:
@@ -159,7 +171,7 @@ def specialisation(kept: dict[int, KeptEpoch], view: str = "mean") -> Jackknifed
         value, r = similarity.jackknife(similarity.linear_cka, folds[0], folds[1], x, y) if folds else (similarity.linear_cka(x, y), None)
         values.append(value)
         reps.append(r)
-    return Jackknifed(blocks, np.array(values), np.array(reps) if folds and reps else None)
+    return Jackknifed(blocks, np.array(values), np.array(reps) if folds and reps else None, (epochs[0], epochs[-1]))
 
 
 def _twonn_or_nan(x: np.ndarray) -> float:

@@ -98,16 +98,17 @@ class Representation:
     @classmethod
     def of(cls, x: np.ndarray, keep: float = 0.99) -> "Representation":
         xc = _centred(np.asarray(x, dtype=np.float64))
-        if xc.ndim != 2 or xc.shape[0] < 4:
-            raise ValueError(f"features must be (N, D) with N >= 4 images; got {xc.shape}.")
-        return cls(xc, _hsic_unbiased(xc, xc), _top_directions(xc, keep))
+        if xc.ndim != 2:
+            raise ValueError(f"features must be an (N, D) array; got shape {xc.shape}.")
+        own = _hsic_unbiased(xc, xc) if xc.shape[0] >= 4 else float("nan")  # the debiased CKA needs 4 images: NaN below
+        return cls(xc, own, _top_directions(xc, keep))
 
 
 def cka_between(a: Representation, b: Representation) -> float:
     """Debiased linear CKA of two prepared representations of the same images (= linear_cka)."""
     if a.centred.shape[0] != b.centred.shape[0]:
         raise ValueError(f"features must share their N images; got {a.centred.shape} and {b.centred.shape}.")
-    if a.hsic <= 0 or b.hsic <= 0:
+    if not (a.hsic > 0 and b.hsic > 0):  # no variance, or fewer than 4 images (NaN)
         return float("nan")
     return float(_hsic_unbiased(a.centred, b.centred) / np.sqrt(a.hsic * b.hsic))
 
@@ -142,13 +143,20 @@ def jackknife(statistic, fold: np.ndarray, folds: int, *features: np.ndarray) ->
     statistic(*features) -> float on (N, D) arrays; fold (N,) each image's fold, 0..K-1, or K for
     the images kept in every replicate (`tgo.uncertainty.fold_ids`). Returns (the statistic on all
     images, (K,) replicates), replicates None when K < 2. The replicates pair with those of any
-    other statistic of the same images (`tgo.uncertainty.paired_se`)."""
+    other statistic of the same images (`tgo.uncertainty.paired_se`). A replicate the statistic
+    cannot be computed on (it raises ValueError, e.g. too few images) is NaN."""
     full = float(statistic(*features))
     if folds < 2:
         return full, None
     fold = np.asarray(fold)
-    reps = np.array([statistic(*(f[fold != k] for f in features)) for k in range(folds)], dtype=np.float64)
-    return full, reps
+
+    def without(k: int) -> float:
+        try:
+            return statistic(*(f[fold != k] for f in features))
+        except ValueError:  # too few images left in a replicate (a tiny probe set): no replicate, no error
+            return float("nan")
+
+    return full, np.array([without(k) for k in range(folds)], dtype=np.float64)
 
 
 def _top_directions(x: np.ndarray, keep: float) -> np.ndarray | None:
