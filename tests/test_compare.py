@@ -275,7 +275,7 @@ def test_tgo_compare_logs_a_comparison_run_that_links_both(two_runs, capsys):
     report = (folder / "ab" / "report" / "report.md").read_text()
     assert "What differs at epoch 1" in report and "seed-to-seed" in report and "CKA between the runs" in report
     table = pd.read_csv(folder / "ab" / "tables" / "differences.csv")
-    assert set(table.epoch) == {0, 1} and (table.method == "paired jackknife").all()  # the same probe images and folds
+    assert set(table.epoch) == {0, 1} and table.method.str.startswith("paired jackknife").all()  # the same probe images and folds
     # Token interaction (TGO-II) is tested beside the observables, with its own paired jackknife:
     # against numpy on the two runs' spectra files.
     from tgo.probe import ProbeResult
@@ -288,6 +288,18 @@ def test_tgo_compare_logs_a_comparison_run_that_links_both(two_runs, capsys):
     se = uncertainty.jackknife_se(rb.token_replicates["final"] - ra.token_replicates["final"])
     assert tokens.loc["final", "difference"] == pytest.approx(d) and tokens.loc["final", "se"] == pytest.approx(se)
     assert tokens.loc["final", "p"] == pytest.approx(float(uncertainty.t_test(d, se, K)))
+    # So is the intrinsic dimension at the kept epochs: TwoNN refitted without each fold, paired.
+    from tgo.similarity import twonn
+
+    dims = table[(table.observable == "intrinsic_dim") & (table.epoch == 1)].set_index(["site", "view"])
+    assert ("final", "mean") in dims.index and ("pos_embed", "cls") not in dims.index
+    path = {r: download(r, "geometry/features/epoch_0001.npz", folder / f"feat_{r}") for r in (a, b)}
+    rows = ProbeResult.load_feature_rows(path[a])
+    xa, xb = (ProbeResult.load_features(path[r])[("final", "mean")].astype(float)[np.argsort(rows.position)] for r in (a, b))
+    fold = rows.fold[np.argsort(rows.position)]
+    reps = [[twonn(x[fold != k]) for k in range(rows.folds)] for x in (xa, xb)]
+    assert dims.loc[("final", "mean"), "difference"] == pytest.approx(twonn(xb) - twonn(xa), rel=1e-9)
+    assert dims.loc[("final", "mean"), "se"] == pytest.approx(uncertainty.jackknife_se(np.subtract(reps[1], reps[0])), rel=1e-9)
 
 
 def test_a_run_compared_with_itself_differs_nowhere_and_has_cka_1_at_every_site(two_runs):

@@ -17,7 +17,8 @@ Matched epochs are those every compared run probed. At each, for every site, vie
 (`tgo.spectral.OBSERVABLE_NAMES` less the integer-valued n_components_*, which have step-like
 replicates, and less the views without variance at every epoch, such as pos_embed/cls), and for
 each site's token interaction (TGO-II: view `tokens`, observable `mean_cosine`, with its own
-jackknife replicates), the difference d = b - a is tested:
+jackknife replicates), the difference d = b - a is tested (and, one run per side, the TwoNN
+intrinsic dimension at the epochs both kept features of: `cross_intrinsic_dimension`):
 
 - One run per side: the jackknife over the probe's K folds (`tgo.uncertainty`). When both runs
   were probed on the same images with the same folds (equal `tgo.probe_fingerprint` tags, probe
@@ -351,6 +352,36 @@ def cross_cka(kept_a: Mapping[int, object], kept_b: Mapping[int, object]) -> tup
     return table, notes
 
 
+def cross_intrinsic_dimension(kept_a: Mapping[int, object], kept_b: Mapping[int, object]) -> pd.DataFrame:
+    """TwoNN intrinsic dimension (TGO-II) of both runs at each epoch both kept features of, site and
+    view, where they line up image by image: d = ID_b - ID_a against its paired jackknife error
+    (TwoNN refitted without each fold of the shared probe images; Student t, K - 1 degrees of
+    freedom). COLUMNS, observable "intrinsic_dim" (q and differs unset: `adjust`)."""
+    from tgo.representations import twonn_or_nan
+    from tgo.similarity import jackknife
+
+    rows = []
+    for epoch in sorted(set(kept_a) & set(kept_b)):
+        ea, eb = kept_a[epoch], kept_b[epoch]
+        if ea.rows is None or eb.rows is None or not np.array_equal(ea.rows.position, eb.rows.position) or ea.rows.folds < 2:
+            continue
+        for site, view in sorted(set(ea.features) & set(eb.features)):
+            va, ra = jackknife(twonn_or_nan, ea.rows.fold, ea.rows.folds, ea.features[(site, view)].astype(np.float64))
+            vb, rb = jackknife(twonn_or_nan, eb.rows.fold, eb.rows.folds, eb.features[(site, view)].astype(np.float64))
+            if not (np.isfinite(va) and np.isfinite(vb)):  # no dimension to measure (pos_embed/cls)
+                continue
+            k = ea.rows.folds
+            d, se = vb - va, float(uncertainty.paired_se(ra, rb))
+            half = uncertainty.t_quantile(k) * se
+            rows.append({"epoch": epoch, "site": site, "view": view, "observable": "intrinsic_dim", "a": va, "b": vb,
+                         "difference": d, "relative": d / abs(va) if va else np.nan, "se": se,
+                         "se_a": float(uncertainty.jackknife_se(ra)), "se_b": float(uncertainty.jackknife_se(rb)),
+                         "n_a": 1, "n_b": 1, "df": k - 1, "t": d / se if se > 0 else np.nan,
+                         "ci_low": d - half, "ci_high": d + half, "p": float(uncertainty.t_test(d, se, k)),
+                         "method": "paired jackknife (TwoNN refitted per fold)"})
+    return pd.DataFrame(rows).reindex(columns=COLUMNS)
+
+
 # --------------------------------------------------------------------------------------------------
 # reading the runs
 # --------------------------------------------------------------------------------------------------
@@ -607,11 +638,7 @@ def compare(
         diffs = seed_differences(side_a.tables, side_b.tables, epochs=epochs)
         if min(len(side_a.runs), len(side_b.runs)) == 1:
             notes.append("One side is a single run: it is tested as one more draw from the other side's runs.")
-    diffs = adjust(diffs)
-    last = epochs[-1]
-    differing = differing_at(diffs, last)
-
-    # ---- CKA between the runs (the first seed run of each side) ----
+    # ---- CKA (and, one run per side, intrinsic dimension) between the runs: the first seed run of each side ----
     cka = pd.DataFrame(columns=["epoch", "site", "view", "cka", "se", "folds", "n_images"])
     if not _same_images(first_a, first_b):
         notes.append("The runs were probed on different images (tgo.probe_fingerprint differs or is missing): no CKA between them.")
@@ -625,6 +652,13 @@ def compare(
         if method != "jackknife" and len(cka):
             notes.append(f"CKA between the runs: between the first seed run of each side ({first_a.info.run_id} and "
                          f"{first_b.info.run_id}), not every pair of seeds.")
+        if method == "jackknife":
+            dims = cross_intrinsic_dimension(kept_a, kept_b)
+            if len(dims):
+                diffs = pd.concat([diffs, dims[dims.epoch.isin(epochs)]], ignore_index=True)
+    diffs = adjust(diffs)
+    last = epochs[-1]
+    differing = differing_at(diffs, last)
 
     labels = (f"A: {side_a.label}", f"B: {side_b.label}")
     summary = pd.concat([side_summary(side_a.tables, 0, epochs), side_summary(side_b.tables, 1, epochs)], ignore_index=True)

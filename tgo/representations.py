@@ -174,7 +174,8 @@ def specialisation(kept: dict[int, KeptEpoch], view: str = "mean") -> Jackknifed
     return Jackknifed(blocks, np.array(values), np.array(reps) if folds and reps else None, (epochs[0], epochs[-1]))
 
 
-def _twonn_or_nan(x: np.ndarray) -> float:
+def twonn_or_nan(x: np.ndarray) -> float:
+    """TwoNN intrinsic dimension (`tgo.similarity.twonn`), NaN where there is none to measure."""
     try:
         return similarity.twonn(x)
     except ValueError:  # fewer than 3 distinct points
@@ -186,7 +187,7 @@ def intrinsic_dimension(kept: dict[int, KeptEpoch], jackknife_at: tuple[str, str
     epoch, site, view, intrinsic_dim; NaN where it cannot be measured), and, for the site/view
     `jackknife_at`, its values over the kept epochs with replicates (TwoNN is refitted K times per
     epoch, so only there)."""
-    rows = [(epoch, site, view, _twonn_or_nan(x.astype(np.float64)))
+    rows = [(epoch, site, view, twonn_or_nan(x.astype(np.float64)))
             for epoch, k in sorted(kept.items()) for (site, view), x in k.features.items()]
     table = pd.DataFrame(rows, columns=["epoch", "site", "view", "intrinsic_dim"])
     if jackknife_at is None:
@@ -197,6 +198,6 @@ def intrinsic_dimension(kept: dict[int, KeptEpoch], jackknife_at: tuple[str, str
               for e in epochs]
     reps = None
     if folds:
-        reps = np.array([similarity.jackknife(_twonn_or_nan, folds[0], folds[1], kept[e].features[jackknife_at].astype(np.float64))[1]
+        reps = np.array([similarity.jackknife(twonn_or_nan, folds[0], folds[1], kept[e].features[jackknife_at].astype(np.float64))[1]
                          for e in epochs])
     return table, Jackknifed(epochs, np.array(values, dtype=float), reps)
