@@ -79,7 +79,7 @@ from tqdm.auto import tqdm
 
 import tgo
 from tgo import plots, tracking, uncertainty
-from tgo.analysis import AnalysisError, _html_figure, head_of, markdown_table, read_spectra, replicates_of
+from tgo.analysis import AnalysisError, _html_figure, head_of, markdown_table, read_spectra, replicates_of, token_table
 from tgo.findings import ALPHA, Replicates, benjamini_hochberg
 from tgo.keys import site_order
 from tgo.spectral import OBSERVABLE_NAMES
@@ -316,6 +316,17 @@ def side_summary(tables: Sequence[pd.DataFrame], side: int, epochs: Sequence[int
     return out.assign(side=side)[["side", *KEYS, "value", "low", "high"]]
 
 
+def _aligned(kept_a: Mapping[int, object], kept_b: Mapping[int, object]) -> dict[int, list[tuple[str, str]]]:
+    """The epochs both runs kept features of on the same images in the same order (both files
+    record each row's place, and the places agree), each with the (site, view) pairs both have."""
+    out = {}
+    for epoch in sorted(set(kept_a) & set(kept_b)):
+        ea, eb = kept_a[epoch], kept_b[epoch]
+        if ea.rows is not None and eb.rows is not None and np.array_equal(ea.rows.position, eb.rows.position):
+            out[epoch] = sorted(set(ea.features) & set(eb.features))
+    return out
+
+
 def cross_cka(kept_a: Mapping[int, object], kept_b: Mapping[int, object]) -> tuple[pd.DataFrame, list[str]]:
     """Debiased linear CKA between two runs' kept features at each epoch both kept, site and view,
     with its jackknife standard error; and notes on what could not be compared.
@@ -330,13 +341,11 @@ def cross_cka(kept_a: Mapping[int, object], kept_b: Mapping[int, object]) -> tup
     epochs = sorted(set(kept_a) & set(kept_b))
     if not epochs:
         notes.append("No epoch has kept features in both runs (feature_epochs): no CKA between the runs.")
-    skipped = []
-    for epoch in tqdm(epochs, desc="CKA between the runs", unit="epoch", leave=False, disable=None):
+    aligned = _aligned(kept_a, kept_b)
+    skipped = [e for e in epochs if e not in aligned]
+    for epoch in tqdm(sorted(aligned), desc="CKA between the runs", unit="epoch", leave=False, disable=None):
         ea, eb = kept_a[epoch], kept_b[epoch]
-        if ea.rows is None or eb.rows is None or not np.array_equal(ea.rows.position, eb.rows.position):
-            skipped.append(epoch)
-            continue
-        for site, view in sorted(set(ea.features) & set(eb.features)):
+        for site, view in aligned[epoch]:
             xa, xb = ea.features[(site, view)].astype(np.float64), eb.features[(site, view)].astype(np.float64)
             value, reps = jackknife(linear_cka, ea.rows.fold, ea.rows.folds, xa, xb)
             if not np.isfinite(value):  # a view without variance (pos_embed/cls)
@@ -357,15 +366,14 @@ def cross_intrinsic_dimension(kept_a: Mapping[int, object], kept_b: Mapping[int,
     view, where they line up image by image: d = ID_b - ID_a against its paired jackknife error
     (TwoNN refitted without each fold of the shared probe images; Student t, K - 1 degrees of
     freedom). COLUMNS, observable "intrinsic_dim" (q and differs unset: `adjust`)."""
-    from tgo.representations import twonn_or_nan
-    from tgo.similarity import jackknife
+    from tgo.similarity import jackknife, twonn_or_nan
 
     rows = []
-    for epoch in sorted(set(kept_a) & set(kept_b)):
+    for epoch, pairs in sorted(_aligned(kept_a, kept_b).items()):
         ea, eb = kept_a[epoch], kept_b[epoch]
-        if ea.rows is None or eb.rows is None or not np.array_equal(ea.rows.position, eb.rows.position) or ea.rows.folds < 2:
+        if ea.rows.folds < 2:
             continue
-        for site, view in sorted(set(ea.features) & set(eb.features)):
+        for site, view in pairs:
             va, ra = jackknife(twonn_or_nan, ea.rows.fold, ea.rows.folds, ea.features[(site, view)].astype(np.float64))
             vb, rb = jackknife(twonn_or_nan, eb.rows.fold, eb.rows.folds, eb.features[(site, view)].astype(np.float64))
             if not (np.isfinite(va) and np.isfinite(vb)):  # no dimension to measure (pos_embed/cls)
@@ -429,14 +437,12 @@ def _resolve(run_id: str, which: str) -> _Side:
 def with_tokens(table: pd.DataFrame, replicates: dict, spectra: Mapping[int, object]) -> tuple[pd.DataFrame, dict]:
     """A geometry table and its replicates with each site's token interaction added as the view
     `tokens`, observable `mean_cosine` (replicates (K, 1)), so that it is tested like the rest."""
-    rows, reps = [], dict(replicates)
+    reps = dict(replicates)
     for epoch, result in spectra.items():
-        for site, value in result.tokens.items():
-            r = result.token_replicates.get(site)
-            rows.append((epoch, site, TOKENS_VIEW, TOKENS_OBSERVABLE, value, float(uncertainty.jackknife_se(r)) if r is not None else np.nan))
-            if r is not None:
-                reps.setdefault((site, TOKENS_VIEW), {})[epoch] = np.asarray(r, float)[:, None]
-    tokens = pd.DataFrame(rows, columns=["epoch", "site", "view", "observable", "value", "se"])
+        for site, r in result.token_replicates.items():
+            reps.setdefault((site, TOKENS_VIEW), {})[epoch] = np.asarray(r, float)[:, None]
+    tokens = token_table(spectra).rename(columns={"mean_cosine": "value"}).assign(view=TOKENS_VIEW, observable=TOKENS_OBSERVABLE)
+    tokens = tokens[["epoch", "site", "view", "observable", "value", "se"]]
     return (pd.concat([table, tokens], ignore_index=True) if len(tokens) else table), reps
 
 

@@ -498,9 +498,9 @@ def finding6(blocks: list[str], values: np.ndarray, replicates: np.ndarray | Non
         missing = [b for b, v in zip(blocks, values) if not np.isfinite(v)]
         return Finding(6, FINDING6, "inconclusive", f"the CKA between epochs {epochs[0]} and {epochs[1]} could not be measured at "
                        f"{', '.join(missing)} (features without variance).", "no test")
-    d = float(values[-1] - values[0])
-    se, p_change = _one_test(d, None if replicates is None else replicates[-1] - replicates[0])
-    row = {"change": d, "change_se": se, "change_p": p_change, "n_epochs": len(values)}
+    row = change_test(values[0], values[-1], *((replicates[0], replicates[-1]) if replicates is not None else (None, None)))
+    d, se, p_change = row["change"], row["change_se"], row["change_p"]
+    row["n_epochs"] = len(values)
     row.update(trend_test(np.arange(len(values)), values))
     p, direction, method = combine(row)
     method = method.replace("epochs", "blocks")

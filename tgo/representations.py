@@ -108,12 +108,9 @@ def similarity_tables(kept: dict[int, KeptEpoch], views: tuple[str, ...] = ("mea
             here = first if i == 0 else last if i == len(epochs) - 1 else _prepared(kept[epoch], views)
             for view in views:
                 sites = [s for s in kept[epoch].sites if (s, view) in here]
-                for a_i, a in enumerate(sites):
-                    for b in sites[a_i:]:
-                        ra, rb = here[(a, view)], here[(b, view)]
-                        cka = 1.0 if a == b and ra.hsic > 0 else similarity.cka_between(ra, rb)
-                        svcca = similarity.svcca_between(ra, rb)
-                        site_rows += [(epoch, view, a, b, cka, svcca)] + ([(epoch, view, b, a, cka, svcca)] if a != b else [])
+                reps = [here[(s, view)] for s in sites]
+                cka, svcca = similarity.pairwise(reps), similarity.pairwise(reps, similarity.svcca_between)
+                site_rows += [(epoch, view, a, b, cka[i, j], svcca[i, j]) for i, a in enumerate(sites) for j, b in enumerate(sites)]
             for (site, view), rep in here.items():
 
                 def against(other: dict | None, measure=similarity.cka_between) -> float:
@@ -174,20 +171,12 @@ def specialisation(kept: dict[int, KeptEpoch], view: str = "mean") -> Jackknifed
     return Jackknifed(blocks, np.array(values), np.array(reps) if folds and reps else None, (epochs[0], epochs[-1]))
 
 
-def twonn_or_nan(x: np.ndarray) -> float:
-    """TwoNN intrinsic dimension (`tgo.similarity.twonn`), NaN where there is none to measure."""
-    try:
-        return similarity.twonn(x)
-    except ValueError:  # fewer than 3 distinct points
-        return float("nan")
-
-
 def intrinsic_dimension(kept: dict[int, KeptEpoch], jackknife_at: tuple[str, str] | None = None) -> tuple[pd.DataFrame, Jackknifed | None]:
     """TwoNN intrinsic dimension of every site's cls and mean features at each kept epoch (columns
     epoch, site, view, intrinsic_dim; NaN where it cannot be measured), and, for the site/view
     `jackknife_at`, its values over the kept epochs with replicates (TwoNN is refitted K times per
     epoch, so only there)."""
-    rows = [(epoch, site, view, twonn_or_nan(x.astype(np.float64)))
+    rows = [(epoch, site, view, similarity.twonn_or_nan(x.astype(np.float64)))
             for epoch, k in sorted(kept.items()) for (site, view), x in k.features.items()]
     table = pd.DataFrame(rows, columns=["epoch", "site", "view", "intrinsic_dim"])
     if jackknife_at is None:
@@ -198,6 +187,6 @@ def intrinsic_dimension(kept: dict[int, KeptEpoch], jackknife_at: tuple[str, str
               for e in epochs]
     reps = None
     if folds:
-        reps = np.array([similarity.jackknife(twonn_or_nan, folds[0], folds[1], kept[e].features[jackknife_at].astype(np.float64))[1]
+        reps = np.array([similarity.jackknife(similarity.twonn_or_nan, folds[0], folds[1], kept[e].features[jackknife_at].astype(np.float64))[1]
                          for e in epochs])
     return table, Jackknifed(epochs, np.array(values, dtype=float), reps)

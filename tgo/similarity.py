@@ -34,6 +34,7 @@ neighbour distance, which follows a Pareto law with exponent d.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,11 +90,12 @@ def linear_cka(x: np.ndarray, y: np.ndarray, debiased: bool = True) -> float:
 @dataclass
 class Representation:
     """Features prepared once for many comparisons (debiased CKA and SVCCA with several others):
-    centred float64 features (N, D), their own unbiased HSIC and their SVCCA basis."""
+    centred float64 features (N, D), their own unbiased HSIC and, when first asked for, their SVCCA
+    basis (the directions that keep `keep` of the variance)."""
 
     centred: np.ndarray
     hsic: float
-    basis: np.ndarray | None
+    keep: float = 0.99
 
     @classmethod
     def of(cls, x: np.ndarray, keep: float = 0.99) -> "Representation":
@@ -101,7 +103,11 @@ class Representation:
         if xc.ndim != 2:
             raise ValueError(f"features must be an (N, D) array; got shape {xc.shape}.")
         own = _hsic_unbiased(xc, xc) if xc.shape[0] >= 4 else float("nan")  # the debiased CKA needs 4 images: NaN below
-        return cls(xc, own, _top_directions(xc, keep))
+        return cls(xc, own, keep)
+
+    @functools.cached_property
+    def basis(self) -> np.ndarray | None:
+        return _top_directions(self.centred, self.keep)
 
 
 def cka_between(a: Representation, b: Representation) -> float:
@@ -110,7 +116,19 @@ def cka_between(a: Representation, b: Representation) -> float:
         raise ValueError(f"features must share their N images; got {a.centred.shape} and {b.centred.shape}.")
     if not (a.hsic > 0 and b.hsic > 0):  # no variance, or fewer than 4 images (NaN)
         return float("nan")
+    if a is b:
+        return 1.0
     return float(_hsic_unbiased(a.centred, b.centred) / np.sqrt(a.hsic * b.hsic))
+
+
+def pairwise(reps: list[Representation], measure=cka_between) -> np.ndarray:
+    """`measure` (cka_between or svcca_between) between every pair of prepared representations of
+    the same images: (S, S), symmetric, each pair computed once."""
+    out = np.full((len(reps), len(reps)), np.nan)
+    for i in range(len(reps)):
+        for j in range(i, len(reps)):
+            out[i, j] = out[j, i] = measure(reps[i], reps[j])
+    return out
 
 
 def svcca_between(a: Representation, b: Representation) -> float:
@@ -122,18 +140,20 @@ def cka_matrix(features: list[np.ndarray], debiased: bool = True) -> np.ndarray:
     """Linear CKA between every pair of representations of the same N images: (S, S), symmetric,
     1 on the diagonal (NaN rows for a representation without variance). Each representation's own
     HSIC is computed once, so S representations cost S (S + 1) / 2 products X^T Y."""
-    xs = [_centred(np.asarray(x, dtype=np.float64)) for x in features]
+    xs = [np.asarray(x, dtype=np.float64) for x in features]
     if len({x.shape[0] for x in xs}) > 1:
         raise ValueError(f"features must share their N images; got {[x.shape for x in xs]}.")
-    if debiased and xs and xs[0].shape[0] < 4:
-        raise ValueError("the debiased CKA needs at least 4 images.")
-    hsic = _hsic_unbiased if debiased else (lambda x, y: float(np.linalg.norm(y.T @ x) ** 2))
-    own = np.array([hsic(x, x) for x in xs])
+    if debiased:
+        if xs and xs[0].shape[0] < 4:
+            raise ValueError("the debiased CKA needs at least 4 images.")
+        return pairwise([Representation.of(x) for x in xs])
+    xs = [_centred(x) for x in xs]
+    own = np.array([np.linalg.norm(x.T @ x) ** 2 for x in xs])  # the biased HSIC of each with itself
     out = np.full((len(xs), len(xs)), np.nan)
     for i in range(len(xs)):
         for j in range(i, len(xs)):
             if own[i] > 0 and own[j] > 0:
-                out[i, j] = out[j, i] = 1.0 if i == j else hsic(xs[i], xs[j]) / np.sqrt(own[i] * own[j])
+                out[i, j] = out[j, i] = 1.0 if i == j else np.linalg.norm(xs[j].T @ xs[i]) ** 2 / np.sqrt(own[i] * own[j])
     return out
 
 
@@ -211,17 +231,6 @@ def svcca(x: np.ndarray, y: np.ndarray, keep: float = 0.99) -> float:
     return _mean_correlation(_top_directions(x, keep), _top_directions(y, keep))
 
 
-def svcca_matrix(features: list[np.ndarray], keep: float = 0.99) -> np.ndarray:
-    """SVCCA between every pair of representations of the same N images: (S, S), symmetric (one SVD
-    per representation)."""
-    bases = [_top_directions(np.asarray(x, dtype=np.float64), keep) for x in features]
-    out = np.full((len(bases), len(bases)), np.nan)
-    for i in range(len(bases)):
-        for j in range(i, len(bases)):
-            out[i, j] = out[j, i] = _mean_correlation(bases[i], bases[j])
-    return out
-
-
 def feature_metrics(features: dict[tuple[str, str], np.ndarray],
                     previous: dict[tuple[str, str], np.ndarray] | None = None) -> dict[str, float]:
     """What training logs at an epoch whose probe features are kept (keys in tgo.keys): for each
@@ -232,17 +241,14 @@ def feature_metrics(features: dict[tuple[str, str], np.ndarray],
     from tgo.keys import intrinsic_dim_key, similarity_key
 
     out: dict[str, float] = {}
-    final = features.get(("final", "mean"))
+    means = {site: Representation.of(x) for (site, view), x in features.items() if view == "mean"}  # each prepared once
+    final = means.get("final")
     for (site, view), x in features.items():
-        x = x.astype(np.float64)
         if view == "mean" and final is not None:
-            out[similarity_key(site, "final")] = linear_cka(x, final.astype(np.float64))
+            out[similarity_key(site, "final")] = cka_between(means[site], final)
             if previous is not None and (site, view) in previous:
-                out[similarity_key(site, "previous")] = linear_cka(x, previous[(site, view)].astype(np.float64))
-        try:
-            out[intrinsic_dim_key(site, view)] = twonn(x)
-        except ValueError:  # fewer than 3 distinct points: no dimension to measure
-            pass
+                out[similarity_key(site, "previous")] = cka_between(means[site], Representation.of(previous[(site, view)]))
+        out[intrinsic_dim_key(site, view)] = twonn_or_nan(x.astype(np.float64))
     return {key: value for key, value in out.items() if np.isfinite(value)}
 
 
@@ -256,3 +262,11 @@ def twonn(x: np.ndarray, discard_fraction: float = 0.1) -> float:
     if x.shape[0] < 3:
         raise ValueError("TwoNN needs at least 3 distinct points.")
     return float(skdim.id.TwoNN(discard_fraction=discard_fraction).fit(x).dimension_)
+
+
+def twonn_or_nan(x: np.ndarray) -> float:
+    """`twonn`, NaN where there is no dimension to measure (fewer than 3 distinct points)."""
+    try:
+        return twonn(x)
+    except ValueError:
+        return float("nan")
