@@ -69,7 +69,7 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(uri)
 
-    from tgo import analysis
+    from tgo import analysis, runs
 
     print(f"# {args.epochs + 1} epochs x {len(SITES)} sites x 3 views ({len(SITES) * 3 - 1} site/views), local sqlite store")
     for with_spectra in (True, False):
@@ -77,10 +77,10 @@ def main() -> None:
         run = MlflowClient().get_run(run_id)
         start = time.perf_counter()
         if with_spectra:
-            analysis._spectra(run_id, __import__("pathlib").Path(workdir) / f"read-{run_id}")
+            runs.spectra_files(run_id, __import__("pathlib").Path(workdir) / f"read-{run_id}")
         else:
-            analysis._table_from_metrics(run_id, [k for k in run.data.metrics if k.startswith("geom/")])
-        analysis.scalar_table(run_id, ["val/acc1"])
+            runs.table_from_metrics(run_id, [k for k in run.data.metrics if k.startswith("geom/")])
+        runs.scalar_table(run_id, ["val/acc1"])
         read = time.perf_counter() - start
         start = time.perf_counter()
         result = analysis.analyze(run_id, output_dir=os.path.join(workdir, f"out-{run_id}"), log=True)

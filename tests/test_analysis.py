@@ -147,23 +147,23 @@ def test_tgo2_tables_are_the_kept_features_measured_independently(analysed, trai
         return hsic(k, l) / np.sqrt(hsic(k, k) * hsic(l, l))
 
     f = {key: x.astype(float) for key, x in kept[EPOCHS].items()}
-    sites = analysed.second["site_similarity"]
+    sites = analysed.tgo2["site_similarity"]
     row = sites[(sites.epoch == EPOCHS) & (sites.view == "mean") & (sites.site_a == "block_00") & (sites.site_b == "final")]
     assert row.cka.iloc[0] == pytest.approx(cka(f[("block_00", "mean")], f[("final", "mean")]), rel=1e-8)
     csv = pd.read_csv(analysed.output_dir / "tables" / "site_similarity.csv")
     assert len(csv) == len(sites) and set(csv.epoch) == set(range(EPOCHS + 1))  # every pair at every kept epoch
-    epochs = analysed.second["epoch_similarity"]
+    epochs = analysed.tgo2["epoch_similarity"]
     first = epochs[(epochs.epoch == 0) & (epochs.site == "block_01") & (epochs.view == "cls")].cka_last.iloc[0]
     assert first == pytest.approx(cka(kept[0][("block_01", "cls")].astype(float), f[("block_01", "cls")]), rel=1e-8)
-    spec = analysed.second["specialisation"].set_index("site")
+    spec = analysed.tgo2["specialisation"].set_index("site")
     assert spec.loc["block_01", "cka_first_last"] == pytest.approx(cka(kept[0][("block_01", "mean")].astype(float), f[("block_01", "mean")]), rel=1e-8)
     assert (spec.se > 0).all()
-    dims = analysed.second["intrinsic_dim"]
+    dims = analysed.tgo2["intrinsic_dim"]
     logged = MlflowClient().get_run(result.run_id).data.metrics["intrinsic_dim/final/cls"]
     assert dims[(dims.epoch == EPOCHS) & (dims.site == "final") & (dims.view == "cls")].intrinsic_dim.iloc[0] == pytest.approx(logged, rel=1e-9)
-    tokens = analysed.second["tokens"]
+    tokens = analysed.tgo2["tokens"]
     assert (tokens.se > 0).all() and len(tokens) == (EPOCHS + 1) * 5
-    alpha = analysed.second["weights"]
+    alpha = analysed.tgo2["weights"]
     assert set(alpha.kind) >= {"qkv", "proj", "fc1", "fc2"} and set(alpha.epoch) == set(range(EPOCHS + 1))
     by_number = {f.number: f for f in analysed.findings}
     assert "+-" in by_number[6].evidence and by_number[6].method.startswith("change only")  # 2 blocks: no trend test

@@ -17,7 +17,8 @@ from optuna.trial import TrialState
 
 from tests.conftest import subprocess_env
 from tgo.config import ConfigError
-from tgo.storage import StorageError, open_storage
+from tgo.errors import StorageError
+from tgo.storage import open_storage
 from tgo.study import study
 from tgo.sweep import summarise, sweep
 
@@ -273,7 +274,7 @@ def test_under_mlflow_run_the_launcher_run_is_the_parent_of_one_child_per_seed_o
 
 def test_a_storage_password_is_never_printed(store, capsys):
     from tgo import cli
-    from tgo.storage import mask_url
+    from tgo.errors import mask_url
 
     assert mask_url("postgresql://user:s3cret@db.example:5432/tgo") == "postgresql://user:***@db.example:5432/tgo"
     assert mask_url("postgresql://user@db.example/tgo") == "postgresql://user@db.example/tgo"

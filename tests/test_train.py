@@ -185,15 +185,15 @@ def test_a_run_still_training_is_not_resumed_by_a_second_process(store, tmp_path
     import time
 
     from tgo import tracking
-    from tgo.storage import GRACE_PERIOD
-    from tgo.tracking import TrackingError
+    from tgo.errors import TrackingError
+    from tgo.liveness import grace_period
 
     client = MlflowClient()
     other = client.create_run(client.get_experiment_by_name("lease").experiment_id).info.run_id
     client.set_tag(other, "tgo.lease", json.dumps({"worker": "elsewhere:1", "renewed": time.time(), "nonce": "x"}))
     with pytest.raises(TrackingError, match="is being trained by elsewhere:1"):
         tracking.claim(client.get_run(other))
-    client.set_tag(other, "tgo.lease", json.dumps({"worker": "elsewhere:1", "renewed": time.time() - GRACE_PERIOD - 1, "nonce": "x"}))
+    client.set_tag(other, "tgo.lease", json.dumps({"worker": "elsewhere:1", "renewed": time.time() - grace_period() - 1, "nonce": "x"}))
     tracking.claim(client.get_run(other))
     assert json.loads(client.get_run(other).data.tags["tgo.lease"])["worker"] == f"{socket.gethostname()}:{os.getpid()}"
 

@@ -24,33 +24,25 @@ heat maps, intrinsic dimension, token and weight-alpha figures, and findings 6-8
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
-import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 import tgo
-from tgo import findings as F
-from tgo import plots, representations, tracking, uncertainty
+from tgo import findings, plots, representations, runs, tgo2, tracking
+from tgo.errors import AnalysisError
 from tgo.findings import Finding
-from tgo.keys import METRIC_PREFIX, parse_metric_key, site_order
+from tgo.keys import HEAD_VIEW, Tag, finding_key, head_name, site_order
 from tgo.probe import ProbeResult
-from tgo.spectral import OBSERVABLE_NAMES, DegenerateGeometryWarning
-
-SCALARS = ("train/loss", "train/acc1", "val/loss", "val/acc1", "val/acc5", "lr", "time/epoch_s", "time/probe_s")
-
-
-class AnalysisError(ValueError):
-    """The run cannot be analysed as asked; the message says why and what to do."""
-
+from tgo.report import html_figure, markdown_table
+from tgo.reprobe import reprobe
+from tgo.spectral import OBSERVABLE_NAMES
 
 @dataclass
 class Analysis:
@@ -67,183 +59,16 @@ class Analysis:
     output_dir: Path | None = None
     analysis_run_id: str = ""
     everywhere: pd.DataFrame = field(default_factory=pd.DataFrame)  # findings 1-4 at every site/view
-    head: tuple[str, str] = ("final", "cls")  # the view that feeds the classifier head
-    second: dict[str, pd.DataFrame] = field(default_factory=dict)  # TGO-II's tables (SecondStudy.tables)
+    head: tuple[str, str] = HEAD_VIEW  # the view that feeds the classifier head
+    tgo2: dict[str, pd.DataFrame] = field(default_factory=dict)  # TGO-II's tables (TGO2.tables)
 
 
 # --------------------------------------------------------------------------------------------------
-# reading a run
+# TGO-II's figures
 # --------------------------------------------------------------------------------------------------
 
 
-def geometry_table(results: dict[int, ProbeResult]) -> pd.DataFrame:
-    """Tidy table (epoch, site, view, observable, value, se) of per-epoch probe results; se is the
-    jackknife standard error (NaN where the probe had no folds)."""
-    rows = [
-        (epoch, g.site, g.view, name, value, se[name])
-        for epoch, result in sorted(results.items())
-        for g in result
-        for se in (g.stderr,)  # once per site/view, not once per observable
-        for name, value in g.observables.items()
-    ]
-    return pd.DataFrame(rows, columns=["epoch", "site", "view", "observable", "value", "se"])
-
-
-def replicates_of(results: dict[int, ProbeResult]) -> dict[tuple[str, str], dict[int, np.ndarray]]:
-    """(site, view) -> epoch -> (K, observables) jackknife replicates, where the probe kept them."""
-    out: dict[tuple[str, str], dict[int, np.ndarray]] = {}
-    for epoch, result in results.items():
-        for g in result:
-            if g.replicates is not None:
-                out.setdefault((g.site, g.view), {})[epoch] = g.replicates
-    return out
-
-
-def head_of(results: dict[int, ProbeResult]) -> tuple[str, str]:
-    """The view that feeds the head, as the spectra recorded it (final/cls for older runs)."""
-    return next(iter(results.values())).head if results else ("final", "cls")
-
-
-def _table_from_metrics(run_id: str, keys: Sequence[str]) -> pd.DataFrame:
-    """The geometry table from metric histories (runs without spectra artifacts)."""
-    rows = []
-    for key, hist in tracking.metric_histories(run_id, keys).items():
-        parts = parse_metric_key(key)
-        rows += [(step, parts.site, parts.view, parts.observable, value, np.nan) for step, value in hist]
-    return pd.DataFrame(rows, columns=["epoch", "site", "view", "observable", "value", "se"])
-
-
-def _spectra(run_id: str, folder: Path) -> dict[int, ProbeResult]:
-    """Every epoch's spectra artifact, in one download."""
-    artifact_dir, _ = tracking.spectra_artifact(0)
-    if not tracking.artifact_names(run_id, artifact_dir):
-        return {}
-    local = tracking.download(run_id, artifact_dir, folder)
-    return {int(p.stem.split("_")[1]): ProbeResult.load(p) for p in sorted(local.glob("epoch_*.npz"))}
-
-
-def _read(run, folder: Path) -> tuple[pd.DataFrame, str, dict[int, ProbeResult]]:
-    run_id = run.info.run_id
-    spectra = _spectra(run_id, folder)
-    if spectra:
-        return geometry_table(spectra), "the run's logged spectra (geometry/spectra/epoch_XXXX.npz)", spectra
-    keys = [k for k in run.data.metrics if (parts := parse_metric_key(k)) and parts.prefix == METRIC_PREFIX]
-    if not keys:
-        raise AnalysisError(
-            f"run {run_id} has no geometry (no geom/... metrics, no spectra artifacts): it was trained "
-            "with probe_every=0, or is not a tgo training run. Re-probe its saved weights with probe_size=N."
-        )
-    return _table_from_metrics(run_id, keys), "the run's logged metrics", {}
-
-
-def read_geometry(run_id: str, folder: str | Path) -> tuple[pd.DataFrame, str]:
-    """A run's geometry as a tidy table (epoch, site, view, observable, value, se), and its source:
-    the spectra artifacts in one download, or else the metric histories."""
-    table, source, _ = _read(tracking.get_run(run_id), Path(folder))
-    return table, source
-
-
-def read_spectra(run_id: str, folder: str | Path) -> tuple[pd.DataFrame, str, dict[int, ProbeResult]]:
-    """(geometry table, source, every epoch's spectra) of a run (spectra empty when read from its
-    metric histories)."""
-    return _read(tracking.get_run(run_id), Path(folder))
-
-
-def read_evidence(run_id: str, folder: str | Path):
-    """(geometry table, source, jackknife replicates, head view) of a run, what `tgo.findings.judge`
-    needs."""
-    table, source, spectra = read_spectra(run_id, folder)
-    return table, source, replicates_of(spectra), head_of(spectra)
-
-
-def scalar_table(run_id: str, keys: Sequence[str]) -> pd.DataFrame:
-    """Histories of the scalar metrics (train/*, val/*, lr, time/*) a run has, as epoch, key, value."""
-    present = tracking.get_run(run_id).data.metrics
-    rows = [(step, key, value) for key in keys if key in present for step, value in tracking.metric_history(run_id, key)]
-    return pd.DataFrame(rows, columns=["epoch", "key", "value"])
-
-
-# --------------------------------------------------------------------------------------------------
-# statistics and the TGO-I findings (tgo.findings)
-# --------------------------------------------------------------------------------------------------
-
-
-def trend_statistics(geometry: pd.DataFrame, replicates: F.Replicates | None = None) -> pd.DataFrame:
-    """Per site, view and observable: the tests the verdicts use (`tgo.findings.trend_table`)."""
-    return F.trend_table(geometry, replicates)
-
-
-# --------------------------------------------------------------------------------------------------
-# TGO-II: similarity, intrinsic dimension, token interaction, weight spectra (findings 6-8)
-# --------------------------------------------------------------------------------------------------
-
-
-def token_table(spectra: dict[int, ProbeResult]) -> pd.DataFrame:
-    """Token interaction of every site at every probed epoch with its jackknife standard error
-    (NaN without folds): columns epoch, site, mean_cosine, se."""
-    rows = [(epoch, site, value, float(uncertainty.jackknife_se(r.token_replicates[site])) if site in r.token_replicates else np.nan)
-            for epoch, r in sorted(spectra.items()) for site, value in r.tokens.items()]
-    return pd.DataFrame(rows, columns=["epoch", "site", "mean_cosine", "se"])
-
-
-def weight_table(run) -> pd.DataFrame:
-    """The weight spectra a run logged every epoch (weights/<kind>/<site>/<observable>, alpha and the
-    ranks): columns epoch, kind, site, observable, value."""
-    keys = [k for k in run.data.metrics if k.startswith("weights/") and k.count("/") == 3]
-    rows = [(step, *key.split("/")[1:], value) for key, hist in tracking.metric_histories(run.info.run_id, keys).items() for step, value in hist]
-    return pd.DataFrame(rows, columns=["epoch", "kind", "site", "observable", "value"])
-
-
-@dataclass
-class SecondStudy:
-    """TGO-II's part of an analysis: tables (tidy, written as tables/*.csv) and findings 6-8."""
-
-    findings: list[Finding]
-    tables: dict[str, pd.DataFrame]
-    notes: list[str]
-
-
-def second_study(kept: dict[int, representations.KeptEpoch], spectra: dict[int, ProbeResult], weights: pd.DataFrame | None,
-                 head: tuple[str, str], findings_only: bool = False) -> SecondStudy:
-    """Findings 6-8 and their tables from a run's kept features (`tgo.representations.read_kept`),
-    its spectra (token interaction) and its weight spectra (`weight_table`; None: not read).
-    findings_only: skip what the findings do not use (the site x site and epoch similarity tables,
-    the intrinsic dimension of the other sites), as a sweep's aggregate does for every seed."""
-    notes, tables = [], {} if weights is None else {"weights": weights}
-    tokens = token_table(spectra)
-    tables["tokens"] = tokens
-    if len(kept) >= 2:
-        at = head if head in kept[max(kept)].features else ("final", "mean")
-        if findings_only:  # the intrinsic dimension at `at` only
-            kept_at = {e: representations.KeptEpoch({at: k.features[at]}, k.rows) for e, k in kept.items() if at in k.features}
-            tables["intrinsic_dim"], id_jack = representations.intrinsic_dimension(kept_at, jackknife_at=at)
-        else:
-            tables["site_similarity"], tables["epoch_similarity"] = representations.similarity_tables(kept)
-            tables["intrinsic_dim"], id_jack = representations.intrinsic_dimension(kept, jackknife_at=at)
-        spec = representations.specialisation(kept)
-        tables["specialisation"] = pd.DataFrame({"site": spec.places, "cka_first_last": spec.values, "se": spec.se})
-        found = [F.finding6(spec.places, spec.values, spec.replicates, epochs=spec.epochs),
-                 F.finding7(id_jack.places, id_jack.values, id_jack.replicates, "/".join(at))]
-        if any(k.rows is None for k in kept.values()):
-            notes.append("Some kept features were saved without their folds (before tgo kept them): findings 6 and 7 "
-                         "have no standard errors there.")
-    else:
-        why = (f"the run kept features at {len(kept)} epoch(s); findings 6 and 7 need two or more "
-               "(feature_epochs: auto keeps 0, powers of 2 and the last).")
-        found = [Finding(6, F.FINDING6, "inconclusive", why, "no test"), Finding(7, F.FINDING7, "inconclusive", why, "no test")]
-    blocks = site_order(s for s in tokens.site if s.startswith("block_")) if len(tokens) else []
-    epochs = sorted(tokens.epoch.unique()) if len(tokens) else []
-    if blocks and len(epochs) >= 2:
-        deepest, (first, last) = blocks[-1], (epochs[0], epochs[-1])
-        value = {e: spectra[e].tokens[deepest] for e in (first, last)}
-        reps = tuple(spectra[e].token_replicates.get(deepest) for e in (first, last))
-        found.append(F.finding8(deepest, (int(first), int(last)), (value[first], value[last]), reps))
-    else:
-        found.append(Finding(8, F.FINDING8, "inconclusive", "no token interaction at two epochs (a run from before tgo measured it).", "no test"))
-    return SecondStudy(found, tables, notes)
-
-
-def _second_study_figures(study: SecondStudy, label: str, figdir: Path, figure_format: str) -> dict[str, list[Path]]:
+def _tgo2_figures(study: tgo2.TGO2, label: str, figdir: Path, figure_format: str) -> dict[str, list[Path]]:
     groups: dict[str, list[Path]] = {"Similarity between sites": [], "Similarity over training": [], "Intrinsic dimension": [],
                                      "Token interaction": [], "Weight spectra": []}
     t = study.tables
@@ -275,69 +100,6 @@ def _second_study_figures(study: SecondStudy, label: str, figdir: Path, figure_f
 
 
 # --------------------------------------------------------------------------------------------------
-# re-probing saved weights
-# --------------------------------------------------------------------------------------------------
-
-
-def _reprobe(run_id: str, folder: Path, probe_size: int, data_dir: str, probe_seed: int | None, device: str,
-             epochs: Sequence[int] | None, keep_covariance: Sequence[tuple[str, str]]) -> tuple[dict[int, ProbeResult], int]:
-    """Probe the run's saved weights (checkpoints/weights_epoch_XXXX.pt) again, on the data of its
-    config (data_dir may point elsewhere), after checking that the data is the one it was probed on."""
-    import torch
-
-    from tgo.config import from_dict
-    from tgo.data import build_datasets
-    from tgo.model import create_model
-    from tgo.train import probe_model
-    from tgo.probeset import ProbeSet, fingerprint
-
-    config = json.loads(tracking.download(run_id, "config/config.json", folder).read_text())
-    if data_dir:
-        config["data_dir"] = data_dir
-    config["device"] = device or "auto"
-    cfg = from_dict(config)
-    data = build_datasets(cfg)
-    names = [n for n in tracking.artifact_names(run_id, tracking.weights_artifact(0)[0]) if "weights_epoch_" in n]
-    available = sorted(int(Path(n).stem.split("_")[-1]) for n in names)
-    wanted = available if epochs is None else [e for e in epochs if e in available]
-    if not wanted:
-        raise AnalysisError(
-            f"run {run_id} has no saved weights to re-probe (checkpoints/weights_epoch_XXXX.pt"
-            f"{' for epochs ' + str(list(epochs)) if epochs is not None else ''}; it has {available}). "
-            "Train with checkpoint_epochs=all (or a list) to keep them."
-        )
-    try:
-        record = json.loads(tracking.download(run_id, "probe/probe_set.json", folder).read_text())
-    except tracking.TrackingError:
-        record = None
-    if record is not None:
-        indices = np.asarray(record["indices"])
-        if len(data.val) != record["dataset_size"] or fingerprint(data.val, indices) != record["fingerprint"]:
-            raise AnalysisError(
-                f"the validation data{' under ' + data_dir if data_dir else ''} is not the data run {run_id} "
-                f"was probed on: its {record['size']} probe images have another fingerprint, or the set has "
-                f"{len(data.val)} images instead of {record['dataset_size']}. Point data_dir at the run's data."
-            )
-    size = probe_size or (record["size"] if record else cfg.probe_size)
-    seed = cfg.probe_seed if probe_seed is None else probe_seed
-    try:
-        probe_set = ProbeSet.from_dataset(data.val, size, seed, folds=cfg.probe_folds)
-    except ValueError as err:
-        raise AnalysisError(str(err)) from None
-    dev = torch.device("cuda" if (device in ("", "auto") and torch.cuda.is_available()) else (device if device not in ("", "auto") else "cpu"))
-    model = create_model(cfg, data.num_classes).to(dev)
-    out = {}
-    for epoch in tqdm(wanted, desc="re-probe", unit="epoch", disable=None):
-        path = tracking.download(run_id, f"checkpoints/weights_epoch_{epoch:04d}.pt", folder / "weights")
-        model.load_state_dict(tracking.load_checkpoint(path))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DegenerateGeometryWarning)
-            out[epoch] = probe_model(model, probe_set.loader(cfg.probe_batch_size, cfg.workers), cfg, dev, keep_covariance=keep_covariance)
-        path.unlink()
-    return out, size
-
-
-# --------------------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------------------
 
@@ -345,8 +107,8 @@ def _reprobe(run_id: str, folder: Path, probe_size: int, data_dir: str, probe_se
 def _report(a: Analysis, title: str, figure_groups: dict[str, list[Path]], folder: Path,
             second_groups: dict[str, list[Path]] | None = None) -> tuple[Path, Path]:
     verdict_color = {"supported": "#1a7f37", "contradicted": "#cf222e", "mixed": "#9a6700", "inconclusive": "#57606a"}
-    method = F.METHOD.format(alpha=F.ALPHA, min_trend=F.MIN_TREND_EPOCHS)
-    head = "/".join(a.head)
+    method = findings.METHOD.format(alpha=findings.ALPHA, min_trend=findings.MIN_TREND_EPOCHS)
+    head = head_name(a.head)
     md = [f"# {title}", "", f"Source of the geometry: {a.source}.", ""]
     md += [f"> {n}" for n in a.notes] + ([""] if a.notes else [])
     md += ["## TGO-I findings", "", f"Findings 1-4 are judged at {head}, the view that feeds the head.", "",
@@ -382,17 +144,17 @@ def _report(a: Analysis, title: str, figure_groups: dict[str, list[Path]], folde
         for heading, paths in groups.items():
             if paths:
                 md += ["", f"{'#' * int(level)} {heading}", ""] + [f"![{p.stem}](../figures/{p.name})" for p in paths]
-                h += [f"<h{level}>{html.escape(heading)}</h{level}>"] + [_html_figure(p) for p in paths]
+                h += [f"<h{level}>{html.escape(heading)}</h{level}>"] + [html_figure(p) for p in paths]
 
     add_figures(figure_groups, "2")
     if second:
         md += ["", "## TGO-II findings", "", "| # | finding | verdict | test | numbers |", "| --- | --- | --- | --- | --- |"]
         md += [f"| {f.number} | {f.claim} | **{f.verdict}** | {f.method} | {f.evidence} |" for f in second]
-        md += ["", "**Method.** " + F.METHOD_TGO2.format(alpha=F.ALPHA, margin=F.TOKEN_MARGIN)]
+        md += ["", "**Method.** " + findings.METHOD_TGO2.format(alpha=findings.ALPHA, margin=findings.TOKEN_MARGIN)]
         h += ["<h2>TGO-II findings</h2><table><tr><th>#</th><th>finding</th><th>verdict</th><th>test</th><th>numbers</th></tr>"]
         h += [f"<tr><td>{f.number}</td><td>{html.escape(f.claim)}</td><td style='color:{verdict_color[f.verdict]}'><b>{f.verdict}</b></td>"
               f"<td>{html.escape(f.method)}</td><td>{html.escape(f.evidence)}</td></tr>" for f in second]
-        h += ["</table>", f"<p><b>Method.</b> {html.escape(F.METHOD_TGO2.format(alpha=F.ALPHA, margin=F.TOKEN_MARGIN))}</p>",
+        h += ["</table>", f"<p><b>Method.</b> {html.escape(findings.METHOD_TGO2.format(alpha=findings.ALPHA, margin=findings.TOKEN_MARGIN))}</p>",
               "<p>Tables: site_similarity.csv (CKA and SVCCA of every pair of sites at every kept epoch), epoch_similarity.csv, "
               "intrinsic_dim.csv, specialisation.csv, tokens.csv, weights.csv.</p>"]
         add_figures(second_groups or {}, "3")
@@ -404,23 +166,6 @@ def _report(a: Analysis, title: str, figure_groups: dict[str, list[Path]], folde
     return html_path, md_path
 
 
-def _html_figure(path: Path) -> str:
-    """A figure in the HTML report: PNG and SVG inline (the report is one file), a PDF as a link."""
-    if path.suffix == ".pdf":
-        return f"<p><a href='../figures/{html.escape(path.name)}'>{html.escape(path.name)}</a></p>"
-    mime = "image/svg+xml" if path.suffix == ".svg" else "image/png"
-    return f"<img alt='{html.escape(path.stem)}' src='data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}'>"
-
-
-def markdown_table(table: pd.DataFrame) -> str:
-    """A Markdown table (pandas' to_markdown needs tabulate, the `report` extra), else the plain
-    text table in a code block, which keeps its columns."""
-    try:
-        return table.to_markdown(index=False, floatfmt=".4g")
-    except ImportError:
-        return "```\n" + table.to_string(index=False) + "\n```"
-
-
 # --------------------------------------------------------------------------------------------------
 # the entry point's function
 # --------------------------------------------------------------------------------------------------
@@ -428,7 +173,7 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 def _default_sites(measured: set[tuple[str, str]]) -> list[tuple[str, str]]:
     """final/cls and the middle block's patch view (or its mean, or cls view), where measured."""
-    chosen = [("final", "cls")] if ("final", "cls") in measured else []
+    chosen = [HEAD_VIEW] if HEAD_VIEW in measured else []
     blocks = site_order({s for s, _ in measured if s.startswith("block_")})
     if blocks:
         middle = blocks[len(blocks) // 2]
@@ -505,12 +250,12 @@ def analyze(
     spectra: dict[int, ProbeResult] = {}
     covariances: dict[int, ProbeResult] = {}
     if probe_size or data_dir:
-        spectra, size = _reprobe(run_id, folder / "download", probe_size, data_dir, probe_seed, device, None,
-                                 keep_covariance=chosen or [("final", "cls")])
+        spectra, size = reprobe(run_id, folder / "download", probe_size, data_dir, probe_seed, device, None,
+                                 keep_covariance=chosen or [HEAD_VIEW])
         covariances = spectra
-        geometry, source = geometry_table(spectra), f"re-probe of the saved weights on {size} validation images"
+        geometry, source = runs.geometry_table(spectra), f"re-probe of the saved weights on {size} validation images"
     else:
-        geometry, source, spectra = _read(run, folder / "download")
+        geometry, source, spectra = runs.read_geometry(run, folder / "download")
     if geometry.empty:
         raise AnalysisError(f"run {run_id} has no epochs of geometry yet.")
     all_sites = site_order(geometry.site)
@@ -518,28 +263,28 @@ def analyze(
     unknown = [f"{s}/{v}" for s, v in chosen if not ((geometry.site == s) & (geometry.view == v)).any()]
     if unknown:
         raise AnalysisError(f"sites: {unknown} were not measured; measured sites are {all_sites} with views cls, patch, mean.")
-    scalars = scalar_table(run_id, SCALARS)
-    replicates, head = replicates_of(spectra), head_of(spectra)
+    scalars = runs.scalar_table(run_id, runs.SCALARS)
+    replicates, head = runs.replicates_of(spectra), runs.head_of(spectra)
     if not replicates:
         notes.append("This run has no standard errors (logged before tgo measured them, or probe_folds=1): findings "
                      "1-4 are judged by the trend test alone and finding 5 is left inconclusive. Re-probe its saved "
                      "weights (probe_size) to get them.")
-    trends = trend_statistics(geometry, replicates)
-    wide = F.everywhere(trends)
-    result = Analysis(run_id, geometry, scalars, trends, F.judge(geometry, replicates, head, trends=trends, wide=wide), source,
+    trends = findings.trend_table(geometry, replicates)
+    wide = findings.everywhere(trends)
+    result = Analysis(run_id, geometry, scalars, trends, findings.judge(geometry, replicates, head, trends=trends, wide=wide), source,
                       notes, output_dir=folder, everywhere=wide, head=head)
 
     # TGO-II (findings 6-8): the kept features, token interaction and weight spectra
-    study = second_study(representations.read_kept(run_id, folder / "download" / "features"), spectra, weight_table(run), head)
+    study = tgo2.judge(representations.read_kept(run_id, folder / "download" / "features"), spectra, runs.weight_table(run), head)
     result.findings += study.findings
     result.notes += study.notes
-    result.second = study.tables
+    result.tgo2 = study.tables
 
     # covariance structure at the first and last epoch: a re-probe of those weights (cheap) unless done
     epochs = sorted(geometry.epoch.unique())
     if figures and not covariances and len(epochs) >= 1:
         try:
-            covariances, _ = _reprobe(run_id, folder / "download", 0, "", None, device, [epochs[0], epochs[-1]], keep_covariance=chosen)
+            covariances, _ = reprobe(run_id, folder / "download", 0, "", None, device, [epochs[0], epochs[-1]], keep_covariance=chosen)
         except Exception as err:  # noqa: BLE001 - the figure is optional; say why it is missing
             notes.append(f"Covariance figures skipped: {err}")
 
@@ -551,7 +296,7 @@ def analyze(
     result.everywhere.to_csv(tables / "everywhere.csv", index=False)
     pd.DataFrame([t | {"finding": f.number} for f in result.findings for t in f.tests]).to_csv(tables / "finding_tests.csv", index=False)
     scalars.to_csv(tables / "scalars.csv", index=False)
-    for name, table in result.second.items():  # the full CKA and SVCCA matrices among them (site_similarity)
+    for name, table in result.tgo2.items():  # the full CKA and SVCCA matrices among them (site_similarity)
         table.to_csv(tables / f"{name}.csv", index=False)
     try:
         geometry.to_parquet(tables / "geometry.parquet", index=False)
@@ -591,7 +336,7 @@ def analyze(
                 f"Correlation structure of {site}/{view}, first and last epoch"), figdir / f"correlation_{site}_{view}.{figure_format}"))
     if figures:
         groups["Depth profile"].append(plots.save(plots.depth_profile(shown, int(epochs[-1]), label), figdir / f"depth_profile.{figure_format}"))
-    second_groups = _second_study_figures(study, label, figdir, figure_format) if figures else {}
+    second_groups = _tgo2_figures(study, label, figdir, figure_format) if figures else {}
     result.figures = [p for paths in (*groups.values(), *second_groups.values()) for p in paths]
     result.report_html, result.report_md = _report(result, f"Geometry of run {label} ({run_id})", groups, folder, second_groups)
     (folder / "findings.json").write_text(json.dumps([f.__dict__ for f in result.findings], indent=2, default=float))
@@ -603,13 +348,13 @@ def analyze(
 
 def _log(result: Analysis, run, folder: Path) -> str:
     """An analysis run, child of the training run, holding every file; tags link both ways."""
-    tags = {"tgo.kind": "analysis", "tgo.analyzed_run": result.run_id, "tgo.version": tgo.__version__, "tgo.source": result.source}
+    tags = {Tag.KIND: "analysis", Tag.ANALYZED_RUN: result.run_id, Tag.VERSION: tgo.__version__, Tag.SOURCE: result.source}
     analysis_id = tracking.open_child_run(result.run_id, f"analysis of {run.info.run_name or result.run_id[:8]}", tags)
     for sub in ("figures", "tables", "report"):
         if (folder / sub).exists():
             tracking.log_folder(analysis_id, folder / sub, sub)
     tracking.log_file(analysis_id, folder / "findings.json", None)
-    tracking.log_metrics(analysis_id, {f"finding/{f.number}": f.score for f in result.findings}, step=int(result.geometry.epoch.max()))
+    tracking.log_metrics(analysis_id, {finding_key(f.number): f.score for f in result.findings}, step=int(result.geometry.epoch.max()))
     tracking.finish(analysis_id)
-    tracking.set_tags(result.run_id, {"tgo.analysis_run": analysis_id})
+    tracking.set_tags(result.run_id, {Tag.ANALYSIS_RUN: analysis_id})
     return analysis_id

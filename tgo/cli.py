@@ -5,7 +5,8 @@
     tgo data imagenet100 --src /data/imagenet --dst /data/imagenet100
     tgo compare <run_a> <run_b>
 
-Exit status: 0 on success, 2 for bad parameters or data (nothing was logged), 1 when a run failed.
+Exit status: 0 on success, 2 for bad parameters or data (nothing was logged), 1 when a run failed
+(`tgo.errors`: each error carries its status; `main` turns it into one message line).
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
-from tgo import config as C
+from tgo import config
+from tgo.errors import TgoError
 
 
 def _train_parser(sub) -> None:
@@ -31,8 +34,8 @@ def _train_parser(sub) -> None:
 
 def _add_train_options(p, skip=()) -> None:
     """One option per TrainConfig field; "" (the default) means the preset's value."""
-    defaults = C.TrainConfig()
-    for name in C.FIELD_TYPES:
+    defaults = config.TrainConfig()
+    for name in config.FIELD_TYPES:
         if name in skip:
             continue
         preset_value = getattr(defaults, name)
@@ -41,7 +44,7 @@ def _add_train_options(p, skip=()) -> None:
             dest=name,
             default="demo" if name == "preset" else "",
             metavar=type(preset_value).__name__.upper(),
-            help=C.HELP[name] + ("" if name == "preset" else f" [demo preset: {preset_value!r}]"),
+            help=config.HELP[name] + ("" if name == "preset" else f" [demo preset: {preset_value!r}]"),
         )
 
 
@@ -182,16 +185,9 @@ def _fail(message: str, code: int) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tgo.data import DataError
-    from tgo.tracking import TrackingError
-    from tgo.train import TrainingError, run
+    from tgo.train import run
 
-    try:
-        result = run(**_train_values(args))
-    except (C.ConfigError, DataError, TrackingError) as err:
-        return _fail(str(err), 2)
-    except TrainingError as err:
-        return _fail(str(err), 1)
+    result = run(**_train_values(args))
     if result.run_id:
         from tgo.keys import parse_metric_key
 
@@ -206,27 +202,22 @@ def _int(name: str, text: str, allow_empty: bool = False) -> int | None:
     """An integer option of analyze, sweep and study (the train options go through TrainConfig)."""
     if allow_empty and text.strip() == "":
         return None
-    return C.parse_int(name, text, minimum=0)
+    return config.parse_int(name, text, minimum=0)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from tgo.analysis import AnalysisError, analyze
-    from tgo.data import DataError
-    from tgo.tracking import TrackingError
+    from tgo.analysis import analyze
 
-    try:
-        result = analyze(
-            args.run_id,
-            probe_size=_int("probe_size", args.probe_size),
-            data_dir=args.data_dir,
-            probe_seed=_int("probe_seed", args.probe_seed, allow_empty=True),
-            sites=[s.strip() for s in args.sites.split(",") if s.strip()] or None,
-            device=args.device,
-            output_dir=args.output_dir or None,
-            figure_format=args.figure_format,
-        )
-    except (C.ConfigError, DataError, TrackingError, AnalysisError) as err:
-        return _fail(str(err), 2)
+    result = analyze(
+        args.run_id,
+        probe_size=_int("probe_size", args.probe_size) or 0,
+        data_dir=args.data_dir,
+        probe_seed=_int("probe_seed", args.probe_seed, allow_empty=True),
+        sites=[s.strip() for s in args.sites.split(",") if s.strip()] or None,
+        device=args.device,
+        output_dir=args.output_dir or None,
+        figure_format=args.figure_format,
+    )
     for note in result.notes:
         print(f"tgo: {note}")
     print(f"tgo: analysed run {result.run_id} from {result.source}; {len(result.figures)} figures.")
@@ -238,20 +229,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _train_values(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name) for name in C.FIELD_TYPES if hasattr(args, name)}
+    return {name: getattr(args, name) for name in config.FIELD_TYPES if hasattr(args, name)}
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from tgo.data import DataError
-    from tgo.storage import StorageError
     from tgo.sweep import sweep
-    from tgo.tracking import TrackingError
 
-    values = _train_values(args)
-    try:
-        result = sweep(args.seeds, storage=args.storage, study_name=args.study_name, figure_format=args.figure_format, **values)
-    except (C.ConfigError, DataError, TrackingError, StorageError) as err:
-        return _fail(str(err), 2)
+    result = sweep(args.seeds, storage=args.storage, study_name=args.study_name, figure_format=args.figure_format, **_train_values(args))
     for note in result.notes:
         print(f"tgo: {note}")
     print(f"tgo: sweep {result.study_name}: {len(result.seed_runs)} seeds complete; parent run {result.parent_run_id}.")
@@ -261,19 +245,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from tgo.data import DataError
-    from tgo.storage import StorageError
     from tgo.study import DEFAULT_SPACE, study
-    from tgo.tracking import TrackingError
 
-    values = _train_values(args)
-    try:
-        result = study(
-            _int("n_trials", args.n_trials) or 0, objectives=args.objectives, search_space=args.search_space or DEFAULT_SPACE,
-            storage=args.storage, study_name=args.study_name, pruner=args.pruner, sampler_seed=_int("sampler_seed", args.sampler_seed), **values,
-        )
-    except (C.ConfigError, DataError, TrackingError, StorageError) as err:
-        return _fail(str(err), 2)
+    result = study(
+        _int("n_trials", args.n_trials) or 0, objectives=args.objectives, search_space=args.search_space or DEFAULT_SPACE,
+        storage=args.storage, study_name=args.study_name, pruner=args.pruner, sampler_seed=_int("sampler_seed", args.sampler_seed) or 0,
+        **_train_values(args),
+    )
     for note in result.notes:
         print(f"tgo: {note}")
     print(f"tgo: study {result.study_name}: {len(result.trials)} trials; best {result.best_trials}; parent run {result.parent_run_id}.")
@@ -282,12 +260,9 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from tgo.data import DataError, build_imagenet100
+    from tgo.data import build_imagenet100
 
-    try:
-        report = build_imagenet100(args.src, args.dst)
-    except DataError as err:
-        return _fail(str(err), 2)
+    report = build_imagenet100(args.src, args.dst)
     for split in ("train", "val"):
         counts = report["counts"][split]
         lacking = report["source_lacks"].get(split, [])
@@ -304,14 +279,10 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from tgo.compare import CompareError, compare
-    from tgo.tracking import TrackingError
+    from tgo.compare import compare
 
-    try:
-        result = compare(args.run_a, args.run_b, output_dir=args.output_dir or None, log=args.log, figures=args.figures,
-                         figure_format=args.figure_format)
-    except (CompareError, TrackingError) as err:
-        return _fail(str(err), 2)
+    result = compare(args.run_a, args.run_b, output_dir=args.output_dir or None, log=args.log, figures=args.figures,
+                     figure_format=args.figure_format)
     for note in result.notes:
         print(f"tgo: {note}")
     tested = int(((result.differences.epoch == result.last_epoch) & result.differences.p.notna()).sum())
@@ -333,8 +304,14 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow's SQL store logs every database error it raises with a full traceback; tgo reports the
     # error it catches in one message (a store turned read-only, say), so the duplicate is muted.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    # MLflow draws a progress bar per artifact transfer, which would interleave with tgo's own; the
+    # command line (this process is tgo's) switches them off unless the user has set them.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     commands = {"train": cmd_train, "analyze": cmd_analyze, "sweep": cmd_sweep, "study": cmd_study, "data": cmd_data, "compare": cmd_compare}
-    return commands[args.command](args)
+    try:
+        return commands[args.command](args)
+    except TgoError as err:  # every error tgo raises for bad input or an unusable service: one line and its status
+        return _fail(str(err), err.exit_code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,7 +6,7 @@ effect sizes, the CKA between the runs' features at each site, figures and a rep
     result.differences, result.differing, result.cka, result.report_html
 
 Each argument is a training run, or a sweep parent (its tag `tgo.seed_runs` lists its seed runs).
-Everything is read through the tracking API, with the readers of `tgo.analysis` (spectra and their
+Everything is read through the tracking API, with the readers of `tgo.runs` (spectra and their
 jackknife replicates) and `tgo.representations` (kept features). The result is logged as a
 comparison run (`tgo.kind=comparison`) that links both runs equally: it is the child of neither
 (no mlflow.parentRunId); it names both in tags `tgo.run_a`, `tgo.run_b`, `tgo.compared_runs` and
@@ -78,14 +78,14 @@ import scipy.stats
 from tqdm.auto import tqdm
 
 import tgo
-from tgo import plots, tracking, uncertainty
-from tgo.analysis import AnalysisError, _html_figure, head_of, markdown_table, read_spectra, replicates_of, token_table
+from tgo import plots, runs, tracking, uncertainty
+from tgo.errors import AnalysisError, CompareError
 from tgo.findings import ALPHA, Replicates, benjamini_hochberg
-from tgo.keys import site_order
+from tgo.keys import HEAD_VIEW, TOKEN_OBSERVABLE, TOKEN_VIEW, Tag, compare_key, cross_cka_key, site_order
+from tgo.report import html_figure, markdown_table
 from tgo.spectral import OBSERVABLE_NAMES
 
-TOKENS_VIEW, TOKENS_OBSERVABLE = "tokens", "mean_cosine"  # token interaction (TGO-II), tested beside the observables
-TESTED = tuple(o for o in OBSERVABLE_NAMES if not o.startswith("n_components_")) + (TOKENS_OBSERVABLE,)
+TESTED = tuple(o for o in OBSERVABLE_NAMES if not o.startswith("n_components_")) + (TOKEN_OBSERVABLE,)  # token interaction (TGO-II) too
 KEY_OBSERVABLES = ("effective_rank", "spectral_entropy", "spectral_anisotropy", "participation_ratio")
 KEYS = ["epoch", "site", "view", "observable"]
 COLUMNS = [*KEYS, "a", "b", "difference", "relative", "se", "se_a", "se_b", "sd_a", "sd_b", "n_a", "n_b", "df", "t",
@@ -93,10 +93,6 @@ COLUMNS = [*KEYS, "a", "b", "difference", "relative", "se", "se_a", "se_b", "sd_
 SCOPE_NOTE = ("With one run per side, the standard errors cover the probe's image sampling only, not seed-to-seed "
               "variation: two seeds of one setting differ wherever training noise moved them. Compare two sweep "
               "parents (several seeds each) to test a difference between settings.")
-
-
-class CompareError(ValueError):
-    """The runs cannot be compared as asked; the message says why and what to do."""
 
 
 @dataclass
@@ -112,7 +108,7 @@ class Comparison:
     cka: pd.DataFrame  # epoch, site, view, cka, se, folds, n_images
     summary: pd.DataFrame  # side (0 = A, 1 = B), epoch, site, view, observable, value, low, high (95%)
     labels: tuple[str, str] = ("A", "B")
-    head: tuple[str, str] = ("final", "cls")
+    head: tuple[str, str] = HEAD_VIEW
     notes: list[str] = field(default_factory=list)
     figures: list[Path] = field(default_factory=list)
     report_html: Path | None = None
@@ -165,7 +161,7 @@ def run_differences(geometry_a: pd.DataFrame, geometry_b: pd.DataFrame, replicat
     Args:
         geometry_a, geometry_b: geometry tables (epoch, site, view, observable, value, se).
         replicates_a, replicates_b: (site, view) -> epoch -> (K, len(OBSERVABLE_NAMES)) jackknife
-            replicates ((K, 1) for the tokens view, `with_tokens`) (`tgo.analysis.replicates_of`); they give K, and the paired standard error.
+            replicates ((K, 1) for the tokens view, `with_tokens`) (`tgo.runs.replicates_of`); they give K, and the paired standard error.
         paired: both runs were probed on the same images with the same folds: pair the replicates
             fold by fold where both have them with the same K.
         epochs: the epochs to test (default: those both tables have).
@@ -403,7 +399,7 @@ class _Side:
     label: str
     tables: list[pd.DataFrame] = field(default_factory=list)
     replicates: list = field(default_factory=list)
-    head: tuple[str, str] = ("final", "cls")
+    head: tuple[str, str] = HEAD_VIEW
 
 
 def _resolve(run_id: str, which: str) -> _Side:
@@ -413,10 +409,10 @@ def _resolve(run_id: str, which: str) -> _Side:
     except tracking.TrackingError as err:
         raise CompareError(f"{which}: {err}") from None
     tags = run.data.tags
-    kind = tags.get("tgo.kind", "")
+    kind = tags.get(Tag.KIND, "")
     name = run.info.run_name or run_id[:8]
-    if tags.get("tgo.seed_runs"):
-        ids = [i for i in tags["tgo.seed_runs"].split(",") if i]
+    if tags.get(Tag.SEED_RUNS):
+        ids = [i for i in tags[Tag.SEED_RUNS].split(",") if i]
         runs = []
         for seed_run in ids:
             try:
@@ -440,8 +436,8 @@ def with_tokens(table: pd.DataFrame, replicates: dict, spectra: Mapping[int, obj
     reps = dict(replicates)
     for epoch, result in spectra.items():
         for site, r in result.token_replicates.items():
-            reps.setdefault((site, TOKENS_VIEW), {})[epoch] = np.asarray(r, float)[:, None]
-    tokens = token_table(spectra).rename(columns={"mean_cosine": "value"}).assign(view=TOKENS_VIEW, observable=TOKENS_OBSERVABLE)
+            reps.setdefault((site, TOKEN_VIEW), {})[epoch] = np.asarray(r, float)[:, None]
+    tokens = runs.token_table(spectra).rename(columns={TOKEN_OBSERVABLE: "value"}).assign(view=TOKEN_VIEW, observable=TOKEN_OBSERVABLE)
     tokens = tokens[["epoch", "site", "view", "observable", "value", "se"]]
     return (pd.concat([table, tokens], ignore_index=True) if len(tokens) else table), reps
 
@@ -450,26 +446,30 @@ def _read_side(side: _Side, which: str, folder: Path) -> None:
     for run in side.runs:
         run_id = run.info.run_id
         try:
-            table, _, spectra = read_spectra(run_id, folder / run_id)
+            table, _, spectra = runs.read_spectra(run_id, folder / run_id)
         except AnalysisError as err:
             raise CompareError(f"{which}: {err}") from None
         if table.empty:
             raise CompareError(f"{which}: run {run_id} has no epochs of geometry yet; compare it once it has probed an epoch.")
-        table, replicates = with_tokens(table, replicates_of(spectra), spectra)
+        table, replicates = with_tokens(table, runs.replicates_of(spectra), spectra)
         side.tables.append(table)
         side.replicates.append(replicates)
-        head = head_of(spectra)
+        head = runs.head_of(spectra)
     side.head = head  # the last run read; every seed of a sweep has the same model
 
 
-def _probe_identity(run) -> tuple[str, str, str]:
-    """What makes two runs' probes the same images in the same folds."""
-    params = run.data.params
-    return run.data.tags.get("tgo.probe_fingerprint", ""), params.get("config.probe_seed", ""), params.get("config.probe_folds", "")
+def _probe_identity(run, folder: Path) -> tuple[str, str, str]:
+    """What makes two runs' probes the same images in the same folds: the probe set's fingerprint,
+    and the probe seed and fold count of the run's config (as the analysis reads them)."""
+    try:
+        config = runs.read_config(run.info.run_id, folder / run.info.run_id)
+    except tracking.TrackingError:  # not a tgo training run: nothing to pair on
+        return "", "", ""
+    return run.data.tags.get(Tag.PROBE_FINGERPRINT, ""), str(config.get("probe_seed", "")), str(config.get("probe_folds", ""))
 
 
 def _same_images(run_a, run_b) -> bool:
-    fa, fb = run_a.data.tags.get("tgo.probe_fingerprint", ""), run_b.data.tags.get("tgo.probe_fingerprint", "")
+    fa, fb = run_a.data.tags.get(Tag.PROBE_FINGERPRINT, ""), run_b.data.tags.get(Tag.PROBE_FINGERPRINT, "")
     return bool(fa) and fa == fb
 
 
@@ -566,7 +566,7 @@ def _report(c: Comparison, sides: tuple[_Side, _Side], figure_groups: dict[str, 
         if not paths:
             continue
         md += [f"## {heading}", ""] + [f"![{p.stem}](../figures/{p.name})" for p in paths] + [""]
-        h += [f"<h2>{html.escape(heading)}</h2>"] + [_html_figure(p) for p in paths]
+        h += [f"<h2>{html.escape(heading)}</h2>"] + [html_figure(p) for p in paths]
     h += ["</body></html>"]
     (folder / "report").mkdir(parents=True, exist_ok=True)
     md_path, html_path = folder / "report" / "report.md", folder / "report" / "report.html"
@@ -629,7 +629,8 @@ def compare(
     first_a, first_b = side_a.runs[0], side_b.runs[0]
     if len(side_a.runs) == 1 and len(side_b.runs) == 1:
         method = "jackknife"
-        paired = bool(_probe_identity(first_a)[0]) and _probe_identity(first_a) == _probe_identity(first_b)
+        identity_a, identity_b = _probe_identity(first_a, download), _probe_identity(first_b, download)
+        paired = bool(identity_a[0]) and identity_a == identity_b
         diffs = run_differences(side_a.tables[0], side_b.tables[0], side_a.replicates[0], side_b.replicates[0],
                                 paired=paired, epochs=epochs)
         notes.append(SCOPE_NOTE)
@@ -719,8 +720,8 @@ def _log(c: Comparison, sides: tuple[_Side, _Side], folder: Path) -> str:
     note = (f"Comparison of {_links(c, a)} (run A, `{a.given}`) and {_links(c, b)} (run B, `{b.given}`) at matched epochs "
             f"{c.epochs}: {len(c.differing)} site/view/observable differences at epoch {c.last_epoch} "
             f"(Benjamini-Hochberg, q <= {ALPHA}). Report: report/report.html.")
-    tags = {"tgo.kind": "comparison", "tgo.compared_runs": f"{c.run_a},{c.run_b}", "tgo.run_a": c.run_a, "tgo.run_b": c.run_b,
-            "tgo.compare_method": c.method, "tgo.version": tgo.__version__, "mlflow.note.content": note}
+    tags = {Tag.KIND: "comparison", Tag.COMPARED_RUNS: f"{c.run_a},{c.run_b}", Tag.RUN_A: c.run_a, Tag.RUN_B: c.run_b,
+            Tag.COMPARE_METHOD: c.method, Tag.VERSION: tgo.__version__, "mlflow.note.content": note}
     run_id = tracking.open_linked_run(c.run_a, f"compare {a.label} vs {b.label}"[:250], tags)
     try:
         for sub in ("figures", "tables", "report"):
@@ -728,17 +729,17 @@ def _log(c: Comparison, sides: tuple[_Side, _Side], folder: Path) -> str:
                 tracking.log_folder(run_id, folder / sub, sub)
         tracking.log_file(run_id, folder / "comparison.json", None)
         last = c.differences[c.differences.epoch == c.last_epoch]
-        metrics = {"compare/differing": len(c.differing), "compare/tests": int(last.p.notna().sum()),
-                   "compare/matched_epochs": len(c.epochs)}
+        metrics = {compare_key("differing"): len(c.differing), compare_key("tests"): int(last.p.notna().sum()),
+                   compare_key("matched_epochs"): len(c.epochs)}
         tracking.log_metrics(run_id, metrics, step=int(c.last_epoch))
         # cka/<site>/<view> at every common kept epoch (the step): its latest value is the last one's
         for step in sorted(c.cka.epoch.unique()) if len(c.cka) else []:
             at = c.cka[c.cka.epoch == step]
-            tracking.log_metrics(run_id, {f"cka/{r.site}/{r.view}": r.cka for r in at.itertuples()}, step=int(step))
+            tracking.log_metrics(run_id, {cross_cka_key(r.site, r.view): r.cka for r in at.itertuples()}, step=int(step))
     except BaseException:
         tracking.finish(run_id, "FAILED")
         raise
     tracking.finish(run_id)
     for given in dict.fromkeys((c.run_a, c.run_b)):
-        tracking.set_tags(given, {"tgo.comparison_run": run_id})
+        tracking.set_tags(given, {Tag.COMPARISON_RUN: run_id})
     return run_id

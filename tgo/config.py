@@ -25,6 +25,8 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
 
+from tgo.errors import ConfigError
+
 Preset = Literal["demo", "smoke", "tgo1"]
 Dataset = Literal["digits", "synthetic", "imagefolder", "imagenet100", "cifar10", "cifar100"]
 AmpMode = Literal["auto", "bf16", "fp16", "off"]
@@ -39,10 +41,6 @@ DATASET_DEPENDENT = ("num_classes",)  # preset values that describe the preset's
 def _field(default: Any, help: str) -> Any:
     """A TrainConfig field with its one-line help (`tgo train --help`, MLproject's comments)."""
     return dataclasses.field(default=default, metadata={"help": help})
-
-
-class ConfigError(ValueError):
-    """A parameter is unknown or has a value tgo cannot use; the message says which and why."""
 
 
 @dataclass(frozen=True)

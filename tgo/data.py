@@ -20,23 +20,11 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
 from tgo.config import TrainConfig
+from tgo.errors import DataError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".JPEG")
-
-
-class DataError(ValueError):
-    """Data that tgo cannot train on; the message names the path and what to do."""
-
-    def __init__(self, message: str = "") -> None:
-        # A DataLoader worker's error reaches the main process re-raised as DataError("Caught
-        # DataError in DataLoader worker process 0.\nOriginal Traceback ...\ntgo.data.DataError:
-        # <message>") (torch's ExceptionWrapper): keep only the message the worker raised.
-        marker = f"{type(self).__module__}.{type(self).__qualname__}: "
-        if message.startswith("Caught ") and marker in message:
-            message = message.rsplit(marker, 1)[1].strip()
-        super().__init__(message)
 
 
 def imagenet100_classes() -> list[str]:

@@ -19,6 +19,7 @@ file is for one machine, so the process table is the ground truth; nothing else 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -30,16 +31,13 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-HEARTBEAT_INTERVAL = int(os.environ.get("TGO_HEARTBEAT_INTERVAL", "60"))  # seconds
-GRACE_PERIOD = int(os.environ.get("TGO_GRACE_PERIOD", "180"))
+from tgo.errors import StorageError, mask_url, url_password
+from tgo.liveness import grace_period, heartbeat_interval, process_alive, worker_id
+from tgo.keys import TrialAttr
+
 MAX_RETRY = 3
 SCHEMA_ATTEMPTS = 5  # opening a fresh RDB storage that other workers are creating at the same moment
 _SCHEMA_RACE = re.compile(r"already exists|duplicate key|UniqueViolation|IntegrityError", re.I)
-WORKER_ATTR = "tgo.worker"
-
-
-class StorageError(ValueError):
-    """The storage URL cannot be used; the message says why and what to do."""
 
 
 def default_storage(tracking: str = "") -> str:
@@ -48,16 +46,6 @@ def default_storage(tracking: str = "") -> str:
     if tracking.startswith("sqlite:///"):
         return "sqlite:///" + os.path.join(os.path.dirname(os.path.abspath(tracking[len("sqlite:///"):])), "optuna.db")
     return "sqlite:///optuna.db"
-
-
-_PASSWORD = re.compile(r"(://[^/:@]*:)([^@/]*)@")  # scheme://user:PASSWORD@host
-
-
-def mask_url(url: str) -> str:
-    """The URL with its password replaced by *** (user:***@host), for every message and record:
-    a storage URL may carry a password, which tgo never prints or logs. Pass passwords through the
-    environment instead (PGPASSWORD, ~/.pgpass, or a PostgreSQL service file: README)."""
-    return _PASSWORD.sub(r"\1***@", url)
 
 
 class _RetryAndReport:
@@ -71,16 +59,29 @@ class _RetryAndReport:
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.retry(study, trial)
-        _report(self.on_dead_trial, trial)
+        _report_dead_trial(self.on_dead_trial, trial)
 
 
-def _report(on_dead_trial, trial: FrozenTrial) -> None:
+def _report_dead_trial(on_dead_trial, trial: FrozenTrial) -> None:
     if on_dead_trial is None:
         return
     try:
         on_dead_trial(trial)
     except Exception as err:  # noqa: BLE001 - bookkeeping of another worker's run never stops this one
         warnings.warn(f"could not mark the run of dead trial {trial.number}: {err}", RuntimeWarning, stacklevel=2)
+
+
+@contextlib.contextmanager
+def optuna_errors_only():
+    """Optuna's own log at ERROR inside the block (as a decorator: during the call), its level before
+    restored after: a failed trial is one line from tgo, not Optuna's traceback, and a notebook that
+    set Optuna's verbosity gets it back."""
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
 
 
 def open_storage(url: str = "", on_dead_trial: Callable[[FrozenTrial], None] | None = None, tracking: str = ""):
@@ -110,8 +111,8 @@ def open_storage(url: str = "", on_dead_trial: Callable[[FrozenTrial], None] | N
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable in use
                 return RDBStorage(
                     url,
-                    heartbeat_interval=HEARTBEAT_INTERVAL,
-                    grace_period=GRACE_PERIOD,
+                    heartbeat_interval=heartbeat_interval(),
+                    grace_period=grace_period(),
                     heartbeat_stale_trial_callback=_RetryAndReport(MAX_RETRY, on_dead_trial),
                     engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
                 )
@@ -122,31 +123,15 @@ def open_storage(url: str = "", on_dead_trial: Callable[[FrozenTrial], None] | N
                 time.sleep(0.5 * (attempt + 1))
                 continue
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            password = _PASSWORD.search(url)
-            if password and password.group(2):  # a driver's message may quote the URL it was given
-                first = first.replace(password.group(2), "***")
+            password = url_password(url)
+            if password:  # a driver's message may quote the URL it was given
+                first = first.replace(password, "***")
             raise StorageError(f"cannot open the Optuna storage {mask_url(url)}: {first}") from None
     raise AssertionError("unreachable")  # the last attempt returns or raises
 
 
-def worker_id() -> str:
-    """This process, as "<host>:<pid>" (the owner of a trial or of a run's lease)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 def mark_worker(trial: optuna.Trial) -> None:
-    trial.set_user_attr(WORKER_ATTR, worker_id())
-
-
-def process_alive(pid: int) -> bool:
-    """Whether process `pid` exists on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    trial.set_user_attr(TrialAttr.WORKER, worker_id())
 
 
 def reclaim_dead_trials(study: optuna.Study, storage, on_dead_trial: Callable[[FrozenTrial], None] | None = None) -> list[int]:
@@ -165,23 +150,23 @@ def reclaim_dead_trials(study: optuna.Study, storage, on_dead_trial: Callable[[F
     host = socket.gethostname()
     reclaimed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = t.user_attrs.get(WORKER_ATTR, "")
+        owner = t.user_attrs.get(TrialAttr.WORKER, "")
         owner_host, _, pid = owner.rpartition(":")
         if owner_host != host or not pid.isdigit() or process_alive(int(pid)) or int(pid) == os.getpid():
             continue
         try:
-            storage.set_trial_user_attr(t._trial_id, "tgo.failed_because", f"worker {owner} died")
+            storage.set_trial_user_attr(t._trial_id, TrialAttr.FAILED_BECAUSE, f"worker {owner} died")
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         except UpdateFinishedTrialError:
             continue  # another worker reclaimed it first
-        _report(on_dead_trial, t)
+        _report_dead_trial(on_dead_trial, t)
         # As Optuna's own retry callbacks do: a WAITING copy with the same parameters, user and
         # system attributes (a GridSampler needs its grid_id; the dead trial's run id lets the
         # retry resume that run from its checkpoint), run by the next worker that asks.
         system_attrs = {**t.system_attrs, "fixed_params": t.params, "failed_trial": t.number}
         study.add_trial(optuna.trial.create_trial(
             state=TrialState.WAITING, params=t.params, distributions=t.distributions,
-            user_attrs={**t.user_attrs, "tgo.retry_of": t.number}, system_attrs=system_attrs,
+            user_attrs={**t.user_attrs, TrialAttr.RETRY_OF: t.number}, system_attrs=system_attrs,
         ))
         reclaimed.append(t.number)
     return reclaimed

@@ -17,7 +17,7 @@
   trials on RDB storages, and a PID check does it for journal storages.
 - The parent run (tgo.kind=study) gets Optuna's matplotlib figures (optimisation history,
   parameter importances, intermediate values, Pareto front) and a table of Spearman's rho between
-  each hyperparameter and each final-epoch observable of final/cls across the completed trials.
+  each hyperparameter and each final-epoch observable of the head view (final/cls) across the completed trials.
 """
 
 from __future__ import annotations
@@ -37,17 +37,16 @@ import yaml
 from optuna.trial import TrialState
 
 from tgo import plots, tracking, train
-from tgo.config import FIELD_TYPES, ConfigError, TrainConfig, from_dict, from_overrides
-from tgo.keys import METRIC_PREFIX, metric_key, parse_metric_key
+from tgo.config import FIELD_TYPES, TrainConfig, from_dict, from_overrides
+from tgo.errors import ConfigError, short_error
+from tgo.keys import HEAD_VIEW, METRIC_PREFIX, Tag, TrialAttr, best_key, metric_key, parse_head, parse_metric_key
 from tgo.spectral import OBSERVABLE_NAMES
-from tgo.storage import mark_worker, open_storage, reclaim_dead_trials
-from tgo.workers import ERROR_ATTR, RESUME_REFUSED, RUN_ATTR, fail_dead_run, parent_run, retried_run, trial_started
+from tgo.storage import mark_worker, open_storage, optuna_errors_only, reclaim_dead_trials
+from tgo.workers import RESUME_REFUSED, fail_dead_run, parent_run, retried_run, trial_started
 
 DEFAULT_SPACE = Path(__file__).resolve().parent / "data" / "search_space.yaml"  # shipped inside the package
 SCALAR_OBJECTIVES = ("train/loss", "train/acc1", "val/loss", "val/acc1", "val/acc5")
 PRUNERS = ("median", "hyperband", "successive_halving", "none")
-CONFIG_ERROR_ATTR = "tgo.config_error"  # the ConfigError a trial failed with
-SLOT_ATTR, SURPLUS_ATTR = "tgo.slot", "tgo.surplus"  # one of the study's n_trials slots; a trial asked for past them
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +149,7 @@ def _pruner(name: str) -> optuna.pruners.BasePruner:
     }[name]()
 
 
+@optuna_errors_only()
 def study(
     n_trials: int,
     *,
@@ -181,7 +181,6 @@ def study(
     check_space(space, cfg)
     tracking.check_tracking()
     store = open_storage(storage, on_dead_trial=fail_dead_run, tracking=tracking.tracking_uri())
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial: one line from tgo, not Optuna's traceback
     sampler = PerTrialSeed(optuna.samplers.TPESampler if len(metrics) == 1 else optuna.samplers.NSGAIISampler, sampler_seed)
     options = dict(sampler=sampler, pruner=_pruner(pruner) if len(metrics) == 1 else optuna.pruners.NopPruner())
     try:  # creating a study is atomic in every Optuna storage: exactly one worker is its creator
@@ -202,7 +201,7 @@ def study(
         # first fill the first slots.
         first = list(enqueue or [])[:n_trials]
         for params in first + [{}] * (n_trials - len(first)):
-            s.enqueue_trial(params, user_attrs={SLOT_ATTR: True})
+            s.enqueue_trial(params, user_attrs={TrialAttr.SLOT: True})
         s.set_user_attr("objectives", objectives)
     else:
         _add_slots(s, n_trials)
@@ -213,8 +212,8 @@ def study(
     def objective(trial: optuna.Trial):
         ran.add(trial.number)
         attrs = trial.user_attrs
-        if not (attrs.get(SLOT_ATTR) or "tgo.retry_of" in attrs):  # not a slot: another worker took the last one meanwhile
-            trial.set_user_attr(SURPLUS_ATTR, True)
+        if not (attrs.get(TrialAttr.SLOT) or TrialAttr.RETRY_OF in attrs):  # not a slot: another worker took the last one meanwhile
+            trial.set_user_attr(TrialAttr.SURPLUS, True)
             raise optuna.TrialPruned("surplus: every slot of the study was taken")
         params = suggest(trial, space)
         resume = retried_run(trial, parent)
@@ -223,7 +222,7 @@ def study(
 
         def started(run_id: str) -> None:
             run_ids.append(run_id)
-            trial_started(trial, run_id, {f"tgo.param.{k}": v for k, v in params.items()})
+            trial_started(trial, run_id, {f"{Tag.PARAM_PREFIX}{k}": v for k, v in params.items()})
 
         def report(epoch: int, m: dict) -> None:
             if len(metrics) == 1 and epoch > 0 and metrics[0] in m:
@@ -235,22 +234,22 @@ def study(
             trial_cfg = from_dict({**cfg.to_dict(), **params, "run_name": f"{study_name} trial {trial.number}", "experiment": experiment, "resume": resume})
             result = train.run(trial_cfg, parent_run_id=parent, epoch_callback=report, on_start=started)
         except train.StopTraining as stop:
-            tracking.set_tags(run_ids[0], {"tgo.trial_state": "PRUNED"})
+            tracking.set_tags(run_ids[0], {Tag.TRIAL_STATE: "PRUNED"})
             raise optuna.TrialPruned(str(stop)) from None
         except Exception as err:
             # Reported in one line by this worker (below); Optuna's own report, a traceback per
             # failed trial, is silenced. The run keeps the error (tgo.error), the trial too.
-            trial.set_user_attr(ERROR_ATTR, tracking.short_error(err))
+            trial.set_user_attr(TrialAttr.ERROR, short_error(err))
             if isinstance(err, ConfigError):  # a setting the space combined badly (e.g. mixup with an odd batch size)
-                trial.set_user_attr(CONFIG_ERROR_ATTR, str(err))
+                trial.set_user_attr(TrialAttr.CONFIG_ERROR, str(err))
             if run_ids:
-                tracking.set_tags(run_ids[0], {"tgo.trial_state": "FAIL"})
+                tracking.set_tags(run_ids[0], {Tag.TRIAL_STATE: "FAIL"})
             raise
         missing = [k for k in metrics if k not in result.metrics]
         if missing:
-            tracking.set_tags(result.run_id, {"tgo.trial_state": "FAIL"})
+            tracking.set_tags(result.run_id, {Tag.TRIAL_STATE: "FAIL"})
             raise ConfigError(f"objective metric(s) {missing} were not logged by the run (probe_every=0?).")
-        tracking.set_tags(result.run_id, {"tgo.trial_state": "COMPLETE"})
+        tracking.set_tags(result.run_id, {Tag.TRIAL_STATE: "COMPLETE"})
         values = [float(result.metrics[k]) for k in metrics]
         return values[0] if len(values) == 1 else values
 
@@ -264,9 +263,9 @@ def study(
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             s.optimize(objective, n_trials=1, catch=(Exception,))
         for t in s.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-            if t.number in ran and ERROR_ATTR in t.user_attrs:  # the trial this worker just ran
+            if t.number in ran and TrialAttr.ERROR in t.user_attrs:  # the trial this worker just ran
                 log.warning("study %s: trial %d failed: %s (its run %s); the study goes on.", study_name, t.number,
-                            t.user_attrs[ERROR_ATTR], t.user_attrs.get(RUN_ATTR, "-"))
+                            t.user_attrs[TrialAttr.ERROR], t.user_attrs.get(TrialAttr.RUN, "-"))
     repeated = _same_config_error(s)
     if repeated:
         raise ConfigError(f"the study stopped: its first {repeated[0]} trials all failed with the same configuration "
@@ -314,17 +313,17 @@ def _add_slots(s: optuna.Study, n_trials: int) -> None:
     trials = s.get_trials(deepcopy=False)
     if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
         return
-    slots = [t for t in trials if not t.user_attrs.get(SURPLUS_ATTR) and "tgo.retry_of" not in t.user_attrs
+    slots = [t for t in trials if not t.user_attrs.get(TrialAttr.SURPLUS) and TrialAttr.RETRY_OF not in t.user_attrs
              and "failed_trial" not in t.system_attrs]
     for _ in range(n_trials - len(slots)):
-        s.enqueue_trial({}, user_attrs={SLOT_ATTR: True})
+        s.enqueue_trial({}, user_attrs={TrialAttr.SLOT: True})
 
 
 def _same_config_error(s: optuna.Study, first: int = 2) -> tuple[int, str] | None:
     """(count, message) when the study's first finished trials (at least `first`) all failed with
     one and the same configuration error, and none has succeeded: nothing will."""
     done = sorted(s.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)), key=lambda t: t.number)
-    errors = {t.user_attrs.get(CONFIG_ERROR_ATTR) for t in done}
+    errors = {t.user_attrs.get(TrialAttr.CONFIG_ERROR) for t in done}
     if len(done) >= first and len(errors) == 1 and None not in errors:
         return len(done), errors.pop()
     return None
@@ -337,17 +336,20 @@ def _summarise(s: optuna.Study, parent: str, metrics: list[str], space: dict) ->
     for t in s.get_trials(deepcopy=False):
         values = t.values if t.values is not None else [np.nan] * len(metrics)
         rows.append({"number": t.number, "state": t.state.name, **dict(zip(metrics, values)),
-                     **{f"param.{k}": v for k, v in t.params.items()}, "run_id": t.user_attrs.get(RUN_ATTR, "")})
+                     **{f"param.{k}": v for k, v in t.params.items()}, "run_id": t.user_attrs.get(TrialAttr.RUN, "")})
     trials = pd.DataFrame(rows)
     complete = [t for t in s.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     best = [t.number for t in s.best_trials] if complete else []
     result = StudyResult(s.study_name, parent, trials, best)
 
-    # Spearman's rho between each hyperparameter and each final-epoch observable of final/cls.
+    # Spearman's rho between each hyperparameter and each final-epoch observable of the head view
+    # (final/cls, or final/mean for an average-pooled model: every trial has the same model).
     corr_rows = []
     if len(complete) >= 3:
-        finals = {t.number: tracking.get_run(t.user_attrs[RUN_ATTR]).data.metrics for t in complete if RUN_ATTR in t.user_attrs}
-        keys = ["val/acc1", *[metric_key("final", "cls", o) for o in OBSERVABLE_NAMES]]
+        trial_runs = {t.number: tracking.get_run(t.user_attrs[TrialAttr.RUN]) for t in complete if TrialAttr.RUN in t.user_attrs}
+        finals = {number: run.data.metrics for number, run in trial_runs.items()}
+        head = parse_head(next(iter(trial_runs.values())).data.tags.get(Tag.HEAD_VIEW, "")) if trial_runs else HEAD_VIEW
+        keys = ["val/acc1", *[metric_key(*head, o) for o in OBSERVABLE_NAMES]]
         for name in space:
             xs = [t.params.get(name) for t in complete if t.number in finals]
             if len(set(map(str, xs))) < 2 or not all(isinstance(x, (int, float)) for x in xs):
@@ -382,9 +384,9 @@ def _summarise(s: optuna.Study, parent: str, metrics: list[str], space: dict) ->
     tracking.log_folder(parent, folder / "tables", "tables")
     if figures.exists():
         tracking.log_folder(parent, figures, "figures")
-    tags = {"tgo.objectives": ",".join(metrics), "tgo.n_trials": len(trials), "tgo.best_trials": ",".join(map(str, best))}
+    tags = {Tag.OBJECTIVES: ",".join(metrics), Tag.N_TRIALS: len(trials), Tag.BEST_TRIALS: ",".join(map(str, best))}
     tracking.set_tags(parent, tags)
     if len(metrics) == 1 and complete:
-        tracking.log_metrics(parent, {f"best/{metrics[0]}": s.best_value}, step=len(trials))
+        tracking.log_metrics(parent, {best_key(metrics[0]): s.best_value}, step=len(trials))
     tracking.finish(parent)
     return result

@@ -36,11 +36,12 @@ import scipy.stats
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from tgo import analysis, findings, plots, representations, tracking, train
-from tgo.config import ConfigError, from_dict, from_overrides
-from tgo.keys import metric_key, site_order
-from tgo.storage import mark_worker, mask_url, open_storage, reclaim_dead_trials
-from tgo.workers import ERROR_ATTR, RESUME_REFUSED, RUN_ATTR, fail_dead_run, parent_run, retried_run, trial_started
+from tgo import findings, plots, representations, runs, tgo2, tracking, train
+from tgo.config import from_dict, from_overrides
+from tgo.errors import ConfigError, mask_url, short_error
+from tgo.keys import Tag, TrialAttr, metric_key, seeds_finding_key, seeds_key, site_order
+from tgo.storage import mark_worker, open_storage, optuna_errors_only, reclaim_dead_trials
+from tgo.workers import RESUME_REFUSED, fail_dead_run, parent_run, retried_run, trial_started
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ def _seed_of(t) -> int | None:
     return t.params.get("seed")
 
 
+@optuna_errors_only()
 def sweep(
     seeds: Sequence[int] | str,
     *,
@@ -105,7 +107,6 @@ def sweep(
     tracking.check_tracking()
     study_name = study_name or "sweep-" + "-".join(map(str, seeds))
     store = open_storage(storage, on_dead_trial=fail_dead_run, tracking=tracking.tracking_uri())
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed seed: one line from tgo, not Optuna's traceback
     grid = optuna.samplers.GridSampler({"seed": seeds}, seed=0)
     try:  # atomic in every Optuna storage: exactly one worker creates the sweep (and its parent run)
         study = optuna.create_study(storage=store, study_name=study_name, direction="maximize", sampler=grid)
@@ -120,7 +121,7 @@ def sweep(
     parent = parent_run(study, experiment, study_name, create=created)
     launcher = tracking.launcher_run_id()
     if launcher and launcher != parent:  # another worker's `mlflow run` made the parent: link to it
-        tracking.set_tags(launcher, {"tgo.sweep_parent": parent, "mlflow.note.content": f"Sweep {study_name}: its runs and aggregate are under run {parent}."})
+        tracking.set_tags(launcher, {Tag.SWEEP_PARENT: parent, "mlflow.note.content": f"Sweep {study_name}: its runs and aggregate are under run {parent}."})
 
     ran: list[int] = []  # the trials this worker ran: it judges only those
 
@@ -138,10 +139,10 @@ def sweep(
             run_cfg = from_dict({**cfg.to_dict(), "seed": seed, "run_name": f"{study_name} seed {seed}", "experiment": experiment, "resume": resume})
             result = train.run(run_cfg, parent_run_id=parent, on_start=lambda run_id: trial_started(trial, run_id))
         except Exception as err:
-            trial.set_user_attr(ERROR_ATTR, tracking.short_error(err))  # reported in one line below
+            trial.set_user_attr(TrialAttr.ERROR, short_error(err))  # reported in one line below
             raise
-        trial.set_user_attr(RUN_ATTR, result.run_id)
-        tracking.set_tags(result.run_id, {"tgo.trial_state": "COMPLETE"})
+        trial.set_user_attr(TrialAttr.RUN, result.run_id)
+        tracking.set_tags(result.run_id, {Tag.TRIAL_STATE: "COMPLETE"})
         return float(result.metrics.get("val/acc1", 0.0))
 
     failed: list[int] = []
@@ -160,12 +161,12 @@ def sweep(
         if mine:
             failed.extend(_seed_of(t) for t in mine)
             log.warning("sweep %s: seed %s failed: %s (its run %s). Re-run the sweep to retry it.", study_name, _seed_of(mine[0]),
-                        mine[0].user_attrs.get(ERROR_ATTR, "?"), mine[0].user_attrs.get(RUN_ATTR, "-"))
+                        mine[0].user_attrs.get(TrialAttr.ERROR, "?"), mine[0].user_attrs.get(TrialAttr.RUN, "-"))
             break
 
     completed = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        completed.setdefault(_seed_of(t), t.user_attrs[RUN_ATTR])
+        completed.setdefault(_seed_of(t), t.user_attrs[TrialAttr.RUN])
     for seed, run_id in completed.items():
         if not tracking.run_exists(run_id):
             raise ConfigError(
@@ -210,13 +211,13 @@ def aggregate_into(parent: str, seed_runs: dict[int, str], figure_format: str = 
     folder = Path(tempfile.mkdtemp(prefix="tgo-sweep-"))
     tables, seed_findings = [], {}
     for seed, run_id in tqdm(sorted(seed_runs.items()), desc="reading seeds", unit="run", disable=None):
-        geometry, _, spectra = analysis.read_spectra(run_id, folder / run_id)
-        replicates, head = analysis.replicates_of(spectra), analysis.head_of(spectra)
+        geometry, _, spectra = runs.read_spectra(run_id, folder / run_id)
+        replicates, head = runs.replicates_of(spectra), runs.head_of(spectra)
         kept = representations.read_kept(run_id, folder / run_id / "features")
-        second = analysis.second_study(kept, spectra, None, head, findings_only=True)  # TGO-II: findings 6-8
-        seed_findings[seed] = findings.judge(geometry, replicates, head) + second.findings
+        tgo2_part = tgo2.judge(kept, spectra, None, head, findings_only=True)  # TGO-II: findings 6-8
+        seed_findings[seed] = findings.judge(geometry, replicates, head) + tgo2_part.findings
         geometry = geometry.drop(columns="se")
-        scalars = analysis.scalar_table(run_id, analysis.SCALARS).rename(columns={"key": "observable"})
+        scalars = runs.scalar_table(run_id, runs.SCALARS).rename(columns={"key": "observable"})
         scalars["site"], scalars["view"] = "", ""
         tables += [geometry.assign(seed=seed), scalars.assign(seed=seed)]
     per_seed = pd.concat(tables, ignore_index=True)
@@ -224,7 +225,7 @@ def aggregate_into(parent: str, seed_runs: dict[int, str], figure_format: str = 
     counts = finding_counts(seed_findings)
 
     joined = ",".join(seed_runs[s] for s in sorted(seed_runs))
-    if tracking.get_run(parent).data.tags.get("tgo.seed_runs") == joined:
+    if tracking.get_run(parent).data.tags.get(Tag.SEED_RUNS) == joined:
         # Aggregated before from these very runs (the tag is set last): logging again would only
         # add every seeds/* step a second time to the parent's history.
         return summary, counts
@@ -235,14 +236,14 @@ def aggregate_into(parent: str, seed_runs: dict[int, str], figure_format: str = 
         for stat in ("mean", "std", "ci95_low", "ci95_high"):
             for key, value in zip(keys[rows], summary.loc[rows, stat]):
                 if np.isfinite(value):
-                    metrics[f"seeds/{stat}/{key}"] = float(value)
+                    metrics[seeds_key(stat, key)] = float(value)
         tracking.log_metrics(parent, metrics, step=int(epoch))
     last = int(summary.epoch.max())
     finding_metrics = {}
     for row in counts.drop_duplicates("finding").itertuples():
-        finding_metrics[f"seeds/finding/{int(row.finding)}"] = {"supported": 1, "contradicted": -1}.get(row.verdict, 0)
-        finding_metrics[f"seeds/finding/{int(row.finding)}/supported"] = int(row.supported)
-        finding_metrics[f"seeds/finding/{int(row.finding)}/sign_test_p"] = float(row.sign_test_p)
+        finding_metrics[seeds_finding_key(row.finding)] = {"supported": 1, "contradicted": -1}.get(row.verdict, 0)
+        finding_metrics[seeds_finding_key(row.finding, "supported")] = int(row.supported)
+        finding_metrics[seeds_finding_key(row.finding, "sign_test_p")] = float(row.sign_test_p)
     tracking.log_metrics(parent, finding_metrics, step=last)
 
     (folder / "tables").mkdir(exist_ok=True)
@@ -257,6 +258,6 @@ def aggregate_into(parent: str, seed_runs: dict[int, str], figure_format: str = 
         plots.save(plots.mean_and_band(geo[geo.site.isin(shown)], name, len(seed_runs)), figdir / f"seeds_{name}.{figure_format}")
     tracking.log_folder(parent, folder / "tables", "tables")
     tracking.log_folder(parent, figdir, "figures")
-    tracking.set_tags(parent, {"tgo.seeds": ",".join(map(str, sorted(seed_runs))), "tgo.seed_runs": joined})
+    tracking.set_tags(parent, {Tag.SEEDS: ",".join(map(str, sorted(seed_runs))), Tag.SEED_RUNS: joined})
     tracking.finish(parent)
     return summary, counts

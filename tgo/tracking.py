@@ -33,26 +33,18 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import tgo
-from tgo.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, mask_url, process_alive, worker_id
+from tgo.errors import StoreWriteError, TrackingError, mask_url, short_error
+from tgo.liveness import grace_period, heartbeat_interval, process_alive, worker_id
+from tgo.keys import Tag
 
 log = logging.getLogger(__name__)
 
 PARAM_PREFIX = "config."  # resolved config values; entry-point parameters keep their own names
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
-LEASE_TAG = "tgo.lease"  # {"worker": "<host>:<pid>", "renewed": unix time, "nonce": ...} of the process training the run
 CLAIM_SETTLE_S = 1.0  # after writing a claim, how long to wait before reading it back
 DATASET_ATTEMPTS = 4  # log_datasets: tries before giving the record up
 DEFAULT_EXPERIMENT = "Default"  # MLflow's own default: where `mlflow run .` puts its run
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # model training, not GenAI
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be used; the message says which and what to do."""
-
-
-class StoreWriteError(TrackingError):
-    """Recording into the tracking store failed mid-run (a store turned read-only, a server down past
-    MLflow's retries); train.run turns it into one message that says how to continue."""
 
 
 def is_store_failure(err: BaseException) -> bool:
@@ -73,15 +65,6 @@ def tracking_uri() -> str:
 def store_name() -> str:
     """The tracking store's URI for a message: any password in it masked."""
     return mask_url(tracking_uri())
-
-
-def short_error(err: BaseException) -> str:
-    """One line for a message: the error's type and first line, passwords masked, at most 300 chars."""
-    if isinstance(err, StoreWriteError):
-        return str(err)
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    text = mask_url(text)
-    return f"{type(err).__name__}: {text[:300]}" if text else type(err).__name__
 
 
 def check_tracking() -> str:
@@ -232,12 +215,12 @@ def start_run(experiment: str, run_name: str = "", resume_run_id: str = "", syst
     launcher = launcher_run_id()
     if resume_run_id:
         tags = get_run(resume_run_id).data.tags
-        if "tgo.error" in tags:  # the error it stopped with is history now
-            set_tags(resume_run_id, {"tgo.previous_error": tags["tgo.error"]})
-            MlflowClient().delete_tag(resume_run_id, "tgo.error")
+        if Tag.ERROR in tags:  # the error it stopped with is history now
+            set_tags(resume_run_id, {Tag.PREVIOUS_ERROR: tags[Tag.ERROR]})
+            MlflowClient().delete_tag(resume_run_id, Tag.ERROR)
         if launcher and launcher != resume_run_id:
             client = MlflowClient()
-            client.set_tag(launcher, "tgo.resumes", resume_run_id)
+            client.set_tag(launcher, Tag.RESUMES, resume_run_id)
             client.set_tag(launcher, "mlflow.note.content", f"This launcher run resumed run {resume_run_id}; its metrics are there.")
         return mlflow.start_run(run_id=resume_run_id, **kwargs)
     if parent_run_id:  # before MLFLOW_RUN_ID: a sweep launched by `mlflow run` has one of its own
@@ -261,20 +244,20 @@ def start_run(experiment: str, run_name: str = "", resume_run_id: str = "", syst
 
 def _lease_of(run) -> dict | None:
     try:
-        return json.loads(run.data.tags.get(LEASE_TAG, ""))
+        return json.loads(run.data.tags.get(Tag.LEASE, ""))
     except ValueError:
         return None
 
 
 def _write_lease(run_id: str, nonce: str) -> None:
     lease = {"worker": worker_id(), "renewed": time.time(), "nonce": nonce}
-    MlflowClient().set_tag(run_id, LEASE_TAG, json.dumps(lease, sort_keys=True))
+    MlflowClient().set_tag(run_id, Tag.LEASE, json.dumps(lease, sort_keys=True))
 
 
 def lease_holder(run) -> str:
     """The live process that trains `run` ("<host>:<pid>", renewed how long ago), or "" when none
     does: the run is not RUNNING, or its lease's process is gone (on this host: it no longer
-    exists; elsewhere: its lease was not renewed for GRACE_PERIOD seconds)."""
+    exists; elsewhere: its lease was not renewed for `tgo.liveness.grace_period()` seconds)."""
     lease = _lease_of(run)
     if run.info.status != "RUNNING" or not lease or lease.get("worker") == worker_id():
         return ""
@@ -283,7 +266,7 @@ def lease_holder(run) -> str:
     if host == socket.gethostname() and pid.isdigit():
         alive = process_alive(int(pid))
     else:
-        alive = age < GRACE_PERIOD
+        alive = age < grace_period()
     return f"{lease['worker']} (lease renewed {age:.0f} s ago)" if alive else ""
 
 
@@ -298,7 +281,7 @@ def claim(run) -> None:
     if holder:
         raise TrackingError(
             f"run {run_id} is being trained by {holder}; resuming it now would train it twice. Wait for it "
-            f"to end, or stop that process (a lease not renewed for {GRACE_PERIOD} s is given up)."
+            f"to end, or stop that process (a lease not renewed for {grace_period()} s is given up)."
         )
     nonce = uuid.uuid4().hex
     _write_lease(run_id, nonce)
@@ -308,12 +291,12 @@ def claim(run) -> None:
 
 
 class Lease:
-    """Renews the run's lease every HEARTBEAT_INTERVAL seconds from a daemon thread while the run
+    """Renews the run's lease every `interval` seconds (default `tgo.liveness.heartbeat_interval()`) from a daemon thread while the run
     trains, so that `claim` can tell a live run from a dead one. A failed renewal is skipped: the
     lease is advisory, and a store that cannot be written stops the run through its own writes."""
 
-    def __init__(self, run_id: str, interval: float = HEARTBEAT_INTERVAL) -> None:
-        self.run_id, self.interval = run_id, interval
+    def __init__(self, run_id: str, interval: float | None = None) -> None:
+        self.run_id, self.interval = run_id, heartbeat_interval() if interval is None else interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew, daemon=True, name="tgo-lease")
 
@@ -378,7 +361,7 @@ def log_config(run_id: str, config: dict[str, Any]) -> None:
         if name not in existing:
             params.append(mlflow.entities.Param(name, text))
         elif existing[name] != text:
-            tags[f"tgo.resumed.{key}"] = text
+            tags[f"{Tag.RESUMED_PREFIX}{key}"] = text
     client.log_batch(run_id, params=params, tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()])
     log_json(run_id, config, "config", "config.json")
 
@@ -388,7 +371,7 @@ def set_tags(run_id: str, tags: dict[str, Any]) -> None:
 
 
 def base_tags(kind: str, preset: str, dataset: str, model: str) -> dict[str, str]:
-    return {"tgo.kind": kind, "tgo.preset": preset, "tgo.dataset": dataset, "tgo.model": model, "tgo.version": tgo.__version__}
+    return {Tag.KIND: kind, Tag.PRESET: preset, Tag.DATASET: dataset, Tag.MODEL: model, Tag.VERSION: tgo.__version__}
 
 
 def log_metrics(run_id: str, metrics: dict[str, float], step: int) -> None:
@@ -427,8 +410,7 @@ def artifact_names(run_id: str, folder: str) -> list[str]:
 
 
 def log_folder(run_id: str, folder: str | Path, artifact_path: str | None = None) -> None:
-    with _env_default("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):
-        MlflowClient().log_artifacts(run_id, str(folder), artifact_path)
+    MlflowClient().log_artifacts(run_id, str(folder), artifact_path)
 
 
 def log_json(run_id: str, obj: Any, artifact_path: str, name: str) -> None:
@@ -439,8 +421,7 @@ def log_json(run_id: str, obj: Any, artifact_path: str, name: str) -> None:
 
 
 def log_file(run_id: str, path: str | Path, artifact_path: str | None) -> None:
-    with _env_default("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):
-        MlflowClient().log_artifact(run_id, str(path), artifact_path)
+    MlflowClient().log_artifact(run_id, str(path), artifact_path)
 
 
 def local_artifact_dir(run_id: str) -> Path | None:
@@ -503,26 +484,12 @@ def weights_artifact(epoch: int) -> tuple[str, str]:
 
 def download(run_id: str, artifact: str, dst: str | Path) -> Path:
     """One artifact (a file or a folder) of a run, as a local path; TrackingError when the run lacks
-    it. MLflow's per-file progress bars are off here (unless the user set them): tgo draws its own,
-    which they would interleave with."""
+    it. (MLflow's own progress bars follow MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR, which the command
+    line sets to false unless the user set it: tgo draws its own.)"""
     try:
-        with _env_default("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):
-            return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=str(dst)))
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=str(dst)))
     except (MlflowException, OSError) as err:
         raise TrackingError(f"run {run_id} has no artifact {artifact} ({err}).") from None
-
-
-@contextlib.contextmanager
-def _env_default(name: str, value: str):
-    """The environment variable `name` set to `value` inside the block if the user has not set it."""
-    if name in os.environ:
-        yield
-        return
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        os.environ.pop(name, None)
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -538,7 +505,7 @@ def end_run(status: str = "FINISHED", message: str = "") -> bool:
         return True
     try:
         if message:
-            MlflowClient().set_tag(run.info.run_id, "tgo.error", message[:5000])
+            MlflowClient().set_tag(run.info.run_id, Tag.ERROR, message[:5000])
         mlflow.end_run(status=status)
         return True
     except Exception:  # noqa: BLE001 - a store that cannot be written; reported by the caller
@@ -555,7 +522,7 @@ def fail_run(run_id: str, reason: str) -> None:
     client = MlflowClient()
     if client.get_run(run_id).info.status != "RUNNING":
         return
-    set_tags(run_id, {"tgo.trial_state": "FAIL", "tgo.error": reason})
+    set_tags(run_id, {Tag.TRIAL_STATE: "FAIL", Tag.ERROR: reason})
     client.set_terminated(run_id, "FAILED")
 
 

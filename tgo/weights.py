@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from tgo import spectral
+from tgo.keys import weight_key
 
 KINDS: tuple[str, ...] = ("patch_embed", "qkv", "proj", "fc1", "fc2", "head")
 OBSERVABLES: tuple[str, ...] = ("alpha", "stable_rank", "effective_rank")
@@ -61,7 +62,7 @@ def matrices(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def metric_key(name: str, observable: str) -> str:
     site, kind = name.split("/")
-    return f"weights/{kind}/{site}/{observable}"
+    return weight_key(kind, site, observable)
 
 
 def matrix_observables(singular_values: np.ndarray) -> dict[str, float]:

@@ -2,7 +2,7 @@
 in the study, each trial's run, and the runs of workers that died.
 
 A sweep or study has one MLflow parent run, whose id the Optuna storage holds (study user attribute
-PARENT_ATTR), and each trial records its training run's id (trial user attribute RUN_ATTR) as soon
+TrialAttr.PARENT_RUN), and each trial records its training run's id (trial user attribute TrialAttr.RUN) as soon
 as the run exists, so that the run of a worker that dies can be found, marked FAILED
 (`fail_dead_run`, called by tgo.storage when the trial is failed) and resumed by the trial's retry
 (`retried_run`).
@@ -16,10 +16,8 @@ import optuna
 
 import tgo
 from tgo import tracking
+from tgo.keys import Tag, TrialAttr
 
-PARENT_ATTR = "mlflow_parent_run_id"
-RUN_ATTR = "mlflow_run_id"
-ERROR_ATTR = "tgo.error"  # the error a trial failed with, "<type>: <message>"
 RESUME_REFUSED = ("resume: a {what} resumes only its own runs: run the same {what} command again, and a {unit} whose "
                   "worker died continues from its run's checkpoint. To continue one training run, use tgo train --resume <run_id>.")
 
@@ -33,7 +31,7 @@ def parent_run(study: optuna.Study, experiment: str, study_name: str, kind: str 
     study."""
     deadline = time.time() + (0.0 if create else wait_s)
     while True:
-        recorded = study.user_attrs.get(PARENT_ATTR)  # read from the storage each time
+        recorded = study.user_attrs.get(TrialAttr.PARENT_RUN)  # read from the storage each time
         if recorded:
             if tracking.run_exists(recorded):
                 return recorded
@@ -42,27 +40,27 @@ def parent_run(study: optuna.Study, experiment: str, study_name: str, kind: str 
             break
         time.sleep(0.5)
     run_id = tracking.open_parent_run(experiment, f"{kind} {study_name}",
-                                      {"tgo.kind": kind, "tgo.study": study_name, "tgo.version": tgo.__version__})
-    study.set_user_attr(PARENT_ATTR, run_id)
+                                      {Tag.KIND: kind, Tag.STUDY: study_name, Tag.VERSION: tgo.__version__})
+    study.set_user_attr(TrialAttr.PARENT_RUN, run_id)
     return run_id
 
 
 def trial_started(trial: optuna.Trial, run_id: str, tags: dict | None = None) -> None:
     """The trial records its run as soon as the run exists, before any work (so that the run of a
     worker that dies can be found), and the run its trial: tgo.trial_number, tgo.trial_state and `tags`."""
-    trial.set_user_attr(RUN_ATTR, run_id)
-    tracking.set_tags(run_id, {"tgo.trial_number": trial.number, "tgo.trial_state": "RUNNING", **(tags or {})})
+    trial.set_user_attr(TrialAttr.RUN, run_id)
+    tracking.set_tags(run_id, {Tag.TRIAL_NUMBER: trial.number, Tag.TRIAL_STATE: "RUNNING", **(tags or {})})
 
 
 def retried_run(trial: optuna.Trial, parent: str) -> str:
     """The run to resume for this trial: where the trial retries one whose worker died (the retry
     carries that trial's user attributes, its run id among them), that run, if it is a child of this
     sweep's or study's parent with a checkpoint (tracking.resumable); else "" (a new run)."""
-    previous = trial.user_attrs.get(RUN_ATTR, "")
+    previous = trial.user_attrs.get(TrialAttr.RUN, "")
     return previous if previous and tracking.resumable(previous, parent) else ""
 
 
 def fail_dead_run(trial) -> None:
     """The run of a trial failed because its worker died: FAILED too, not RUNNING for good."""
-    tracking.fail_run(trial.user_attrs.get(RUN_ATTR, ""), f"worker {trial.user_attrs.get('tgo.worker', '?')} died; "
+    tracking.fail_run(trial.user_attrs.get(TrialAttr.RUN, ""), f"worker {trial.user_attrs.get(TrialAttr.WORKER, '?')} died; "
                       f"trial {trial.number} was failed and is retried (resuming this run from its checkpoint)")

@@ -1,0 +1,100 @@
+"""tgo's errors, one hierarchy: every error tgo raises for bad input or an unusable service is a
+`TgoError` carrying the exit status the command line gives it (`tgo.cli.main` turns it into one
+message line and that status, in one place). Each message names the problem and what to do.
+
+    TgoError                       exit 2 unless said otherwise
+    +-- ConfigError (ValueError)   a setting or parameter is invalid
+    +-- DataError (ValueError)     the dataset cannot be used as configured
+    +-- StorageError (ValueError)  the Optuna storage cannot be used
+    +-- TrackingError (RuntimeError)   the MLflow tracking store cannot be used
+    |   +-- StoreWriteError            recording into it failed mid-run (tgo.train turns it into a TrainingError)
+    +-- AnalysisError (ValueError) a run cannot be analysed as asked
+    +-- CompareError (ValueError)  runs cannot be compared as asked
+    +-- TrainingError (RuntimeError)   training cannot go on; exit 1 (the run exists and says why)
+
+Each also derives from the builtin error a caller would expect (ValueError for bad input,
+RuntimeError for a failing service), so `except ValueError` keeps working.
+
+Messages never show a password: `mask_url` hides the one in a URL, and `short_error` gives any
+error as one line with its URLs masked.
+"""
+
+from __future__ import annotations
+
+import re
+
+
+class TgoError(Exception):
+    """The base of tgo's errors; `exit_code` is the command line's exit status for it."""
+
+    exit_code: int = 2
+
+    def __init__(self, message: str = "") -> None:
+        # An error raised in a DataLoader worker reaches the main process re-raised as the same class
+        # with the message "Caught DataError in DataLoader worker process 0.\nOriginal Traceback
+        # ...\ntgo.errors.DataError: <message>" (torch's ExceptionWrapper): keep only the message
+        # the worker raised.
+        marker = f"{type(self).__module__}.{type(self).__qualname__}: "
+        if message.startswith("Caught ") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
+class ConfigError(TgoError, ValueError):
+    """A setting is invalid; the message names it and its accepted values."""
+
+
+class DataError(TgoError, ValueError):
+    """The dataset cannot be used as configured; the message says why and what to do."""
+
+
+class StorageError(TgoError, ValueError):
+    """The storage URL cannot be used; the message says why and what to do."""
+
+
+class TrackingError(TgoError, RuntimeError):
+    """The tracking store cannot be used; the message says which and what to do."""
+
+
+class StoreWriteError(TrackingError):
+    """Recording into the tracking store failed mid-run (a store turned read-only, a server down past
+    MLflow's retries); tgo.train turns it into one TrainingError that says how to continue."""
+
+
+class AnalysisError(TgoError, ValueError):
+    """The run cannot be analysed as asked; the message says why and what to do."""
+
+
+class CompareError(TgoError, ValueError):
+    """The runs cannot be compared as asked; the message says why and what to do."""
+
+
+class TrainingError(TgoError, RuntimeError):
+    """Training cannot go on (for example a non-finite loss); the last good checkpoint is kept."""
+
+    exit_code = 1
+
+
+_PASSWORD = re.compile(r"(://[^/:@]*:)([^@/]*)@")  # scheme://user:PASSWORD@host
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by *** (user:***@host), for every message and record:
+    a storage URL may carry a password, which tgo never prints or logs. Pass passwords through the
+    environment instead (PGPASSWORD, ~/.pgpass, or a PostgreSQL service file: README)."""
+    return _PASSWORD.sub(r"\1***@", url)
+
+
+def url_password(url: str) -> str:
+    """The password in a URL ("" when it has none), to scrub from a driver's message that quotes it."""
+    found = _PASSWORD.search(url)
+    return found.group(2) if found else ""
+
+
+def short_error(err: BaseException) -> str:
+    """One line for a message: the error's type and first line, passwords masked, at most 300 chars."""
+    if isinstance(err, StoreWriteError):
+        return str(err)
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    text = mask_url(text)
+    return f"{type(err).__name__}: {text[:300]}" if text else type(err).__name__
