@@ -1,4 +1,5 @@
-"""The streaming accumulator against the float64 batch (reference) path on the same rows."""
+"""The streaming accumulators against the float64 batch (reference) path on the same rows, and numpy on
+the same per-image values."""
 
 import os
 import tempfile
@@ -10,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tgo import spectral
-from tgo.accumulate import MomentAccumulator
+from tgo.accumulate import FoldSums, MomentAccumulator
 
 
 def _rows(n=700, d=24, seed=0, offset=20.0):
@@ -105,3 +106,26 @@ def test_all_reduce_over_two_gloo_ranks_equals_one_process():
     assert got["n"] == 301
     np.testing.assert_allclose(got["cov"], whole.spectra().covariance, rtol=1e-9, atol=1e-9)
     _assert_observables_close(got["obs"], spectral.observables_from_spectra(whole.spectra()), 1e-8)
+
+
+@pytest.mark.parametrize("folds, bins", [(1, [0]), (4, [0, 1, 2, 3, 4]), (5, [0, 1, 2, 4, 5])])
+def test_fold_sums_match_numpy_per_fold_and_without_each_fold(folds, bins):
+    """Per-fold sums of per-image values (the probe's token interaction), against numpy: bins 0..K-1
+    are the folds, bin K the images kept in every replicate; fold 3 of the K = 5 case is empty."""
+    rng = np.random.default_rng(7)
+    values = rng.normal(size=53)
+    fold = rng.choice(bins, size=53)
+    sums = FoldSums(folds)
+    assert sums.value() == 0.0  # no image yet
+    for i in range(0, 53, 10):  # batches of 10, the last one shorter
+        sums.update(torch.from_numpy(values[i : i + 10]), torch.from_numpy(fold[i : i + 10]))
+    np.testing.assert_allclose(sums.sum.numpy(), np.bincount(fold, weights=values, minlength=folds + 1), rtol=1e-12)
+    np.testing.assert_array_equal(sums.images.numpy(), np.bincount(fold, minlength=folds + 1))
+    assert sums.value() == pytest.approx(values.mean(), rel=1e-12)
+    if folds == 1:
+        assert sums.replicates() is None
+        return
+    assert (fold == folds).sum() > 0  # some images are in every replicate
+    want = [values[fold != k].mean() for k in range(folds)]  # the mean without fold k
+    np.testing.assert_allclose(sums.replicates(), want, rtol=1e-12)
+

@@ -25,6 +25,10 @@ except where the representation has an exactly null direction: a LayerNorm outpu
 site) lies in a hyperplane, and float32 products read its zero eigenvalue as about 1e-7 lambda_1
 instead of 0, which moves spectral_flatness (floored at 1e-12 lambda_1) by tens of percent. TF32 is
 never used for these products.
+
+Per-image values. `FoldSums` keeps the same folds for one number per image (the probe's token
+interaction): per fold the sum of the values and the image count, whose totals give the mean over
+all images and whose totals less one fold give its jackknife replicates.
 """
 
 from __future__ import annotations
@@ -194,6 +198,56 @@ class MomentAccumulator:
         per_group = self._moments()
         totals = [m.sum(axis=0) for m in per_group]
         return [self._spectra(*(t - m[k] for t, m in zip(totals, per_group))) for k in range(self.folds)]
+
+
+class FoldSums:
+    """Per-fold sums of one value per image, and the images per fold: the streaming state of a mean
+    over the probe images and of its delete-one-fold jackknife replicates (the probe's token
+    interaction). K + 1 bins whatever K: bins 0..K-1 are the folds, bin K the images kept in every
+    replicate (`tgo.uncertainty.fold_ids`); with K = 1 every image is in bin 0.
+
+        value          v   = sum_i v_i / N
+        replicate k    v_k = (sum_i v_i - sum_{i in fold k} v_i) / (N - N_k),   k = 0..K-1
+
+    (a denominator of 0 counts as 1). Memory O(K); `all_reduce` sums the bins over ranks.
+    """
+
+    def __init__(self, folds: int = 1, device: torch.device | str = "cpu") -> None:
+        if int(folds) < 1:
+            raise ValueError(f"folds must be at least 1, got {folds}.")
+        self.folds = int(folds)
+        device = torch.device(device)
+        self.sum = torch.zeros(self.folds + 1, dtype=torch.float64, device=device)  # (K + 1,) each bin's sum of values
+        self.images = torch.zeros(self.folds + 1, dtype=torch.float64, device=device)  # (K + 1,) N_k, float64 as the sums
+
+    @torch.no_grad()
+    def update(self, values: torch.Tensor, folds: torch.Tensor) -> None:
+        """Add one value per image: values (B,) and each image's bin, folds (B,) int64 in 0..K
+        (on this accumulator's device; not checked, so that no batch waits on the device)."""
+        if values.shape != folds.shape or values.ndim != 1:
+            raise ValueError(f"expected values and folds of one shape (B,), got {tuple(values.shape)} and {tuple(folds.shape)}.")
+        self.sum.index_add_(0, folds, values.to(self.sum))
+        self.images.index_add_(0, folds, torch.ones_like(folds, dtype=torch.float64))
+
+    def all_reduce(self, group=None) -> FoldSums:
+        """Sum the bins over all ranks of a torch.distributed process group (in place)."""
+        import torch.distributed as dist
+
+        dist.all_reduce(self.sum, group=group)
+        dist.all_reduce(self.images, group=group)
+        return self
+
+    def value(self) -> float:
+        """The mean over every image seen, sum_i v_i / N (0 before any image)."""
+        return float(self.sum.sum() / self.images.sum().clamp(min=1))
+
+    def replicates(self) -> np.ndarray | None:
+        """(K,) float64: the mean without fold k, (total - fold k) / (images - images of fold k),
+        for each fold; None when folds == 1 (no jackknife)."""
+        if self.folds == 1:
+            return None
+        k = self.folds
+        return ((self.sum.sum() - self.sum[:k]) / (self.images.sum() - self.images[:k]).clamp(min=1)).cpu().numpy()
 
 
 def _gram(y: torch.Tensor) -> torch.Tensor:

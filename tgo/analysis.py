@@ -288,7 +288,7 @@ def _reprobe(run_id: str, folder: Path, probe_size: int, data_dir: str, probe_se
     from tgo.config import from_dict
     from tgo.data import build_datasets
     from tgo.model import create_model
-    from tgo.train import probe_model
+    from tgo.probe import probe_model
     from tgo.probeset import ProbeSet, fingerprint
 
     config = json.loads(tracking.download(run_id, "config/config.json", folder).read_text())
