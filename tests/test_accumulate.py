@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tgo import spectral
-from tgo.accumulate import FoldSums, MomentAccumulator
+from tgo.accumulate import FoldSums, MomentAccumulator, _tf32_matmuls
 
 
 def _rows(n=700, d=24, seed=0, offset=20.0):
@@ -129,3 +129,58 @@ def test_fold_sums_match_numpy_per_fold_and_without_each_fold(folds, bins):
     want = [values[fold != k].mean() for k in range(folds)]  # the mean without fold k
     np.testing.assert_allclose(sums.replicates(), want, rtol=1e-12)
 
+
+class _Matmul:
+    """A stand-in for `torch.backends.cuda.matmul` with the given settings (an exception as a value:
+    reading that setting raises it), recording every write."""
+
+    def __init__(self, **settings) -> None:
+        object.__setattr__(self, "settings", settings)
+        object.__setattr__(self, "writes", [])
+
+    def __getattr__(self, name):
+        if name not in self.settings:
+            raise AttributeError(name)
+        if isinstance(self.settings[name], Exception):
+            raise self.settings[name]
+        return self.settings[name]
+
+    def __setattr__(self, name, value) -> None:
+        self.writes.append((name, value))
+
+
+class _OnCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: the accumulator's CUDA path, on a CPU."""
+
+    @property
+    def is_cuda(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("settings, tf32", [
+    ({"fp32_precision": "tf32", "allow_tf32": True}, True),
+    ({"fp32_precision": "tf32", "allow_tf32": RuntimeError("mix of the legacy and new APIs")}, True),
+    ({"fp32_precision": "ieee", "allow_tf32": False}, False),
+    ({"fp32_precision": "none", "allow_tf32": False}, False),
+    ({"allow_tf32": True}, True),  # a torch without fp32_precision: the legacy flag
+    ({"allow_tf32": False}, False),
+])
+def test_tf32_is_read_from_the_settings_never_written(monkeypatch, settings, tf32):
+    fake = _Matmul(**settings)
+    monkeypatch.setattr(torch.backends.cuda, "matmul", fake)
+    assert _tf32_matmuls() is tf32
+    assert fake.writes == []
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_a_cuda_batch_under_tf32_is_multiplied_in_float64_without_touching_the_setting(monkeypatch, tf32):
+    fake = _Matmul(fp32_precision="tf32" if tf32 else "ieee", allow_tf32=tf32)
+    monkeypatch.setattr(torch.backends.cuda, "matmul", fake)
+    X = torch.from_numpy(_rows(n=50, d=6))
+    acc = MomentAccumulator(6, precision="float32")
+    acc.update(X.as_subclass(_OnCuda))
+    assert fake.writes == []  # the process's setting is never switched, not even for a moment
+    y = X - X[0]  # float32 rows about the shift (the first row), as the accumulator forms them
+    in_float64, in_float32 = y.double().T @ y.double(), (y.T @ y).double()
+    assert not torch.equal(in_float64, in_float32)  # the two paths are told apart
+    assert torch.equal(acc.gram[0].as_subclass(torch.Tensor), in_float64 if tf32 else in_float32)
