@@ -84,7 +84,7 @@ def per_image_costs_224() -> tuple[float, float, float, float]:
     import timm
 
     from tgo.config import resolve
-    from tgo.train import probe_model
+    from tgo.probe import probe_model
 
     cfg = resolve("tgo1", data_dir="unused")  # the probe settings of the TGO-I setting
     model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=100)

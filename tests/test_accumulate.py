@@ -1,4 +1,5 @@
-"""The streaming accumulator against the float64 batch (reference) path on the same rows."""
+"""The streaming accumulators against the float64 batch (reference) path on the same rows, and numpy on
+the same per-image values."""
 
 import os
 import tempfile
@@ -10,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tgo import spectral
-from tgo.accumulate import MomentAccumulator
+from tgo.accumulate import FoldSums, MomentAccumulator, _tf32_matmuls
 
 
 def _rows(n=700, d=24, seed=0, offset=20.0):
@@ -105,3 +106,81 @@ def test_all_reduce_over_two_gloo_ranks_equals_one_process():
     assert got["n"] == 301
     np.testing.assert_allclose(got["cov"], whole.spectra().covariance, rtol=1e-9, atol=1e-9)
     _assert_observables_close(got["obs"], spectral.observables_from_spectra(whole.spectra()), 1e-8)
+
+
+@pytest.mark.parametrize("folds, bins", [(1, [0]), (4, [0, 1, 2, 3, 4]), (5, [0, 1, 2, 4, 5])])
+def test_fold_sums_match_numpy_per_fold_and_without_each_fold(folds, bins):
+    """Per-fold sums of per-image values (the probe's token interaction), against numpy: bins 0..K-1
+    are the folds, bin K the images kept in every replicate; fold 3 of the K = 5 case is empty."""
+    rng = np.random.default_rng(7)
+    values = rng.normal(size=53)
+    fold = rng.choice(bins, size=53)
+    sums = FoldSums(folds)
+    assert sums.value() == 0.0  # no image yet
+    for i in range(0, 53, 10):  # batches of 10, the last one shorter
+        sums.update(torch.from_numpy(values[i : i + 10]), torch.from_numpy(fold[i : i + 10]))
+    np.testing.assert_allclose(sums.sum.numpy(), np.bincount(fold, weights=values, minlength=folds + 1), rtol=1e-12)
+    np.testing.assert_array_equal(sums.images.numpy(), np.bincount(fold, minlength=folds + 1))
+    assert sums.value() == pytest.approx(values.mean(), rel=1e-12)
+    if folds == 1:
+        assert sums.replicates() is None
+        return
+    assert (fold == folds).sum() > 0  # some images are in every replicate
+    want = [values[fold != k].mean() for k in range(folds)]  # the mean without fold k
+    np.testing.assert_allclose(sums.replicates(), want, rtol=1e-12)
+
+
+class _Matmul:
+    """A stand-in for `torch.backends.cuda.matmul` with the given settings (an exception as a value:
+    reading that setting raises it), recording every write."""
+
+    def __init__(self, **settings) -> None:
+        object.__setattr__(self, "settings", settings)
+        object.__setattr__(self, "writes", [])
+
+    def __getattr__(self, name):
+        if name not in self.settings:
+            raise AttributeError(name)
+        if isinstance(self.settings[name], Exception):
+            raise self.settings[name]
+        return self.settings[name]
+
+    def __setattr__(self, name, value) -> None:
+        self.writes.append((name, value))
+
+
+class _OnCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: the accumulator's CUDA path, on a CPU."""
+
+    @property
+    def is_cuda(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("settings, tf32", [
+    ({"fp32_precision": "tf32", "allow_tf32": True}, True),
+    ({"fp32_precision": "tf32", "allow_tf32": RuntimeError("mix of the legacy and new APIs")}, True),
+    ({"fp32_precision": "ieee", "allow_tf32": False}, False),
+    ({"fp32_precision": "none", "allow_tf32": False}, False),
+    ({"allow_tf32": True}, True),  # a torch without fp32_precision: the legacy flag
+    ({"allow_tf32": False}, False),
+])
+def test_tf32_is_read_from_the_settings_never_written(monkeypatch, settings, tf32):
+    fake = _Matmul(**settings)
+    monkeypatch.setattr(torch.backends.cuda, "matmul", fake)
+    assert _tf32_matmuls() is tf32
+    assert fake.writes == []
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_a_cuda_batch_under_tf32_is_multiplied_in_float64_without_touching_the_setting(monkeypatch, tf32):
+    fake = _Matmul(fp32_precision="tf32" if tf32 else "ieee", allow_tf32=tf32)
+    monkeypatch.setattr(torch.backends.cuda, "matmul", fake)
+    X = torch.from_numpy(_rows(n=50, d=6))
+    acc = MomentAccumulator(6, precision="float32")
+    acc.update(X.as_subclass(_OnCuda))
+    assert fake.writes == []  # the process's setting is never switched, not even for a moment
+    y = X - X[0]  # float32 rows about the shift (the first row), as the accumulator forms them
+    in_float64, in_float32 = y.double().T @ y.double(), (y.T @ y).double()
+    assert not torch.equal(in_float64, in_float32)  # the two paths are told apart
+    assert torch.equal(acc.gram[0].as_subclass(torch.Tensor), in_float64 if tf32 else in_float32)

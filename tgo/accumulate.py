@@ -24,7 +24,12 @@ against a float64 batch computation on ViT activations (tests/test_probe.py, ben
 except where the representation has an exactly null direction: a LayerNorm output (the `final`
 site) lies in a hyperplane, and float32 products read its zero eigenvalue as about 1e-7 lambda_1
 instead of 0, which moves spectral_flatness (floored at 1e-12 lambda_1) by tens of percent. TF32 is
-never used for these products.
+never used for these products: where the process enables TF32 matmuls on CUDA, a float32 batch
+product is formed in float64 instead (`_gram`); the process's settings are read, never changed.
+
+Per-image values. `FoldSums` keeps the same folds for one number per image (the probe's token
+interaction): per fold the sum of the values and the image count, whose totals give the mean over
+all images and whose totals less one fold give its jackknife replicates.
 """
 
 from __future__ import annotations
@@ -196,13 +201,81 @@ class MomentAccumulator:
         return [self._spectra(*(t - m[k] for t, m in zip(totals, per_group))) for k in range(self.folds)]
 
 
+class FoldSums:
+    """Per-fold sums of one value per image, and the images per fold: the streaming state of a mean
+    over the probe images and of its delete-one-fold jackknife replicates (the probe's token
+    interaction). K + 1 bins whatever K: bins 0..K-1 are the folds, bin K the images kept in every
+    replicate (`tgo.uncertainty.fold_ids`); with K = 1 every image is in bin 0.
+
+        value          v   = sum_i v_i / N
+        replicate k    v_k = (sum_i v_i - sum_{i in fold k} v_i) / (N - N_k),   k = 0..K-1
+
+    (a denominator of 0 counts as 1). Memory O(K); `all_reduce` sums the bins over ranks.
+    """
+
+    def __init__(self, folds: int = 1, device: torch.device | str = "cpu") -> None:
+        if int(folds) < 1:
+            raise ValueError(f"folds must be at least 1, got {folds}.")
+        self.folds = int(folds)
+        device = torch.device(device)
+        self.sum = torch.zeros(self.folds + 1, dtype=torch.float64, device=device)  # (K + 1,) each bin's sum of values
+        self.images = torch.zeros(self.folds + 1, dtype=torch.float64, device=device)  # (K + 1,) N_k, float64 as the sums
+
+    @torch.no_grad()
+    def update(self, values: torch.Tensor, folds: torch.Tensor) -> None:
+        """Add one value per image: values (B,) and each image's bin, folds (B,) int64 in 0..K
+        (on this accumulator's device; not checked, so that no batch waits on the device)."""
+        if values.shape != folds.shape or values.ndim != 1:
+            raise ValueError(f"expected values and folds of one shape (B,), got {tuple(values.shape)} and {tuple(folds.shape)}.")
+        self.sum.index_add_(0, folds, values.to(self.sum))
+        self.images.index_add_(0, folds, torch.ones_like(folds, dtype=torch.float64))
+
+    def all_reduce(self, group=None) -> FoldSums:
+        """Sum the bins over all ranks of a torch.distributed process group (in place)."""
+        import torch.distributed as dist
+
+        dist.all_reduce(self.sum, group=group)
+        dist.all_reduce(self.images, group=group)
+        return self
+
+    def value(self) -> float:
+        """The mean over every image seen, sum_i v_i / N (0 before any image)."""
+        return float(self.sum.sum() / self.images.sum().clamp(min=1))
+
+    def replicates(self) -> np.ndarray | None:
+        """(K,) float64: the mean without fold k, (total - fold k) / (images - images of fold k),
+        for each fold; None when folds == 1 (no jackknife)."""
+        if self.folds == 1:
+            return None
+        k = self.folds
+        return ((self.sum.sum() - self.sum[:k]) / (self.images.sum() - self.images[:k]).clamp(min=1)).cpu().numpy()
+
+
+def _tf32_matmuls() -> bool:
+    """Whether float32 matmuls on CUDA may run in TF32 under the process's current settings: torch's
+    `torch.backends.cuda.matmul.fp32_precision == "tf32"` where it exists (recent torch; it also
+    reflects the legacy flag, `torch.set_float32_matmul_precision` and an inherited
+    `torch.backends.fp32_precision`, and reading it never raises where the legacy flag's getter
+    does after the new API was used), else the legacy `torch.backends.cuda.matmul.allow_tf32`.
+    Only read, never written."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        precision = matmul.fp32_precision
+    except AttributeError:  # older torch: the legacy flag only
+        return bool(matmul.allow_tf32)
+    return precision == "tf32"
+
+
 def _gram(y: torch.Tensor) -> torch.Tensor:
-    """y^T y for y of shape (n, D), with TF32 off on CUDA (its 10-bit mantissa would cost the
-    covariance three decimal digits)."""
-    if y.is_cuda and torch.backends.cuda.matmul.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            return y.T @ y
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = True
+    """y^T y for y of shape (n, D), never in TF32: its 10-bit mantissa would cost the covariance
+    three decimal digits. Where the process enables TF32 matmuls on CUDA (`_tf32_matmuls`), a float32
+    y is promoted and the product formed in float64 instead, rather than switching TF32 off around
+    the product: that would change a setting the rest of the process (the training around the
+    probe, other threads) relies on, and race with them. The float64 product is exact per term (a
+    product of two float32 numbers fits a float64 mantissa) and at least as accurate as the IEEE
+    float32 one it replaces. The cost: an (n, D) float64 copy of the batch and n D^2 float64
+    multiply-adds, within a factor 2 of float32 on data-centre GPUs (A100, H100) but 32-64 times
+    slower on consumer ones; `precision="float64"` (the default) pays it anyway."""
+    if y.is_cuda and y.dtype == torch.float32 and _tf32_matmuls():
+        y = y.to(torch.float64)
     return y.T @ y

@@ -26,23 +26,30 @@ The forward is timm's own: `forward_intermediates(..., output_fmt="NLC", return_
 gives the block outputs and the final-normed tokens; a forward hook on `model.patch_embed` gives its
 output, from which `model._pos_embed` gives the pos_embed site (a concat and an add, no re-run of the
 patch projection).
+
+`probe_model` runs the probe with a `TrainConfig`'s probe settings, as training does every epoch
+and the analysis does when it re-probes saved weights.
 """
 
 from __future__ import annotations
 
 import random
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from tgo import keys, spectral, uncertainty
+from tgo.accumulate import FoldSums, MomentAccumulator, Precision
 from tgo.keys import SE_PREFIX, VIEWS, metric_key
-from tgo.accumulate import MomentAccumulator, Precision
+
+if TYPE_CHECKING:
+    from tgo.config import TrainConfig
 
 POOLS = ("token", "avg")  # timm global_pool values whose head input the probe measures
 
@@ -348,7 +355,64 @@ def probe(
         A `ProbeResult`: eigenvalues, singular values, observables and sample count per site/view.
     """
     _check_model(model)
+    sites = _checked_sites(model, sites, views, folds, patch_tokens_per_image)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    dtype = next(model.parameters()).dtype  # the probe runs the model as it is (float32, or float64 in tests)
+    dim, head = int(model.embed_dim), head_view(model)
+    accs = _moment_accumulators(model, sites, views, dim, device=device, precision=precision, folds=folds)
+    interaction = {site: FoldSums(folds, device=device) for site in sites}  # token interaction, per fold
+    kept = _KeptFeatures(sites, int(getattr(model, "num_prefix_tokens", 1)), folds, device) if keep_features else None
+    needed = list(dict.fromkeys([*accs, *(kept.pairs if kept else [])]))  # the (site, view) rows a batch forms
+    generator = torch.Generator().manual_seed(seed)  # the patch-token subsampling's draws
+
+    with _RestoreState(model), torch.autocast(device.type, enabled=False):
+        seen = 0
+        for batch in tqdm(loader, desc="probe", unit="batch", leave=False, disable=None if progress is None else not progress):
+            images, fold = _images_and_folds(batch, seen, folds)  # (B, 3, H, W), (B,) each image's fold 0..K
+            seen += images.shape[0]
+            order, counts = _fold_order(fold, folds)  # images sorted by fold: counts[k] of fold k, in order
+            images = images[order.to(images.device)].to(device, dtype=dtype, non_blocking=True)
+            tokens, head_input = _site_tokens(model, images, pooled=head == ("final", "mean"))
+            # the same k random patch tokens of an image at every site (None: all T of them)
+            keep = _token_subset(patch_tokens_per_image, tokens["final"][1], generator)
+            rows = _view_rows(tokens, head_input, needed, keep)  # each view's rows, formed once
+            sorted_fold = fold[order].to(device)
+            for site, sums in interaction.items():  # per image, over all T patch tokens
+                sums.update(token_interaction(tokens[site][1]), sorted_fold)
+            if kept is not None:
+                kept.add(rows, order, fold)
+            for key, acc in accs.items():
+                x = rows[key]  # (B, D), or (B, T or k, D) for the patch view: an image's tokens share its fold
+                if x.ndim == 2:
+                    acc.update(x, counts)
+                else:
+                    acc.update(x.reshape(-1, dim), [c * x.shape[1] for c in counts])
+
+    if distributed is None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    result = ProbeResult(head=head)
+    if kept is not None:  # every rank's rows, rank after rank
+        result.features, result.feature_rows = kept.gather(distributed)
+    result.tokens, result.token_replicates = _token_results(interaction, distributed)
+    result.geometry = _geometry(accs, keep_covariance, distributed)
+    return result
+
+
+def probe_model(model: torch.nn.Module, loader, cfg: TrainConfig, device: torch.device | str, *, distributed: bool = False,
+                progress: bool | None = False, keep_covariance=(), keep_features: bool = False) -> ProbeResult:
+    """The geometry probe of `model` with the probe settings of `cfg` (precision, patch tokens, seed,
+    folds): what training measures every epoch, and what the analysis's re-probe of saved weights
+    measures again."""
+    return probe(
+        model, loader, device=device, precision=cfg.probe_precision, patch_tokens_per_image=cfg.probe_patch_tokens or None,
+        seed=cfg.probe_seed, distributed=distributed, progress=progress, folds=cfg.probe_folds, keep_covariance=keep_covariance,
+        keep_features=keep_features,
+    )
+
+
+def _checked_sites(model: torch.nn.Module, sites: Sequence[str] | None, views: Sequence[str], folds: int,
+                   patch_tokens_per_image: int | None) -> list[str]:
+    """The sites `probe` measures (default: every site of the model), once its arguments are checked."""
     all_sites = site_names(model)
     sites = list(all_sites if sites is None else sites)
     unknown = sorted(set(sites) - set(all_sites)) + sorted(set(views) - set(VIEWS))
@@ -358,112 +422,153 @@ def probe(
         raise ValueError(f"folds must be a positive int (1: no uncertainty), got {folds}.")
     if patch_tokens_per_image is not None and patch_tokens_per_image < 1:
         raise ValueError(f"patch_tokens_per_image must be a positive int or None, got {patch_tokens_per_image}.")
-    n_prefix = int(getattr(model, "num_prefix_tokens", 1))
-    has_cls = getattr(model, "cls_token", None) is not None
-    dim = int(model.embed_dim)
-    dtype = next(model.parameters()).dtype  # the probe runs the model as it is (float32, or float64 in tests)
-    accs: dict[tuple[str, str], MomentAccumulator] = {}
-    for site in sites:
-        for view in views:
-            if view == "cls" and (site == "patch_embed" or not has_cls):
-                continue  # no class token before _pos_embed prepends it
-            accs[(site, view)] = MomentAccumulator(dim, device=device, precision=precision, folds=folds)
-    head = head_view(model)
-    pooled_head = head == ("final", "mean")  # avg pooling: final/mean is fc_norm(pooled tokens)
+    return sites
 
-    generator = torch.Generator().manual_seed(seed)
-    # token interaction: per site, the sum of the per-image values in each fold (K + 1 bins, the last
-    # for images kept in every replicate), and the images per fold
-    cosine_sum = {site: torch.zeros(folds + 1, dtype=torch.float64, device=device) for site in sites}
-    fold_images = torch.zeros(folds + 1, dtype=torch.float64, device=device)
-    kept_rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # keep_features: (place in this loader, fold) per batch
-    kept: dict[tuple[str, str], list[torch.Tensor]] = {}  # keep_features: per batch, rows in loader order
-    captured: dict[str, torch.Tensor] = {}
-    hook = model.patch_embed.register_forward_hook(lambda m, i, out: captured.__setitem__("patch", out))
+
+def _fold_order(fold: torch.Tensor, folds: int) -> tuple[torch.Tensor, list[int]]:
+    """The order that sorts a batch's images by fold (stable), and the images per group in that
+    order: counts[k] of fold k and, with K > 1, counts[K] kept in every replicate. A ViT in eval
+    treats each image alone, so the probe runs the batch in this order, and every site's rows come
+    contiguous per fold, as `MomentAccumulator.update` takes them."""
+    order = torch.argsort(fold, stable=True)
+    return order, torch.bincount(fold, minlength=folds + 1).tolist()[: folds + 1 if folds > 1 else 1]
+
+
+def _moment_accumulators(model: torch.nn.Module, sites: Sequence[str], views: Sequence[str], dim: int,
+                         **options) -> dict[tuple[str, str], MomentAccumulator]:
+    """One `MomentAccumulator(dim, **options)` per site and view measured: every pair but the cls
+    view where there is no class token (at patch_embed, before `_pos_embed` prepends it, and in a
+    model without one)."""
+    has_cls = getattr(model, "cls_token", None) is not None
+    return {(site, view): MomentAccumulator(dim, **options) for site in sites for view in views
+            if view != "cls" or (has_cls and site != "patch_embed")}
+
+
+Tokens = dict[str, tuple[torch.Tensor | None, torch.Tensor]]  # site -> (prefix tokens (B, P, D) or None, patch tokens (B, T, D))
+
+
+def _site_tokens(model: torch.nn.Module, images: torch.Tensor, pooled: bool) -> tuple[Tokens, torch.Tensor | None]:
+    """One forward pass of `images` (B, 3, H, W) as every site's tokens, {site: (prefix tokens
+    (B, P, D), patch tokens (B, T, D))} in forward order (P = `model.num_prefix_tokens`, the class
+    and register tokens; None at patch_embed, before `_pos_embed` prepends them), and, for a model
+    pooled by average (`pooled`), the input of its head, fc_norm of the mean patch token (B, D);
+    else None. The pos_embed site is `model._pos_embed` of the patch_embed output that a forward
+    hook captures (a concat and an add, no second patch projection)."""
+    captured: list[torch.Tensor] = []
+    hook = model.patch_embed.register_forward_hook(lambda module, args, out: captured.append(out))
     try:
-        with _RestoreState(model), torch.autocast(device.type, enabled=False):
-            bar = tqdm(loader, desc="probe", unit="batch", leave=False, disable=None if progress is None else not progress)
-            seen = 0
-            for batch in bar:
-                images, fold = _images_and_folds(batch, seen, folds)
-                seen += images.shape[0]
-                # Images sorted by fold (a ViT in eval treats each image alone), so that every
-                # site's rows are contiguous per fold: counts[k] images of fold k, in order, and
-                # counts[K] images kept in every replicate (K > 1).
-                order = torch.argsort(fold, stable=True)
-                counts = torch.bincount(fold, minlength=folds + 1).tolist()[: folds + 1 if folds > 1 else 1]
-                images = images[order.to(images.device)].to(device, dtype=dtype, non_blocking=True)
-                final, blocks = model.forward_intermediates(images, output_fmt="NLC", return_prefix_tokens=True)
-                patch_out = captured.pop("patch")
-                tokens = {  # site -> (prefix tokens (B, P, D) or None, patch tokens (B, T, D))
-                    "patch_embed": (None, patch_out.reshape(patch_out.shape[0], -1, dim)),
-                }
-                pos = model._pos_embed(patch_out)
-                tokens["pos_embed"] = (pos[:, :n_prefix], pos[:, n_prefix:])
-                for i, (spatial, prefix) in enumerate(_pairs(blocks)):
-                    tokens[f"block_{i:02d}"] = (prefix, spatial)
-                tokens["final"] = (final[:, :n_prefix], final[:, n_prefix:])
-                head_input = model.forward_head(final, pre_logits=True) if pooled_head else None  # (B, D)
-                keep = None
-                if patch_tokens_per_image is not None:
-                    t = tokens["final"][1].shape[1]
-                    k = min(patch_tokens_per_image, t)
-                    keep = torch.rand(images.shape[0], t, generator=generator).argsort(dim=1)[:, :k].to(device)
-                sorted_fold = fold[order].to(device)
-                fold_images.index_add_(0, sorted_fold, torch.ones_like(sorted_fold, dtype=torch.float64))
-                for site in sites:
-                    cosine_sum[site].index_add_(0, sorted_fold, token_interaction(tokens[site][1]))
-                if keep_features:
-                    kept_rows.append((torch.arange(seen - images.shape[0], seen), fold.clone()))
-                    unsort = torch.argsort(order).to(device)  # back to the loader's order
-                    for site in sites:
-                        prefix, patches = tokens[site]
-                        if prefix is not None and prefix.shape[1] > 0:
-                            kept.setdefault((site, "cls"), []).append(prefix[unsort, 0].to("cpu", torch.float16))
-                        mean = head_input if (pooled_head and site == "final") else patches.mean(dim=1)
-                        kept.setdefault((site, "mean"), []).append(mean[unsort].to("cpu", torch.float16))
-                for (site, view), acc in accs.items():
-                    prefix, patches = tokens[site]
-                    if view == "cls":
-                        acc.update(prefix[:, 0], counts)
-                    elif view == "mean":
-                        acc.update(head_input if (pooled_head and site == "final") else patches.mean(dim=1), counts)
-                    else:
-                        if keep is not None:
-                            patches = torch.gather(patches, 1, keep[:, :, None].expand(-1, -1, dim))
-                        per_image = patches.shape[1]  # T, or k subsampled tokens
-                        acc.update(patches.reshape(-1, dim), [c * per_image for c in counts])
+        final, blocks = model.forward_intermediates(images, output_fmt="NLC", return_prefix_tokens=True)
     finally:
         hook.remove()
+    patch_out, dim, n_prefix = captured[-1], int(model.embed_dim), int(getattr(model, "num_prefix_tokens", 1))
+    pos = model._pos_embed(patch_out)
+    tokens: Tokens = {"patch_embed": (None, patch_out.reshape(patch_out.shape[0], -1, dim)),
+                      "pos_embed": (pos[:, :n_prefix], pos[:, n_prefix:])}
+    for i, (spatial, prefix) in enumerate(_pairs(blocks)):
+        tokens[f"block_{i:02d}"] = (prefix, spatial)
+    tokens["final"] = (final[:, :n_prefix], final[:, n_prefix:])
+    return tokens, model.forward_head(final, pre_logits=True) if pooled else None
 
-    if distributed is None:
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    result = ProbeResult(head=head)
 
-    def gathered(rows: np.ndarray) -> np.ndarray:  # every rank's shard, rank after rank
-        if not distributed:
-            return rows
-        shards = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(shards, rows)
-        return np.concatenate(shards)
+def _token_subset(k: int | None, patches: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
+    """(B, min(k, T)) random patch-token positions of each image of `patches` (B, T, D), on their
+    device, drawn on the host from `generator` (the same draws on any device); None when k is None
+    (every token kept)."""
+    if k is None:
+        return None
+    b, t = patches.shape[:2]
+    return torch.rand(b, t, generator=generator).argsort(dim=1)[:, : min(k, t)].to(patches.device)
 
-    for key, parts in kept.items():
-        result.features[key] = gathered(torch.cat(parts).numpy())
-    if keep_features:
-        # a rank's i-th image is image i * world + rank of the probe set (ProbeSet.loader's shards)
+
+def _view_rows(tokens: Tokens, head_input: torch.Tensor | None, pairs: Iterable[tuple[str, str]],
+               keep: torch.Tensor | None) -> dict[tuple[str, str], torch.Tensor]:
+    """Each (site, view) of `pairs` as per-image rows, formed once per batch for both the moment
+    accumulators and the kept features:
+
+        cls    (B, D)     the first prefix token (the class token)
+        mean   (B, D)     the mean of the T patch tokens; at final, `head_input` where it is given
+                          (a model pooled by average: fc_norm of that mean, what feeds its head)
+        patch  (B, T, D)  the patch tokens; (B, k, D) those at the positions `keep` (B, k) names
+    """
+    rows = {}
+    for site, view in pairs:
+        prefix, patches = tokens[site]
+        if view == "cls":
+            assert prefix is not None, f"{site} has no prefix tokens"
+            rows[(site, view)] = prefix[:, 0]
+        elif view == "mean":
+            rows[(site, view)] = head_input if (head_input is not None and site == "final") else patches.mean(dim=1)
+        elif keep is None:
+            rows[(site, view)] = patches
+        else:
+            rows[(site, view)] = torch.gather(patches, 1, keep[:, :, None].expand(-1, -1, patches.shape[-1]))
+    return rows
+
+
+class _KeptFeatures:
+    """keep_features: every image's cls and mean rows at every site, float16 on the host in the
+    loader's order, and each row's place in this rank's stream and its fold; `gather` joins every
+    rank's shard, rank after rank, into `ProbeResult.features` and `ProbeResult.feature_rows`."""
+
+    def __init__(self, sites: Sequence[str], n_prefix: int, folds: int, device: torch.device) -> None:
+        # cls: the first prefix token, wherever there are prefix tokens (not at patch_embed)
+        self.pairs = [(site, view) for site in sites for view in ("cls", "mean")
+                      if view == "mean" or (n_prefix > 0 and site != "patch_embed")]
+        self.folds, self.device = folds, device
+        self.parts: dict[tuple[str, str], list[torch.Tensor]] = {pair: [] for pair in self.pairs}  # per batch (B, D)
+        self.places: list[torch.Tensor] = []  # per batch (B,): each image's place in this rank's stream
+        self.fold_ids: list[torch.Tensor] = []  # per batch (B,): each image's fold
+        self.seen = 0
+
+    def add(self, rows: dict[tuple[str, str], torch.Tensor], order: torch.Tensor, fold: torch.Tensor) -> None:
+        """The loader's next batch: `rows` of its images sorted by fold (`order`, as the forward saw
+        them), put back in the loader's order; `fold` (B,), each image's fold in the loader's order."""
+        unsort = torch.argsort(order).to(self.device)
+        for pair, parts in self.parts.items():
+            parts.append(rows[pair][unsort].to("cpu", torch.float16))
+        self.places.append(torch.arange(self.seen, self.seen + fold.shape[0]))
+        self.fold_ids.append(fold.clone())
+        self.seen += fold.shape[0]
+
+    def gather(self, distributed: bool) -> tuple[dict[tuple[str, str], np.ndarray], FeatureRows]:
+        """Every rank's rows, rank after rank: (site, view) -> (N, D) float16, and each row's place
+        in the probe set and fold. A rank's i-th image is image i * world + rank of the probe set
+        (`ProbeSet.loader`'s shards)."""
+        features = {pair: _gathered(torch.cat(parts).numpy(), distributed) for pair, parts in self.parts.items() if parts}
         world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed else (1, 0)
-        place = np.concatenate([p.numpy() for p, _ in kept_rows] or [np.zeros(0)]).astype(np.int64) * world + rank
-        fold_of = np.concatenate([f.numpy() for _, f in kept_rows] or [np.zeros(0)]).astype(np.int64)
-        result.feature_rows = FeatureRows(gathered(place), gathered(fold_of), folds)
-    if distributed:
-        torch.distributed.all_reduce(fold_images)
-    for site, per_fold in cosine_sum.items():
+        place = np.concatenate([p.numpy() for p in self.places] or [np.zeros(0)]).astype(np.int64) * world + rank
+        fold = np.concatenate([f.numpy() for f in self.fold_ids] or [np.zeros(0)]).astype(np.int64)
+        return features, FeatureRows(_gathered(place, distributed), _gathered(fold, distributed), self.folds)
+
+
+def _gathered(rows: np.ndarray, distributed: bool) -> np.ndarray:
+    """Every rank's `rows`, concatenated rank after rank (this rank's alone when not distributed)."""
+    if not distributed:
+        return rows
+    shards = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(shards, rows)
+    return np.concatenate(shards)
+
+
+def _token_results(interaction: dict[str, FoldSums], distributed: bool) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Each site's token interaction over every rank's images, and its K values without fold k
+    (`ProbeResult.tokens` and `.token_replicates`; no replicates without folds)."""
+    tokens, replicates = {}, {}
+    for site, sums in interaction.items():
         if distributed:
-            torch.distributed.all_reduce(per_fold)
-        result.tokens[site] = float(per_fold.sum() / fold_images.sum().clamp(min=1))
-        if folds > 1:  # without fold k: (total - fold k) / (images - images of fold k)
-            reps = (per_fold.sum() - per_fold[:folds]) / (fold_images.sum() - fold_images[:folds]).clamp(min=1)
-            result.token_replicates[site] = reps.cpu().numpy()
+            sums.all_reduce()
+        tokens[site] = sums.value()
+        if (reps := sums.replicates()) is not None:
+            replicates[site] = reps
+    return tokens, replicates
+
+
+def _geometry(accs: dict[tuple[str, str], MomentAccumulator], keep_covariance: Sequence[tuple[str, str]],
+              distributed: bool) -> dict[tuple[str, str], SiteViewGeometry]:
+    """Each accumulator's spectra and observables (over every rank's rows when distributed), with
+    its jackknife replicates, and its covariance matrix where `keep_covariance` names the pair."""
+    keep = set(map(tuple, keep_covariance))
+    geometry = {}
     for (site, view), acc in accs.items():
         if distributed:
             acc.all_reduce()
@@ -472,7 +577,7 @@ def probe(
             replicates = _replicates(acc, f"{site}/{view}")
         except ValueError as err:
             raise ValueError(f"probe site {site}, view {view}: {err}") from None
-        result.geometry[(site, view)] = SiteViewGeometry(
+        geometry[(site, view)] = SiteViewGeometry(
             site=site,
             view=view,
             eigenvalues=spec.eigenvalues,
@@ -481,10 +586,10 @@ def probe(
             observables=spectral.observables_from_spectra(spec, label=f"{site}/{view}"),
             n_samples=spec.n_samples,
             degenerate=spec.degenerate,
-            covariance=spec.covariance if (site, view) in set(map(tuple, keep_covariance)) else None,
+            covariance=spec.covariance if (site, view) in keep else None,
             replicates=replicates,
         )
-    return result
+    return geometry
 
 
 def token_interaction(patches: torch.Tensor) -> torch.Tensor:

@@ -21,10 +21,9 @@ from tgo.config import from_dict
 from tgo.data import build_datasets
 from tgo.errors import AnalysisError
 from tgo.model import create_model
-from tgo.probe import ProbeResult
 from tgo.probeset import ProbeSet, fingerprint
 from tgo.spectral import DegenerateGeometryWarning
-from tgo.train import probe_model
+from tgo.probe import ProbeResult, probe_model
 
 
 def saved_weight_epochs(run_id: str) -> list[int]:

@@ -49,7 +49,7 @@ from tgo.config import ConfigError, TrainConfig, from_dict, from_overrides
 from tgo.data import Datasets, build_datasets
 from tgo.keys import SE_PREFIX, metric_key, parse_metric_key
 from tgo.model import create_model
-from tgo.probe import ProbeResult, head_view, probe
+from tgo.probe import ProbeResult, head_view, probe_model
 from tgo.probeset import ProbeSet
 from tgo.spectral import DegenerateGeometryWarning
 from tgo.similarity import feature_metrics
@@ -292,18 +292,6 @@ def build(cfg: TrainConfig, d: Dist | None = None, ckpt: dict | None = None) -> 
     probe_loader = probe_set.loader(cfg.probe_batch_size, cfg.workers, pin, d.rank, d.world) if probe_set else None
     return Setup(cfg, d, device, amp, channels_last, data, model, train_model, optimizer, scheduler, scaler, mixup, loss_fn,
                  train_loader, sampler, generator, val_loader, probe_set, probe_loader, ema=ema, start_epoch=start_epoch)
-
-
-def probe_model(model: torch.nn.Module, loader, cfg: TrainConfig, device: torch.device | str, *, distributed: bool = False,
-                progress: bool | None = False, keep_covariance=(), keep_features: bool = False) -> ProbeResult:
-    """The geometry probe of `model` with the probe settings of `cfg` (precision, patch tokens, seed,
-    folds): what training measures every epoch, and what the analysis's re-probe of saved weights
-    measures again."""
-    return probe(
-        model, loader, device=device, precision=cfg.probe_precision, patch_tokens_per_image=cfg.probe_patch_tokens or None,
-        seed=cfg.probe_seed, distributed=distributed, progress=progress, folds=cfg.probe_folds, keep_covariance=keep_covariance,
-        keep_features=keep_features,
-    )
 
 
 # --------------------------------------------------------------------------------------------------
