@@ -44,19 +44,6 @@ def test_the_package_ships_the_imagenet100_class_list():
         assert classes == shared.read_text().split()
 
 
-def test_only_tracking_imports_mlflow():
-    """MLflow is touched in one layer (docs/ARCHITECTURE.md): tgo/tracking.py."""
-    import ast
-
-    importers = set()
-    for path in (ROOT / "tgo").glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            if any(n == "mlflow" or n.startswith("mlflow.") for n in names):
-                importers.add(path.name)
-    assert importers == {"tracking.py"}
-
-
 def test_a_built_wheel_installs_and_runs_a_study_with_its_default_search_space(tmp_path):
     """A regular (non-editable) install has no checkout beside it: the default search space and the
     class list ship inside the package, the version is the package's, and `tgo` is on PATH."""

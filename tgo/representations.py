@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from tgo import similarity, tracking, uncertainty
-from tgo.keys import site_order
+from tgo.keys import Tag, site_order
 from tgo.probe import FeatureRows, ProbeResult
 
 Features = dict[tuple[str, str], np.ndarray]  # (site, view) -> (N, D) float16
@@ -63,7 +63,7 @@ def read_kept(run_id: str, folder: str | Path) -> dict[int, KeptEpoch]:
     if not tracking.artifact_names(run_id, artifact_dir):
         return {}
     local = tracking.download(run_id, artifact_dir, Path(folder) / run_id)
-    world = int(tracking.get_run(run_id).data.tags.get("tgo.world_size", "1") or 1)
+    world = int(tracking.get_run(run_id).data.tags.get(Tag.WORLD_SIZE, "1") or 1)
     out = {}
     for path in sorted(local.glob("epoch_*.npz")):
         features, rows = ProbeResult.load_features(path), ProbeResult.load_feature_rows(path)
