@@ -28,6 +28,7 @@ from tests.conftest import ROOT, subprocess_env
 SKIP = {
     'pip install -e ".[dev]"': "the install line: .ci/run runs it",
     "pytest": "the test command: .ci/run runs it",
+    "ruff check": "the lint command: .ci/run runs it",
     "/data/": "needs ImageNet on this machine",
     "db-host": "needs a PostgreSQL server on another host",
     "...": "has a value for the reader to fill in",

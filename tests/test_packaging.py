@@ -26,7 +26,7 @@ def test_conda_yaml_and_pyproject_name_the_same_dependencies():
 
 def test_readme_has_the_blocks_that_ci_runs():
     readme = (ROOT / "README.md").read_text()
-    for marker in ("<!-- ci:install -->", "<!-- ci:test -->"):
+    for marker in ("<!-- ci:install -->", "<!-- ci:lint -->", "<!-- ci:test -->"):
         after = readme.split(marker, 1)[1]
         assert re.match(r"\s*```", after), f"{marker} must be followed by a fenced block"
     assert 'pip install -e ".[dev]"' in readme
