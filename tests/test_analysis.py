@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from tgo.analysis import AnalysisError, analyze
+from tgo.errors import ConfigError
 from tgo.spectral import OBSERVABLE_NAMES
 from tgo.tracking import TrackingError
 
@@ -217,7 +218,7 @@ def test_bad_input_is_explained_and_writes_nothing_to_the_run(trained, tmp_path)
     with pytest.raises(AnalysisError, match="were not measured"):
         analyze(result.run_id, sites=["block_07/cls"], output_dir=tmp_path / "x")
     if not __import__("torch").cuda.is_available():
-        with pytest.raises(AnalysisError, match="torch sees no CUDA GPU"):
+        with pytest.raises(ConfigError, match="torch sees no CUDA GPU"):  # the one device check (tgo.runtime)
             analyze(result.run_id, probe_size=16, device="cuda", output_dir=tmp_path / "z")
     with pytest.raises(AnalysisError, match="exceeds the 64 images"):
         analyze(result.run_id, probe_size=1000, output_dir=tmp_path / "y")

@@ -142,3 +142,31 @@ def test_analyze_parameters_reach_tgo_analyze():
     assert argv[:2] == ["python", "entrypoints/analyze.py"]
     args = cli.build_parser().parse_args(["analyze", *argv[2:]])
     assert (args.run_id, args.probe_size, args.data_dir, args.probe_seed, args.sites, args.device) == ("abc", "12", "/d", "3", "final/cls", "cpu")
+
+
+def test_a_device_name_is_resolved_and_checked_in_one_place(monkeypatch):
+    # resolve_device checks without side effects (a command checks its device before any work);
+    # here against a pretended machine, so that the CUDA rules are tested on any machine.
+    import torch
+
+    from tgo.runtime import resolve_device
+
+    for name in ("tpu", "cuda:x", "gpu"):
+        with pytest.raises(ConfigError, match=re.escape(f"device: {name!r} is not available here; choose auto, cpu, cuda, cuda:N or mps.")):
+            resolve_device(name)
+    assert resolve_device("CPU") == torch.device("cpu")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="'mps' is not available on this machine"):
+        resolve_device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == resolve_device("") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="device: 'cuda:0' asked for CUDA, but torch sees no CUDA GPU on this machine; use device=cpu"):
+        resolve_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 0)
+    assert resolve_device("cuda", local_rank=1) == resolve_device("cuda:1", local_rank=0) == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match=re.escape("device: 'cuda:2': this machine has 2 CUDA device(s).")):
+        resolve_device("cuda:2")
+    with pytest.raises(ConfigError, match=re.escape("device: 'cuda' (the GPU of local rank 2): this machine has 2 CUDA device(s).")):
+        resolve_device("cuda", local_rank=2)

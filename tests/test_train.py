@@ -14,7 +14,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, subprocess_env
+from tests.conftest import ROOT, subprocess_env, tiny_vit
 from tgo import cli
 from tgo.probe import ProbeResult, probe
 from tgo.spectral import OBSERVABLE_NAMES
@@ -418,7 +418,7 @@ class _Unpicklable:
 
 def test_checkpoint_write_is_atomic_in_a_local_artifact_store(store, tmp_path):
     from tgo import tracking
-    from tgo.train import EpochCommitter
+    from tgo.recording import EpochCommitter
 
     client = MlflowClient()
     run_id = client.create_run(client.create_experiment("atomic")).info.run_id
@@ -441,6 +441,42 @@ def test_checkpoint_write_is_atomic_in_a_local_artifact_store(store, tmp_path):
     (local / "checkpoints" / ".last.pt.abc.partial").write_bytes(b"cut short")
     EpochCommitter(run_id, str(tmp_path), background=False)
     assert not list((local / "checkpoints").glob(".*.partial"))
+
+
+def test_the_progress_line_names_the_view_that_feeds_the_head(store, tmp_path, caplog):
+    # An average-pooled ViT (no class token) feeds its head with final/mean: each recorded epoch's
+    # line gives that view's effective rank and anisotropy with their standard errors (it used to
+    # look for final/cls, which such a model does not have, and print no geometry at all).
+    import logging
+    import warnings
+
+    from torch.utils.data import TensorDataset
+
+    from tgo.probeset import ProbeSet
+    from tgo.recording import EpochCommitter
+
+    model = tiny_vit(class_token=False, global_pool="avg").eval()
+    images = torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    probe_set = ProbeSet.from_dataset(TensorDataset(images, torch.zeros(40, dtype=torch.long)), 40, seed=0, folds=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        geometry = probe(model, probe_set.loader(20), folds=5)
+    assert geometry.head == ("final", "mean")
+    metrics = {"val/loss": 1.5, "val/acc1": 20.0, **geometry.metrics(), **geometry.stderr_metrics()}
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("line")).info.run_id
+    logger = logging.getLogger("tgo")  # the CLI (in an earlier test) may have stopped it propagating
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="tgo")
+    try:
+        EpochCommitter(run_id, str(tmp_path), background=False).submit(0, 3, {"epoch": 0}, None, geometry, metrics)
+    finally:
+        logger.removeHandler(caplog.handler)
+    (line,) = {r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 0/3")}
+    rank, rank_se = metrics["geom/final/mean/effective_rank"], metrics["geom_se/final/mean/effective_rank"]
+    aniso, aniso_se = metrics["geom/final/mean/spectral_anisotropy"], metrics["geom_se/final/mean/spectral_anisotropy"]
+    assert f"final/mean eff. rank {rank:.1f} +- {rank_se:.1f}, anisotropy {aniso:.3f} +- {aniso_se:.3f}" in line, line
+    assert "cls" not in line.lower(), line
 
 
 def test_imagenet100_links_refuse_a_dst_inside_the_source_and_handle_odd_links(tmp_path, capsys):

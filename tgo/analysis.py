@@ -42,6 +42,7 @@ from tgo.keys import HEAD_VIEW, Tag, finding_key, head_name, site_order
 from tgo.probe import ProbeResult
 from tgo.report import html_figure, markdown_table
 from tgo.reprobe import reprobe
+from tgo.runtime import resolve_device
 from tgo.spectral import OBSERVABLE_NAMES
 
 @dataclass
@@ -182,26 +183,6 @@ def _default_sites(measured: set[tuple[str, str]]) -> list[tuple[str, str]]:
     return chosen or sorted(measured)[:1]
 
 
-def _check_device(device: str) -> None:
-    """A re-probe's device, checked before any work (torch would fail deep inside the probe)."""
-    import torch
-
-    name = (device or "auto").lower()
-    if name in ("auto", "cpu"):
-        return
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise AnalysisError(f"device: {device!r} was asked for, but torch sees no CUDA GPU on this machine; "
-                                "use --device cpu (or auto).")
-        index = name.partition(":")[2]
-        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
-            raise AnalysisError(f"device: {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s).")
-        return
-    if name == "mps" and torch.backends.mps.is_available():
-        return
-    raise AnalysisError(f"device: {device!r} is not available here; choose auto, cpu, cuda, cuda:N or mps.")
-
-
 def analyze(
     run_id: str,
     *,
@@ -233,7 +214,7 @@ def analyze(
         plots.check_format(figure_format)
     except ValueError as err:
         raise AnalysisError(str(err)) from None
-    _check_device(device)
+    resolve_device(device)  # checked before any work: torch would fail deep inside a re-probe
     tracking.check_tracking()
     run = tracking.get_run(run_id)
     folder = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="tgo-analysis-"))

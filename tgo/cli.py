@@ -192,7 +192,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from tgo.keys import parse_metric_key
 
         summary = {k: round(v, 4) for k, v in result.metrics.items()
-                   if (parts := parse_metric_key(k)) is None or (parts.site, parts.view) == ("final", "cls")}
+                   if (parts := parse_metric_key(k)) is None or (parts.site, parts.view) == result.head}
         print(f"tgo: run {result.run_id} finished {result.epoch} epochs.")
         print(json.dumps(summary, indent=1, sort_keys=True))
     return 0

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from tgo import runs, tracking
@@ -21,9 +20,10 @@ from tgo.config import from_dict
 from tgo.data import build_datasets
 from tgo.errors import AnalysisError
 from tgo.model import create_model
-from tgo.probeset import ProbeSet, fingerprint
-from tgo.spectral import DegenerateGeometryWarning
 from tgo.probe import ProbeResult, probe_model
+from tgo.probeset import ProbeSet, fingerprint
+from tgo.runtime import resolve_device
+from tgo.spectral import DegenerateGeometryWarning
 
 
 def saved_weight_epochs(run_id: str) -> list[int]:
@@ -81,7 +81,7 @@ def reprobe(run_id: str, folder: str | Path, probe_size: int = 0, data_dir: str 
         probe_set = ProbeSet.from_dataset(data.val, size, seed, folds=cfg.probe_folds)
     except ValueError as err:
         raise AnalysisError(str(err)) from None
-    dev = torch.device("cuda" if (device in ("", "auto") and torch.cuda.is_available()) else (device if device not in ("", "auto") else "cpu"))
+    dev = resolve_device(device)
     model = create_model(cfg, data.num_classes).to(dev)
     out = {}
     for epoch in tqdm(wanted, desc="re-probe", unit="epoch", disable=None):

@@ -17,40 +17,38 @@ bitwise deterministic).
 
 Distributed: under `torchrun`, each rank trains on its DistributedSampler shard (DDP), validation
 and the probe run on disjoint shards whose sums are all-reduced, and only rank 0 talks to MLflow.
+
+Beside the engine: tgo.runtime (processes, devices, precision, seeds) and tgo.recording (what goes
+into the MLflow run: its start, each epoch's record and the progress line, its close after an error).
 """
 
 from __future__ import annotations
 
 import logging
-import hashlib
-import json
 import math
-import os
-import random
 import shutil
 import tempfile
-import threading
 import time
 import uuid
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
 from tgo import tracking
-from tgo.config import ConfigError, TrainConfig, from_dict, from_overrides
+from tgo.config import TrainConfig, from_dict, from_overrides
+from tgo.errors import ConfigError, TrainingError
 from tgo.data import Datasets, build_datasets
-from tgo.keys import SE_PREFIX, metric_key, parse_metric_key
+from tgo.keys import HEAD_VIEW, Tag
 from tgo.model import create_model
 from tgo.probe import ProbeResult, head_view, probe_model
 from tgo.probeset import ProbeSet
+from tgo.recording import EpochCommitter, cpu_copy, dataset_inputs, record_failure, record_start
+from tgo.runtime import Dist, amp_dtype, autocast, init_distributed, resolve_device, rng_state, seed_epoch, use_device
 from tgo.spectral import DegenerateGeometryWarning
 from tgo.similarity import feature_metrics
 from tgo.weights import WeightSpectra, weight_spectra
@@ -59,10 +57,6 @@ log = logging.getLogger(__name__)
 
 # Settings that a resumed run may change; any other difference from the run's own config is an error.
 RESUMABLE_CHANGES = ("epochs", "device", "workers", "resume", "compile", "amp", "system_metrics", "run_name", "experiment", "checkpoint_epochs")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (for example a non-finite loss); the last good checkpoint is kept."""
 
 
 @dataclass
@@ -74,92 +68,7 @@ class TrainResult:
     metrics: dict[str, float]
     config: TrainConfig
     history: dict[int, dict[str, float]] = field(default_factory=dict)  # the epochs run by this call
-
-
-# --------------------------------------------------------------------------------------------------
-# processes, devices, precision and seeds
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-
-def _init_distributed(device: str) -> Dist:
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK: one process group, nccl on GPUs, gloo else."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    return d
-
-
-def _device(cfg: TrainConfig, d: Dist) -> torch.device:
-    name = cfg.device.lower()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device: {cfg.device!r} asked for CUDA, but torch sees no GPU here; use device=cpu.")
-        if name == "cuda":
-            name = f"cuda:{d.local_rank}"
-        torch.cuda.set_device(torch.device(name))
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device: 'mps' is not available on this machine; use device=cpu.")
-    return torch.device(name)
-
-
-def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
-        return None
-    if cfg.amp == "fp16":
-        return torch.float16
-    if cfg.amp == "bf16" or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float16
-
-
-def _seed_epoch(seed: int, epoch: int) -> int:
-    """One seed per (run seed, epoch): every epoch starts from a known RNG state."""
-    s = (seed * 1_000_003 + epoch) % (2**31)
-    torch.manual_seed(s)
-    np.random.seed(s)
-    random.seed(s)
-    return s
-
-
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
+    head: tuple[str, str] = HEAD_VIEW  # the (site, view) that feeds the model's head (tgo.probe.head_view)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,7 +94,7 @@ class Setup:
     mixup: object | None  # timm's Mixup, or None
     loss_fn: torch.nn.Module
     train_loader: DataLoader
-    sampler: object | None  # DistributedSampler under torchrun
+    sampler: object | None  # RepeatAugSampler (repeated_aug > 1) or DistributedSampler (torchrun); None: the loader shuffles
     generator: torch.Generator  # the shuffling generator, re-seeded every epoch
     val_loader: DataLoader
     probe_set: ProbeSet | None
@@ -201,62 +110,129 @@ class Setup:
 
 
 def build(cfg: TrainConfig, d: Dist | None = None, ckpt: dict | None = None) -> Setup:
-    """Datasets, probe set, model, timm optimiser, scheduler, mixup and loss, and the loaders for
-    `cfg`; with a checkpoint, its weights and optimiser state restored."""
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
+    """Everything an epoch needs for `cfg`, made before the run is touched, so that bad input loses
+    nothing: datasets and probe set, the model and its optimisation, mixup and loss, and the loaders.
 
+    Args:
+        cfg: the run's config.
+        d: this process among the training processes (one process by default).
+        ckpt: a checkpoint to resume from: its weights and optimiser state are restored, and the
+            run starts at the epoch after its own.
+    """
     d = d or Dist()
-    device = _device(cfg, d)
+    device = resolve_device(cfg.device, d.local_rank)
+    use_device(device)
     data = build_datasets(cfg)
-    probe_set = None
-    if cfg.probe_every:
-        try:
-            probe_set = ProbeSet.from_dataset(data.val, cfg.probe_size, seed=cfg.probe_seed, folds=cfg.probe_folds)
-        except ValueError as err:  # a probe larger than the validation set
-            raise ConfigError(str(err)) from None
-    _seed_epoch(cfg.seed, 0)  # the initial weights depend on the seed alone
-    model = create_model(cfg, data.num_classes).to(device)
+    probe_set = _probe_set(cfg, data)
+    model, channels_last = _model(cfg, data.num_classes, device)
+    amp = amp_dtype(cfg, device)
+    optimizer, scheduler, scaler, ema = _optimisation(cfg, model, device, amp)
+    mixup, loss_fn = _loss(cfg, data.num_classes)
+    start_epoch = _restore(ckpt, cfg, model, ema, optimizer, scheduler, scaler) if ckpt is not None else 0
+    train_model = _train_model(cfg, d, model, device)
+    # The last short training batch is dropped under mixup (timm's Mixup asks for an even batch)
+    # and under torchrun.
+    train_loader, sampler, generator, val_loader, probe_loader = _loaders(cfg, d, data, probe_set, device, drop_last=d.enabled or mixup is not None)
+    return Setup(cfg, d, device, amp, channels_last, data, model, train_model, optimizer, scheduler, scaler, mixup, loss_fn,
+                 train_loader, sampler, generator, val_loader, probe_set, probe_loader, ema=ema, start_epoch=start_epoch)
+
+
+def _probe_set(cfg: TrainConfig, data: Datasets) -> ProbeSet | None:
+    """The fixed probe images of the run (cfg.probe_size of the validation set), or None when the
+    run is not probed (probe_every=0).
+
+    Raises:
+        ConfigError: a probe larger than the validation set.
+    """
+    if not cfg.probe_every:
+        return None
+    try:
+        return ProbeSet.from_dataset(data.val, cfg.probe_size, seed=cfg.probe_seed, folds=cfg.probe_folds)
+    except ValueError as err:  # a probe larger than the validation set
+        raise ConfigError(str(err)) from None
+
+
+def _model(cfg: TrainConfig, num_classes: int, device: torch.device) -> tuple[torch.nn.Module, bool]:
+    """The ViT at its initial weights on `device`, and whether it runs channels-last (asked for, and
+    on a GPU)."""
+    seed_epoch(cfg.seed, 0)  # the initial weights depend on the seed alone
+    model = create_model(cfg, num_classes).to(device)
     channels_last = cfg.channels_last and device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    return model, channels_last
+
+
+def _optimisation(cfg: TrainConfig, model: torch.nn.Module, device: torch.device,
+                  amp: torch.dtype | None) -> tuple[torch.optim.Optimizer, object, torch.amp.GradScaler, object | None]:
+    """timm's optimiser and scheduler for `model`, the gradient scaler, and the weight average.
+
+    Args:
+        cfg: the run's config (opt, lr, weight decay, schedule, model_ema).
+        model: the bare model.
+        device: where it trains (the scaler's device type).
+        amp: the autocast dtype; the scaler scales the loss for float16 only.
+
+    Returns:
+        (optimizer, scheduler, scaler, ema): ema is timm's ModelEmaV3 with model_ema, else None.
+    """
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.resolved_lr, weight_decay=cfg.weight_decay)
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=cfg.sched, num_epochs=max(cfg.epochs, 1), min_lr=cfg.min_lr,
         warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
     )
-    amp = _amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # loss scaling for fp16 only
-    mixup = None
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing, num_classes=data.num_classes)
-        loss_fn = SoftTargetCrossEntropy()  # mixup makes soft targets, smoothing included
-    elif cfg.smoothing > 0:
-        loss_fn = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
-    else:
-        loss_fn = torch.nn.CrossEntropyLoss()
     ema = None
     if cfg.model_ema:
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=cfg.model_ema_decay)  # a copy of the weights, averaged after every step
-    start_epoch = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        if ema is not None:
-            ema.module.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch = int(ckpt["epoch"]) + 1
-        if int(ckpt["config"]["epochs"]) == cfg.epochs or cfg.sched == "plateau":
-            scheduler.load_state_dict(ckpt["scheduler"])  # a plain resume: exactly where it stopped
-        elif start_epoch > 1:
-            # Extended (resume with more epochs): the schedule is planned anew over cfg.epochs, so
-            # from here on the lr is what a cfg.epochs-long run has at each epoch (README). The
-            # saved schedule would have kept its old length, leaving the new epochs at min_lr.
-            scheduler.step(start_epoch - 1)
+    return optimizer, scheduler, scaler, ema
+
+
+def _loss(cfg: TrainConfig, num_classes: int) -> tuple[object | None, torch.nn.Module]:
+    """timm's Mixup (with mixup or cutmix, else None) and the training loss that fits it: soft-target
+    cross-entropy under mixup, label smoothing's, or plain cross-entropy."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing, num_classes=num_classes)
+        return mixup, SoftTargetCrossEntropy()  # mixup makes soft targets, smoothing included
+    if cfg.smoothing > 0:
+        return None, LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
+    return None, torch.nn.CrossEntropyLoss()
+
+
+def _restore(ckpt: dict, cfg: TrainConfig, model: torch.nn.Module, ema: object | None, optimizer: torch.optim.Optimizer,
+             scheduler: object, scaler: torch.amp.GradScaler) -> int:
+    """Load a checkpoint's weights (and weight average), optimiser, scaler and schedule in place.
+
+    Returns:
+        The epoch to start at: the one after the checkpoint's.
+    """
+    model.load_state_dict(ckpt["model"])
+    if ema is not None:
+        ema.module.load_state_dict(ckpt["ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    start_epoch = int(ckpt["epoch"]) + 1
+    if int(ckpt["config"]["epochs"]) == cfg.epochs or cfg.sched == "plateau":
+        scheduler.load_state_dict(ckpt["scheduler"])  # a plain resume: exactly where it stopped
+    elif start_epoch > 1:
+        # Extended (resume with more epochs): the schedule is planned anew over cfg.epochs, so
+        # from here on the lr is what a cfg.epochs-long run has at each epoch (README). The
+        # saved schedule would have kept its old length, leaving the new epochs at min_lr.
+        scheduler.step(start_epoch - 1)
+    return start_epoch
+
+
+def _train_model(cfg: TrainConfig, d: Dist, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """What trains: `model`, wrapped by DDP under torchrun and by torch.compile if asked (the bare
+    model is what is evaluated, probed and checkpointed)."""
     train_model = model
     if d.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -264,43 +240,63 @@ def build(cfg: TrainConfig, d: Dist | None = None, ckpt: dict | None = None) -> 
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         train_model = torch.compile(train_model)
+    return train_model
 
-    pin = device.type == "cuda"
-    generator = torch.Generator()
-    sampler = None
+
+def _train_sampler(cfg: TrainConfig, d: Dist, train: Dataset) -> Sampler | None:
+    """The order of the training images: DeiT's repeated augmentation (repeated_aug > 1), a
+    DistributedSampler shard under torchrun, or None for the loader's own shuffle by the run's
+    generator."""
     if cfg.repeated_aug > 1:
         from timm.data.distributed_sampler import RepeatAugSampler
 
         # DeiT's repeated augmentation: each image num_repeats times per epoch, the copies on
         # different ranks (so differently augmented); an epoch keeps len(train) images, rounded
         # down to a multiple of 256 as DeiT does where the set is large enough.
-        sampler = RepeatAugSampler(data.train, num_replicas=d.world, rank=d.rank, shuffle=True, num_repeats=cfg.repeated_aug,
-                                   selected_round=256 if len(data.train) >= 256 * d.world else 0)
-        train_loader = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers, pin_memory=pin,
-                                  drop_last=d.enabled or mixup is not None, generator=generator)
-    elif d.enabled:
+        return RepeatAugSampler(train, num_replicas=d.world, rank=d.rank, shuffle=True, num_repeats=cfg.repeated_aug,
+                                selected_round=256 if len(train) >= 256 * d.world else 0)
+    if d.enabled:
         from torch.utils.data.distributed import DistributedSampler
 
-        sampler = DistributedSampler(data.train, num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed, drop_last=True)
-        train_loader = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers, pin_memory=pin, drop_last=True, generator=generator)
-    else:
-        train_loader = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers, pin_memory=pin, drop_last=mixup is not None, generator=generator)
+        return DistributedSampler(train, num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    return None
+
+
+def _loaders(cfg: TrainConfig, d: Dist, data: Datasets, probe_set: ProbeSet | None, device: torch.device,
+             drop_last: bool) -> tuple[DataLoader, Sampler | None, torch.Generator, DataLoader, DataLoader | None]:
+    """The training, validation and probe loaders of this process.
+
+    Args:
+        cfg: the run's config (batch sizes, workers, repeated_aug).
+        d: this process; validation and the probe run on disjoint shards of the ranks.
+        data: the datasets.
+        probe_set: the probe images, or None.
+        device: where the batches go (pinned memory for a GPU).
+        drop_last: drop the last short training batch.
+
+    Returns:
+        (train_loader, sampler, generator, val_loader, probe_loader): the training sampler (None:
+        shuffled by the loader) and the generator that shuffles, re-seeded every epoch.
+
+    Raises:
+        ConfigError: a batch larger than this process's share of the training set.
+    """
+    pin = device.type == "cuda"
+    generator = torch.Generator()
+    sampler = _train_sampler(cfg, d, data.train)
+    train_loader = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler, shuffle=sampler is None, num_workers=cfg.workers,
+                              pin_memory=pin, drop_last=drop_last, generator=generator)
     if len(train_loader) == 0:
         raise ConfigError(f"batch_size: {cfg.batch_size} exceeds the {len(data.train)} training images per process; lower it.")
     val_shard = list(range(d.rank, len(data.val), d.world))  # disjoint shards, sums all-reduced
     val_loader = DataLoader(Subset(data.val, val_shard), batch_size=cfg.probe_batch_size, num_workers=cfg.workers, pin_memory=pin)
     probe_loader = probe_set.loader(cfg.probe_batch_size, cfg.workers, pin, d.rank, d.world) if probe_set else None
-    return Setup(cfg, d, device, amp, channels_last, data, model, train_model, optimizer, scheduler, scaler, mixup, loss_fn,
-                 train_loader, sampler, generator, val_loader, probe_set, probe_loader, ema=ema, start_epoch=start_epoch)
+    return train_loader, sampler, generator, val_loader, probe_loader
 
 
 # --------------------------------------------------------------------------------------------------
 # one epoch
 # --------------------------------------------------------------------------------------------------
-
-
-def _autocast(device: torch.device, amp: torch.dtype | None):
-    return torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
 
 
 def train_one_epoch(s: Setup, epoch: int) -> dict[str, float]:
@@ -320,7 +316,7 @@ def train_one_epoch(s: Setup, epoch: int) -> dict[str, float]:
         hard = targets  # accuracy is against the hard labels, also under mixup
         if s.mixup is not None:
             images, targets = s.mixup(images, targets)  # targets become (B, classes) soft labels
-        with _autocast(device, s.amp):
+        with autocast(device, s.amp):
             logits = s.train_model(images)  # (B, classes)
             loss = s.loss_fn(logits, targets)
         value = loss.item()
@@ -366,7 +362,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, a
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, amp):
+        with autocast(device, amp):
             logits = model(images)
         logits = logits.float()
         top = logits.topk(k, dim=1).indices
@@ -399,7 +395,7 @@ def run_epoch(s: Setup, epoch: int) -> tuple[dict[str, float], ProbeResult | Non
     cfg = s.cfg
     metrics: dict[str, float] = {"lr": s.optimizer.param_groups[0]["lr"]}
     if epoch > 0:
-        seed = _seed_epoch(cfg.seed, epoch)  # an epoch depends only on the state it starts from
+        seed = seed_epoch(cfg.seed, epoch)  # an epoch depends only on the state it starts from
         s.generator.manual_seed(seed)
         if s.sampler is not None:
             # DistributedSampler mixes in the run's seed itself; timm's RepeatAugSampler shuffles by
@@ -487,7 +483,7 @@ def _checkpoint(s: Setup, epoch: int, metrics: dict, run_id: str) -> dict:
         "optimizer": s.optimizer.state_dict(),
         "scheduler": s.scheduler.state_dict(),
         "scaler": s.scaler.state_dict(),
-        "rng": _rng_state(),
+        "rng": rng_state(),
         "metrics": metrics,
     }
 
@@ -513,7 +509,7 @@ def run(cfg: TrainConfig | None = None, *, parent_run_id: str = "", epoch_callba
         cfg, given = from_overrides({**cfg.to_dict(), **overrides})
     else:
         given = set(cfg.to_dict())  # a TrainConfig is checked when it is made: every field is given
-    d = _init_distributed(cfg.device.lower())
+    d = init_distributed(cfg.device.lower())
     try:
         return _run(cfg, given, d, parent_run_id, epoch_callback, on_start)
     finally:
@@ -544,8 +540,11 @@ def _run(cfg: TrainConfig, given: set[str], d: Dist, parent_run_id: str = "", ep
     # 8-second epochs about 1 s, an in-line one 0.4 s).
     committer = EpochCommitter(run_id, tmp, background=s.device.type != "cpu")
     try:
-        if d.main:
-            _record_start(s, run_id, ckpt)
+        if d.main:  # the run's config, tags, probe set and datasets, and the line that says what starts
+            probe_record = s.probe_set.record() if s.probe_set is not None else None
+            record_start(run_id, cfg, num_classes=s.data.num_classes, notes=s.data.notes, world=d.world, head=head_view(s.model),
+                         probe_record=probe_record, datasets=dataset_inputs(cfg, s.data.train, s.data.val, s.data.num_classes, probe_record),
+                         device=s.device, ckpt=ckpt, start_epoch=s.start_epoch)
         history: dict[int, dict[str, float]] = {}
         last_metrics = dict(ckpt["metrics"]) if ckpt is not None else {}
         keep = cfg.checkpoint_epoch_set()
@@ -554,11 +553,11 @@ def _run(cfg: TrainConfig, given: set[str], d: Dist, parent_run_id: str = "", ep
             if d.main:
                 checkpoint = _checkpoint(s, epoch, metrics, run_id)
                 if committer.background:
-                    checkpoint = _cpu_copy(checkpoint)  # training goes on while the snapshot is written
+                    checkpoint = cpu_copy(checkpoint)  # training goes on while the snapshot is written
                 weights = checkpoint["ema" if cfg.probe_weights == "ema" else "model"]  # the weights the probe measured
                 committer.submit(epoch, cfg.epochs, checkpoint, weights if epoch in keep else None, geometry, dict(metrics), spectra_of_weights)
                 if geometry is not None and epoch == s.start_epoch and geometry.degenerate():
-                    tracking.set_tags(run_id, {"tgo.degenerate_views": ",".join(geometry.degenerate())})
+                    tracking.set_tags(run_id, {Tag.DEGENERATE_VIEWS: ",".join(geometry.degenerate())})
             history[epoch] = last_metrics = metrics
             if epoch_callback is not None:
                 if d.main:
@@ -567,10 +566,12 @@ def _run(cfg: TrainConfig, given: set[str], d: Dist, parent_run_id: str = "", ep
         if d.main:
             committer.wait()
             tracking.end_run("FINISHED")
-        return TrainResult(run_id, cfg.epochs, last_metrics, cfg, history)
+        return TrainResult(run_id, cfg.epochs, last_metrics, cfg, history, head_view(s.model))
     except BaseException as err:
         if d.main:
-            _record_failure(err, run_id, committer)
+            store_lost = record_failure(err, run_id, committer, stopped=isinstance(err, StopTraining))
+            if store_lost is not None:  # one message instead of MLflow's chain of tracebacks
+                raise TrainingError(store_lost) from None
         raise
     finally:
         if lease is not None:
@@ -585,24 +586,6 @@ def run_name(cfg: TrainConfig) -> str:
     return f"{cfg.preset}-{cfg.dataset}-seed{cfg.seed}-{uuid.uuid4().hex[:4]}"
 
 
-def _datasets(s: Setup) -> list[dict]:
-    """The training and probe data as MLflow datasets. The probe's digest is its fingerprint (the
-    first 32 hex digits of tgo.probe_fingerprint: the indices and every probe image's content); the
-    training set's, a hash of what identifies it without reading every image (dataset, folder,
-    size, classes)."""
-    cfg, data = s.cfg, s.data
-    folder = os.path.realpath(cfg.data_dir) if cfg.data_dir else ""
-    classes = getattr(data.train, "classes", None) or list(range(data.num_classes))
-    identity = json.dumps([cfg.dataset, folder, len(data.train), [str(c) for c in classes],
-                           cfg.synthetic_train_size if cfg.dataset == "synthetic" else None])
-    source = {"dataset": cfg.dataset, "data_dir": folder, "train_images": len(data.train), "val_images": len(data.val), "classes": data.num_classes}
-    out = [{"name": f"{cfg.dataset}-train", "digest": hashlib.sha256(identity.encode()).hexdigest()[:32], "context": "training", "source": source}]
-    if s.probe_set is not None:
-        out.append({"name": f"{cfg.dataset}-probe", "digest": s.probe_set.fingerprint[:32], "context": "probe",
-                    "source": {**source, "probe_images": len(s.probe_set.indices), "probe_seed": cfg.probe_seed}})
-    return out
-
-
 def _kept_features_before(cfg: TrainConfig, epoch: int, tmp: str) -> dict | None:
     """A resumed run's probe features of its last kept epoch before `epoch`, or None."""
     earlier = sorted(e for e in cfg.feature_epoch_set() if e < epoch)
@@ -612,154 +595,3 @@ def _kept_features_before(cfg: TrainConfig, epoch: int, tmp: str) -> dict | None
         return ProbeResult.load_features(tracking.download(cfg.resume, "/".join(tracking.features_artifact(earlier[-1])), tmp))
     except tracking.TrackingError:  # a run started before tgo kept features
         return None
-
-
-def _record_start(s: Setup, run_id: str, ckpt: dict | None) -> None:
-    """The run's config, tags and probe set, and the line that says what starts."""
-    cfg = s.cfg
-    tracking.log_config(run_id, cfg.to_dict())
-    tags = tracking.base_tags("train", cfg.preset, cfg.dataset, cfg.model)
-    tags["tgo.num_classes"] = s.data.num_classes
-    tags["tgo.data_notes"] = " ".join(s.data.notes)
-    tags["tgo.world_size"] = s.d.world
-    tags["tgo.probe_weights"] = cfg.probe_weights
-    if s.probe_set is not None:
-        tags["tgo.probe_fingerprint"] = s.probe_set.fingerprint
-        tags["tgo.head_view"] = "/".join(head_view(s.model))
-        tracking.log_json(run_id, s.probe_set.record(), "probe", "probe_set.json")
-    tracking.set_tags(run_id, tags)
-    for note in s.data.notes:
-        log.info(note)
-    if ckpt is None:
-        tracking.log_datasets(run_id, _datasets(s))
-    if ckpt is not None:
-        _relog_missing(run_id, ckpt)
-        log.info("resuming run %s at epoch %d of %d.", run_id, s.start_epoch, cfg.epochs)
-    else:
-        log.info("run %s: %s on %s, %d epochs, device %s.", run_id, cfg.model, cfg.dataset, cfg.epochs, s.device)
-
-
-def _record_failure(err: BaseException, run_id: str, committer: EpochCommitter) -> None:
-    """Close the run after `err`: the last good epoch recorded whole first, then the status (KILLED
-    for an interrupt or an early stop, else FAILED) with the error. A tracking store that stopped
-    accepting writes becomes one TrainingError that says what is kept and how to resume."""
-    try:
-        committer.wait()  # the last good epoch is recorded whole before the run is closed
-    except BaseException:  # noqa: BLE001 - the first error is the one to report
-        pass
-    store_failed = tracking.is_store_failure(err)
-    if isinstance(err, StopTraining):
-        tracking.set_tags(run_id, {"tgo.stopped_early": str(err) or "true"})
-    status = "KILLED" if isinstance(err, (KeyboardInterrupt, StopTraining)) else "FAILED"
-    closed = tracking.end_run(status, f"{type(err).__name__}: {err}")
-    if store_failed:
-        # One message instead of MLflow's chain of tracebacks: what happened, what is kept, and how
-        # to go on.
-        recorded = f"up to {committer.recorded}" if committer.recorded >= 0 else "none"
-        raise TrainingError(
-            f"run {run_id}: the tracking store {tracking.store_name()} stopped accepting writes "
-            f"({tracking.short_error(err)}). Epochs {recorded} are recorded with their checkpoint. When the store is "
-            f"back, continue with `tgo train --resume {run_id}` (or `mlflow run . -e train -P resume={run_id}`). "
-            + ("The run is marked FAILED." if closed else "The run could not be marked and still reads RUNNING; the resume continues it all the same.")
-        ) from None
-
-
-def _relog_missing(run_id: str, ckpt: dict) -> None:
-    """A run killed after its checkpoint was written but before the epoch's metrics were logged:
-    log them now from the checkpoint, so no step goes missing (and none is logged twice)."""
-    epoch = int(ckpt["epoch"])
-    if epoch not in tracking.logged_steps(run_id, "val/loss"):
-        tracking.log_metrics(run_id, ckpt["metrics"], step=epoch)
-
-
-def _cpu_copy(obj):
-    """A snapshot of a (nested) state dict: every tensor copied to the CPU, so that training can go
-    on while the snapshot is written."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu_copy(v) for v in obj)
-    return obj
-
-
-class EpochCommitter:
-    """Writes each epoch's record in this order: spectra, weights, the resumable checkpoint, then the
-    metrics (and the progress line). A kill at any point therefore leaves a checkpoint whose epoch's
-    artifacts are all there, and metrics only for epochs whose checkpoint exists (a resume re-logs
-    the checkpoint's epoch if its metrics are missing). With `background=True` a thread writes while
-    the next epoch trains (the checkpoint must then be a snapshot); `wait()` joins and re-raises the
-    writer's error. Checkpoints go straight into a local artifact store (`tracking.save_torch`)."""
-
-    def __init__(self, run_id: str, folder: str, background: bool = True) -> None:
-        self.run_id, self.folder, self.background = run_id, Path(folder), background
-        self.local_dir = tracking.local_artifact_dir(run_id) if run_id else None
-        if self.local_dir is not None:  # a write cut short by a kill, before a resume of this run
-            for partial in self.local_dir.glob("checkpoints/.*.partial"):
-                partial.unlink(missing_ok=True)
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-        self.recorded = -1  # the last epoch recorded whole (its metrics logged)
-
-    def submit(self, epoch: int, epochs: int, checkpoint: dict, weights: dict | None, geometry: ProbeResult | None, metrics: dict,
-               weight_spectra: WeightSpectra | None = None) -> None:
-        self.wait()
-        args = (epoch, epochs, checkpoint, weights, geometry, metrics, weight_spectra)
-        if not self.background:
-            self._commit(*args)
-            self.wait()  # re-raises the writer's error
-            return
-        self._thread = threading.Thread(target=self._commit, args=args, daemon=True)
-        self._thread.start()
-
-    def _commit(self, epoch, epochs, checkpoint, weights, geometry, metrics, weight_spectra=None) -> None:
-        try:
-            if geometry is not None:
-                artifact_dir, name = tracking.spectra_artifact(epoch)
-                tracking.log_file(self.run_id, geometry.save(self.folder / name), artifact_dir)
-            if geometry is not None and geometry.features:
-                artifact_dir, name = tracking.features_artifact(epoch)
-                tracking.log_file(self.run_id, geometry.save_features(self.folder / "features" / name), artifact_dir)
-            if weight_spectra is not None:
-                artifact_dir, name = tracking.weight_spectra_artifact(epoch)
-                path = self.folder / "weights" / name
-                path.parent.mkdir(exist_ok=True)
-                weight_spectra.save(path)
-                tracking.log_file(self.run_id, path, artifact_dir)
-            if weights is not None:
-                artifact_dir, name = tracking.weights_artifact(epoch)
-                tracking.save_torch(self.run_id, weights, artifact_dir, name, self.folder, self.local_dir)
-            start = time.perf_counter()
-            tracking.save_torch(self.run_id, checkpoint, "checkpoints", "last.pt", self.folder, self.local_dir)
-            metrics["time/checkpoint_s"] = time.perf_counter() - start  # I/O a researcher may want to see
-            tracking.log_metrics(self.run_id, metrics, step=epoch)
-            self.recorded = epoch
-            _report(epoch, epochs, metrics)
-        except Exception as err:  # noqa: BLE001 - handed to the training thread by wait()
-            # A failure to write to the run's store (read-only, full, out of reach) is said so in one
-            # message by run(); anything else is a bug, raised as it is.
-            store = tracking.is_store_failure(err) or isinstance(err, OSError)
-            self._error = tracking.StoreWriteError(f"recording epoch {epoch}: {tracking.short_error(err)}") if store else err
-        except BaseException as err:  # noqa: BLE001
-            self._error = err
-
-    def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise err
-
-
-def _report(epoch: int, epochs: int, m: dict[str, float]) -> None:
-    parts = [f"epoch {epoch}/{epochs}"]
-    for key, fmt, se_fmt in (("train/loss", "train loss {:.3f}", ""), ("val/loss", "val loss {:.3f}", ""), ("val/acc1", "val acc {:.1f}%", ""),
-                             (metric_key("final", "cls", "effective_rank"), "final CLS eff. rank {:.1f}", " +- {:.1f}"),
-                             (metric_key("final", "cls", "spectral_anisotropy"), "anisotropy {:.3f}", " +- {:.3f}"), ("time/epoch_s", "{:.0f} s", "")):
-        if key in m:
-            geom = parse_metric_key(key)
-            se = m.get(metric_key(geom.site, geom.view, geom.observable, SE_PREFIX)) if geom else None  # its jackknife standard error
-            parts.append(fmt.format(m[key]) + (se_fmt.format(se) if se is not None else ""))
-    log.info(", ".join(parts))
