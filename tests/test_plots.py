@@ -1,7 +1,8 @@
 """What the figures show, read back from the drawn artists: error bands and bars at tgo's own
-interval (Student's t with K - 1 degrees of freedom, K the probe's folds). Reference values come
-from scipy, not from tgo."""
+interval (Student's t with K - 1 degrees of freedom, K the probe's folds), and log-scale axes
+labelled with plain numbers. Reference values come from scipy, not from tgo."""
 
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -79,3 +80,31 @@ def test_cross_run_cka_error_bars_are_the_t_interval_of_the_probe_folds():
     for row, seg in zip(cka.itertuples(), segments):
         assert sorted(seg[:, 1]) == [pytest.approx(row.cka - q * row.se), pytest.approx(row.cka + q * row.se)]
 
+
+def _tick_labels(ax) -> list[str]:
+    """The y tick labels drawn inside the axis's view (matplotlib also keeps ticks beyond it)."""
+    ax.figure.canvas.draw()
+    lo, hi = ax.get_ylim()
+    return [label.get_text() for minor in (False, True)
+            for loc, label in zip(ax.yaxis.get_ticklocs(minor=minor), ax.get_yticklabels(minor=minor))
+            if lo <= loc <= hi and label.get_text()]
+
+
+@pytest.mark.parametrize("ranks", [[(30.0, 40.0), (45.0, 52.0), (60.0, 70.0)], [(1.5, 2.0), (2.2, 2.5), (2.8, 3.0)]])
+def test_effective_rank_on_a_narrow_log_range_is_labelled_with_plain_numbers(ranks):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    rows = [(epoch, site, view, "effective_rank", value) for epoch, pair in enumerate(ranks)
+            for site, value in zip(("block_00", "final"), pair) for view in ("cls", "mean")]
+    geometry = pd.DataFrame(rows, columns=["epoch", "site", "view", "observable", "value"])
+    fig = plots.observable_over_epochs(geometry, "effective_rank")
+    FigureCanvasAgg(fig)
+    for ax in fig.axes[:2]:
+        assert ax.get_yscale() == "log"
+        labels = _tick_labels(ax)
+        assert len(labels) >= 2, labels  # a log axis over this range labels its minor ticks
+        for text in labels:
+            assert "10^" not in text and "times" not in text and "$" not in text, labels
+            assert re.fullmatch(r"\d+(\.\d+)?", text), labels
+        lo, hi = ax.get_ylim()
+        assert all(lo <= float(t) <= hi for t in labels) and len(set(labels)) == len(labels)

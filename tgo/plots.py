@@ -63,6 +63,15 @@ def _site_colors(sites: Sequence[str]) -> dict[str, tuple]:
     return {site: cmap(i / n) for i, site in enumerate(sites)}
 
 
+def _plain_log_labels(axis: matplotlib.axis.Axis) -> None:
+    """Label a log axis in plain numbers (30, 40, 60) instead of the log scale's mathtext (3 x 10^1):
+    ranks often span less than a decade, where matplotlib labels the minor ticks too. LogFormatter
+    keeps the log scale's choice of which ticks get a label (every one over a narrow range, the
+    decades alone over a wide one), so a wide axis gains no crowded labels."""
+    axis.set_major_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False))
+    axis.set_minor_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False))
+
+
 def observable_over_epochs(geometry: pd.DataFrame, observable: str, run_label: str = "") -> Figure:
     """One panel per view; one line per site (coloured from the first site to the final norm)."""
     data = geometry[geometry.observable == observable]
@@ -83,6 +92,7 @@ def observable_over_epochs(geometry: pd.DataFrame, observable: str, run_label: s
         ax.set_ylabel(LABELS.get(observable, observable))
         if observable in LOG_SCALE and (data[data.view == view].value > 0).all():
             ax.set_yscale("log")
+            _plain_log_labels(ax.yaxis)
         ax.grid(alpha=0.3)
     fullest = max(axes[0], key=lambda ax: len(ax.get_lines()))  # the cls panel has no patch_embed line
     handles, labels = fullest.get_legend_handles_labels()
