@@ -157,9 +157,13 @@ def new_run(experiment: str, run_name: str, tags: dict[str, Any] | None = None) 
 
 def open_parent_run(experiment: str, run_name: str, tags: dict[str, Any]) -> str:
     """The run that holds a sweep's or study's children: the launcher run under `mlflow run`, else a
-    new run in `experiment`. Tagged with `tags`."""
-    run_id = launcher_run_id() or new_run(experiment, run_name)
-    set_tags(run_id, tags)
+    new run in `experiment`. Tagged with `tags`, and named `run_name` either way: the launcher run
+    would otherwise keep MLflow's random name (angry-owl-75) beside children named after the sweep
+    or study."""
+    launcher = launcher_run_id()
+    run_id = launcher or new_run(experiment, run_name)
+    # mlflow.runName in the same batch renames the run (MLflow's stores update its name from it)
+    set_tags(run_id, {**tags, "mlflow.runName": run_name} if launcher and run_name else tags)
     return run_id
 
 
