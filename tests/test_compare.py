@@ -17,7 +17,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tgo import cli, uncertainty
-from tgo.compare import TESTED, adjust, cross_cka, differing_at, hedges_g, matched_epochs, run_differences, seed_differences
+from tgo.compare import (TESTED, adjust, cross_cka, differing_at, hedges_g, matched_epochs, run_differences, seed_differences,
+                         side_summary)
 from tgo.findings import ALPHA, benjamini_hochberg
 from tgo.probe import FeatureRows
 from tgo.representations import KeptEpoch
@@ -140,6 +141,25 @@ def test_benjamini_hochberg_runs_per_epoch_and_the_largest_effects_come_first():
     assert len(top) and (top.epoch == 1).all() and top.differs.all()
     assert (np.diff(top.hedges_g.abs().to_numpy()) <= 0).all()
     assert matched_epochs(runs_a, [runs_b[0][runs_b[0].epoch == 1]]) == [1]
+
+
+def test_one_run_summary_interval_is_the_t_interval_of_its_folds():
+    """The figures' bands for one run per side: value +- t_{K-1, 0.975} se with K the rows of that
+    site's replicates (4 at one site here, 5 elsewhere); no interval where K or se is unknown."""
+    rng = np.random.default_rng(8)
+    table, reps = _run({sv: 10 + rng.normal(size=(N, 16)) for sv in SITES}, epochs=(0, 2))
+    reps[("block_00", "cls")] = {e: r[:4] for e, r in reps[("block_00", "cls")].items()}  # as if probed with K = 4
+    summary = side_summary([table], 1, [2], [reps])
+    assert (summary.side == 1).all() and set(summary.epoch) == {2} and len(summary) == len(table[table.epoch == 2])
+    merged = summary.merge(table, on=["epoch", "site", "view", "observable"], suffixes=("", "_table"))
+    for row in merged.itertuples():
+        k = 4 if row.site == "block_00" else K
+        half = scipy.stats.t.ppf(0.975, k - 1) * row.se
+        assert (row.low, row.high) == (pytest.approx(row.value - half), pytest.approx(row.value + half))
+    no_k = side_summary([table], 0)  # without replicates K is unknown
+    assert no_k.low.isna().all() and no_k.high.isna().all()
+    no_se = side_summary([table.assign(se=np.nan)], 0, None, [reps])  # a run without folds
+    assert no_se.low.isna().all() and no_se.high.isna().all()
 
 
 def _declared(out: pd.DataFrame) -> tuple[float, float]:

@@ -261,6 +261,7 @@ def test_under_mlflow_run_the_launcher_run_is_the_parent_of_one_child_per_seed_o
     assert len(parents) == 1
     parent = parents[0]
     assert parent.data.tags["tgo.kind"] == entry and parent.info.status == "FINISHED"
+    assert parent.info.run_name == {"sweep": "sweep sweep-0-1", "study": "study tgo-study"}[entry]  # not MLflow's random name
     assert not any(k.startswith("geom/") for k in parent.data.metrics)  # no training metrics in the parent
     children = [r for r in runs if r is not parent]
     for child in children:
@@ -270,6 +271,25 @@ def test_under_mlflow_run_the_launcher_run_is_the_parent_of_one_child_per_seed_o
     if entry == "sweep":
         assert sorted(r.data.params["config.seed"] for r in children) == ["0", "1"]
         assert "seeds/finding/1" in parent.data.metrics
+
+
+@pytest.mark.parametrize("kind", ["sweep", "study"])
+def test_the_launcher_run_made_a_parent_is_named_after_the_sweep_or_study(store, monkeypatch, kind):
+    """`mlflow run` names its run at random (angry-owl-75); made the parent, it is renamed as tgo
+    names a parent it opens itself, beside children named after the sweep or study."""
+    from tgo.workers import parent_run
+
+    client = MlflowClient()
+    launcher = client.create_run(client.create_experiment("launched")).info.run_id  # what `mlflow run` opens
+    assert client.get_run(launcher).info.run_name != f"{kind} seeds-0-1"  # MLflow's random name
+    monkeypatch.setenv("MLFLOW_RUN_ID", launcher)
+    assert parent_run(optuna.create_study(), "launched", "seeds-0-1", kind=kind) == launcher
+    run = client.get_run(launcher)
+    assert run.info.run_name == run.data.tags["mlflow.runName"] == f"{kind} seeds-0-1"
+    assert run.data.tags["tgo.kind"] == kind and run.info.status == "RUNNING"  # still `mlflow run`'s to close
+    monkeypatch.delenv("MLFLOW_RUN_ID")
+    own = parent_run(optuna.create_study(), "launched", "other", kind=kind)  # no launcher: a run of its own, named alike
+    assert own != launcher and client.get_run(own).info.run_name == f"{kind} other"
 
 
 def test_a_storage_password_is_never_printed(store, capsys):

@@ -198,6 +198,79 @@ def test_a_run_still_training_is_not_resumed_by_a_second_process(store, tmp_path
     assert json.loads(client.get_run(other).data.tags["tgo.lease"])["worker"] == f"{socket.gethostname()}:{os.getpid()}"
 
 
+@pytest.mark.parametrize("status", ["FINISHED", "KILLED", "FAILED"])
+def test_a_run_that_ends_gives_its_lease_up(store, status):
+    """The lease belongs to a live run: once the run is closed (end_run, then Lease.stop, in the
+    order training calls them) the tag is gone, and resuming the run claims it afresh."""
+    import time
+
+    from tgo import tracking
+
+    client = MlflowClient()
+    run_id = tracking.start_run("lease-end").info.run_id
+    lease = tracking.Lease(run_id, interval=0.05).start()
+    time.sleep(0.3)  # renewed a few times by its thread
+    assert "tgo.lease" in client.get_run(run_id).data.tags
+    assert tracking.end_run(status, "" if status == "FINISHED" else "RuntimeError: for the test")
+    lease.stop()
+    run = client.get_run(run_id)
+    assert run.info.status == status and "tgo.lease" not in run.data.tags
+    time.sleep(0.2)  # no renewal comes after the stop
+    assert "tgo.lease" not in client.get_run(run_id).data.tags
+    tracking.claim(run)  # a resume of a finished or failed run, with no lease tag
+    assert client.get_run(run_id).data.tags["tgo.lease"]
+
+
+def test_a_lease_another_process_took_over_is_not_given_up(store):
+    import json
+    import time
+
+    from tgo import tracking
+
+    client = MlflowClient()
+    run_id = tracking.start_run("lease-other").info.run_id
+    lease = tracking.Lease(run_id, interval=3600).start()
+    theirs = json.dumps({"worker": "elsewhere:1", "renewed": time.time(), "nonce": "x"})
+    client.set_tag(run_id, "tgo.lease", theirs)  # claimed from elsewhere after this one went stale
+    tracking.end_run("FAILED")
+    lease.stop()
+    assert client.get_run(run_id).data.tags["tgo.lease"] == theirs
+
+
+def test_a_trained_run_and_a_failed_one_keep_no_lease(store):
+    from tgo.train import run
+
+    done = run(preset="smoke", epochs=0, experiment="lease-train")
+    assert "tgo.lease" not in MlflowClient().get_run(done.run_id).data.tags
+
+    def fail(epoch, _):
+        raise RuntimeError("failed for the test")
+
+    with pytest.raises(RuntimeError, match="failed for the test"):
+        run(preset="smoke", epochs=0, experiment="lease-train", epoch_callback=fail)
+    (failed,) = [r for r in mlflow.search_runs(experiment_names=["lease-train"], output_format="list") if r.info.run_id != done.run_id]
+    assert failed.info.status == "FAILED" and "tgo.lease" not in failed.data.tags
+    resumed = run(resume=failed.info.run_id, epochs=1)  # resuming it claims the run with no lease tag
+    after = MlflowClient().get_run(resumed.run_id)
+    assert resumed.run_id == failed.info.run_id and after.info.status == "FINISHED" and "tgo.lease" not in after.data.tags
+
+
+def test_the_run_of_a_dead_worker_is_failed_without_its_lease(store):
+    import json
+    import time
+
+    from tgo import tracking
+
+    client = MlflowClient()
+    run_id = tracking.start_run("lease-dead").info.run_id
+    mlflow.end_run()  # leave it RUNNING in the store, as a killed worker does
+    client.update_run(run_id, "RUNNING")
+    client.set_tag(run_id, "tgo.lease", json.dumps({"worker": "elsewhere:1", "renewed": time.time() - 3600, "nonce": "x"}))
+    tracking.fail_run(run_id, "worker elsewhere:1 died")
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and "tgo.lease" not in run.data.tags
+
+
 def _chattr(path: Path, flag: str) -> bool:
     return subprocess.run(["chattr", flag, str(path)], capture_output=True).returncode == 0
 

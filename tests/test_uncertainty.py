@@ -35,6 +35,16 @@ def test_t_test_and_interval_match_scipy():
     assert uncertainty.t_test(0.0, 0.0, 5) == 1.0 and uncertainty.t_test(1.0, 0.0, 5) == 0.0
 
 
+def test_half_width_takes_one_k_or_one_per_estimate_and_none_without_a_jackknife():
+    se = np.array([1.0, 2.0, 0.5, 1.0, 3.0])
+    folds = np.array([5, 4, 10, np.nan, 1])  # K unknown, and K = 1 (no jackknife): no interval
+    half = uncertainty.half_width(se, folds)
+    assert half[:3] == pytest.approx([scipy.stats.t.ppf(0.975, 4), 2 * scipy.stats.t.ppf(0.975, 3), 0.5 * scipy.stats.t.ppf(0.975, 9)])
+    assert np.isnan(half[3:]).all()
+    assert uncertainty.half_width(se, 5) == pytest.approx(se * scipy.stats.t.ppf(0.975, 4))
+    assert uncertainty.half_width(se, 5, level=0.9) == pytest.approx(se * scipy.stats.t.ppf(0.95, 4))
+
+
 def test_folds_are_balanced_and_fixed_by_seed():
     a = uncertainty.fold_ids(103, 5, seed=3)
     assert np.array_equal(a, uncertainty.fold_ids(103, 5, seed=3))

@@ -89,7 +89,7 @@ def _tgo2_figures(study: tgo2.TGO2, label: str, figdir: Path, figure_format: str
             figdir / f"intrinsic_dim.{figure_format}"))
     if len(t["tokens"]):
         groups["Token interaction"].append(plots.save(plots.per_site_over_epochs(
-            t["tokens"], "mean_cosine", "mean cosine of distinct patch tokens", f"Token interaction over training - {label}", se="se"),
+            t["tokens"], "mean_cosine", "mean cosine of distinct patch tokens", f"Token interaction over training - {label}", se="se", folds="folds"),
             figdir / f"token_interaction.{figure_format}"))
     weights = t.get("weights", pd.DataFrame(columns=["observable", "value"]))
     alpha = weights[weights.observable == "alpha"].dropna(subset=["value"])

@@ -295,14 +295,22 @@ def differing_at(differences: pd.DataFrame, epoch: int) -> pd.DataFrame:
     return rows.assign(_effect=effect).sort_values("_effect", ascending=False).drop(columns="_effect").reset_index(drop=True)
 
 
-def side_summary(tables: Sequence[pd.DataFrame], side: int, epochs: Sequence[int] | None = None) -> pd.DataFrame:
+def side_summary(tables: Sequence[pd.DataFrame], side: int, epochs: Sequence[int] | None = None,
+                 replicates: Sequence[Replicates] | None = None) -> pd.DataFrame:
     """One side's value and 95% interval per epoch, site, view and observable, for the figures:
-    one run, value +- 1.96 se (its jackknife); several, their mean with the t interval across runs."""
+    one run, value +- t_{K-1} se (its jackknife over the probe's K folds, K the rows of its
+    `replicates`, as `tgo.runs.replicates_of` and `with_tokens` give them; no interval where K or se
+    is unknown); several, their mean with the t interval across runs."""
     keep = [t[t.epoch.isin(epochs)] if epochs is not None else t for t in tables]
     if len(keep) == 1:
         t = keep[0]
         out = t[[*KEYS, "value"]].copy()
-        out["low"], out["high"] = t.value - 1.96 * t.se, t.value + 1.96 * t.se
+        reps = replicates[0] if replicates else {}
+        # each row's K: the geometry tables carry se alone, and K may differ by site (the tokens view)
+        folds = [len(r) if (r := reps.get((site, view), {}).get(epoch)) is not None else np.nan
+                 for epoch, site, view in zip(t.epoch, t.site, t.view)]
+        half = uncertainty.half_width(t.se, np.asarray(folds, float))
+        out["low"], out["high"] = t.value - half, t.value + half
     else:
         grouped = pd.concat(keep).groupby(KEYS).value
         out = grouped.agg(["mean", "std", "count"]).reset_index().rename(columns={"mean": "value"})
@@ -668,7 +676,8 @@ def compare(
     differing = differing_at(diffs, last)
 
     labels = (f"A: {side_a.label}", f"B: {side_b.label}")
-    summary = pd.concat([side_summary(side_a.tables, 0, epochs), side_summary(side_b.tables, 1, epochs)], ignore_index=True)
+    summary = pd.concat([side_summary(side_a.tables, 0, epochs, side_a.replicates),
+                         side_summary(side_b.tables, 1, epochs, side_b.replicates)], ignore_index=True)
     result = Comparison(run_a, run_b, [r.info.run_id for r in side_a.runs], [r.info.run_id for r in side_b.runs], method,
                         epochs, diffs, differing, cka, summary, labels, side_a.head, notes, output_dir=folder)
 

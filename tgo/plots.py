@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from tgo import uncertainty
 from tgo.keys import site_order
 from tgo.spectral import OBSERVABLE_NAMES
 
@@ -62,6 +63,15 @@ def _site_colors(sites: Sequence[str]) -> dict[str, tuple]:
     return {site: cmap(i / n) for i, site in enumerate(sites)}
 
 
+def _plain_log_labels(axis: matplotlib.axis.Axis) -> None:
+    """Label a log axis in plain numbers (30, 40, 60) instead of the log scale's mathtext (3 x 10^1):
+    ranks often span less than a decade, where matplotlib labels the minor ticks too. LogFormatter
+    keeps the log scale's choice of which ticks get a label (every one over a narrow range, the
+    decades alone over a wide one), so a wide axis gains no crowded labels."""
+    axis.set_major_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False))
+    axis.set_minor_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False))
+
+
 def observable_over_epochs(geometry: pd.DataFrame, observable: str, run_label: str = "") -> Figure:
     """One panel per view; one line per site (coloured from the first site to the final norm)."""
     data = geometry[geometry.observable == observable]
@@ -82,6 +92,7 @@ def observable_over_epochs(geometry: pd.DataFrame, observable: str, run_label: s
         ax.set_ylabel(LABELS.get(observable, observable))
         if observable in LOG_SCALE and (data[data.view == view].value > 0).all():
             ax.set_yscale("log")
+            _plain_log_labels(ax.yaxis)
         ax.grid(alpha=0.3)
     fullest = max(axes[0], key=lambda ax: len(ax.get_lines()))  # the cls panel has no patch_embed line
     handles, labels = fullest.get_legend_handles_labels()
@@ -289,9 +300,13 @@ def similarity_over_training(table: pd.DataFrame, view: str, run_label: str = ""
     return fig
 
 
-def per_site_over_epochs(table: pd.DataFrame, value: str, ylabel: str, title: str, panel: str | None = None, se: str | None = None) -> Figure:
+def per_site_over_epochs(table: pd.DataFrame, value: str, ylabel: str, title: str, panel: str | None = None, se: str | None = None,
+                         folds: str | int | None = None) -> Figure:
     """One line per site against epoch, one panel per value of the column `panel` (e.g. view or
-    matrix kind); a band of +-1.96 standard errors where `se` names a column that has them."""
+    matrix kind); where `se` names a column of jackknife standard errors, a band of the 95%
+    interval value +- t_{K-1} se (`tgo.uncertainty.half_width`), K the probe's folds: `folds`, one
+    K for the table or the column that holds each row's. No band where se or K is unknown: a
+    standard error estimated from K replicates says nothing about the width without K."""
     panels = list(dict.fromkeys(table[panel])) if panel else [None]
     fig = Figure(figsize=(min(5.2 * len(panels), 22), 4.2))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
@@ -305,8 +320,11 @@ def per_site_over_epochs(table: pd.DataFrame, value: str, ylabel: str, title: st
                 continue
             ax.plot(line.epoch, line[value], color=colors[site], lw=2.4 if site == "final" else 1.2, marker="o" if len(line) < 15 else None,
                     ms=3, label=site)
-            if se and line[se].notna().any():
-                ax.fill_between(line.epoch, line[value] - 1.96 * line[se], line[value] + 1.96 * line[se], color=colors[site], alpha=0.15, lw=0)
+            if se:
+                k = line[folds] if isinstance(folds, str) else np.nan if folds is None else folds
+                half = uncertainty.half_width(line[se], k)
+                if np.isfinite(half).any():
+                    ax.fill_between(line.epoch, line[value] - half, line[value] + half, color=colors[site], alpha=0.15, lw=0)
         ax.set_xlabel("epoch (0 = initialisation)")
         ax.set_ylabel(ylabel)
         if name is not None:
@@ -386,8 +404,8 @@ def compare_depth_profile(summary: pd.DataFrame, epoch: int, observables: Sequen
 
 def cross_run_cka(cka: pd.DataFrame, title: str) -> Figure:
     """Debiased linear CKA between two runs' features at each site: one panel per view, x the sites
-    in forward order, one line per epoch with error bars (1.96 standard errors). `cka` has columns
-    epoch, site, view, cka, se."""
+    in forward order, one line per epoch with error bars (the 95% interval t_{K-1} se of its
+    jackknife over K folds). `cka` has columns epoch, site, view, cka, se, folds (K)."""
     views = [v for v in VIEW_TITLES if v in set(cka.view)]
     epochs = sorted(cka.epoch.unique())
     cmap = matplotlib.colormaps.get_cmap("plasma")
@@ -399,7 +417,7 @@ def cross_run_cka(cka: pd.DataFrame, title: str) -> Figure:
             line = cka[(cka.view == view) & (cka.epoch == epoch)].set_index("site").reindex(sites)
             if not line.cka.notna().any():
                 continue
-            err = 1.96 * line.se.to_numpy(dtype=float)
+            err = uncertainty.half_width(line.se, line.folds)
             ax.errorbar(range(len(sites)), line.cka, yerr=np.where(np.isfinite(err), err, 0), marker="o", ms=3.5, lw=1.3, capsize=2,
                         color=cmap(i / max(len(epochs) - 1, 1) * 0.85), label=f"epoch {epoch}")
         ax.set_title(VIEW_TITLES[view])

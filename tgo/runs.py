@@ -121,11 +121,16 @@ def scalar_table(run_id: str, keys: Sequence[str]) -> pd.DataFrame:
 
 
 def token_table(spectra: dict[int, ProbeResult]) -> pd.DataFrame:
-    """Token interaction of every site at every probed epoch with its jackknife standard error
-    (NaN without folds): columns epoch, site, mean_cosine, se."""
-    rows = [(epoch, site, value, float(uncertainty.jackknife_se(r.token_replicates[site])) if site in r.token_replicates else np.nan)
-            for epoch, r in sorted(spectra.items()) for site, value in r.tokens.items()]
-    return pd.DataFrame(rows, columns=["epoch", "site", TOKEN_OBSERVABLE, "se"])
+    """Token interaction of every site at every probed epoch with its jackknife standard error and
+    the folds K it was computed from (both NaN without folds; K sets the width of its interval):
+    columns epoch, site, mean_cosine, se, folds."""
+    rows = []
+    for epoch, r in sorted(spectra.items()):
+        for site, value in r.tokens.items():
+            reps = r.token_replicates.get(site)
+            rows.append((epoch, site, value, float(uncertainty.jackknife_se(reps)), len(reps)) if reps is not None
+                        else (epoch, site, value, np.nan, np.nan))
+    return pd.DataFrame(rows, columns=["epoch", "site", TOKEN_OBSERVABLE, "se", "folds"])
 
 
 def weight_table(run) -> pd.DataFrame:

@@ -157,9 +157,13 @@ def new_run(experiment: str, run_name: str, tags: dict[str, Any] | None = None) 
 
 def open_parent_run(experiment: str, run_name: str, tags: dict[str, Any]) -> str:
     """The run that holds a sweep's or study's children: the launcher run under `mlflow run`, else a
-    new run in `experiment`. Tagged with `tags`."""
-    run_id = launcher_run_id() or new_run(experiment, run_name)
-    set_tags(run_id, tags)
+    new run in `experiment`. Tagged with `tags`, and named `run_name` either way: the launcher run
+    would otherwise keep MLflow's random name (angry-owl-75) beside children named after the sweep
+    or study."""
+    launcher = launcher_run_id()
+    run_id = launcher or new_run(experiment, run_name)
+    # mlflow.runName in the same batch renames the run (MLflow's stores update its name from it)
+    set_tags(run_id, {**tags, "mlflow.runName": run_name} if launcher and run_name else tags)
     return run_id
 
 
@@ -290,10 +294,24 @@ def claim(run) -> None:
         raise TrackingError(f"run {run_id} was claimed by another process at the same moment; it resumes the run, this one stops.")
 
 
+def release(run_id: str) -> None:
+    """Give up this process's lease of a run it has stopped training: delete the tag, which belongs
+    to a live run only, if the lease is still this process's (one another process claimed after
+    this one's went stale is theirs). Best effort, as it runs while training unwinds: where the
+    store cannot be written the lease stays, and goes stale by itself."""
+    client = MlflowClient()
+    try:
+        if (_lease_of(client.get_run(run_id)) or {}).get("worker") == worker_id():
+            client.delete_tag(run_id, Tag.LEASE)
+    except Exception as err:  # noqa: BLE001 - see the docstring; the error being unwound matters more
+        log.debug("run %s: its lease was not given up (%s).", run_id, short_error(err))
+
+
 class Lease:
     """Renews the run's lease every `interval` seconds (default `tgo.liveness.heartbeat_interval()`) from a daemon thread while the run
-    trains, so that `claim` can tell a live run from a dead one. A failed renewal is skipped: the
-    lease is advisory, and a store that cannot be written stops the run through its own writes."""
+    trains, so that `claim` can tell a live run from a dead one, and gives it up when stopped. A
+    failed renewal is skipped: the lease is advisory, and a store that cannot be written stops the
+    run through its own writes."""
 
     def __init__(self, run_id: str, interval: float | None = None) -> None:
         self.run_id, self.interval = run_id, heartbeat_interval() if interval is None else interval
@@ -316,9 +334,14 @@ class Lease:
             self._beat()
 
     def stop(self) -> None:
+        """Stop renewing and give the lease up (`release`). Training calls this last, after the run
+        is closed (`end_run`), and the tag goes only once the thread has ended: a renewal still in
+        flight would write it back."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        if not self._thread.is_alive():  # a renewal stuck on the store past the join: leave it to go stale
+            release(self.run_id)
 
 
 def log_datasets(run_id: str, datasets: Sequence[dict[str, Any]]) -> None:
@@ -499,7 +522,8 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def end_run(status: str = "FINISHED", message: str = "") -> bool:
     """Close the active run with `status` (and its error in tgo.error). False when the store could
-    not be written (the run then stays as it was; the caller says so)."""
+    not be written (the run then stays as it was; the caller says so). The run's lease is given up
+    by `Lease.stop`, called after this, once its thread can no longer renew it."""
     run = mlflow.active_run()
     if run is None:
         return True
@@ -516,14 +540,19 @@ def end_run(status: str = "FINISHED", message: str = "") -> bool:
 
 def fail_run(run_id: str, reason: str) -> None:
     """Mark a run FAILED with its reason (tgo.error, tgo.trial_state=FAIL) if it is still RUNNING:
-    the run of a trial whose worker died, which nobody else would ever end."""
+    the run of a trial whose worker died, which nobody else would ever end. The dead worker's lease
+    goes with it (a lease belongs to a live run only)."""
     if not run_id:
         return
     client = MlflowClient()
-    if client.get_run(run_id).info.status != "RUNNING":
+    run = client.get_run(run_id)
+    if run.info.status != "RUNNING":
         return
     set_tags(run_id, {Tag.TRIAL_STATE: "FAIL", Tag.ERROR: reason})
     client.set_terminated(run_id, "FAILED")
+    if Tag.LEASE in run.data.tags:
+        with contextlib.suppress(MlflowException):  # gone already: whoever removed it did this job
+            client.delete_tag(run_id, Tag.LEASE)
 
 
 def resumable(run_id: str, parent_run_id: str) -> bool:

@@ -97,6 +97,19 @@ def interval(estimate: np.ndarray, se: np.ndarray, folds: int, level: float = 0.
     return np.asarray(estimate, float) - half, np.asarray(estimate, float) + half
 
 
+def half_width(se: np.ndarray, folds: float | np.ndarray, level: float = 0.95) -> np.ndarray:
+    """Half-width t_{K-1} se of each estimate's `level` interval, with K (`folds`) one count for all
+    or one per estimate (tables mix runs and sites probed with different K). NaN where K is
+    unknown (NaN) or below 2: without a jackknife there is no interval, however se reads."""
+    se = np.asarray(se, float)
+    k = np.broadcast_to(np.asarray(folds, float), se.shape)
+    known = np.isfinite(k) & (k >= 2)
+    quantile = np.full(se.shape, np.nan)
+    for value in np.unique(k[known]):  # a handful of distinct K: t_quantile stays the one definition
+        quantile[k == value] = t_quantile(int(value), level)
+    return quantile * se
+
+
 def t_test(difference: np.ndarray, se: np.ndarray, folds: int) -> np.ndarray:
     """Two-sided p-value of difference / se against Student's t with folds - 1 degrees of freedom
     (H0: no difference). A zero se gives p = 1 for a zero difference and 0 otherwise."""
