@@ -34,7 +34,8 @@ all images and whose totals less one fold give its jackknife replicates.
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -67,16 +68,16 @@ class MomentAccumulator:
         self.folds = int(folds)
         self.device = torch.device(device)
         self.precision: Precision = precision
-        f64 = dict(dtype=torch.float64, device=self.device)
         # K folds, and with K > 1 one more group that no replicate leaves out (tgo.uncertainty.fold_ids)
         self.groups = self.folds + 1 if self.folds > 1 else 1
         k, d = self.groups, self.dim
         self.counts = np.zeros(k, dtype=np.int64)  # N_k, on the host: counts never need the device
         self.shift: torch.Tensor | None = None  # (D,) float64, the first row seen
-        self.sum = torch.zeros(k, d, **f64)  # (K, D)    sum over fold k of (x_i - s)
-        self.gram = torch.zeros(k, d, d, **f64)  # (K, D, D) sum over fold k of (x_i - s)(x_i - s)^T
-        self.unit_sum = torch.zeros(k, d, **f64)  # (K, D) sum of x_i / ||x_i|| over non-zero rows
-        self.n_nonzero = torch.zeros(k, **f64)  # kept as a tensor: no device sync per batch
+        f64, dev = torch.float64, self.device
+        self.sum = torch.zeros(k, d, dtype=f64, device=dev)  # (K, D)    sum over fold k of (x_i - s)
+        self.gram = torch.zeros(k, d, d, dtype=f64, device=dev)  # (K, D, D) sum over fold k of (x_i - s)(x_i - s)^T
+        self.unit_sum = torch.zeros(k, d, dtype=f64, device=dev)  # (K, D) sum of x_i / ||x_i|| over non-zero rows
+        self.n_nonzero = torch.zeros(k, dtype=f64, device=dev)  # kept as a tensor: no device sync per batch
 
     @property
     def n(self) -> int:
@@ -136,12 +137,13 @@ class MomentAccumulator:
                  + n[:, None, None] * torch.outer(d, d))
         return s_new, g_new
 
-    def merge(self, other: "MomentAccumulator") -> "MomentAccumulator":
+    def merge(self, other: MomentAccumulator) -> MomentAccumulator:
         """Add another accumulator's rows to this one, fold by fold (in place; returns self)."""
         if other.dim != self.dim or other.folds != self.folds:
             raise ValueError(f"cannot merge accumulators of dimension/folds {self.dim}/{self.folds} and {other.dim}/{other.folds}.")
         if other.n == 0:
             return self
+        assert other.shift is not None  # set by the first row it saw
         if self.shift is None:
             self.shift = other.shift.to(self.device).clone()
         s, g = other._moments_about(self.shift.to(other.device))
@@ -152,7 +154,7 @@ class MomentAccumulator:
         self.counts += other.counts
         return self
 
-    def all_reduce(self, group=None) -> "MomentAccumulator":
+    def all_reduce(self, group=None) -> MomentAccumulator:
         """Sum this accumulator over all ranks of a torch.distributed process group (in place).
 
         Every rank re-expresses its moments about the shift of the lowest rank that saw rows, then
@@ -160,15 +162,15 @@ class MomentAccumulator:
         """
         import torch.distributed as dist
 
-        f64 = dict(dtype=torch.float64, device=self.device)
+        f64, dev = torch.float64, self.device
         world = dist.get_world_size(group)
-        counts = [torch.zeros(self.groups, **f64) for _ in range(world)]
-        dist.all_gather(counts, torch.as_tensor(self.counts, **f64), group=group)
+        counts = [torch.zeros(self.groups, dtype=f64, device=dev) for _ in range(world)]
+        dist.all_gather(counts, torch.as_tensor(self.counts, dtype=f64, device=dev), group=group)
         owners = [i for i, c in enumerate(counts) if c.sum().item() > 0]
         if not owners:
             return self
         src = owners[0] if group is None else dist.get_global_rank(group, owners[0])
-        shift = self.shift.clone() if self.shift is not None else torch.zeros(self.dim, **f64)
+        shift = self.shift.clone() if self.shift is not None else torch.zeros(self.dim, dtype=f64, device=dev)
         dist.broadcast(shift, src=src, group=group)
         self.sum, self.gram = self._moments_about(shift)
         self.shift = shift

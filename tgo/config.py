@@ -221,7 +221,7 @@ def _check_timm_names(cfg, need) -> None:
     from timm.optim import list_optimizers
 
     opt = cfg.opt.lower()
-    known = set(list_optimizers())
+    known = {name for name in list_optimizers() if isinstance(name, str)}  # names only (no with_description)
     base = opt.split("_", 1)[1] if opt.startswith("lookahead_") else opt
     need(base in known, f"opt: unknown optimiser {cfg.opt!r}; timm knows {', '.join(sorted(known))} "
                         "(any of them may be prefixed with lookahead_).")

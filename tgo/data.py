@@ -96,7 +96,7 @@ def _digits(cfg: TrainConfig):
 
     digits = load_digits()
     grey = (digits.images / 16.0 * 255).round().astype(np.uint8)  # (1797, 8, 8)
-    big = np.stack([np.asarray(Image.fromarray(g).resize((cfg.img_size, cfg.img_size), Image.BICUBIC)) for g in grey])
+    big = np.stack([np.asarray(Image.fromarray(g).resize((cfg.img_size, cfg.img_size), Image.Resampling.BICUBIC)) for g in grey])
     rgb = np.repeat(big[..., None], 3, axis=-1)
     idx_train, idx_val = train_test_split(
         np.arange(len(rgb)), test_size=0.2, random_state=0, stratify=digits.target
@@ -110,7 +110,7 @@ def _synthetic(cfg: TrainConfig):
     k = cfg.num_classes or 4
     rng = np.random.default_rng(0)
     coarse = rng.uniform(0, 255, size=(k, 4, 4, 3)).astype(np.uint8)
-    protos = np.stack([np.asarray(Image.fromarray(c).resize((cfg.img_size, cfg.img_size), Image.BILINEAR)) for c in coarse])
+    protos = np.stack([np.asarray(Image.fromarray(c).resize((cfg.img_size, cfg.img_size), Image.Resampling.BILINEAR)) for c in coarse])
 
     def make(n):
         labels = np.arange(n) % k
@@ -171,15 +171,16 @@ def imagenet100_report(root: str | Path) -> dict:
     """What an ImageNet-100 tree holds: images per class and split, and what is missing."""
     root = Path(root)
     classes = imagenet100_classes()
-    report = {"root": str(root), "missing": {}, "counts": {}}
+    missing: dict[str, list[str]] = {}  # split -> classes without images
+    per_split: dict[str, dict[str, int]] = {}  # split -> class -> images
     for split in ("train", "val"):
         counts = {}
         for c in classes:
             d = root / split / c
             counts[c] = sum(1 for f in os.scandir(d) if f.name.endswith(IMG_EXTENSIONS)) if d.is_dir() else 0
-        report["counts"][split] = counts
-        report["missing"][split] = [c for c, n in counts.items() if n == 0]
-    return report
+        per_split[split] = counts
+        missing[split] = [c for c, n in counts.items() if n == 0]
+    return {"root": str(root), "missing": missing, "counts": per_split}
 
 
 def _imagenet100(cfg: TrainConfig, train_tf, eval_tf, notes: list[str]):
@@ -201,7 +202,7 @@ def _imagenet100(cfg: TrainConfig, train_tf, eval_tf, notes: list[str]):
             f"ImageNet-100 under {root}: {len(small)} classes have fewer than 1000 training images "
             f"(the full set has about 1300 each), smallest {min(small.values())}."
         )
-        warnings.warn(message)
+        warnings.warn(message, stacklevel=1)  # about the data, not the caller: reported here
         notes.append(message)
     classes = imagenet100_classes()
     return _folder(root, "train", train_tf, classes), _folder(root, "val", eval_tf, classes), 100

@@ -34,8 +34,9 @@ dependency of tgo for five lines); Benjamini-Hochberg is `scipy.stats.false_disc
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Mapping
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -179,8 +180,8 @@ def trend_table(geometry: pd.DataFrame, replicates: Replicates | None = None) ->
         x, y = part.epoch.to_numpy(), part.value.to_numpy(float)
         first_e, last_e = int(x[0]), int(x[-1])
         reps = replicates.get((site, view), {})
-        rf = reps.get(first_e)[:, column[name]] if first_e in reps and name in column else None
-        rl = reps.get(last_e)[:, column[name]] if last_e in reps and name in column else None
+        rf = reps[first_e][:, column[name]] if first_e in reps and name in column else None
+        rl = reps[last_e][:, column[name]] if last_e in reps and name in column else None
         row = {"site": site, "view": view, "observable": name, "n_epochs": len(y), "first_epoch": first_e,
                "last_epoch": last_e, "first": y[0], "last": y[-1],
                "se_first": uncertainty.jackknife_se(rf) if rf is not None else np.nan,
@@ -549,6 +550,7 @@ def finding7(epochs: list[int], values: np.ndarray, replicates: np.ndarray | Non
     if not (np.isfinite(p_r) and np.isfinite(p_b)):
         return Finding(7, FINDING7, "inconclusive", evidence + " Some leave-one-fold-out estimates could not be measured (too few "
                        "images per fold for TwoNN): no standard errors.", "no standard errors", tests)
+    verdict: Verdict
     if r > 0 and b > 0 and max(p_r, p_b) < alpha:
         verdict = "supported"
     else:
@@ -579,7 +581,7 @@ def finding8(site: str, epochs: tuple[int, int], values: tuple[float, float], re
     k = len(rf)
     t = (d + margin) / se if se > 0 else np.sign(d + margin) * np.inf
     p_stays, p_falls = float(scipy.stats.t.sf(t, k - 1)), float(scipy.stats.t.cdf(t, k - 1))
-    verdict = "supported" if p_stays < alpha else ("contradicted" if p_falls < alpha else "inconclusive")
+    verdict: Verdict = "supported" if p_stays < alpha else ("contradicted" if p_falls < alpha else "inconclusive")
     evidence += (f" +- {_fmt(se)}); margin {margin}: a fall smaller than the margin shown with p {_fmt(p_stays)}, "
                  f"a larger fall with p {_fmt(p_falls)}.{_baseline(epochs[0])}")
     tests = [{"observable": "token_cosine_change", "value": d, "se": se, "margin": margin, "p_stays": p_stays, "p_falls": p_falls}]

@@ -27,7 +27,8 @@ carry.
 from __future__ import annotations
 
 import re
-from typing import NamedTuple, Sequence
+from collections.abc import Iterable
+from typing import NamedTuple
 
 VIEWS: tuple[str, ...] = ("cls", "patch", "mean")
 HEAD_VIEW: tuple[str, str] = ("final", "cls")  # what feeds the head of a class-token ViT (an avg-pooled one: final/mean)
@@ -71,7 +72,7 @@ def site_names(depth: int) -> list[str]:
     return ["patch_embed", "pos_embed", *[f"block_{i:02d}" for i in range(depth)], "final"]
 
 
-def site_order(sites: Sequence[str]) -> list[str]:
+def site_order(sites: Iterable[str]) -> list[str]:
     """The distinct `sites` in forward order (patch_embed, pos_embed, blocks by number, final)."""
 
     def rank(site: str) -> int:

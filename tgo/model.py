@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import timm
 import torch
+from timm.models.vision_transformer import VisionTransformer
 
 from tgo.config import ConfigError, TrainConfig
 
@@ -14,7 +17,7 @@ def create_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
     patch_size and depth, when set (> 0), override the architecture's own (the smoke preset uses
     a 2-block ViT with 8 px patches); drop_path is the stochastic depth rate.
     """
-    kwargs = dict(pretrained=False, num_classes=num_classes, img_size=cfg.img_size, drop_path_rate=cfg.drop_path)
+    kwargs: dict[str, Any] = dict(pretrained=False, num_classes=num_classes, img_size=cfg.img_size, drop_path_rate=cfg.drop_path)
     if cfg.patch_size:
         kwargs["patch_size"] = cfg.patch_size
     if cfg.depth:
@@ -30,6 +33,7 @@ def create_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
         raise ConfigError(f"model: cannot build {cfg.model} with {kwargs}: {err}") from None
     if not hasattr(model, "forward_intermediates") or not hasattr(model, "_pos_embed"):
         raise ConfigError(f"model: {cfg.model} is not a timm VisionTransformer; tgo probes ViTs (vit_*).")
-    if cfg.img_size % model.patch_embed.patch_size[0]:
-        raise ConfigError(f"img_size: {cfg.img_size} is not a multiple of the patch size {model.patch_embed.patch_size[0]}.")
+    patch = cast(VisionTransformer, model).patch_embed.patch_size[0]  # a timm VisionTransformer (or DeiT's subclass), checked above
+    if cfg.img_size % patch:
+        raise ConfigError(f"img_size: {cfg.img_size} is not a multiple of the patch size {patch}.")
     return model

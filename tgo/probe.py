@@ -38,7 +38,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 import torch
@@ -54,9 +54,33 @@ if TYPE_CHECKING:
 POOLS = ("token", "avg")  # timm global_pool values whose head input the probe measures
 
 
+class _ViT(Protocol):
+    """What the probe uses of a timm VisionTransformer (`_check_model` checks for it). torch types
+    every attribute of an nn.Module it does not declare as Tensor | Module, so the probe reads these
+    through this view of the model."""
+
+    patch_embed: torch.nn.Module
+    blocks: torch.nn.Sequential
+    embed_dim: int
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    # with return_prefix_tokens=True: the final-normed tokens, and per block (spatial, prefix) tokens
+    # (bare spatial tokens in a model without prefix tokens; `_pairs`)
+    def forward_intermediates(self, x: torch.Tensor, *, output_fmt: str,
+                              return_prefix_tokens: bool) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor] | torch.Tensor]]: ...
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor: ...
+
+
+def _vit(model: torch.nn.Module) -> _ViT:
+    """`model` as the timm VisionTransformer it is (a static view: nothing is checked or converted)."""
+    return cast(_ViT, model)
+
+
 def site_names(model: torch.nn.Module) -> list[str]:
     """The probe's sites for this model, in forward order: patch_embed, pos_embed, block_XX, final."""
-    return keys.site_names(len(model.blocks))
+    return keys.site_names(len(_vit(model).blocks))
 
 
 def head_view(model: torch.nn.Module) -> tuple[str, str]:
@@ -87,7 +111,7 @@ class SiteViewGeometry:
         """Jackknife standard error of each observable (NaN without replicates)."""
         if self.replicates is None:
             return {name: float("nan") for name in self.observables}
-        se = uncertainty.jackknife_se(self.replicates, axis=0)
+        se = np.asarray(uncertainty.jackknife_se(self.replicates, axis=0))  # (n_observables,): replicates are 2-d
         return dict(zip(spectral.OBSERVABLE_NAMES, map(float, se)))
 
 
@@ -126,7 +150,7 @@ class ProbeResult:
             rows = self.feature_rows
             arrays |= {"_position": rows.position, "_fold": rows.fold, "_folds": np.array(rows.folds)}
         with open(path, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
+            np.savez_compressed(fh, allow_pickle=True, **arrays)  # numpy's default, named so that no array's key is taken for it
         return path
 
     @staticmethod
@@ -206,21 +230,21 @@ class ProbeResult:
             arrays[f"{key}/degenerate"] = np.array(g.degenerate)
             if g.replicates is not None:
                 arrays[f"{key}/replicates"] = g.replicates
-                arrays[f"{key}/stderr"] = uncertainty.jackknife_se(g.replicates, axis=0)  # OBSERVABLE_NAMES order
+                arrays[f"{key}/stderr"] = np.asarray(uncertainty.jackknife_se(g.replicates, axis=0))  # OBSERVABLE_NAMES order
         for site, value in self.tokens.items():
             arrays[f"token_similarity/{site}"] = np.array(value)
         for site, reps in self.token_replicates.items():
             arrays[f"token_similarity_replicates/{site}"] = reps
         with open(path, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
+            np.savez_compressed(fh, allow_pickle=True, **arrays)  # numpy's default, named so that no array's key is taken for it
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "ProbeResult":
+    def load(cls, path: str | Path) -> ProbeResult:
         """Read a file written by `save` (no pickles: allow_pickle=False)."""
         with np.load(Path(path), allow_pickle=False) as data:
             names = [str(n) for n in data["observable_names"]]
-            head = tuple(str(data["head_view"]).split("/")) if "head_view" in data.files else ("final", "cls")
+            head = keys.parse_head(str(data["head_view"])) if "head_view" in data.files else ("final", "cls")
             pairs = dict.fromkeys(tuple(k.split("/")[:2]) for k in data.files if k.count("/") == 2)
             geometry = {}
             for site, view in pairs:
@@ -358,7 +382,7 @@ def probe(
     sites = _checked_sites(model, sites, views, folds, patch_tokens_per_image)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     dtype = next(model.parameters()).dtype  # the probe runs the model as it is (float32, or float64 in tests)
-    dim, head = int(model.embed_dim), head_view(model)
+    dim, head = int(_vit(model).embed_dim), head_view(model)
     accs = _moment_accumulators(model, sites, views, dim, device=device, precision=precision, folds=folds)
     interaction = {site: FoldSums(folds, device=device) for site in sites}  # token interaction, per fold
     kept = _KeptFeatures(sites, int(getattr(model, "num_prefix_tokens", 1)), folds, device) if keep_features else None
@@ -454,20 +478,21 @@ def _site_tokens(model: torch.nn.Module, images: torch.Tensor, pooled: bool) -> 
     pooled by average (`pooled`), the input of its head, fc_norm of the mean patch token (B, D);
     else None. The pos_embed site is `model._pos_embed` of the patch_embed output that a forward
     hook captures (a concat and an add, no second patch projection)."""
+    vit = _vit(model)
     captured: list[torch.Tensor] = []
-    hook = model.patch_embed.register_forward_hook(lambda module, args, out: captured.append(out))
+    hook = vit.patch_embed.register_forward_hook(lambda module, args, out: captured.append(out))
     try:
-        final, blocks = model.forward_intermediates(images, output_fmt="NLC", return_prefix_tokens=True)
+        final, blocks = vit.forward_intermediates(images, output_fmt="NLC", return_prefix_tokens=True)
     finally:
         hook.remove()
-    patch_out, dim, n_prefix = captured[-1], int(model.embed_dim), int(getattr(model, "num_prefix_tokens", 1))
-    pos = model._pos_embed(patch_out)
+    patch_out, dim, n_prefix = captured[-1], int(vit.embed_dim), int(getattr(model, "num_prefix_tokens", 1))
+    pos = vit._pos_embed(patch_out)
     tokens: Tokens = {"patch_embed": (None, patch_out.reshape(patch_out.shape[0], -1, dim)),
                       "pos_embed": (pos[:, :n_prefix], pos[:, n_prefix:])}
     for i, (spatial, prefix) in enumerate(_pairs(blocks)):
         tokens[f"block_{i:02d}"] = (prefix, spatial)
     tokens["final"] = (final[:, :n_prefix], final[:, n_prefix:])
-    return tokens, model.forward_head(final, pre_logits=True) if pooled else None
+    return tokens, vit.forward_head(final, pre_logits=True) if pooled else None
 
 
 def _token_subset(k: int | None, patches: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
@@ -545,9 +570,9 @@ def _gathered(rows: np.ndarray, distributed: bool) -> np.ndarray:
     """Every rank's `rows`, concatenated rank after rank (this rank's alone when not distributed)."""
     if not distributed:
         return rows
-    shards = [None] * torch.distributed.get_world_size()
+    shards: list[np.ndarray | None] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(shards, rows)
-    return np.concatenate(shards)
+    return np.concatenate(cast(list[np.ndarray], shards))  # all_gather_object filled every rank's place
 
 
 def _token_results(interaction: dict[str, FoldSums], distributed: bool) -> tuple[dict[str, float], dict[str, np.ndarray]]:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sized
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -31,6 +33,12 @@ def probe_indices(n_items: int, size: int, seed: int) -> np.ndarray:
             f"choose probe_size <= {n_items}."
         )
     return np.sort(np.random.default_rng(seed).choice(n_items, size=size, replace=False))
+
+
+def dataset_size(dataset: Dataset) -> int:
+    """len(dataset): every dataset tgo probes is map-style, with a length (torch's Dataset declares
+    no __len__, since an IterableDataset may have none)."""
+    return len(cast(Sized, dataset))
 
 
 def _item_bytes(dataset: Dataset, index: int) -> bytes:
@@ -89,8 +97,8 @@ class ProbeSet:
     folds: int = uncertainty.DEFAULT_FOLDS
 
     @classmethod
-    def from_dataset(cls, dataset: Dataset, size: int, seed: int = 0, folds: int = uncertainty.DEFAULT_FOLDS) -> "ProbeSet":
-        indices = probe_indices(len(dataset), size, seed)
+    def from_dataset(cls, dataset: Dataset, size: int, seed: int = 0, folds: int = uncertainty.DEFAULT_FOLDS) -> ProbeSet:
+        indices = probe_indices(dataset_size(dataset), size, seed)
         return cls(dataset, indices, seed, fingerprint(dataset, indices), folds)
 
     @property
@@ -127,7 +135,7 @@ class ProbeSet:
             "size": int(len(self.indices)),
             "seed": int(self.seed),
             "folds": int(self.folds),
-            "dataset_size": int(len(self.dataset)),
+            "dataset_size": int(dataset_size(self.dataset)),
             "fingerprint": self.fingerprint,
             "indices": [int(i) for i in self.indices],
         }

@@ -22,6 +22,7 @@ fold by fold (`tgo.uncertainty.paired_se`). Only the statistics that verdicts us
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,7 +104,7 @@ def similarity_tables(kept: dict[int, KeptEpoch], views: tuple[str, ...] = ("mea
     epochs = sorted(kept)
     if epochs:
         first, last = _prepared(kept[epochs[0]], views), _prepared(kept[epochs[-1]], views)
-        previous: dict | None = None
+        previous: dict[tuple[str, str], similarity.Representation] | None = None
         for i, epoch in enumerate(epochs):
             here = first if i == 0 else last if i == len(epochs) - 1 else _prepared(kept[epoch], views)
             for view in views:
@@ -112,18 +113,22 @@ def similarity_tables(kept: dict[int, KeptEpoch], views: tuple[str, ...] = ("mea
                 cka, svcca = similarity.pairwise(reps), similarity.pairwise(reps, similarity.svcca_between)
                 site_rows += [(epoch, view, a, b, cka[i, j], svcca[i, j]) for i, a in enumerate(sites) for j, b in enumerate(sites)]
             for (site, view), rep in here.items():
-
-                def against(other: dict | None, measure=similarity.cka_between) -> float:
-                    there = other.get((site, view)) if other is not None else None
-                    if there is None or there.centred.shape[0] != rep.centred.shape[0]:
-                        return np.nan
-                    return measure(rep, there)
-
-                epoch_rows.append((epoch, site, view, against(last), against(last, similarity.svcca_between), against(previous),
-                                   against(first)))
+                epoch_rows.append((epoch, site, view, _against(rep, (site, view), last),
+                                   _against(rep, (site, view), last, similarity.svcca_between),
+                                   _against(rep, (site, view), previous), _against(rep, (site, view), first)))
             previous = here
     return (pd.DataFrame(site_rows, columns=["epoch", "view", "site_a", "site_b", "cka", "svcca"]),
             pd.DataFrame(epoch_rows, columns=["epoch", "site", "view", "cka_last", "svcca_last", "cka_previous", "cka_first"]))
+
+
+def _against(rep: similarity.Representation, key: tuple[str, str], other: dict[tuple[str, str], similarity.Representation] | None,
+             measure: Callable[[similarity.Representation, similarity.Representation], float] = similarity.cka_between) -> float:
+    """`measure` between `rep` and the same (site, view) `key` of another epoch (NaN where that epoch
+    lacks it, or has other images)."""
+    there = other.get(key) if other is not None else None
+    if there is None or there.centred.shape[0] != rep.centred.shape[0]:
+        return np.nan
+    return measure(rep, there)
 
 
 @dataclass
@@ -141,13 +146,13 @@ class Jackknifed:
     def se(self) -> np.ndarray:
         if self.replicates is None:
             return np.full(len(self.values), np.nan)
-        return uncertainty.jackknife_se(self.replicates, axis=1)
+        return np.asarray(uncertainty.jackknife_se(self.replicates, axis=1))  # (P,): replicates are 2-d
 
 
 def _folds(*epochs: KeptEpoch) -> tuple[np.ndarray, int] | None:
     """The fold of each row, shared by these epochs (None if one lacks them or they differ)."""
-    rows = [k.rows for k in epochs]
-    if any(r is None or r.folds < 2 for r in rows) or any(not np.array_equal(r.fold, rows[0].fold) for r in rows):
+    rows = [k.rows for k in epochs if k.rows is not None and k.rows.folds >= 2]
+    if len(rows) < len(epochs) or any(not np.array_equal(r.fold, rows[0].fold) for r in rows):
         return None
     return rows[0].fold, rows[0].folds
 

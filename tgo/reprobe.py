@@ -9,8 +9,8 @@ with covariance matrices kept for figures, after checking that the data is the o
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -21,7 +21,7 @@ from tgo.data import build_datasets
 from tgo.errors import AnalysisError
 from tgo.model import create_model
 from tgo.probe import ProbeResult, probe_model
-from tgo.probeset import ProbeSet, fingerprint
+from tgo.probeset import ProbeSet, dataset_size, fingerprint
 from tgo.runtime import resolve_device
 from tgo.spectral import DegenerateGeometryWarning
 
@@ -69,11 +69,11 @@ def reprobe(run_id: str, folder: str | Path, probe_size: int = 0, data_dir: str 
     record = runs.read_probe_set(run_id, folder)
     if record is not None:
         indices = np.asarray(record["indices"])
-        if len(data.val) != record["dataset_size"] or fingerprint(data.val, indices) != record["fingerprint"]:
+        if dataset_size(data.val) != record["dataset_size"] or fingerprint(data.val, indices) != record["fingerprint"]:
             raise AnalysisError(
                 f"the validation data{' under ' + data_dir if data_dir else ''} is not the data run {run_id} "
                 f"was probed on: its {record['size']} probe images have another fingerprint, or the set has "
-                f"{len(data.val)} images instead of {record['dataset_size']}. Point data_dir at the run's data."
+                f"{dataset_size(data.val)} images instead of {record['dataset_size']}. Point data_dir at the run's data."
             )
     size = probe_size or (record["size"] if record else cfg.probe_size)
     seed = cfg.probe_seed if probe_seed is None else probe_seed

@@ -13,8 +13,8 @@ kept features through `tgo.representations.read_kept`); none of them reads anoth
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -77,6 +77,7 @@ def table_from_metrics(run_id: str, keys: Sequence[str]) -> pd.DataFrame:
     rows = []
     for key, hist in tracking.metric_histories(run_id, keys).items():
         parts = parse_metric_key(key)
+        assert parts is not None, f"{key} is not a geometry metric key"
         rows += [(step, parts.site, parts.view, parts.observable, value, np.nan) for step, value in hist]
     return pd.DataFrame(rows, columns=["epoch", "site", "view", "observable", "value", "se"])
 
@@ -136,6 +137,6 @@ def token_table(spectra: dict[int, ProbeResult]) -> pd.DataFrame:
 def weight_table(run) -> pd.DataFrame:
     """The weight spectra a run logged every epoch (weights/<kind>/<site>/<observable>, alpha and the
     ranks): columns epoch, kind, site, observable, value."""
-    keys = [k for k in run.data.metrics if parse_weight_key(k)]
-    rows = [(step, *parse_weight_key(key), value) for key, hist in tracking.metric_histories(run.info.run_id, keys).items() for step, value in hist]
+    parsed = {k: parts for k in run.data.metrics if (parts := parse_weight_key(k))}  # key -> (kind, site, observable)
+    rows = [(step, *parsed[key], value) for key, hist in tracking.metric_histories(run.info.run_id, list(parsed)).items() for step, value in hist]
     return pd.DataFrame(rows, columns=["epoch", "kind", "site", "observable", "value"])

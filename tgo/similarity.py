@@ -80,8 +80,8 @@ def linear_cka(x: np.ndarray, y: np.ndarray, debiased: bool = True) -> float:
             raise ValueError("the debiased CKA needs at least 4 images.")
         xy, xx, yy = _hsic_unbiased(x, y), _hsic_unbiased(x, x), _hsic_unbiased(y, y)
     else:
-        xy = np.linalg.norm(y.T @ x) ** 2  # ||Y_c^T X_c||_F^2
-        xx, yy = np.linalg.norm(x.T @ x) ** 2, np.linalg.norm(y.T @ y) ** 2
+        xy = float(np.linalg.norm(y.T @ x) ** 2)  # ||Y_c^T X_c||_F^2
+        xx, yy = float(np.linalg.norm(x.T @ x) ** 2), float(np.linalg.norm(y.T @ y) ** 2)
     if xx <= 0 or yy <= 0:
         return float("nan")
     return float(xy / np.sqrt(xx * yy))
@@ -98,7 +98,7 @@ class Representation:
     keep: float = 0.99
 
     @classmethod
-    def of(cls, x: np.ndarray, keep: float = 0.99) -> "Representation":
+    def of(cls, x: np.ndarray, keep: float = 0.99) -> Representation:
         xc = _centred(np.asarray(x, dtype=np.float64))
         if xc.ndim != 2:
             raise ValueError(f"features must be an (N, D) array; got shape {xc.shape}.")

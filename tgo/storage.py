@@ -25,15 +25,15 @@ import re
 import socket
 import time
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from tgo.errors import StorageError, mask_url, url_password
-from tgo.liveness import grace_period, heartbeat_interval, process_alive, worker_id
 from tgo.keys import TrialAttr
+from tgo.liveness import grace_period, heartbeat_interval, process_alive, worker_id
 
 MAX_RETRY = 3
 SCHEMA_ATTEMPTS = 5  # opening a fresh RDB storage that other workers are creating at the same moment

@@ -42,6 +42,7 @@ def judge(kept: dict[int, representations.KeptEpoch], spectra: dict[int, ProbeRe
         else:
             tables["site_similarity"], tables["epoch_similarity"] = representations.similarity_tables(kept)
             tables["intrinsic_dim"], id_jack = representations.intrinsic_dimension(kept, jackknife_at=at)
+        assert id_jack is not None  # intrinsic_dimension jackknifes wherever jackknife_at is given
         spec = representations.specialisation(kept)
         tables["specialisation"] = pd.DataFrame({"site": spec.places, "cka_first_last": spec.values, "se": spec.se})
         found = [findings.finding6(spec.places, spec.values, spec.replicates, epochs=spec.epochs),
@@ -58,7 +59,7 @@ def judge(kept: dict[int, representations.KeptEpoch], spectra: dict[int, ProbeRe
     if blocks and len(epochs) >= 2:
         deepest, (first, last) = blocks[-1], (epochs[0], epochs[-1])
         value = {e: spectra[e].tokens[deepest] for e in (first, last)}
-        reps = tuple(spectra[e].token_replicates.get(deepest) for e in (first, last))
+        reps = (spectra[first].token_replicates.get(deepest), spectra[last].token_replicates.get(deepest))
         found.append(findings.finding8(deepest, (int(first), int(last)), (value[first], value[last]), reps))
     else:
         found.append(Finding(8, findings.FINDING8, "inconclusive", "no token interaction at two epochs (a run from before tgo measured it).", "no test"))

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.stats
+from numpy.typing import ArrayLike
 
 DEFAULT_FOLDS = 5
 
@@ -68,10 +69,10 @@ def fold_ids(n_images: int, folds: int, seed: int) -> np.ndarray:
     return out
 
 
-def jackknife_se(replicates: np.ndarray, axis: int = 0) -> np.ndarray:
+def jackknife_se(replicates: ArrayLike, axis: int = 0) -> np.ndarray | np.float64:
     """Delete-one-group jackknife standard error over the K leave-one-fold-out replicates:
-    sqrt((K - 1) / K * sum_k (theta_(k) - theta_(.))^2), along `axis` (the fold axis).
-    NaN when K < 2."""
+    sqrt((K - 1) / K * sum_k (theta_(k) - theta_(.))^2), along `axis` (the fold axis): an array
+    over the other axes, a numpy scalar for 1-d replicates. NaN when K < 2."""
     reps = np.asarray(replicates, dtype=np.float64)
     k = reps.shape[axis]
     if k < 2:
@@ -80,7 +81,7 @@ def jackknife_se(replicates: np.ndarray, axis: int = 0) -> np.ndarray:
     return np.sqrt((k - 1) / k * np.sum(dev**2, axis=axis))
 
 
-def paired_se(replicates_a: np.ndarray, replicates_b: np.ndarray, axis: int = 0) -> np.ndarray:
+def paired_se(replicates_a: ArrayLike, replicates_b: ArrayLike, axis: int = 0) -> np.ndarray | np.float64:
     """Standard error of theta_b - theta_a when both were measured on the same images (the same
     folds): the jackknife of the replicate differences theta_b,(k) - theta_a,(k)."""
     return jackknife_se(np.asarray(replicates_b, float) - np.asarray(replicates_a, float), axis=axis)
@@ -91,13 +92,13 @@ def t_quantile(folds: int, level: float = 0.95) -> float:
     return float(scipy.stats.t.ppf(0.5 + level / 2, max(int(folds) - 1, 1)))
 
 
-def interval(estimate: np.ndarray, se: np.ndarray, folds: int, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+def interval(estimate: ArrayLike, se: ArrayLike, folds: int, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
     """The `level` interval estimate +- t_{K-1} se."""
     half = t_quantile(folds, level) * np.asarray(se, float)
     return np.asarray(estimate, float) - half, np.asarray(estimate, float) + half
 
 
-def half_width(se: np.ndarray, folds: float | np.ndarray, level: float = 0.95) -> np.ndarray:
+def half_width(se: ArrayLike, folds: ArrayLike, level: float = 0.95) -> np.ndarray:
     """Half-width t_{K-1} se of each estimate's `level` interval, with K (`folds`) one count for all
     or one per estimate (tables mix runs and sites probed with different K). NaN where K is
     unknown (NaN) or below 2: without a jackknife there is no interval, however se reads."""
@@ -110,7 +111,7 @@ def half_width(se: np.ndarray, folds: float | np.ndarray, level: float = 0.95) -
     return quantile * se
 
 
-def t_test(difference: np.ndarray, se: np.ndarray, folds: int) -> np.ndarray:
+def t_test(difference: ArrayLike, se: ArrayLike, folds: int) -> np.ndarray:
     """Two-sided p-value of difference / se against Student's t with folds - 1 degrees of freedom
     (H0: no difference). A zero se gives p = 1 for a zero difference and 0 otherwise."""
     d, s = np.asarray(difference, float), np.asarray(se, float)

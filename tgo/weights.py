@@ -105,7 +105,8 @@ class WeightSpectra:
         return {metric_key(name, o): value for name, obs in self.observables.items() for o, value in obs.items() if np.isfinite(value)}
 
     def save(self, path) -> None:
-        np.savez_compressed(path, **{name.replace("/", "__"): s for name, s in self.singular_values.items()})
+        # allow_pickle: numpy's default, named so that no array's key is taken for it
+        np.savez_compressed(path, allow_pickle=True, **{name.replace("/", "__"): s for name, s in self.singular_values.items()})
 
 
 def weight_spectra(model: torch.nn.Module) -> WeightSpectra:
