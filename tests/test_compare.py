@@ -1,11 +1,7 @@
 """Comparing two runs: the statistics against independent computations, their false-positive rate on
 noise and power on a clear difference, and `tgo compare` / `mlflow run -e compare` on tiny runs."""
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -16,6 +12,7 @@ import scipy.stats
 import yaml
 from mlflow.tracking import MlflowClient
 
+from helpers import ROOT, mlflow_run, tracking_store
 from tgo import cli, uncertainty
 from tgo.compare import TESTED, adjust, cross_cka, differing_at, hedges_g, matched_epochs, run_differences, seed_differences
 from tgo.findings import ALPHA, benjamini_hochberg
@@ -23,7 +20,6 @@ from tgo.probe import FeatureRows
 from tgo.representations import KeptEpoch
 from tgo.spectral import OBSERVABLE_NAMES
 
-ROOT = Path(__file__).resolve().parents[1]
 SITES = [("block_00", "cls"), ("block_01", "cls"), ("final", "cls"), ("final", "mean")]
 K, N = 5, 40
 
@@ -231,20 +227,12 @@ def test_mlproject_compare_parameters_reach_tgo_compare_and_repeat_its_help():
 def two_runs(tmp_path_factory):
     """Two smoke runs (seeds 0 and 1, one epoch, features kept at both epochs) in a store of their own."""
     folder = tmp_path_factory.mktemp("compare")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    from tgo.train import run
+    with tracking_store(f"sqlite:///{folder / 'mlflow.db'}") as uri:
+        from tgo.train import run
 
-    a = run(preset="smoke", epochs=1, feature_epochs="all", seed=0, experiment="compare").run_id
-    b = run(preset="smoke", epochs=1, feature_epochs="all", seed=1, lr=0.01, experiment="compare").run_id
-    yield a, b, folder, uri
-    mlflow.set_tracking_uri(None)
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
+        a = run(preset="smoke", epochs=1, feature_epochs="all", seed=0, experiment="compare").run_id
+        b = run(preset="smoke", epochs=1, feature_epochs="all", seed=1, lr=0.01, experiment="compare").run_id
+        yield a, b, folder, uri
 
 
 def _all_runs() -> list:
@@ -348,12 +336,8 @@ def test_bad_input_is_explained_exits_2_and_creates_no_run(two_runs, capsys):
 
 
 def test_mlflow_run_compare_logs_into_its_launcher_run(two_runs, tmp_path):
-    from tests.conftest import subprocess_env
-
     a, b, _, uri = two_runs
-    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "compare", "--env-manager", "local", "--experiment-name", "launched",
-           "-P", f"run_a={a}", "-P", f"run_b={b}", "-P", "figure_format=svg"]
-    proc = subprocess.run(cmd, env=subprocess_env(uri), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = mlflow_run("compare", "launched", uri, tmp_path, f"run_a={a}", f"run_b={b}", "figure_format=svg", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (launcher,) = mlflow.search_runs(experiment_names=["launched"], output_format="list")
     assert launcher.data.tags["tgo.kind"] == "comparison" and launcher.data.params == {"run_a": a, "run_b": b, "figure_format": "svg"}

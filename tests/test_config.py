@@ -3,15 +3,13 @@
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
+from helpers import ROOT
 from tgo import cli
 from tgo.config import FIELD_TYPES, PRESETS, ConfigError, TrainConfig, resolve
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_presets_resolve_and_tgo1_is_the_deit_recipe():

@@ -13,7 +13,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, interrupted_and_resumed, subprocess_env
+from helpers import ROOT, interrupted_and_resumed, mlflow_run, subprocess_env
 from tgo.config import resolve
 from tgo.train import run
 
@@ -48,9 +48,7 @@ def test_training_and_probe_data_are_mlflow_datasets(store):
 
 def test_a_resumed_runs_launcher_run_says_which_run_it_resumed(store, tmp_path):
     first = run(preset="smoke", epochs=1, probe_every=0, experiment="resumed")
-    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "train", "--env-manager", "local", "--experiment-name", "resumed",
-           "-P", f"resume={first.run_id}", "-P", "epochs=2"]
-    proc = subprocess.run(cmd, env=subprocess_env(store), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = mlflow_run("train", "resumed", store, tmp_path, f"resume={first.run_id}", "epochs=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = mlflow.search_runs(experiment_names=["resumed"], output_format="list")
     (launcher,) = [r for r in runs if r.info.run_id != first.run_id]

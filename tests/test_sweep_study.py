@@ -15,7 +15,7 @@ import scipy.stats
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from tests.conftest import subprocess_env
+from helpers import mlflow_run, subprocess_env
 from tgo.config import ConfigError
 from tgo.storage import StorageError, open_storage
 from tgo.study import study
@@ -245,14 +245,10 @@ def test_bad_sweep_input(store, capsys):
 def test_under_mlflow_run_the_launcher_run_is_the_parent_of_one_child_per_seed_or_trial(store, tmp_path, entry):
     # `mlflow run` opens a run and sets MLFLOW_RUN_ID before tgo starts: that run must become the
     # parent, and each seed or trial a child of its own (the fluent start_run used to consume it).
-    from tests.conftest import ROOT
-
     space = tmp_path / "space.yaml"
     space.write_text("lr: {type: float, low: 1.0e-3, high: 3.0e-3}\n")
-    params = {"sweep": ["-P", "seeds=0,1"], "study": ["-P", "n_trials=2", "-P", f"search_space={space}", "-P", "pruner=none"]}[entry]
-    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", entry, "--env-manager", "local", "--experiment-name", "launched",
-           *params, "-P", f"storage=journal:{tmp_path / 'launch.journal'}", "-P", "preset=smoke", "-P", "epochs=1"]
-    proc = subprocess.run(cmd, env=subprocess_env(store), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    params = {"sweep": ["seeds=0,1"], "study": ["n_trials=2", f"search_space={space}", "pruner=none"]}[entry]
+    proc = mlflow_run(entry, "launched", store, tmp_path, *params, f"storage=journal:{tmp_path / 'launch.journal'}", "preset=smoke", "epochs=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = mlflow.search_runs(experiment_names=["launched"], output_format="list")
     assert len(runs) == 3, [(r.info.run_name, r.data.tags.get("tgo.kind")) for r in runs]

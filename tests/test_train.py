@@ -14,7 +14,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, subprocess_env
+from helpers import ROOT, image_tree, mlflow_run, subprocess_env
 from tgo import cli
 from tgo.probe import ProbeResult, probe
 from tgo.spectral import OBSERVABLE_NAMES
@@ -47,9 +47,7 @@ def _geom_keys(depth: int) -> set[str]:
 
 def test_mlflow_run_end_to_end(store, tmp_path):
     """`mlflow run . -e train` on the smoke preset, read back through the tracking API only."""
-    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "train", "--env-manager", "local",
-           "--experiment-name", "e2e", "-P", "preset=smoke", "-P", "epochs=2", "-P", "checkpoint_epochs=0,1,last"]
-    proc = subprocess.run(cmd, env=subprocess_env(store), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = mlflow_run("train", "e2e", store, tmp_path, "preset=smoke", "epochs=2", "checkpoint_epochs=0,1,last")
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = mlflow.search_runs(experiment_names=["e2e"], output_format="list")
     assert len(runs) == 1
@@ -333,19 +331,8 @@ def test_unreachable_tracking_server_is_a_clear_error(monkeypatch, tmp_path, cap
     assert code == 2 and "cannot reach the MLflow tracking server at http://127.0.0.1:9" in err
 
 
-def _image_tree(root: Path, classes=("a", "b"), per_class=4, size=16):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in classes:
-            (root / split / c).mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
-
-
 def test_unreadable_image_is_named(store, tmp_path, capsys, workers="2"):
-    _image_tree(tmp_path / "tree")
+    image_tree(tmp_path / "tree")
     bad = tmp_path / "tree" / "val" / "b" / "broken.png"
     bad.write_bytes(b"not an image")
     code, err = _cli(capsys, "--preset", "smoke", "--dataset", "imagefolder", "--data_dir", str(tmp_path / "tree"), "--probe_size", "9",
@@ -366,7 +353,7 @@ def test_wrong_layout_is_explained(store, tmp_path, capsys):
 def test_imagefolder_trains(store, tmp_path):
     from tgo.train import run
 
-    _image_tree(tmp_path / "tree", classes=("a", "b", "c"), per_class=6)
+    image_tree(tmp_path / "tree", classes=("a", "b", "c"), per_class=6)
     result = run(preset="smoke", dataset="imagefolder", data_dir=str(tmp_path / "tree"), num_classes=0, epochs=1, probe_size=12, batch_size=6)
     assert result.config.dataset == "imagefolder"
     assert MlflowClient().get_run(result.run_id).data.tags["tgo.num_classes"] == "3"
@@ -389,7 +376,7 @@ def test_imagenet100_builder_reports_missing_classes_and_training_says_so(store,
 
     classes = imagenet100_classes()
     src = tmp_path / "in1k"
-    _image_tree(src, classes=classes[:-2] + ["n99999999"], per_class=1, size=8)
+    image_tree(src, classes=classes[:-2] + ["n99999999"], per_class=1, size=8)
     code = cli.main(["data", "imagenet100", "--src", str(src), "--dst", str(tmp_path / "in100")])
     out = capsys.readouterr().out
     assert code == 1 and "INCOMPLETE" in out and classes[-1] in out and classes[-2] in out

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import tiny_vit
+from helpers import tiny_vit
 from tgo.weights import matrices, matrix_name, matrix_observables, weight_spectra
 
 
