@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 pytest.register_assert_rewrite("helpers")
-from helpers import MLFLOW_ENV, free_port, sqlite_store, tiny_vit  # noqa: E402
+from helpers import MLFLOW_ENV, free_port, sqlite_store, tiny_vit, tracking_store  # noqa: E402
 
 if _WORKERS > 1:
     torch.set_num_threads(int(_THREADS))
@@ -109,3 +109,37 @@ def store(tmp_path, monkeypatch):
     yield uri
     mlflow.set_tracking_uri(None)
 
+
+# One smoke run that several files read instead of each training its own (test_train, test_ecosystem
+# and test_weights through `smoke_run`, test_compare as the first of its two runs): trained once per
+# pytest-xdist worker, by the first test that asks for it, in a store of its own.
+SMOKE_RUN = dict(preset="smoke", epochs=1, seed=0, feature_epochs="all", weight_spectra=True, experiment="smoke")
+
+
+@pytest.fixture(scope="session")
+def trained_smoke_run(tmp_path_factory):
+    """A finished smoke run (SMOKE_RUN: one epoch, seed 0): spectra, kept features and weights
+    (checkpoints/weights_epoch_*.pt) and weight spectra at epochs 0 and 1, in a sqlite store of its
+    own: SimpleNamespace(result (its TrainResult), uri, folder). Tests read it through `smoke_run`;
+    what they write beside it (tags, runs of their own) must not change what the others read."""
+    from types import SimpleNamespace
+
+    from tgo.train import run
+
+    folder = tmp_path_factory.mktemp("smoke_run")
+    uri = sqlite_store(folder)
+    with tracking_store(uri, cwd=folder):
+        result = run(**SMOKE_RUN)
+    return SimpleNamespace(result=result, uri=uri, folder=folder)
+
+
+@pytest.fixture
+def smoke_run(trained_smoke_run, tmp_path, monkeypatch):
+    """trained_smoke_run, its store the tracking store of the test and tmp_path the working directory."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained_smoke_run.uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(trained_smoke_run.uri)
+    yield trained_smoke_run
+    mlflow.set_tracking_uri(None)

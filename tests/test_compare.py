@@ -224,13 +224,15 @@ def test_mlproject_compare_parameters_reach_tgo_compare_and_repeat_its_help():
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    """Two smoke runs (seeds 0 and 1, one epoch, features kept at both epochs) in a store of their own."""
+def two_runs(trained_smoke_run, tmp_path_factory):
+    """Two smoke runs (seeds 0 and 1, one epoch, features kept at both epochs): the shared smoke run
+    (conftest.SMOKE_RUN, which also has weight spectra) and a second one trained here in its store."""
     folder = tmp_path_factory.mktemp("compare")
-    with tracking_store(f"sqlite:///{folder / 'mlflow.db'}") as uri:
+    uri = trained_smoke_run.uri
+    with tracking_store(uri):
         from tgo.train import run
 
-        a = run(preset="smoke", epochs=1, feature_epochs="all", seed=0, experiment="compare").run_id
+        a = trained_smoke_run.result.run_id  # run(preset="smoke", epochs=1, feature_epochs="all", seed=0, ...)
         b = run(preset="smoke", epochs=1, feature_epochs="all", seed=1, lr=0.01, experiment="compare").run_id
         yield a, b, folder, uri
 

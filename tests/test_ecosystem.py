@@ -34,8 +34,8 @@ def test_runs_land_in_mlflows_experiment_with_names_that_tell_them_apart(store, 
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
-def test_training_and_probe_data_are_mlflow_datasets(store):
-    result = run(preset="smoke", epochs=1)
+def test_training_and_probe_data_are_mlflow_datasets(smoke_run):
+    result = smoke_run.result  # run(preset="smoke", epochs=1, ...)
     inputs = MlflowClient().get_run(result.run_id).inputs.dataset_inputs
     by_context = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in inputs}
     assert set(by_context) == {"training", "probe"}

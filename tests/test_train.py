@@ -87,10 +87,8 @@ def test_mlflow_run_end_to_end(store, tmp_path):
     assert config["epochs"] == 2 and config["preset"] == "smoke"
 
 
-def test_python_call_returns_run_id_and_metrics(store):
-    from tgo.train import run
-
-    result = run(preset="smoke", epochs=1, probe_every=1, experiment="py")
+def test_python_call_returns_run_id_and_metrics(smoke_run):
+    result = smoke_run.result  # run(preset="smoke", epochs=1, probe_every=1, ...)
     assert result.epoch == 1 and sorted(result.history) == [0, 1]
     run_obj = MlflowClient().get_run(result.run_id)
     assert run_obj.info.status == "FINISHED"
