@@ -15,6 +15,7 @@ from tgo.analysis import AnalysisError, analyze
 from tgo.spectral import OBSERVABLE_NAMES
 from tgo.tracking import TrackingError
 
+pytestmark = pytest.mark.slow  # every test trains a run or reads the one trained here
 EPOCHS = 3
 
 

@@ -242,6 +242,7 @@ def _all_runs() -> list:
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
+@pytest.mark.slow
 def test_tgo_compare_logs_a_comparison_run_that_links_both(two_runs, capsys):
     a, b, folder, _ = two_runs
     assert cli.main(["compare", a, b, "--output_dir", str(folder / "ab")]) == 0
@@ -292,6 +293,7 @@ def test_tgo_compare_logs_a_comparison_run_that_links_both(two_runs, capsys):
     assert dims.loc[("final", "mean"), "se"] == pytest.approx(uncertainty.jackknife_se(np.subtract(reps[1], reps[0])), rel=1e-9)
 
 
+@pytest.mark.slow
 def test_a_run_compared_with_itself_differs_nowhere_and_has_cka_1_at_every_site(two_runs):
     from tgo.compare import compare
 
@@ -303,6 +305,7 @@ def test_a_run_compared_with_itself_differs_nowhere_and_has_cka_1_at_every_site(
     assert np.allclose(result.cka.cka, 1.0) and result.figures == [] and result.comparison_run_id == ""
 
 
+@pytest.mark.slow
 def test_sweep_parents_are_compared_across_their_seed_runs(two_runs):
     from tgo import tracking
     from tgo.compare import compare
@@ -320,6 +323,7 @@ def test_sweep_parents_are_compared_across_their_seed_runs(two_runs):
     tracking.finish(parent_a), tracking.finish(parent_b)
 
 
+@pytest.mark.slow
 def test_bad_input_is_explained_exits_2_and_creates_no_run(two_runs, capsys):
     from tgo import tracking
 
@@ -337,6 +341,7 @@ def test_bad_input_is_explained_exits_2_and_creates_no_run(two_runs, capsys):
     assert "tgo.comparison_run" not in MlflowClient().get_run(empty).data.tags
 
 
+@pytest.mark.slow
 def test_mlflow_run_compare_logs_into_its_launcher_run(two_runs, tmp_path):
     a, b, _, uri = two_runs
     proc = mlflow_run("compare", "launched", uri, tmp_path, f"run_a={a}", f"run_b={b}", "figure_format=svg", timeout=300)

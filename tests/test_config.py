@@ -121,6 +121,7 @@ def test_a_value_given_to_mlflow_reaches_the_config(monkeypatch):
     assert (cfg.preset, cfg.epochs, cfg.lr, cfg.probe_size, cfg.device) == ("smoke", 3, 0.002, 16, "cpu")
 
 
+@pytest.mark.slow
 def test_cli_help_lists_every_option():
     out = subprocess.run([sys.executable, "-m", "tgo", "train", "--help"], capture_output=True, text=True, cwd=ROOT).stdout
     for name in FIELD_TYPES:

@@ -53,17 +53,20 @@ def _execute(name: str, folder: Path, **parameters):
     return text, images
 
 
+@pytest.mark.slow
 def test_quickstart(small_store):
     text, images = _execute("01_quickstart.ipynb", small_store["folder"], tracking_uri=small_store["uri"], run_id=small_store["runs"][0])
     assert small_store["runs"][0] in text and "effective_rank" in text and images >= 1
 
 
+@pytest.mark.slow
 def test_compare_runs(small_store):
     text, images = _execute("02_compare_runs.ipynb", small_store["folder"], tracking_uri=small_store["uri"],
                             filter_string="tags.`tgo.kind` = 'train' and params.`config.preset` = 'smoke'")
     assert "smoke-0" in text and "smoke-1" in text and images >= 1
 
 
+@pytest.mark.slow
 def test_sweeps_and_studies(small_store):
     text, images = _execute("03_sweeps_and_studies.ipynb", small_store["folder"], tracking_uri=small_store["uri"],
                             sweep_run_id=small_store["sweep"], study_run_id=small_store["study"])

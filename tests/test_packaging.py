@@ -4,6 +4,7 @@ import re
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 from helpers import ROOT
@@ -57,6 +58,7 @@ def test_only_tracking_imports_mlflow():
     assert importers == {"tracking.py"}
 
 
+@pytest.mark.slow
 def test_a_built_wheel_installs_and_runs_a_study_with_its_default_search_space(tmp_path):
     """A regular (non-editable) install has no checkout beside it: the default search space and the
     class list ship inside the package, the version is the package's, and `tgo` is on PATH."""

@@ -23,6 +23,8 @@ from tgo import tracking
 from tgo.probe import ProbeResult
 from tgo.storage import open_storage
 
+pytestmark = pytest.mark.slow  # servers, PostgreSQL and workers in processes of their own
+
 
 class Server:
     """`mlflow server` with a PostgreSQL backend store and proxied artifacts, on a free loopback port."""

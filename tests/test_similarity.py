@@ -119,6 +119,7 @@ def test_bad_shapes_are_refused():
     assert np.isnan(linear_cka(np.ones((8, 3)), np.random.default_rng(0).normal(size=(8, 3))))
 
 
+@pytest.mark.slow
 def test_a_training_run_keeps_features_and_logs_similarity_and_intrinsic_dimension(store, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -150,6 +151,7 @@ def test_a_training_run_keeps_features_and_logs_similarity_and_intrinsic_dimensi
         spectra[("final", "mean")].observables["effective_rank"], rel=1e-2)  # float16 storage
 
 
+@pytest.mark.slow
 def test_a_resumed_run_compares_with_the_features_kept_before_it_stopped(store):
     """cka_previous at the first kept epoch after a resume uses the features the run kept before it
     stopped (read back from its artifacts), as an uninterrupted run does."""

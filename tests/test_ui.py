@@ -16,6 +16,7 @@ from PIL import Image
 
 from helpers import free_port, sqlite_store, tracking_store, wait_for_server
 
+pytestmark = pytest.mark.slow  # a training run, an mlflow server and headless Chromium
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

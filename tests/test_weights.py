@@ -54,6 +54,7 @@ def test_against_weightwatcher_on_the_same_model():
                for k in [f"weights/{name.split('/')[1]}/{name.split('/')[0]}/{o}"])
 
 
+@pytest.mark.slow
 def test_a_training_run_logs_weight_spectra_and_token_interaction(smoke_run, tmp_path):
     import mlflow
     from mlflow.tracking import MlflowClient
