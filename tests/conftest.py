@@ -9,26 +9,16 @@ if _WORKERS > 1:
     for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[_name] = _THREADS
 
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+pytest.register_assert_rewrite("helpers")
+from helpers import MLFLOW_ENV, free_port, sqlite_store, tiny_vit, tracking_store  # noqa: E402
 
 if _WORKERS > 1:
     torch.set_num_threads(int(_THREADS))
 
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
-
-
-def tiny_vit(seed: int = 0, **kwargs):
-    """A 2-block ViT (32 px, 8 px patches -> 16 patch tokens, width 32) built through timm."""
-    import timm
-
-    torch.manual_seed(seed)
-    options = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
-    options.update(kwargs)
-    return timm.models.vision_transformer.VisionTransformer(**options)
 
 
 @pytest.fixture
@@ -40,22 +30,6 @@ def vit():
 def images():
     g = torch.Generator().manual_seed(1)
     return torch.randn(40, 3, 32, 32, generator=g)
-
-
-MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def subprocess_env(uri: str, **extra: str) -> dict[str, str]:
-    """The environment of a process a test starts (mlflow run, tgo, torchrun): tracking store `uri`,
-    this checkout importable, this environment's tools first on PATH (as in an activated virtual
-    environment: `python` in MLproject commands is this interpreter), no MLflow run or experiment
-    inherited from the caller, and `extra` variables."""
-    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(ROOT), PATH=path, **extra)
-    for key in MLFLOW_ENV[1:]:
-        env.pop(key, None)
-    return env
 
 
 @pytest.fixture(autouse=True)
@@ -99,11 +73,7 @@ def postgres_url():
     as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     if as_pg:
         os.chown(data, __import__("pwd").getpwnam("postgres").pw_uid, -1)
-    import socket
-
-    with socket.socket() as sock:  # a free port: pytest-xdist workers each start their own
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
+    port = str(free_port())  # pytest-xdist workers each start their own
     subprocess.run([*as_pg, f"{pg}/initdb", "-D", str(data), "-A", "trust", "-U", "postgres"], check=True, capture_output=True)
     subprocess.run([*as_pg, f"{pg}/pg_ctl", "-D", str(data), "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1",
                     "-l", str(data / "log"), "-w", "start"], check=True, capture_output=True)
@@ -131,32 +101,45 @@ def store(tmp_path, monkeypatch):
     """A fresh sqlite tracking store in tmp_path, which is also the working directory (schema created
     once, before any subprocess uses it: several processes on a fresh sqlite file race on it)."""
     import mlflow
-    from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(uri)
-    MlflowClient(uri).search_experiments()
     yield uri
     mlflow.set_tracking_uri(None)
 
 
-def interrupted_and_resumed(**settings):
-    """Train with `settings` (an `experiment` of its own) once whole, and once stopped after epoch 1
-    (an epoch callback raising StopTraining) then resumed: (whole, resumed) TrainResults."""
+# One smoke run that several files read instead of each training its own (test_train, test_ecosystem
+# and test_weights through `smoke_run`, test_compare as the first of its two runs): trained once per
+# pytest-xdist worker, by the first test that asks for it, in a store of its own.
+SMOKE_RUN = dict(preset="smoke", epochs=1, seed=0, feature_epochs="all", weight_spectra=True, experiment="smoke")
+
+
+@pytest.fixture(scope="session")
+def trained_smoke_run(tmp_path_factory):
+    """A finished smoke run (SMOKE_RUN: one epoch, seed 0): spectra, kept features and weights
+    (checkpoints/weights_epoch_*.pt) and weight spectra at epochs 0 and 1, in a sqlite store of its
+    own: SimpleNamespace(result (its TrainResult), uri, folder). Tests read it through `smoke_run`;
+    what they write beside it (tags, runs of their own) must not change what the others read."""
+    from types import SimpleNamespace
+
+    from tgo.train import run
+
+    folder = tmp_path_factory.mktemp("smoke_run")
+    uri = sqlite_store(folder)
+    with tracking_store(uri, cwd=folder):
+        result = run(**SMOKE_RUN)
+    return SimpleNamespace(result=result, uri=uri, folder=folder)
+
+
+@pytest.fixture
+def smoke_run(trained_smoke_run, tmp_path, monkeypatch):
+    """trained_smoke_run, its store the tracking store of the test and tmp_path the working directory."""
     import mlflow
 
-    from tgo.train import StopTraining, run
-
-    whole = run(**settings)
-
-    def stop(epoch, _):
-        if epoch == 1:
-            raise StopTraining("interrupted for the test")
-
-    with pytest.raises(StopTraining):
-        run(**settings, epoch_callback=stop)
-    (stopped,) = [r for r in mlflow.search_runs(experiment_names=[settings["experiment"]], output_format="list")
-                  if r.info.run_id != whole.run_id]
-    return whole, run(preset=settings["preset"], resume=stopped.info.run_id)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained_smoke_run.uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(trained_smoke_run.uri)
+    yield trained_smoke_run
+    mlflow.set_tracking_uri(None)

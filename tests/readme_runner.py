@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import ROOT, subprocess_env
+from helpers import ROOT, sqlite_store, subprocess_env
 
 SKIP = {
     'pip install -e ".[dev]"': "the install line: .ci/run runs it",
@@ -68,9 +68,7 @@ def classify(command: str) -> tuple[str, str]:
 def environment(folder: Path) -> dict[str, str]:
     """A fresh sqlite tracking store in `folder` (schema created once, before any command), this
     checkout on the path, and no MLflow run inherited from the caller."""
-    env = subprocess_env(f"sqlite:///{folder / 'mlflow.db'}")
-    subprocess.run([sys.executable, "-c", "import mlflow; mlflow.MlflowClient().search_experiments()"], env=env, cwd=folder, check=True)
-    return env
+    return subprocess_env(sqlite_store(folder))
 
 
 def run_command(line: str, env: dict[str, str], folder: Path) -> subprocess.CompletedProcess:

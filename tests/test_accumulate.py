@@ -96,6 +96,7 @@ def _all_reduce_worker(rank, world, init_file, X, out_file):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_all_reduce_over_two_gloo_ranks_equals_one_process():
     X = _rows(n=301, seed=2)
     with tempfile.TemporaryDirectory() as tmp:

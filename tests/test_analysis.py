@@ -1,8 +1,6 @@
 """The analysis entry point on a tiny training run made here, and its verdicts on constructed data."""
 
 import json
-import os
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -12,12 +10,13 @@ import scipy.stats
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from helpers import image_tree, sqlite_store, tracking_store
 from tgo.analysis import AnalysisError, analyze
 from tgo.errors import ConfigError
 from tgo.spectral import OBSERVABLE_NAMES
 from tgo.tracking import TrackingError
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every test trains a run or reads the one trained here
 EPOCHS = 3
 
 
@@ -25,19 +24,11 @@ EPOCHS = 3
 def trained(tmp_path_factory):
     """One smoke training run (weights at every epoch) in a store of its own."""
     folder = tmp_path_factory.mktemp("analysis")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    from tgo.train import run
+    with tracking_store(sqlite_store(folder)) as uri:
+        from tgo.train import run
 
-    result = run(preset="smoke", epochs=EPOCHS, checkpoint_epochs="all", experiment="analysis", weight_spectra=True)
-    yield result, folder, uri
-    mlflow.set_tracking_uri(None)
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
+        result = run(preset="smoke", epochs=EPOCHS, checkpoint_epochs="all", experiment="analysis", weight_spectra=True)
+        yield result, folder, uri
 
 
 @pytest.fixture(scope="module")
@@ -226,16 +217,15 @@ def test_bad_input_is_explained_and_writes_nothing_to_the_run(trained, tmp_path)
 
 
 def test_reprobe_refuses_other_data_and_runs_without_weights(tmp_path, monkeypatch):
-    from tests.test_train import _image_tree
     from tgo.train import run
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     try:
-        _image_tree(tmp_path / "tree", classes=("a", "b"), per_class=6)
+        image_tree(tmp_path / "tree", classes=("a", "b"), per_class=6)
         trained = run(preset="smoke", dataset="imagefolder", data_dir=str(tmp_path / "tree"), num_classes=0, epochs=1, probe_size=8, batch_size=4)
-        _image_tree(tmp_path / "other", classes=("a", "b"), per_class=6, size=20)
+        image_tree(tmp_path / "other", classes=("a", "b"), per_class=6, size=20)
         with pytest.raises(AnalysisError, match="is not the data run"):
             analyze(trained.run_id, data_dir=str(tmp_path / "other"), log=False)
         bare = run(preset="smoke", epochs=1, checkpoint_epochs="none")

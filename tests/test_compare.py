@@ -1,11 +1,7 @@
 """Comparing two runs: the statistics against independent computations, their false-positive rate on
 noise and power on a clear difference, and `tgo compare` / `mlflow run -e compare` on tiny runs."""
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -16,6 +12,7 @@ import scipy.stats
 import yaml
 from mlflow.tracking import MlflowClient
 
+from helpers import ROOT, mlflow_run, tracking_store
 from tgo import cli, uncertainty
 from tgo.compare import (TESTED, adjust, cross_cka, differing_at, hedges_g, matched_epochs, run_differences, seed_differences,
                          side_summary)
@@ -24,7 +21,6 @@ from tgo.probe import FeatureRows
 from tgo.representations import KeptEpoch
 from tgo.spectral import OBSERVABLE_NAMES
 
-ROOT = Path(__file__).resolve().parents[1]
 SITES = [("block_00", "cls"), ("block_01", "cls"), ("final", "cls"), ("final", "mean")]
 K, N = 5, 40
 
@@ -248,23 +244,17 @@ def test_mlproject_compare_parameters_reach_tgo_compare_and_repeat_its_help():
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    """Two smoke runs (seeds 0 and 1, one epoch, features kept at both epochs) in a store of their own."""
+def two_runs(trained_smoke_run, tmp_path_factory):
+    """Two smoke runs (seeds 0 and 1, one epoch, features kept at both epochs): the shared smoke run
+    (conftest.SMOKE_RUN, which also has weight spectra) and a second one trained here in its store."""
     folder = tmp_path_factory.mktemp("compare")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    from tgo.train import run
+    uri = trained_smoke_run.uri
+    with tracking_store(uri):
+        from tgo.train import run
 
-    a = run(preset="smoke", epochs=1, feature_epochs="all", seed=0, experiment="compare").run_id
-    b = run(preset="smoke", epochs=1, feature_epochs="all", seed=1, lr=0.01, experiment="compare").run_id
-    yield a, b, folder, uri
-    mlflow.set_tracking_uri(None)
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
+        a = trained_smoke_run.result.run_id  # run(preset="smoke", epochs=1, feature_epochs="all", seed=0, ...)
+        b = run(preset="smoke", epochs=1, feature_epochs="all", seed=1, lr=0.01, experiment="compare").run_id
+        yield a, b, folder, uri
 
 
 def _all_runs() -> list:
@@ -272,6 +262,7 @@ def _all_runs() -> list:
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
+@pytest.mark.slow
 def test_tgo_compare_logs_a_comparison_run_that_links_both(two_runs, capsys):
     a, b, folder, _ = two_runs
     assert cli.main(["compare", a, b, "--output_dir", str(folder / "ab")]) == 0
@@ -322,6 +313,7 @@ def test_tgo_compare_logs_a_comparison_run_that_links_both(two_runs, capsys):
     assert dims.loc[("final", "mean"), "se"] == pytest.approx(uncertainty.jackknife_se(np.subtract(reps[1], reps[0])), rel=1e-9)
 
 
+@pytest.mark.slow
 def test_a_run_compared_with_itself_differs_nowhere_and_has_cka_1_at_every_site(two_runs):
     from tgo.compare import compare
 
@@ -333,6 +325,7 @@ def test_a_run_compared_with_itself_differs_nowhere_and_has_cka_1_at_every_site(
     assert np.allclose(result.cka.cka, 1.0) and result.figures == [] and result.comparison_run_id == ""
 
 
+@pytest.mark.slow
 def test_sweep_parents_are_compared_across_their_seed_runs(two_runs):
     from tgo import tracking
     from tgo.compare import compare
@@ -350,6 +343,7 @@ def test_sweep_parents_are_compared_across_their_seed_runs(two_runs):
     tracking.finish(parent_a), tracking.finish(parent_b)
 
 
+@pytest.mark.slow
 def test_bad_input_is_explained_exits_2_and_creates_no_run(two_runs, capsys):
     from tgo import tracking
 
@@ -367,13 +361,10 @@ def test_bad_input_is_explained_exits_2_and_creates_no_run(two_runs, capsys):
     assert "tgo.comparison_run" not in MlflowClient().get_run(empty).data.tags
 
 
+@pytest.mark.slow
 def test_mlflow_run_compare_logs_into_its_launcher_run(two_runs, tmp_path):
-    from tests.conftest import subprocess_env
-
     a, b, _, uri = two_runs
-    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "compare", "--env-manager", "local", "--experiment-name", "launched",
-           "-P", f"run_a={a}", "-P", f"run_b={b}", "-P", "figure_format=svg"]
-    proc = subprocess.run(cmd, env=subprocess_env(uri), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = mlflow_run("compare", "launched", uri, tmp_path, f"run_a={a}", f"run_b={b}", "figure_format=svg", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (launcher,) = mlflow.search_runs(experiment_names=["launched"], output_format="list")
     assert launcher.data.tags["tgo.kind"] == "comparison" and launcher.data.params == {"run_a": a, "run_b": b, "figure_format": "svg"}

@@ -3,15 +3,13 @@
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
+from helpers import ROOT
 from tgo import cli
 from tgo.config import FIELD_TYPES, PRESETS, ConfigError, TrainConfig, resolve
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_presets_resolve_and_tgo1_is_the_deit_recipe():
@@ -123,6 +121,7 @@ def test_a_value_given_to_mlflow_reaches_the_config(monkeypatch):
     assert (cfg.preset, cfg.epochs, cfg.lr, cfg.probe_size, cfg.device) == ("smoke", 3, 0.002, 16, "cpu")
 
 
+@pytest.mark.slow
 def test_cli_help_lists_every_option():
     out = subprocess.run([sys.executable, "-m", "tgo", "train", "--help"], capture_output=True, text=True, cwd=ROOT).stdout
     for name in FIELD_TYPES:

@@ -13,11 +13,12 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, interrupted_and_resumed, subprocess_env
+from helpers import ROOT, interrupted_and_resumed, mlflow_run, subprocess_env
 from tgo.config import resolve
 from tgo.train import run
 
 
+@pytest.mark.slow
 def test_runs_land_in_mlflows_experiment_with_names_that_tell_them_apart(store, monkeypatch):
     first = run(preset="smoke", epochs=1, probe_every=0)
     second = run(preset="smoke", epochs=1, probe_every=0)  # the same seed
@@ -34,8 +35,9 @@ def test_runs_land_in_mlflows_experiment_with_names_that_tell_them_apart(store, 
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
-def test_training_and_probe_data_are_mlflow_datasets(store):
-    result = run(preset="smoke", epochs=1)
+@pytest.mark.slow
+def test_training_and_probe_data_are_mlflow_datasets(smoke_run):
+    result = smoke_run.result  # run(preset="smoke", epochs=1, ...)
     inputs = MlflowClient().get_run(result.run_id).inputs.dataset_inputs
     by_context = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in inputs}
     assert set(by_context) == {"training", "probe"}
@@ -46,11 +48,10 @@ def test_training_and_probe_data_are_mlflow_datasets(store):
     assert source["tags"]["train_images"] == "128"
 
 
+@pytest.mark.slow
 def test_a_resumed_runs_launcher_run_says_which_run_it_resumed(store, tmp_path):
     first = run(preset="smoke", epochs=1, probe_every=0, experiment="resumed")
-    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "train", "--env-manager", "local", "--experiment-name", "resumed",
-           "-P", f"resume={first.run_id}", "-P", "epochs=2"]
-    proc = subprocess.run(cmd, env=subprocess_env(store), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = mlflow_run("train", "resumed", store, tmp_path, f"resume={first.run_id}", "epochs=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = mlflow.search_runs(experiment_names=["resumed"], output_format="list")
     (launcher,) = [r for r in runs if r.info.run_id != first.run_id]
@@ -66,6 +67,7 @@ def test_a_presets_dataset_dependent_values_yield_to_another_dataset():
     assert resolve("smoke", dataset="synthetic").num_classes == 4  # its own dataset: kept
 
 
+@pytest.mark.slow
 def test_analysis_figures_in_the_format_asked(store, tmp_path):
     from tgo.analysis import AnalysisError, analyze
 
@@ -105,6 +107,7 @@ def test_every_third_party_import_of_tgo_is_a_declared_dependency():
     assert not missing, missing
 
 
+@pytest.mark.slow
 def test_importing_tgo_changes_no_global_state():
     code = (
         "import os, matplotlib, mlflow, optuna, timm, torch  # what these do on import is theirs, not tgo's\n"
@@ -120,6 +123,7 @@ def test_importing_tgo_changes_no_global_state():
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_the_version_is_written_once():
     import tgo
 
@@ -131,6 +135,7 @@ def test_the_version_is_written_once():
     assert Path(ROOT / "tgo" / "data" / "search_space.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_deits_weight_average_and_repeated_augmentation(store):
     """tgo1 turns both on (DeiT's recipe); here on the smoke preset: the probe measures the weight
     average when asked, the kept weights are the ones it measured, and an interrupted run resumes
@@ -165,6 +170,7 @@ def test_deits_weight_average_and_repeated_augmentation(store):
     assert not all(torch.equal(kept[k], last["model"][k]) for k in kept)
 
 
+@pytest.mark.slow
 def test_two_processes_logging_the_same_dataset_at_once_both_record_it(store, tmp_path):
     """A sweep's seeds log the same training data at the same moment: MLflow's SQL store looks the
     dataset up, then inserts it, so one of two processes used to fail on its unique key."""

@@ -71,6 +71,7 @@ def test_trend_test_is_mann_kendall_with_sens_slope():
     assert np.isnan(F.trend_test(np.arange(4), np.ones(4))["kendall_tau"])
 
 
+@pytest.mark.slow
 def test_on_200_noise_histories_at_most_5_percent_of_verdicts_decide():
     rng = np.random.default_rng(0)
     decided, total = 0, 0
@@ -89,6 +90,7 @@ def test_on_200_noise_histories_at_most_5_percent_of_verdicts_decide():
     assert all(k <= 200 * (0.05 + 2 * np.sqrt(0.05 * 0.95 / 200)) for k in per_finding.values()), per_finding
 
 
+@pytest.mark.slow
 def test_noise_histories_without_standard_errors_decide_by_trend_at_most_5_percent():
     rng = np.random.default_rng(1)
     decided = total = 0

@@ -55,6 +55,7 @@ def _finding7(kept) -> str:
     return F.finding7(j.places, j.values, j.replicates, "final/cls").verdict
 
 
+@pytest.mark.slow
 def test_finding_7_decides_on_noise_at_most_5_percent_and_finds_a_rise_that_settles():
     rng = np.random.default_rng(1)
     noise = [_finding7(_id_run(rng, [6, 6, 6])) for _ in range(SIMS)]  # constant dimension

@@ -3,10 +3,10 @@
 import json
 from pathlib import Path
 
-import mlflow
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, sqlite_store, tracking_store
+
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
@@ -24,16 +24,9 @@ def test_notebooks_are_committed_without_outputs():
 @pytest.fixture(scope="module")
 def small_store(tmp_path_factory):
     """Two training runs, a two-seed sweep and a two-trial study, all on the smoke preset."""
-    import os
-
     folder = tmp_path_factory.mktemp("notebooks")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    old = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI",)}
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
+    uri = sqlite_store(folder)
+    with tracking_store(uri, cwd=folder):
         from tgo.study import study
         from tgo.sweep import sweep
         from tgo.train import run
@@ -44,11 +37,6 @@ def small_store(tmp_path_factory):
         space.write_text("lr: {type: float, low: 1.0e-4, high: 1.0e-3, log: true}\n")
         studied = study(2, preset="smoke", epochs=1, search_space=space, storage=f"journal:{folder / 'study.journal'}", experiment="nb")
         yield {"uri": uri, "runs": runs, "sweep": swept.parent_run_id, "study": studied.parent_run_id, "folder": folder}
-    finally:
-        os.chdir(cwd)
-        mlflow.set_tracking_uri(None)
-        for k, v in old.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def _execute(name: str, folder: Path, **parameters):
@@ -65,17 +53,20 @@ def _execute(name: str, folder: Path, **parameters):
     return text, images
 
 
+@pytest.mark.slow
 def test_quickstart(small_store):
     text, images = _execute("01_quickstart.ipynb", small_store["folder"], tracking_uri=small_store["uri"], run_id=small_store["runs"][0])
     assert small_store["runs"][0] in text and "effective_rank" in text and images >= 1
 
 
+@pytest.mark.slow
 def test_compare_runs(small_store):
     text, images = _execute("02_compare_runs.ipynb", small_store["folder"], tracking_uri=small_store["uri"],
                             filter_string="tags.`tgo.kind` = 'train' and params.`config.preset` = 'smoke'")
     assert "smoke-0" in text and "smoke-1" in text and images >= 1
 
 
+@pytest.mark.slow
 def test_sweeps_and_studies(small_store):
     text, images = _execute("03_sweeps_and_studies.ipynb", small_store["folder"], tracking_uri=small_store["uri"],
                             sweep_run_id=small_store["sweep"], study_run_id=small_store["study"])

@@ -4,9 +4,10 @@ import re
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 
 def _name(requirement: str) -> str:
@@ -44,6 +45,7 @@ def test_the_package_ships_the_imagenet100_class_list():
         assert classes == shared.read_text().split()
 
 
+@pytest.mark.slow
 def test_a_built_wheel_installs_and_runs_a_study_with_its_default_search_space(tmp_path):
     """A regular (non-editable) install has no checkout beside it: the default search space and the
     class list ship inside the package, the version is the package's, and `tgo` is on PATH."""

@@ -11,7 +11,7 @@ import torch
 from tgo import spectral
 from tgo.probe import ProbeResult, head_view, probe, site_names
 from tgo.probeset import ProbeSet, probe_indices
-from tests.conftest import tiny_vit
+from helpers import tiny_vit
 
 N_PATCH = 16  # 32 px images, 8 px patches
 

@@ -5,9 +5,11 @@ import subprocess
 import sys
 
 import mlflow
+import pytest
 from readme_runner import SKIP, classify, environment, readme_blocks, readme_commands, run_command
 
 
+@pytest.mark.slow
 def test_every_exact_readme_command_and_python_block_runs(tmp_path):
     commands = readme_commands()
     assert "mlflow run . --env-manager local" in commands and "pytest" in commands

@@ -2,7 +2,10 @@
 tests/readme_runner.py for the rules."""
 
 import mlflow
+import pytest
 from readme_runner import classify, environment, readme_commands, run_command
+
+pytestmark = pytest.mark.slow  # trains, sweeps and studies through the README's commands
 
 
 def test_every_smoke_readme_command_runs(tmp_path):

@@ -5,7 +5,6 @@ workers killed, a server that goes down, and everything read back through the se
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,23 +15,22 @@ import mlflow
 import numpy as np
 import optuna
 import pytest
-import requests
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from tests.conftest import subprocess_env
+from helpers import free_port, subprocess_env, wait_for_server
 from tgo import tracking
 from tgo.probe import ProbeResult
 from tgo.storage import open_storage
+
+pytestmark = pytest.mark.slow  # servers, PostgreSQL and workers in processes of their own
 
 
 class Server:
     """`mlflow server` with a PostgreSQL backend store and proxied artifacts, on a free loopback port."""
 
     def __init__(self, backend: str, artifacts: Path, log: Path) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.backend, self.artifacts, self.log = backend, artifacts, log
         self.proc: subprocess.Popen | None = None
@@ -42,16 +40,7 @@ class Server:
         cmd = [mlflow_bin, "server", "--backend-store-uri", self.backend, "--artifacts-destination", str(self.artifacts),
                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
         self.proc = subprocess.Popen(cmd, stdout=open(self.log, "a"), stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                if requests.get(self.uri + "/health", timeout=2).ok:
-                    return
-            except requests.RequestException:
-                pass
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            time.sleep(0.5)
-        raise AssertionError("mlflow server did not start: " + self.log.read_text()[-3000:])
+        wait_for_server(self.uri, self.proc, timeout=180, log=self.log)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

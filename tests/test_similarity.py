@@ -119,6 +119,7 @@ def test_bad_shapes_are_refused():
     assert np.isnan(linear_cka(np.ones((8, 3)), np.random.default_rng(0).normal(size=(8, 3))))
 
 
+@pytest.mark.slow
 def test_a_training_run_keeps_features_and_logs_similarity_and_intrinsic_dimension(store, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -150,10 +151,11 @@ def test_a_training_run_keeps_features_and_logs_similarity_and_intrinsic_dimensi
         spectra[("final", "mean")].observables["effective_rank"], rel=1e-2)  # float16 storage
 
 
+@pytest.mark.slow
 def test_a_resumed_run_compares_with_the_features_kept_before_it_stopped(store):
     """cka_previous at the first kept epoch after a resume uses the features the run kept before it
     stopped (read back from its artifacts), as an uninterrupted run does."""
-    from tests.conftest import interrupted_and_resumed
+    from helpers import interrupted_and_resumed
 
     whole, resumed = interrupted_and_resumed(preset="smoke", epochs=3, feature_epochs="all", experiment="features")
     for key in ("similarity/block_00/cka_previous", "similarity/final/cka_previous", "intrinsic_dim/block_01/mean"):

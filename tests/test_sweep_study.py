@@ -15,7 +15,7 @@ import scipy.stats
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from tests.conftest import subprocess_env
+from helpers import mlflow_run, subprocess_env
 from tgo.config import ConfigError
 from tgo.errors import StorageError
 from tgo.storage import open_storage
@@ -50,6 +50,7 @@ def test_summary_statistics_match_numpy_and_scipy():
         assert (row.ci95_low, row.ci95_high) == pytest.approx((low, high))
 
 
+@pytest.mark.slow
 def test_two_workers_on_one_journal_run_each_seed_once_and_aggregate(store, tmp_path):
     storage = f"journal:{tmp_path / 'sweep.journal'}"
     workers = [subprocess.Popen(_sweep_cmd("0,1,2", storage, "two", 1, "--figure_format", "pdf"), env=subprocess_env(store), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -105,6 +106,7 @@ def _kill_when_running(proc: subprocess.Popen, storage: str, name: str, timeout:
     proc.wait(timeout=60)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["rdb", "journal"])
 def test_a_killed_workers_seed_is_run_by_another(store, tmp_path, kind):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}" if kind == "rdb" else f"journal:{tmp_path / 'sweep.journal'}"
@@ -135,6 +137,7 @@ def test_a_killed_workers_seed_is_run_by_another(store, tmp_path, kind):
     assert len(_children(s.user_attrs["mlflow_parent_run_id"])) == 2
 
 
+@pytest.mark.slow
 def test_study_on_postgresql_runs_to_n_trials_with_children_linked(store, postgres_url, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("lr: {type: float, low: 1.0e-3, high: 3.0e-3, log: true}\nwarmup_epochs: {type: int, low: 0, high: 1}\n")
@@ -160,6 +163,7 @@ def test_study_on_postgresql_runs_to_n_trials_with_children_linked(store, postgr
     assert len(more.trials) == 4
 
 
+@pytest.mark.slow
 def test_a_bad_trial_is_pruned_and_a_failing_one_recorded(store, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("lr: {type: categorical, choices: [0.0003, 1.0e-9, 1.0e+30]}\n")
@@ -178,6 +182,7 @@ def test_a_bad_trial_is_pruned_and_a_failing_one_recorded(store, tmp_path):
     assert client.get_run(runs[3]).info.status == "FAILED"
 
 
+@pytest.mark.slow
 def test_multi_objective_study_has_a_pareto_front(store, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("lr: {type: float, low: 1.0e-3, high: 3.0e-3}\n")
@@ -242,18 +247,15 @@ def test_bad_sweep_input(store, capsys):
         sweep("0,1", preset="smoke", epochs="many")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entry", ["sweep", "study"])
 def test_under_mlflow_run_the_launcher_run_is_the_parent_of_one_child_per_seed_or_trial(store, tmp_path, entry):
     # `mlflow run` opens a run and sets MLFLOW_RUN_ID before tgo starts: that run must become the
     # parent, and each seed or trial a child of its own (the fluent start_run used to consume it).
-    from tests.conftest import ROOT
-
     space = tmp_path / "space.yaml"
     space.write_text("lr: {type: float, low: 1.0e-3, high: 3.0e-3}\n")
-    params = {"sweep": ["-P", "seeds=0,1"], "study": ["-P", "n_trials=2", "-P", f"search_space={space}", "-P", "pruner=none"]}[entry]
-    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", entry, "--env-manager", "local", "--experiment-name", "launched",
-           *params, "-P", f"storage=journal:{tmp_path / 'launch.journal'}", "-P", "preset=smoke", "-P", "epochs=1"]
-    proc = subprocess.run(cmd, env=subprocess_env(store), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    params = {"sweep": ["seeds=0,1"], "study": ["n_trials=2", f"search_space={space}", "pruner=none"]}[entry]
+    proc = mlflow_run(entry, "launched", store, tmp_path, *params, f"storage=journal:{tmp_path / 'launch.journal'}", "preset=smoke", "epochs=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = mlflow.search_runs(experiment_names=["launched"], output_format="list")
     assert len(runs) == 3, [(r.info.run_name, r.data.tags.get("tgo.kind")) for r in runs]
@@ -305,6 +307,7 @@ def test_a_storage_password_is_never_printed(store, capsys):
     assert "s3cret" not in out.err + out.out
 
 
+@pytest.mark.slow
 def test_workers_started_together_on_a_fresh_sqlite_store_all_open_it(tmp_path):
     # Each process creates the store's schema if it is missing; together they used to race on it
     # ("table already exists"). Four at once, on a store nobody has opened yet.
@@ -340,6 +343,7 @@ def test_a_study_whose_trials_all_fail_on_one_configuration_error_stops_with_it(
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.WAITING, TrialState.WAITING]  # 2 slots untouched
 
 
+@pytest.mark.slow
 def test_two_study_workers_started_together_share_one_parent_and_exactly_n_trials(store, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("lr: {type: float, low: 1.0e-3, high: 3.0e-3, log: true}\nwarmup_epochs: {type: int, low: 0, high: 1}\n")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, subprocess_env, tiny_vit
+from helpers import ROOT, image_tree, mlflow_run, subprocess_env, tiny_vit
 from tgo import cli
 from tgo.probe import ProbeResult, probe
 from tgo.spectral import OBSERVABLE_NAMES
@@ -45,11 +45,10 @@ def _geom_keys(depth: int) -> set[str]:
     }
 
 
+@pytest.mark.slow
 def test_mlflow_run_end_to_end(store, tmp_path):
     """`mlflow run . -e train` on the smoke preset, read back through the tracking API only."""
-    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "train", "--env-manager", "local",
-           "--experiment-name", "e2e", "-P", "preset=smoke", "-P", "epochs=2", "-P", "checkpoint_epochs=0,1,last"]
-    proc = subprocess.run(cmd, env=subprocess_env(store), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = mlflow_run("train", "e2e", store, tmp_path, "preset=smoke", "epochs=2", "checkpoint_epochs=0,1,last")
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = mlflow.search_runs(experiment_names=["e2e"], output_format="list")
     assert len(runs) == 1
@@ -89,10 +88,9 @@ def test_mlflow_run_end_to_end(store, tmp_path):
     assert config["epochs"] == 2 and config["preset"] == "smoke"
 
 
-def test_python_call_returns_run_id_and_metrics(store):
-    from tgo.train import run
-
-    result = run(preset="smoke", epochs=1, probe_every=1, experiment="py")
+@pytest.mark.slow
+def test_python_call_returns_run_id_and_metrics(smoke_run):
+    result = smoke_run.result  # run(preset="smoke", epochs=1, probe_every=1, ...)
     assert result.epoch == 1 and sorted(result.history) == [0, 1]
     run_obj = MlflowClient().get_run(result.run_id)
     assert run_obj.info.status == "FINISHED"
@@ -132,6 +130,7 @@ def _compare(a: dict, b: dict) -> None:
             assert b[key][step] == pytest.approx(a[key][step], rel=1e-6, abs=1e-9), (key, step)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(store, tmp_path):
     common = ["--preset", "smoke", "--epochs", "4", "--experiment", "resume"]
     proc = subprocess.run(_train_cmd(*common, "--run_name", "whole"), env=subprocess_env(store), capture_output=True, text=True, timeout=600)
@@ -160,6 +159,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(store, tmp_path):
     _compare(_history(whole), _history(run_id))
 
 
+@pytest.mark.slow
 def test_a_run_still_training_is_not_resumed_by_a_second_process(store, tmp_path, capsys):
     import socket
 
@@ -275,6 +275,7 @@ def _chattr(path: Path, flag: str) -> bool:
     return subprocess.run(["chattr", flag, str(path)], capture_output=True).returncode == 0
 
 
+@pytest.mark.slow
 def test_a_store_that_turns_read_only_ends_in_one_message_and_resume_continues(store, tmp_path):
     db = tmp_path / "mlflow.db"
     if not _chattr(db, "+i"):
@@ -302,6 +303,7 @@ def test_a_store_that_turns_read_only_ends_in_one_message_and_resume_continues(s
     assert sorted(_history(run_id)["val/loss"]) == list(range(5))  # every epoch once
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_whose_metrics_were_not_logged(store, tmp_path):
     """Killed between writing last.pt and logging the epoch: the resume logs that epoch's metrics
     from the checkpoint, so the history has every step exactly once."""
@@ -325,6 +327,7 @@ def test_resume_from_a_checkpoint_whose_metrics_were_not_logged(store, tmp_path)
     assert resumed.epoch == 2
 
 
+@pytest.mark.slow
 def test_ddp_on_two_gloo_processes_measures_what_one_process_measures(store, tmp_path):
     args = ["--preset", "smoke", "--epochs", "1", "--device", "cpu", "--experiment", "ddp", "--checkpoint_epochs", "0,last"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "entrypoints" / "train.py"), *args]
@@ -406,19 +409,8 @@ def test_unreachable_tracking_server_is_a_clear_error(monkeypatch, tmp_path, cap
     assert code == 2 and "cannot reach the MLflow tracking server at http://127.0.0.1:9" in err
 
 
-def _image_tree(root: Path, classes=("a", "b"), per_class=4, size=16):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in classes:
-            (root / split / c).mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
-
-
 def test_unreadable_image_is_named(store, tmp_path, capsys, workers="2"):
-    _image_tree(tmp_path / "tree")
+    image_tree(tmp_path / "tree")
     bad = tmp_path / "tree" / "val" / "b" / "broken.png"
     bad.write_bytes(b"not an image")
     code, err = _cli(capsys, "--preset", "smoke", "--dataset", "imagefolder", "--data_dir", str(tmp_path / "tree"), "--probe_size", "9",
@@ -436,16 +428,18 @@ def test_wrong_layout_is_explained(store, tmp_path, capsys):
     assert code == 2 and "Expected one folder per class" in err
 
 
+@pytest.mark.slow
 def test_imagefolder_trains(store, tmp_path):
     from tgo.train import run
 
-    _image_tree(tmp_path / "tree", classes=("a", "b", "c"), per_class=6)
+    image_tree(tmp_path / "tree", classes=("a", "b", "c"), per_class=6)
     result = run(preset="smoke", dataset="imagefolder", data_dir=str(tmp_path / "tree"), num_classes=0, epochs=1, probe_size=12, batch_size=6)
     assert result.config.dataset == "imagefolder"
     assert MlflowClient().get_run(result.run_id).data.tags["tgo.num_classes"] == "3"
     assert "geom/final/cls/effective_rank" in result.metrics
 
 
+@pytest.mark.slow
 def test_non_finite_loss_fails_the_run_and_keeps_the_last_checkpoint(store, tmp_path, capsys):
     code, err = _cli(capsys, "--preset", "smoke", "--lr", "1e30", "--epochs", "3", "--experiment", "nan")
     assert code == 1 and "non-finite training loss" in err and "last good checkpoint" in err
@@ -462,7 +456,7 @@ def test_imagenet100_builder_reports_missing_classes_and_training_says_so(store,
 
     classes = imagenet100_classes()
     src = tmp_path / "in1k"
-    _image_tree(src, classes=classes[:-2] + ["n99999999"], per_class=1, size=8)
+    image_tree(src, classes=classes[:-2] + ["n99999999"], per_class=1, size=8)
     code = cli.main(["data", "imagenet100", "--src", str(src), "--dst", str(tmp_path / "in100")])
     out = capsys.readouterr().out
     assert code == 1 and "INCOMPLETE" in out and classes[-1] in out and classes[-2] in out
@@ -472,6 +466,7 @@ def test_imagenet100_builder_reports_missing_classes_and_training_says_so(store,
     assert code == 2 and "is incomplete: 2 of 100 classes" in err and classes[-1] in err
 
 
+@pytest.mark.slow
 def test_inside_an_active_run_training_is_a_nested_child(store):
     from tgo.train import run
 
@@ -580,6 +575,7 @@ def test_imagenet100_links_refuse_a_dst_inside_the_source_and_handle_odd_links(t
     assert "a file stands where a folder should be" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_extending_a_finished_run_replans_its_schedule_over_the_new_length(store, tmp_path):
     # resume=<id> with more epochs: from the next epoch on the lr is that of a run planned for the
     # new length from the start (it used to stay at the old schedule's end, min_lr).

@@ -5,27 +5,22 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import free_port, sqlite_store, tracking_store, wait_for_server
+
+pytestmark = pytest.mark.slow  # a training run, an mlflow server and headless Chromium
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--no-first-run", "--virtual-time-budget=60000", "--run-all-compositor-stages-before-draw", "--window-size=1600,1100"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str) -> dict:
@@ -36,35 +31,20 @@ def _get(url: str) -> dict:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ui")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    cwd = os.getcwd()
-    os.chdir(folder)
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    try:
+    uri = sqlite_store(folder)
+    with tracking_store(uri, cwd=folder):
         from tgo.analysis import analyze
         from tgo.train import run
 
         trained = run(preset="smoke", epochs=2, experiment="ui", run_name="ui-smoke")
         analysed = analyze(trained.run_id, output_dir=folder / "analysis")
-    finally:
-        mlflow.set_tracking_uri(None)
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-        os.chdir(cwd)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
                              "--port", str(port), "--workers", "1"], cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(base + "/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
-        else:
-            pytest.fail("mlflow server did not answer /health within 120 s")
+        wait_for_server(base, proc, timeout=300)
         exp = _get(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=ui")["experiment"]["experiment_id"]
         yield {"base": base, "run_id": trained.run_id, "analysis_id": analysed.analysis_run_id, "experiment_id": exp, "folder": folder}
     finally:

@@ -76,6 +76,7 @@ def _probe_draw(X: np.ndarray, folds: np.ndarray, batch: int = 7) -> tuple[dict,
     return est, reps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["isotropic", "power law", "low rank plus noise"])
 def test_95_percent_intervals_cover_the_mean_estimate_in_90_to_99_percent_of_draws(kind):
     # The probe's regime: fewer images than dimensions (256 images, D = 384 for ViT-S/16's cls and

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import tiny_vit
+from helpers import tiny_vit
 from tgo.weights import matrices, matrix_name, matrix_observables, weight_spectra
 
 
@@ -54,14 +54,14 @@ def test_against_weightwatcher_on_the_same_model():
                for k in [f"weights/{name.split('/')[1]}/{name.split('/')[0]}/{o}"])
 
 
-def test_a_training_run_logs_weight_spectra_and_token_interaction(store, tmp_path):
+@pytest.mark.slow
+def test_a_training_run_logs_weight_spectra_and_token_interaction(smoke_run, tmp_path):
     import mlflow
     from mlflow.tracking import MlflowClient
 
     from tgo import tracking
-    from tgo.train import run
 
-    result = run(preset="smoke", epochs=1, weight_spectra=True)
+    result = smoke_run.result  # preset="smoke", epochs=1, weight_spectra=True
     client = MlflowClient()
     for key in ("weights/qkv/block_00/alpha", "weights/fc2/block_01/stable_rank", "weights/head/final/effective_rank",
                 "tokens/final/mean_cosine", "tokens/patch_embed/mean_cosine", "time/weights_s"):
