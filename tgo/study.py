@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +35,11 @@ import scipy.stats
 import yaml
 from optuna.trial import TrialState
 
-from tgo import plots, tracking, train
+from tgo import tracking, train
 from tgo.config import FIELD_TYPES, TrainConfig, from_dict, from_overrides
 from tgo.errors import ConfigError, short_error
 from tgo.keys import HEAD_VIEW, METRIC_PREFIX, Tag, TrialAttr, best_key, metric_key, parse_head, parse_metric_key
+from tgo.outputs import OutputFolder
 from tgo.spectral import OBSERVABLE_NAMES
 from tgo.storage import mark_worker, open_storage, optuna_errors_only, reclaim_dead_trials
 from tgo.workers import RESUME_REFUSED, fail_dead_run, parent_run, retried_run, trial_started
@@ -270,7 +270,8 @@ def study(
     if repeated:
         raise ConfigError(f"the study stopped: its first {repeated[0]} trials all failed with the same configuration "
                           f"error, {repeated[1]} Fix the search space or the parameters.")
-    return _summarise(s, parent, metrics, space)
+    with OutputFolder(None, prefix="tgo-study-", keep=False) as out:
+        return _summarise(s, parent, metrics, space, out)
 
 
 class PerTrialSeed(optuna.samplers.BaseSampler):
@@ -329,9 +330,9 @@ def _same_config_error(s: optuna.Study, first: int = 2) -> tuple[int, str] | Non
     return None
 
 
-def _summarise(s: optuna.Study, parent: str, metrics: list[str], space: dict) -> StudyResult:
-    """Trials table, Optuna figures and the hyperparameter x geometry correlations, into the parent."""
-    folder = Path(tempfile.mkdtemp(prefix="tgo-study-"))
+def _summarise(s: optuna.Study, parent: str, metrics: list[str], space: dict, out: OutputFolder) -> StudyResult:
+    """Trials table, Optuna figures and the hyperparameter x geometry correlations, written in
+    `out` and logged into the parent."""
     rows = []
     for t in s.get_trials(deepcopy=False):
         values = t.values if t.values is not None else [np.nan] * len(metrics)
@@ -361,10 +362,8 @@ def _summarise(s: optuna.Study, parent: str, metrics: list[str], space: dict) ->
                     corr_rows.append({"hyperparameter": name, "metric": key, "spearman_rho": rho, "p_value": p, "n": len(xs)})
     result.correlations = pd.DataFrame(corr_rows, columns=["hyperparameter", "metric", "spearman_rho", "p_value", "n"])
 
-    (folder / "tables").mkdir()
-    trials.to_csv(folder / "tables" / "trials.csv", index=False)
-    result.correlations.to_csv(folder / "tables" / "hyperparameter_geometry_spearman.csv", index=False)
-    figures = folder / "figures"
+    out.table(trials, "trials")
+    out.table(result.correlations, "hyperparameter_geometry_spearman")
     vis = optuna.visualization.matplotlib
     names = [f"{m} ({d.name.lower()})" for m, d in zip(metrics, s.directions)]
     plots_to_make = [("pareto_front", lambda: vis.plot_pareto_front(s, target_names=names))] if len(metrics) > 1 else [
@@ -378,12 +377,10 @@ def _summarise(s: optuna.Study, parent: str, metrics: list[str], space: dict) ->
                 warnings.simplefilter("ignore")
                 ax = make()
             fig = ax.figure if hasattr(ax, "figure") else np.ravel(ax)[0].figure
-            plots.save(fig, figures / f"optuna_{name}.png")
+            out.figure(fig, f"optuna_{name}")
         except (ValueError, RuntimeError, ZeroDivisionError) as err:
             result.notes.append(f"{name} figure skipped: {err}")
-    tracking.log_folder(parent, folder / "tables", "tables")
-    if figures.exists():
-        tracking.log_folder(parent, figures, "figures")
+    out.log(parent)
     tags = {Tag.OBJECTIVES: ",".join(metrics), Tag.N_TRIALS: len(trials), Tag.BEST_TRIALS: ",".join(map(str, best))}
     tracking.set_tags(parent, tags)
     if len(metrics) == 1 and complete:
