@@ -16,7 +16,7 @@
   PostgreSQL across machines; load_if_exists resumes a study; heartbeats retry dead workers'
   trials on RDB storages, and a PID check does it for journal storages.
 - The parent run (tgo.kind=study) gets Optuna's matplotlib figures (optimisation history,
-  parameter importances, intermediate values, Pareto front) and a table of Spearman's rho between
+  parameter importances, intermediate values, Pareto front, in figure_format) and a table of Spearman's rho between
   each hyperparameter and each final-epoch observable of the head view (final/cls) across the completed trials.
 """
 
@@ -27,6 +27,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import optuna
@@ -35,7 +36,7 @@ import scipy.stats
 import yaml
 from optuna.trial import TrialState
 
-from tgo import tracking, train
+from tgo import plots, tracking, train
 from tgo.config import FIELD_TYPES, TrainConfig, from_dict, from_overrides
 from tgo.errors import ConfigError, short_error
 from tgo.keys import HEAD_VIEW, METRIC_PREFIX, Tag, TrialAttr, best_key, metric_key, parse_head, parse_metric_key
@@ -161,13 +162,16 @@ def study(
     experiment: str = "",
     sampler_seed: int = 0,
     enqueue: list[dict] | None = None,
+    figure_format: Literal["png", "pdf", "svg"] = "png",
     **train_overrides,
 ) -> StudyResult:
     """Run (or join, or resume) an Optuna study of n_trials in all; this process is one worker.
 
-    enqueue: configurations to try first (Optuna's enqueue_trial), when the study is new."""
+    enqueue: configurations to try first (Optuna's enqueue_trial), when the study is new;
+    figure_format: png, pdf or svg, the parent run's figures."""
     if not isinstance(n_trials, int) or n_trials < 1:
         raise ConfigError(f"n_trials: expected an integer >= 1, got {n_trials!r}.")
+    plots.check_format(figure_format)
     if pruner not in PRUNERS:
         raise ConfigError(f"pruner: unknown pruner {pruner!r}; choose one of {', '.join(PRUNERS)}.")
     if train_overrides.get("resume") not in (None, ""):
@@ -270,7 +274,7 @@ def study(
     if repeated:
         raise ConfigError(f"the study stopped: its first {repeated[0]} trials all failed with the same configuration "
                           f"error, {repeated[1]} Fix the search space or the parameters.")
-    with OutputFolder(None, prefix="tgo-study-", keep=False) as out:
+    with OutputFolder(None, prefix="tgo-study-", figure_format=figure_format, keep=False) as out:
         return _summarise(s, parent, metrics, space, out)
 
 
