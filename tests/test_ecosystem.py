@@ -69,7 +69,8 @@ def test_a_presets_dataset_dependent_values_yield_to_another_dataset():
 
 @pytest.mark.slow
 def test_analysis_figures_in_the_format_asked(store, tmp_path):
-    from tgo.analysis import AnalysisError, analyze
+    from tgo.analysis import analyze
+    from tgo.errors import ConfigError
 
     result = run(preset="smoke", epochs=2)
     out = analyze(result.run_id, output_dir=tmp_path / "svg", figure_format="svg", log=False)
@@ -77,7 +78,7 @@ def test_analysis_figures_in_the_format_asked(store, tmp_path):
     assert "data:image/svg+xml;base64," in out.report_html.read_text()
     pdf = analyze(result.run_id, output_dir=tmp_path / "pdf", figure_format="pdf", log=False)
     assert all(p.suffix == ".pdf" and p.read_bytes().startswith(b"%PDF") for p in pdf.figures)
-    with pytest.raises(AnalysisError, match="figure_format: 'tiff' is not one of png, pdf, svg"):
+    with pytest.raises(ConfigError, match="figure_format: 'tiff' is not one of png, pdf, svg"):
         analyze(result.run_id, figure_format="tiff", log=False)
 
 

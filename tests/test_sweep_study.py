@@ -192,6 +192,25 @@ def test_multi_objective_study_has_a_pareto_front(store, tmp_path):
     assert "figures/optuna_pareto_front.png" in {a.path for a in MlflowClient().list_artifacts(result.parent_run_id, "figures")}
 
 
+def test_a_studys_figures_come_in_the_format_asked_and_its_folder_is_removed(store, tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    from tgo import cli
+
+    assert cli.main(["study", "--n_trials", "1", "--figure_format", "gif", "--preset", "smoke"]) == 2  # before any trial
+    assert "tgo: error: figure_format: 'gif' is not one of png, pdf, svg" in capsys.readouterr().err
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {type: float, low: 1.0e-3, high: 3.0e-3}\n")
+    argv = ["study", "--n_trials", "1", "--search_space", str(space), "--storage", f"journal:{tmp_path / 'fmt.journal'}",
+            "--study_name", "fmt", "--pruner", "none", "--figure_format", "svg", "--preset", "smoke", "--epochs", "1", "--experiment", "studies"]
+    assert cli.main(argv) == 0
+    (parent,) = [r for r in mlflow.search_runs(experiment_names=["studies"], output_format="list") if r.data.tags.get("tgo.kind") == "study"]
+    figures = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id, "figures")}
+    assert "figures/optuna_optimization_history.svg" in figures and all(f.endswith(".svg") for f in figures), figures
+    assert not list(tmp_path.glob("tgo-study-*"))  # the summary's folder, removed once logged
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -207,6 +226,7 @@ def test_multi_objective_study_has_a_pareto_front(store, tmp_path):
         (dict(storage="postgresql://postgres@127.0.0.1:9/none"), "cannot open the Optuna storage postgresql://postgres@127.0.0.1:9/none"),
         (dict(storage="nowhere"), "is not a storage URL"),
         (dict(resume="0123456789abcdef0123456789abcdef"), "resume: a study resumes only its own runs"),
+        (dict(figure_format="tiff"), "figure_format: 'tiff' is not one of png, pdf, svg"),
     ],
 )
 def test_bad_study_input_stops_before_any_trial(store, tmp_path, kwargs, message):

@@ -24,9 +24,7 @@ heat maps, intrinsic dimension, token and weight-alpha figures, and findings 6-8
 
 from __future__ import annotations
 
-import html
 import json
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
@@ -39,8 +37,9 @@ from tgo import findings, plots, representations, runs, tgo2, tracking
 from tgo.errors import AnalysisError
 from tgo.findings import Finding
 from tgo.keys import HEAD_VIEW, Tag, finding_key, head_name, site_order
+from tgo.outputs import OutputFolder
 from tgo.probe import ProbeResult
-from tgo.report import html_figure, markdown_table
+from tgo.report import VERDICT_COLORS, Document
 from tgo.reprobe import reprobe
 from tgo.runtime import resolve_device
 from tgo.spectral import OBSERVABLE_NAMES
@@ -69,34 +68,34 @@ class Analysis:
 # --------------------------------------------------------------------------------------------------
 
 
-def _tgo2_figures(study: tgo2.TGO2, label: str, figdir: Path, figure_format: str) -> dict[str, list[Path]]:
+def _tgo2_figures(study: tgo2.TGO2, label: str, out: OutputFolder) -> dict[str, list[Path]]:
     groups: dict[str, list[Path]] = {"Similarity between sites": [], "Similarity over training": [], "Intrinsic dimension": [],
                                      "Token interaction": [], "Weight spectra": []}
     t = study.tables
     for view in ("mean", "cls"):
         if "site_similarity" in t and (t["site_similarity"].view == view).any():
-            groups["Similarity between sites"].append(plots.save(
-                plots.similarity_heatmaps(t["site_similarity"], view, "cka", label), figdir / f"cka_sites_{view}.{figure_format}"))
+            groups["Similarity between sites"].append(out.figure(
+                plots.similarity_heatmaps(t["site_similarity"], view, "cka", label), f"cka_sites_{view}"))
         if "epoch_similarity" in t and (t["epoch_similarity"].view == view).any():
-            groups["Similarity over training"].append(plots.save(
-                plots.similarity_over_training(t["epoch_similarity"], view, label), figdir / f"cka_epochs_{view}.{figure_format}"))
+            groups["Similarity over training"].append(out.figure(
+                plots.similarity_over_training(t["epoch_similarity"], view, label), f"cka_epochs_{view}"))
     if "site_similarity" in t and (t["site_similarity"].view == "mean").any():
-        groups["Similarity between sites"].append(plots.save(
-            plots.similarity_heatmaps(t["site_similarity"], "mean", "svcca", label), figdir / f"svcca_sites_mean.{figure_format}"))
+        groups["Similarity between sites"].append(out.figure(
+            plots.similarity_heatmaps(t["site_similarity"], "mean", "svcca", label), "svcca_sites_mean"))
     if "intrinsic_dim" in t and t["intrinsic_dim"].intrinsic_dim.notna().any():
-        groups["Intrinsic dimension"].append(plots.save(plots.per_site_over_epochs(
+        groups["Intrinsic dimension"].append(out.figure(plots.per_site_over_epochs(
             t["intrinsic_dim"], "intrinsic_dim", "TwoNN intrinsic dimension", f"Intrinsic dimension over training - {label}", panel="view"),
-            figdir / f"intrinsic_dim.{figure_format}"))
+            "intrinsic_dim"))
     if len(t["tokens"]):
-        groups["Token interaction"].append(plots.save(plots.per_site_over_epochs(
+        groups["Token interaction"].append(out.figure(plots.per_site_over_epochs(
             t["tokens"], "mean_cosine", "mean cosine of distinct patch tokens", f"Token interaction over training - {label}", se="se", folds="folds"),
-            figdir / f"token_interaction.{figure_format}"))
+            "token_interaction"))
     weights = t.get("weights", pd.DataFrame(columns=["observable", "value"]))
     alpha = weights[weights.observable == "alpha"].dropna(subset=["value"])
     if len(alpha):
-        groups["Weight spectra"].append(plots.save(plots.per_site_over_epochs(
+        groups["Weight spectra"].append(out.figure(plots.per_site_over_epochs(
             alpha, "value", "WeightWatcher alpha", f"Power-law exponent of the weight spectra - {label}", panel="kind"),
-            figdir / f"weight_alpha.{figure_format}"))
+            "weight_alpha"))
     return groups
 
 
@@ -105,66 +104,33 @@ def _tgo2_figures(study: tgo2.TGO2, label: str, figdir: Path, figure_format: str
 # --------------------------------------------------------------------------------------------------
 
 
-def _report(a: Analysis, title: str, figure_groups: dict[str, list[Path]], folder: Path,
-            second_groups: dict[str, list[Path]] | None = None) -> tuple[Path, Path]:
-    verdict_color = {"supported": "#1a7f37", "contradicted": "#cf222e", "mixed": "#9a6700", "inconclusive": "#57606a"}
-    method = findings.METHOD.format(alpha=findings.ALPHA, min_trend=findings.MIN_TREND_EPOCHS)
-    head = head_name(a.head)
-    md = [f"# {title}", "", f"Source of the geometry: {a.source}.", ""]
-    md += [f"> {n}" for n in a.notes] + ([""] if a.notes else [])
-    md += ["## TGO-I findings", "", f"Findings 1-4 are judged at {head}, the view that feeds the head.", "",
-           "| # | finding | verdict | test | numbers |", "| --- | --- | --- | --- | --- |"]
+def _document(a: Analysis, title: str, figure_groups: dict[str, list[Path]], second_groups: dict[str, list[Path]]) -> Document:
+    """The analysis report: TGO-I's verdicts and their method, the everywhere counts, the most
+    significant changes and the figures; then TGO-II's verdicts, method and figures."""
+    doc = Document(title).paragraph(f"Source of the geometry: {a.source}.")
+    for note in a.notes:
+        doc.note(note)
     first, second = [f for f in a.findings if f.number <= 5], [f for f in a.findings if f.number > 5]
-    md += [f"| {f.number} | {f.claim} | **{f.verdict}** | {f.method} | {f.evidence} |" for f in first]
-    md += ["", "**Method.** " + method]
-    h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-         "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
-         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}"
-         "img{max-width:100%;border:1px solid #eee;margin:6px 0}</style></head><body>",
-         f"<h1>{html.escape(title)}</h1><p>Source of the geometry: {html.escape(a.source)}.</p>"]
-    h += [f"<p><em>{html.escape(n)}</em></p>" for n in a.notes]
-    h += [f"<h2>TGO-I findings</h2><p>Findings 1-4 are judged at {html.escape(head)}, the view that feeds the head.</p>"
-          "<table><tr><th>#</th><th>finding</th><th>verdict</th><th>test</th><th>numbers</th></tr>"]
-    h += [f"<tr><td>{f.number}</td><td>{html.escape(f.claim)}</td><td style='color:{verdict_color[f.verdict]}'><b>{f.verdict}</b></td>"
-          f"<td>{html.escape(f.method)}</td><td>{html.escape(f.evidence)}</td></tr>" for f in first]
-    h += ["</table>", f"<p><b>Method.</b> {html.escape(method)}</p>"]
+    doc.heading("TGO-I findings").paragraph(f"Findings 1-4 are judged at {head_name(a.head)}, the view that feeds the head.")
+    doc.findings(first).paragraph(findings.METHOD.format(alpha=findings.ALPHA, min_trend=findings.MIN_TREND_EPOCHS), lead="Method.")
     if len(a.everywhere):
         counts = a.everywhere.pivot_table(index="finding", columns="verdict", values="site", aggfunc="count", fill_value=0)
-        counts = counts.reindex(columns=list(verdict_color), fill_value=0).reset_index()
-        md += ["", "## Everywhere: site/views per verdict (Benjamini-Hochberg)", "",
-               markdown_table(counts)]
-        h += ["<h2>Everywhere: site/views per verdict (Benjamini-Hochberg)</h2>", counts.to_html(index=False),
-              "<p>Per site/view: tables/everywhere.csv.</p>"]
+        counts = counts.reindex(columns=list(VERDICT_COLORS), fill_value=0).reset_index()
+        doc.heading("Everywhere: site/views per verdict (Benjamini-Hochberg)").table(counts)
+        doc.paragraph("Per site/view: tables/everywhere.csv.")
     columns = ["site", "view", "observable", "first", "last", "change", "change_se", "change_p", "kendall_tau", "trend_p", "p"]
-    top = a.trends.sort_values("p").head(15)[columns]
-    md += ["", "## Most significant changes", "", markdown_table(top)]
-    h += ["<h2>Most significant changes</h2>", top.to_html(index=False, float_format=lambda x: f"{x:.4g}"),
-          "<p>All tests: tables/trends.csv; all values and standard errors: tables/geometry.csv.</p>"]
-    def add_figures(groups: dict[str, list[Path]], level: str) -> None:
-        nonlocal md, h
-        for heading, paths in groups.items():
-            if paths:
-                md += ["", f"{'#' * int(level)} {heading}", ""] + [f"![{p.stem}](../figures/{p.name})" for p in paths]
-                h += [f"<h{level}>{html.escape(heading)}</h{level}>"] + [html_figure(p) for p in paths]
-
-    add_figures(figure_groups, "2")
+    doc.heading("Most significant changes").table(a.trends.sort_values("p").head(15)[columns])
+    doc.paragraph("All tests: tables/trends.csv; all values and standard errors: tables/geometry.csv.")
+    for heading, paths in figure_groups.items():
+        doc.figures(heading, paths)
     if second:
-        md += ["", "## TGO-II findings", "", "| # | finding | verdict | test | numbers |", "| --- | --- | --- | --- | --- |"]
-        md += [f"| {f.number} | {f.claim} | **{f.verdict}** | {f.method} | {f.evidence} |" for f in second]
-        md += ["", "**Method.** " + findings.METHOD_TGO2.format(alpha=findings.ALPHA, margin=findings.TOKEN_MARGIN)]
-        h += ["<h2>TGO-II findings</h2><table><tr><th>#</th><th>finding</th><th>verdict</th><th>test</th><th>numbers</th></tr>"]
-        h += [f"<tr><td>{f.number}</td><td>{html.escape(f.claim)}</td><td style='color:{verdict_color[f.verdict]}'><b>{f.verdict}</b></td>"
-              f"<td>{html.escape(f.method)}</td><td>{html.escape(f.evidence)}</td></tr>" for f in second]
-        h += ["</table>", f"<p><b>Method.</b> {html.escape(findings.METHOD_TGO2.format(alpha=findings.ALPHA, margin=findings.TOKEN_MARGIN))}</p>",
-              "<p>Tables: site_similarity.csv (CKA and SVCCA of every pair of sites at every kept epoch), epoch_similarity.csv, "
-              "intrinsic_dim.csv, specialisation.csv, tokens.csv, weights.csv.</p>"]
-        add_figures(second_groups or {}, "3")
-    h += ["</body></html>"]
-    (folder / "report").mkdir(parents=True, exist_ok=True)
-    md_path, html_path = folder / "report" / "report.md", folder / "report" / "report.html"
-    md_path.write_text("\n".join(md) + "\n")
-    html_path.write_text("\n".join(h))
-    return html_path, md_path
+        doc.heading("TGO-II findings").findings(second)
+        doc.paragraph(findings.METHOD_TGO2.format(alpha=findings.ALPHA, margin=findings.TOKEN_MARGIN), lead="Method.")
+        doc.paragraph("Tables: site_similarity.csv (CKA and SVCCA of every pair of sites at every kept epoch), epoch_similarity.csv, "
+                      "intrinsic_dim.csv, specialisation.csv, tokens.csv, weights.csv.")
+        for heading, paths in second_groups.items():
+            doc.figures(heading, paths, level=3)
+    return doc
 
 
 # --------------------------------------------------------------------------------------------------
@@ -210,15 +176,12 @@ def analyze(
         figures: draw the figures (False: tables, statistics and verdicts only, much faster).
         figure_format: png, pdf or svg (for papers: pdf or svg).
     """
-    try:
-        plots.check_format(figure_format)
-    except ValueError as err:
-        raise AnalysisError(str(err)) from None
+    plots.check_format(figure_format)
     resolve_device(device)  # checked before any work: torch would fail deep inside a re-probe
     tracking.check_tracking()
     run = tracking.get_run(run_id)
-    folder = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="tgo-analysis-"))
-    folder.mkdir(parents=True, exist_ok=True)
+    out = OutputFolder(output_dir, prefix="tgo-analysis-", figure_format=figure_format)
+    download = out.root / "download"
     notes: list[str] = []
     if run.info.status == "RUNNING":
         notes.append(f"Run {run_id} is still running: this analyses the epochs logged so far.")
@@ -231,12 +194,12 @@ def analyze(
     spectra: dict[int, ProbeResult] = {}
     covariances: dict[int, ProbeResult] = {}
     if probe_size or data_dir:
-        spectra, size = reprobe(run_id, folder / "download", probe_size, data_dir, probe_seed, device, None,
+        spectra, size = reprobe(run_id, download, probe_size, data_dir, probe_seed, device, None,
                                  keep_covariance=chosen or [HEAD_VIEW])
         covariances = spectra
         geometry, source = runs.geometry_table(spectra), f"re-probe of the saved weights on {size} validation images"
     else:
-        geometry, source, spectra = runs.read_geometry(run, folder / "download")
+        geometry, source, spectra = runs.read_geometry(run, download)
     if geometry.empty:
         raise AnalysisError(f"run {run_id} has no epochs of geometry yet.")
     all_sites = site_order(geometry.site)
@@ -253,10 +216,10 @@ def analyze(
     trends = findings.trend_table(geometry, replicates)
     wide = findings.everywhere(trends)
     result = Analysis(run_id, geometry, scalars, trends, findings.judge(geometry, replicates, head, trends=trends, wide=wide), source,
-                      notes, output_dir=folder, everywhere=wide, head=head)
+                      notes, output_dir=out.root, everywhere=wide, head=head)
 
     # TGO-II (findings 6-8): the kept features, token interaction and weight spectra
-    study = tgo2.judge(representations.read_kept(run_id, folder / "download" / "features"), spectra, runs.weight_table(run), head)
+    study = tgo2.judge(representations.read_kept(run_id, download / "features"), spectra, runs.weight_table(run), head)
     result.findings += study.findings
     result.notes += study.notes
     result.tgo2 = study.tables
@@ -265,24 +228,11 @@ def analyze(
     epochs = sorted(geometry.epoch.unique())
     if figures and not covariances and len(epochs) >= 1:
         try:
-            covariances, _ = reprobe(run_id, folder / "download", 0, "", None, device, [epochs[0], epochs[-1]], keep_covariance=chosen)
+            covariances, _ = reprobe(run_id, download, 0, "", None, device, [epochs[0], epochs[-1]], keep_covariance=chosen)
         except Exception as err:  # noqa: BLE001 - the figure is optional; say why it is missing
             notes.append(f"Covariance figures skipped: {err}")
 
-    # ---- tables ----
-    tables = folder / "tables"
-    tables.mkdir(exist_ok=True)
-    geometry.to_csv(tables / "geometry.csv", index=False)
-    trends.to_csv(tables / "trends.csv", index=False)
-    result.everywhere.to_csv(tables / "everywhere.csv", index=False)
-    pd.DataFrame([t | {"finding": f.number} for f in result.findings for t in f.tests]).to_csv(tables / "finding_tests.csv", index=False)
-    scalars.to_csv(tables / "scalars.csv", index=False)
-    for name, table in result.tgo2.items():  # the full CKA and SVCCA matrices among them (site_similarity)
-        table.to_csv(tables / f"{name}.csv", index=False)
-    try:
-        geometry.to_parquet(tables / "geometry.parquet", index=False)
-    except ImportError:
-        pass
+    _write_tables(result, out)
 
     # ---- figures (views without variance, such as pos_embed/cls, would only flatten the axes) ----
     rank = geometry[geometry.observable == "effective_rank"].groupby(["site", "view"]).value.max()
@@ -291,50 +241,76 @@ def analyze(
     if flat:
         notes.append(f"Left out of the figures (no variance at any epoch): {', '.join(flat)}.")
     label = run.info.run_name or run_id[:8]
-    figdir = folder / "figures"
+    groups = _tgo1_figures(shown, spectra, covariances, chosen, label, int(epochs[-1]), out) if figures else {}
+    second_groups = _tgo2_figures(study, label, out) if figures else {}
+    result.figures = [p for paths in (*groups.values(), *second_groups.values()) for p in paths]
+    doc = _document(result, f"Geometry of run {label} ({run_id})", groups, second_groups)
+    result.report_html, result.report_md = doc.write(out.root)
+    out.file("findings.json", json.dumps([f.__dict__ for f in result.findings], indent=2, default=float))
+
+    if log:
+        result.analysis_run_id = _log(result, run, out)
+    return result
+
+
+def _write_tables(result: Analysis, out: OutputFolder) -> None:
+    """The analysis's tables: geometry (also as Parquet, where pandas can), trends, everywhere, each
+    finding's tests, scalars and TGO-II's tables (the full CKA and SVCCA matrices among them)."""
+    out.table(result.geometry, "geometry")
+    out.table(result.trends, "trends")
+    out.table(result.everywhere, "everywhere")
+    out.table(pd.DataFrame([t | {"finding": f.number} for f in result.findings for t in f.tests]), "finding_tests")
+    out.table(result.scalars, "scalars")
+    for name, table in result.tgo2.items():
+        out.table(table, name)
+    out.parquet(result.geometry, "geometry")
+
+
+def _tgo1_figures(shown: pd.DataFrame, spectra: dict[int, ProbeResult], covariances: dict[int, ProbeResult],
+                  chosen: Sequence[tuple[str, str]], label: str, last_epoch: int, out: OutputFolder) -> dict[str, list[Path]]:
+    """TGO-I's figures, by report section: every observable over epochs and as a site x epoch heat
+    map, the chosen sites' spectra and correlation structure, and the depth profile at the last epoch.
+
+    Args:
+        shown: the geometry table, less the views without variance.
+        spectra: epoch -> the probe's result (spectra of every site and view); may be empty.
+        covariances: epoch -> a probe's result that kept the chosen sites' covariances; may be empty.
+        chosen: the (site, view) pairs of the spectra and covariance figures.
+        label: the run's name in the titles.
+        last_epoch: the epoch of the depth profile.
+        out: where the figures go.
+    """
     groups: dict[str, list[Path]] = {"Observables over training": [], "Site x epoch heat maps": [], "Eigenspectra over training": [],
                                      "Covariance structure": [], "Depth profile": []}
-    observables = [o for o in OBSERVABLE_NAMES if o in set(geometry.observable)] if figures else []
-    chosen = chosen if figures else []
+    observables = [o for o in OBSERVABLE_NAMES if o in set(shown.observable)]
     for name in tqdm(observables, desc="figures", leave=False, disable=None):
-        groups["Observables over training"].append(plots.save(plots.observable_over_epochs(shown, name, label), figdir / f"epochs_{name}.{figure_format}"))
-        groups["Site x epoch heat maps"].append(plots.save(plots.site_epoch_heatmap(shown, name, label), figdir / f"heatmap_{name}.{figure_format}"))
+        groups["Observables over training"].append(out.figure(plots.observable_over_epochs(shown, name, label), f"epochs_{name}"))
+        groups["Site x epoch heat maps"].append(out.figure(plots.site_epoch_heatmap(shown, name, label), f"heatmap_{name}"))
     for site, view in chosen:
         if spectra:
             eig = {e: r[(site, view)].eigenvalues for e, r in spectra.items() if (site, view) in r.geometry}
             sv = {e: r[(site, view)].singular_values for e, r in spectra.items() if (site, view) in r.geometry}
-            groups["Eigenspectra over training"].append(plots.save(
+            groups["Eigenspectra over training"].append(out.figure(
                 plots.spectra_over_training(eig, f"Eigenspectrum of {site}/{view} over training", "eigenvalue of the covariance"),
-                figdir / f"eigenspectra_{site}_{view}.{figure_format}"))
-            groups["Eigenspectra over training"].append(plots.save(
+                f"eigenspectra_{site}_{view}"))
+            groups["Eigenspectra over training"].append(out.figure(
                 plots.spectra_over_training(sv, f"Singular values of the centered {site}/{view} over training", "singular value"),
-                figdir / f"singular_values_{site}_{view}.{figure_format}"))
+                f"singular_values_{site}_{view}"))
         cov_epochs = sorted(e for e, r in covariances.items() if (site, view) in r.geometry and r[(site, view)].covariance is not None)
         if len(cov_epochs) >= 2:
             first, last = cov_epochs[0], cov_epochs[-1]
-            groups["Covariance structure"].append(plots.save(plots.correlation_first_last(
+            groups["Covariance structure"].append(out.figure(plots.correlation_first_last(
                 covariances[first][(site, view)].covariance, covariances[last][(site, view)].covariance, (first, last),
-                f"Correlation structure of {site}/{view}, first and last epoch"), figdir / f"correlation_{site}_{view}.{figure_format}"))
-    if figures:
-        groups["Depth profile"].append(plots.save(plots.depth_profile(shown, int(epochs[-1]), label), figdir / f"depth_profile.{figure_format}"))
-    second_groups = _tgo2_figures(study, label, figdir, figure_format) if figures else {}
-    result.figures = [p for paths in (*groups.values(), *second_groups.values()) for p in paths]
-    result.report_html, result.report_md = _report(result, f"Geometry of run {label} ({run_id})", groups, folder, second_groups)
-    (folder / "findings.json").write_text(json.dumps([f.__dict__ for f in result.findings], indent=2, default=float))
-
-    if log:
-        result.analysis_run_id = _log(result, run, folder)
-    return result
+                f"Correlation structure of {site}/{view}, first and last epoch"), f"correlation_{site}_{view}"))
+    groups["Depth profile"].append(out.figure(plots.depth_profile(shown, last_epoch, label), "depth_profile"))
+    return groups
 
 
-def _log(result: Analysis, run, folder: Path) -> str:
+def _log(result: Analysis, run, out: OutputFolder) -> str:
     """An analysis run, child of the training run, holding every file; tags link both ways."""
     tags = {Tag.KIND: "analysis", Tag.ANALYZED_RUN: result.run_id, Tag.VERSION: tgo.__version__, Tag.SOURCE: result.source}
     analysis_id = tracking.open_child_run(result.run_id, f"analysis of {run.info.run_name or result.run_id[:8]}", tags)
-    for sub in ("figures", "tables", "report"):
-        if (folder / sub).exists():
-            tracking.log_folder(analysis_id, folder / sub, sub)
-    tracking.log_file(analysis_id, folder / "findings.json", None)
+    out.log(analysis_id, files=("findings.json",))
     tracking.log_metrics(analysis_id, {finding_key(f.number): f.score for f in result.findings}, step=int(result.geometry.epoch.max()))
     tracking.finish(analysis_id)
     tracking.set_tags(result.run_id, {Tag.ANALYSIS_RUN: analysis_id})

@@ -113,6 +113,7 @@ def _study_parser(sub) -> None:
     p.add_argument("--study_name", default="tgo-study", help="name of the study in the storage (resumed if it exists)")
     p.add_argument("--pruner", default="median", help="median, hyperband, successive_halving or none")
     p.add_argument("--sampler_seed", default="0", help="seed of Optuna's sampler")
+    p.add_argument("--figure_format", default="png", help="figure files of the study's parent run: png, pdf or svg")
     _add_train_options(p)
 
 
@@ -250,7 +251,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     result = study(
         _int("n_trials", args.n_trials) or 0, objectives=args.objectives, search_space=args.search_space or DEFAULT_SPACE,
         storage=args.storage, study_name=args.study_name, pruner=args.pruner, sampler_seed=_int("sampler_seed", args.sampler_seed) or 0,
-        **_train_values(args),
+        figure_format=args.figure_format, **_train_values(args),
     )
     for note in result.notes:
         print(f"tgo: {note}")

@@ -63,9 +63,7 @@ Hinton, G. (2019). Similarity of neural network representations revisited. ICML.
 
 from __future__ import annotations
 
-import html
 import json
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +80,8 @@ from tgo import plots, runs, tracking, uncertainty
 from tgo.errors import AnalysisError, CompareError
 from tgo.findings import ALPHA, Replicates, benjamini_hochberg
 from tgo.keys import HEAD_VIEW, TOKEN_OBSERVABLE, TOKEN_VIEW, Tag, compare_key, cross_cka_key, site_order
-from tgo.report import html_figure, markdown_table
+from tgo.outputs import OutputFolder
+from tgo.report import Document
 from tgo.spectral import OBSERVABLE_NAMES
 
 TESTED = tuple(o for o in OBSERVABLE_NAMES if not o.startswith("n_components_")) + (TOKEN_OBSERVABLE,)  # token interaction (TGO-II) too
@@ -524,63 +523,41 @@ def _links(c: Comparison, side: _Side) -> str:
     return f"[{side.label}](#/experiments/{exp}/runs/{side.given})"
 
 
-def _report(c: Comparison, sides: tuple[_Side, _Side], figure_groups: dict[str, list[Path]], folder: Path) -> tuple[Path, Path]:
+def _document(c: Comparison, sides: tuple[_Side, _Side], figure_groups: dict[str, list[Path]]) -> Document:
+    """The comparison report: the runs and the headline, the differences at the last matched epoch
+    (per site and view, then the largest), the method, the CKA between the runs and the figures."""
     a, b = sides
-    title = f"Comparison of {c.labels[0]} and {c.labels[1]}"
     last = c.last_epoch
     shown_cols = ["site", "view", "observable", "a", "b", "difference", "relative", "ci_low", "ci_high"]
     shown_cols += ["t", "q"] if c.method == "jackknife" else ["hedges_g", "t", "q"]
     top = c.differing.head(25)[shown_cols] if len(c.differing) else pd.DataFrame(columns=shown_cols)
     tested = c.differences[(c.differences.epoch == last) & c.differences.p.notna()] if last is not None else c.differences.iloc[:0]
-    intro = (f"Run A: {a.label}, {a.given} ({len(a.runs)} run{'s' if len(a.runs) > 1 else ''}). Run B: {b.label}, {b.given} "
-             f"({len(b.runs)} run{'s' if len(b.runs) > 1 else ''}). Matched epochs: {c.epochs}.")
-    headline = (f"At the last matched epoch ({last}), {len(c.differing)} of {len(tested)} site/view/observable tests differ "
-                f"(Benjamini-Hochberg, q <= {ALPHA}).")
-    cka_last = c.cka[c.cka.epoch == c.cka.epoch.max()] if len(c.cka) else c.cka
-    cka_view = cka_last.pivot_table(index="site", columns="view", values="cka") if len(cka_last) else pd.DataFrame()
-    if len(cka_view):
-        cka_view = cka_view.reindex(site_order(cka_view.index)).reset_index()
-    md = [f"# {title}", "", intro, "", f"**{headline}**", ""]
-    md += [f"> {n}" for n in c.notes] + ([""] if c.notes else [])
+    doc = Document(f"Comparison of {c.labels[0]} and {c.labels[1]}")
+    doc.paragraph(f"Run A: {a.label}, {a.given} ({len(a.runs)} run{'s' if len(a.runs) > 1 else ''}). Run B: {b.label}, {b.given} "
+                  f"({len(b.runs)} run{'s' if len(b.runs) > 1 else ''}). Matched epochs: {c.epochs}.")
+    doc.headline(f"At the last matched epoch ({last}), {len(c.differing)} of {len(tested)} site/view/observable tests differ "
+                 f"(Benjamini-Hochberg, q <= {ALPHA}).")
+    for note in c.notes:
+        doc.note(note)
     by_site = _by_site(c.differences, last)
     if len(by_site):
-        md += [f"## Sites at epoch {last}", "", "Per site and view: significant differences among the observables tested there.", "",
-               markdown_table(by_site), ""]
-    md += [f"## What differs at epoch {last}", "", markdown_table(top) if len(top) else "Nothing differs significantly.", ""]
+        doc.heading(f"Sites at epoch {last}").paragraph("Per site and view: significant differences among the observables tested there.")
+        doc.table(by_site)
+    doc.heading(f"What differs at epoch {last}").table(top, empty="Nothing differs significantly.")
     if len(c.differing) > len(top):
-        md += [f"({len(c.differing) - len(top)} more in tables/differences.csv.)", ""]
-    md += ["**Method.** " + _method_text(c), ""]
-    if len(cka_view):
-        md += [f"## CKA between the runs at epoch {int(cka_last.epoch.iloc[0])}", "",
-               "Debiased linear CKA between run A's and run B's features of the same probe images (1: alike up to a rotation "
-               "and scale); standard errors in tables/cka.csv.", "", markdown_table(cka_view), ""]
-    h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-         "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
-         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}"
-         "img{max-width:100%;border:1px solid #eee;margin:6px 0}</style></head><body>",
-         f"<h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p><p><b>{html.escape(headline)}</b></p>"]
-    h += [f"<p><em>{html.escape(n)}</em></p>" for n in c.notes]
-    if len(by_site):
-        h += [f"<h2>Sites at epoch {last}</h2><p>Per site and view: significant differences among the observables tested there.</p>",
-              by_site.to_html(index=False)]
-    h += [f"<h2>What differs at epoch {last}</h2>",
-          top.to_html(index=False, float_format=lambda x: f"{x:.4g}") if len(top) else "<p>Nothing differs significantly.</p>"]
-    h += [f"<p><b>Method.</b> {html.escape(_method_text(c))}</p>",
-          "<p>All tests: tables/differences.csv; both runs' values and intervals: tables/summary.csv.</p>"]
-    if len(cka_view):
-        h += [f"<h2>CKA between the runs at epoch {int(cka_last.epoch.iloc[0])}</h2>",
-              cka_view.to_html(index=False, float_format=lambda x: f"{x:.4g}")]
+        doc.paragraph(f"({len(c.differing) - len(top)} more in tables/differences.csv.)")
+    doc.paragraph(_method_text(c), lead="Method.")
+    doc.paragraph("All tests: tables/differences.csv; both runs' values and intervals: tables/summary.csv.")
+    cka_last = c.cka[c.cka.epoch == c.cka.epoch.max()] if len(c.cka) else c.cka
+    if len(cka_last):
+        cka_view = cka_last.pivot_table(index="site", columns="view", values="cka")
+        doc.heading(f"CKA between the runs at epoch {int(cka_last.epoch.iloc[0])}")
+        doc.paragraph("Debiased linear CKA between run A's and run B's features of the same probe images (1: alike up to a rotation "
+                      "and scale); standard errors in tables/cka.csv.")
+        doc.table(cka_view.reindex(site_order(cka_view.index)).reset_index())
     for heading, paths in figure_groups.items():
-        if not paths:
-            continue
-        md += [f"## {heading}", ""] + [f"![{p.stem}](../figures/{p.name})" for p in paths] + [""]
-        h += [f"<h2>{html.escape(heading)}</h2>"] + [html_figure(p) for p in paths]
-    h += ["</body></html>"]
-    (folder / "report").mkdir(parents=True, exist_ok=True)
-    md_path, html_path = folder / "report" / "report.md", folder / "report" / "report.html"
-    md_path.write_text("\n".join(md) + "\n")
-    html_path.write_text("\n".join(h))
-    return html_path, md_path
+        doc.figures(heading, paths)
+    return doc
 
 
 # --------------------------------------------------------------------------------------------------
@@ -609,15 +586,11 @@ def compare(
         figures: draw the figures (False: tables, tests and report only).
         figure_format: png, pdf or svg.
     """
-    try:
-        plots.check_format(figure_format)
-    except ValueError as err:
-        raise CompareError(str(err)) from None
+    plots.check_format(figure_format)
     tracking.check_tracking()
     side_a, side_b = _resolve(run_a, "run_a"), _resolve(run_b, "run_b")
-    folder = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="tgo-compare-"))
-    folder.mkdir(parents=True, exist_ok=True)
-    download = folder / "download"
+    out = OutputFolder(output_dir, prefix="tgo-compare-", figure_format=figure_format)
+    download = out.root / "download"
     _read_side(side_a, "run_a", download)
     _read_side(side_b, "run_b", download)
     epochs = matched_epochs(side_a.tables, side_b.tables)
@@ -679,36 +652,34 @@ def compare(
     summary = pd.concat([side_summary(side_a.tables, 0, epochs, side_a.replicates),
                          side_summary(side_b.tables, 1, epochs, side_b.replicates)], ignore_index=True)
     result = Comparison(run_a, run_b, [r.info.run_id for r in side_a.runs], [r.info.run_id for r in side_b.runs], method,
-                        epochs, diffs, differing, cka, summary, labels, side_a.head, notes, output_dir=folder)
+                        epochs, diffs, differing, cka, summary, labels, side_a.head, notes, output_dir=out.root)
 
-    # ---- tables ----
-    tables = folder / "tables"
-    tables.mkdir(exist_ok=True)
-    diffs.to_csv(tables / "differences.csv", index=False)
-    cka.to_csv(tables / "cka.csv", index=False)
-    summary.to_csv(tables / "summary.csv", index=False)
-
-    # ---- figures ----
-    figdir = folder / "figures"
-    groups: dict[str, list[Path]] = {"Observables over training, side by side": [], "Depth profile": [], "CKA between the runs": []}
-    if figures:
-        flat = flat_views([*side_a.tables, *side_b.tables])
-        shown = summary[~pd.Series(list(zip(summary.site, summary.view))).isin(flat).to_numpy()]
-        head_site, head_view = side_a.head
-        groups["Observables over training, side by side"].append(plots.save(
-            plots.compare_over_epochs(shown, head_site, head_view, KEY_OBSERVABLES, labels), figdir / f"epochs_{head_site}_{head_view}.{figure_format}"))
-        groups["Depth profile"].append(plots.save(
-            plots.compare_depth_profile(shown, last, KEY_OBSERVABLES, labels), figdir / f"depth_profile.{figure_format}"))
-        if len(cka):
-            groups["CKA between the runs"].append(plots.save(
-                plots.cross_run_cka(cka, f"Debiased linear CKA between {labels[0]} and {labels[1]} at each site"),
-                figdir / f"cka_between_runs.{figure_format}"))
+    out.table(diffs, "differences")
+    out.table(cka, "cka")
+    out.table(summary, "summary")
+    groups = _figures(result, (side_a, side_b), out) if figures else {}
     result.figures = [p for paths in groups.values() for p in paths]
-    result.report_html, result.report_md = _report(result, (side_a, side_b), groups, folder)
-    (folder / "comparison.json").write_text(json.dumps(_summary_json(result), indent=2, default=float))
+    result.report_html, result.report_md = _document(result, (side_a, side_b), groups).write(out.root)
+    out.file("comparison.json", json.dumps(_summary_json(result), indent=2, default=float))
     if log:
-        result.comparison_run_id = _log(result, (side_a, side_b), folder)
+        result.comparison_run_id = _log(result, (side_a, side_b), out)
     return result
+
+
+def _figures(c: Comparison, sides: tuple[_Side, _Side], out: OutputFolder) -> dict[str, list[Path]]:
+    """The comparison's figures, by report section: the key observables of the head view over the
+    matched epochs and by depth at the last one, both sides together; the CKA between the runs."""
+    flat = flat_views([*sides[0].tables, *sides[1].tables])
+    shown = c.summary[~pd.Series(list(zip(c.summary.site, c.summary.view))).isin(flat).to_numpy()]
+    head_site, head_view = c.head
+    groups: dict[str, list[Path]] = {"Observables over training, side by side": [], "Depth profile": [], "CKA between the runs": []}
+    groups["Observables over training, side by side"].append(out.figure(
+        plots.compare_over_epochs(shown, head_site, head_view, KEY_OBSERVABLES, c.labels), f"epochs_{head_site}_{head_view}"))
+    groups["Depth profile"].append(out.figure(plots.compare_depth_profile(shown, c.epochs[-1], KEY_OBSERVABLES, c.labels), "depth_profile"))
+    if len(c.cka):
+        groups["CKA between the runs"].append(out.figure(
+            plots.cross_run_cka(c.cka, f"Debiased linear CKA between {c.labels[0]} and {c.labels[1]} at each site"), "cka_between_runs"))
+    return groups
 
 
 def _summary_json(c: Comparison) -> dict:
@@ -723,7 +694,7 @@ def _summary_json(c: Comparison) -> dict:
     }
 
 
-def _log(c: Comparison, sides: tuple[_Side, _Side], folder: Path) -> str:
+def _log(c: Comparison, sides: tuple[_Side, _Side], out: OutputFolder) -> str:
     """The comparison run, linked to both runs (tags and a note) but the child of neither."""
     a, b = sides
     note = (f"Comparison of {_links(c, a)} (run A, `{a.given}`) and {_links(c, b)} (run B, `{b.given}`) at matched epochs "
@@ -733,10 +704,7 @@ def _log(c: Comparison, sides: tuple[_Side, _Side], folder: Path) -> str:
             Tag.COMPARE_METHOD: c.method, Tag.VERSION: tgo.__version__, "mlflow.note.content": note}
     run_id = tracking.open_linked_run(c.run_a, f"compare {a.label} vs {b.label}"[:250], tags)
     try:
-        for sub in ("figures", "tables", "report"):
-            if (folder / sub).exists():
-                tracking.log_folder(run_id, folder / sub, sub)
-        tracking.log_file(run_id, folder / "comparison.json", None)
+        out.log(run_id, files=("comparison.json",))
         last = c.differences[c.differences.epoch == c.last_epoch]
         metrics = {compare_key("differing"): len(c.differing), compare_key("tests"): int(last.p.notna().sum()),
                    compare_key("matched_epochs"): len(c.epochs)}

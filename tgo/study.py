@@ -16,7 +16,7 @@
   PostgreSQL across machines; load_if_exists resumes a study; heartbeats retry dead workers'
   trials on RDB storages, and a PID check does it for journal storages.
 - The parent run (tgo.kind=study) gets Optuna's matplotlib figures (optimisation history,
-  parameter importances, intermediate values, Pareto front) and a table of Spearman's rho between
+  parameter importances, intermediate values, Pareto front, in figure_format) and a table of Spearman's rho between
   each hyperparameter and each final-epoch observable of the head view (final/cls) across the completed trials.
 """
 
@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import optuna
@@ -40,6 +40,7 @@ from tgo import plots, tracking, train
 from tgo.config import FIELD_TYPES, TrainConfig, from_dict, from_overrides
 from tgo.errors import ConfigError, short_error
 from tgo.keys import HEAD_VIEW, METRIC_PREFIX, Tag, TrialAttr, best_key, metric_key, parse_head, parse_metric_key
+from tgo.outputs import OutputFolder
 from tgo.spectral import OBSERVABLE_NAMES
 from tgo.storage import mark_worker, open_storage, optuna_errors_only, reclaim_dead_trials
 from tgo.workers import RESUME_REFUSED, fail_dead_run, parent_run, retried_run, trial_started
@@ -161,13 +162,16 @@ def study(
     experiment: str = "",
     sampler_seed: int = 0,
     enqueue: list[dict] | None = None,
+    figure_format: Literal["png", "pdf", "svg"] = "png",
     **train_overrides,
 ) -> StudyResult:
     """Run (or join, or resume) an Optuna study of n_trials in all; this process is one worker.
 
-    enqueue: configurations to try first (Optuna's enqueue_trial), when the study is new."""
+    enqueue: configurations to try first (Optuna's enqueue_trial), when the study is new;
+    figure_format: png, pdf or svg, the parent run's figures."""
     if not isinstance(n_trials, int) or n_trials < 1:
         raise ConfigError(f"n_trials: expected an integer >= 1, got {n_trials!r}.")
+    plots.check_format(figure_format)
     if pruner not in PRUNERS:
         raise ConfigError(f"pruner: unknown pruner {pruner!r}; choose one of {', '.join(PRUNERS)}.")
     if train_overrides.get("resume") not in (None, ""):
@@ -270,7 +274,8 @@ def study(
     if repeated:
         raise ConfigError(f"the study stopped: its first {repeated[0]} trials all failed with the same configuration "
                           f"error, {repeated[1]} Fix the search space or the parameters.")
-    return _summarise(s, parent, metrics, space)
+    with OutputFolder(None, prefix="tgo-study-", figure_format=figure_format, keep=False) as out:
+        return _summarise(s, parent, metrics, space, out)
 
 
 class PerTrialSeed(optuna.samplers.BaseSampler):
@@ -329,9 +334,9 @@ def _same_config_error(s: optuna.Study, first: int = 2) -> tuple[int, str] | Non
     return None
 
 
-def _summarise(s: optuna.Study, parent: str, metrics: list[str], space: dict) -> StudyResult:
-    """Trials table, Optuna figures and the hyperparameter x geometry correlations, into the parent."""
-    folder = Path(tempfile.mkdtemp(prefix="tgo-study-"))
+def _summarise(s: optuna.Study, parent: str, metrics: list[str], space: dict, out: OutputFolder) -> StudyResult:
+    """Trials table, Optuna figures and the hyperparameter x geometry correlations, written in
+    `out` and logged into the parent."""
     rows = []
     for t in s.get_trials(deepcopy=False):
         values = t.values if t.values is not None else [np.nan] * len(metrics)
@@ -361,10 +366,8 @@ def _summarise(s: optuna.Study, parent: str, metrics: list[str], space: dict) ->
                     corr_rows.append({"hyperparameter": name, "metric": key, "spearman_rho": rho, "p_value": p, "n": len(xs)})
     result.correlations = pd.DataFrame(corr_rows, columns=["hyperparameter", "metric", "spearman_rho", "p_value", "n"])
 
-    (folder / "tables").mkdir()
-    trials.to_csv(folder / "tables" / "trials.csv", index=False)
-    result.correlations.to_csv(folder / "tables" / "hyperparameter_geometry_spearman.csv", index=False)
-    figures = folder / "figures"
+    out.table(trials, "trials")
+    out.table(result.correlations, "hyperparameter_geometry_spearman")
     vis = optuna.visualization.matplotlib
     names = [f"{m} ({d.name.lower()})" for m, d in zip(metrics, s.directions)]
     plots_to_make = [("pareto_front", lambda: vis.plot_pareto_front(s, target_names=names))] if len(metrics) > 1 else [
@@ -378,12 +381,10 @@ def _summarise(s: optuna.Study, parent: str, metrics: list[str], space: dict) ->
                 warnings.simplefilter("ignore")
                 ax = make()
             fig = ax.figure if hasattr(ax, "figure") else np.ravel(ax)[0].figure
-            plots.save(fig, figures / f"optuna_{name}.png")
+            out.figure(fig, f"optuna_{name}")
         except (ValueError, RuntimeError, ZeroDivisionError) as err:
             result.notes.append(f"{name} figure skipped: {err}")
-    tracking.log_folder(parent, folder / "tables", "tables")
-    if figures.exists():
-        tracking.log_folder(parent, figures, "figures")
+    out.log(parent)
     tags = {Tag.OBJECTIVES: ",".join(metrics), Tag.N_TRIALS: len(trials), Tag.BEST_TRIALS: ",".join(map(str, best))}
     tracking.set_tags(parent, tags)
     if len(metrics) == 1 and complete:

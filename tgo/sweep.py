@@ -24,9 +24,7 @@ across the finding's observables (`tgo.findings.across_seeds`), logged as seeds/
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
@@ -40,6 +38,7 @@ from tgo import findings, plots, representations, runs, tgo2, tracking, train
 from tgo.config import from_dict, from_overrides
 from tgo.errors import ConfigError, mask_url, short_error
 from tgo.keys import Tag, TrialAttr, metric_key, seeds_finding_key, seeds_key, site_order
+from tgo.outputs import OutputFolder
 from tgo.storage import mark_worker, open_storage, optuna_errors_only, reclaim_dead_trials
 from tgo.workers import RESUME_REFUSED, fail_dead_run, parent_run, retried_run, trial_started
 
@@ -94,10 +93,7 @@ def sweep(
     seeds: the seeds; storage: an Optuna storage URL (tgo.storage; default sqlite:///optuna.db);
     study_name: default "sweep-" + the seeds; train_overrides: any tgo train setting except seed.
     """
-    try:
-        plots.check_format(figure_format)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    plots.check_format(figure_format)
     seeds = parse_seeds(seeds)
     if train_overrides.get("seed") not in (None, ""):
         raise ConfigError("seed: a sweep sets the seed of each run; pass seeds=... instead.")
@@ -207,13 +203,19 @@ def finding_counts(seed_findings: dict[int, list[findings.Finding]]) -> pd.DataF
 
 
 def aggregate_into(parent: str, seed_runs: dict[int, str], figure_format: str = "png") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Read every seed's geometry and scalars, and log their spread into the parent run."""
-    folder = Path(tempfile.mkdtemp(prefix="tgo-sweep-"))
+    """Read every seed's geometry and scalars, and log their spread into the parent run (its
+    downloads, tables and figures in a temporary folder, removed once logged)."""
+    with OutputFolder(None, prefix="tgo-sweep-", figure_format=figure_format, keep=False) as out:
+        return _aggregate(parent, seed_runs, out)
+
+
+def _aggregate(parent: str, seed_runs: dict[int, str], out: OutputFolder) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`aggregate_into`, with the seeds' downloads, the tables and the figures in `out`."""
     tables, seed_findings = [], {}
     for seed, run_id in tqdm(sorted(seed_runs.items()), desc="reading seeds", unit="run", disable=None):
-        geometry, _, spectra = runs.read_spectra(run_id, folder / run_id)
+        geometry, _, spectra = runs.read_spectra(run_id, out.root / run_id)
         replicates, head = runs.replicates_of(spectra), runs.head_of(spectra)
-        kept = representations.read_kept(run_id, folder / run_id / "features")
+        kept = representations.read_kept(run_id, out.root / run_id / "features")
         tgo2_part = tgo2.judge(kept, spectra, None, head, findings_only=True)  # TGO-II: findings 6-8
         seed_findings[seed] = findings.judge(geometry, replicates, head) + tgo2_part.findings
         geometry = geometry.drop(columns="se")
@@ -246,18 +248,15 @@ def aggregate_into(parent: str, seed_runs: dict[int, str], figure_format: str = 
         finding_metrics[seeds_finding_key(row.finding, "sign_test_p")] = float(row.sign_test_p)
     tracking.log_metrics(parent, finding_metrics, step=last)
 
-    (folder / "tables").mkdir(exist_ok=True)
-    per_seed.to_csv(folder / "tables" / "per_seed.csv", index=False)
-    summary.to_csv(folder / "tables" / "seeds_summary.csv", index=False)
-    counts.to_csv(folder / "tables" / "findings.csv", index=False)
-    figdir = folder / "figures"
+    out.table(per_seed, "per_seed")
+    out.table(summary, "seeds_summary")
+    out.table(counts, "findings")
     geo = summary[summary.site != ""]
     sites = site_order(geo.site)
     shown = [s for s in (sites[0], sites[len(sites) // 2], "final") if s in sites]
     for name in dict.fromkeys(geo.observable):
-        plots.save(plots.mean_and_band(geo[geo.site.isin(shown)], name, len(seed_runs)), figdir / f"seeds_{name}.{figure_format}")
-    tracking.log_folder(parent, folder / "tables", "tables")
-    tracking.log_folder(parent, figdir, "figures")
+        out.figure(plots.mean_and_band(geo[geo.site.isin(shown)], name, len(seed_runs)), f"seeds_{name}")
+    out.log(parent)
     tracking.set_tags(parent, {Tag.SEEDS: ",".join(map(str, sorted(seed_runs))), Tag.SEED_RUNS: joined})
     tracking.finish(parent)
     return summary, counts
