@@ -17,7 +17,7 @@ Mann-Kendall trend test with Sen's slope, Spearman's rho (for reference), the sh
 dominant direction, and the combined p that the verdicts use. The verdicts and their method:
 `tgo.findings`; the definitions of the observables: docs/METRICS.md.
 
-TGO-II (`second_study`): from the features the run kept (`tgo.representations`), its token
+TGO-II (`tgo.tgo2.judge`): from the features the run kept (`tgo.representations`), its token
 interaction (the spectra files) and its weight spectra (metric histories): CKA/SVCCA tables and
 heat maps, intrinsic dimension, token and weight-alpha figures, and findings 6-8.
 """
@@ -104,15 +104,15 @@ def _tgo2_figures(study: tgo2.TGO2, label: str, out: OutputFolder) -> dict[str, 
 # --------------------------------------------------------------------------------------------------
 
 
-def _document(a: Analysis, title: str, figure_groups: dict[str, list[Path]], second_groups: dict[str, list[Path]]) -> Document:
+def _document(a: Analysis, title: str, figure_groups: dict[str, list[Path]], tgo2_groups: dict[str, list[Path]]) -> Document:
     """The analysis report: TGO-I's verdicts and their method, the everywhere counts, the most
     significant changes and the figures; then TGO-II's verdicts, method and figures."""
     doc = Document(title).paragraph(f"Source of the geometry: {a.source}.")
     for note in a.notes:
         doc.note(note)
-    first, second = [f for f in a.findings if f.number <= 5], [f for f in a.findings if f.number > 5]
+    tgo1_found, tgo2_found = [f for f in a.findings if f.number <= 5], [f for f in a.findings if f.number > 5]
     doc.heading("TGO-I findings").paragraph(f"Findings 1-4 are judged at {head_name(a.head)}, the view that feeds the head.")
-    doc.findings(first).paragraph(findings.METHOD.format(alpha=findings.ALPHA, min_trend=findings.MIN_TREND_EPOCHS), lead="Method.")
+    doc.findings(tgo1_found).paragraph(findings.METHOD.format(alpha=findings.ALPHA, min_trend=findings.MIN_TREND_EPOCHS), lead="Method.")
     if len(a.everywhere):
         counts = a.everywhere.pivot_table(index="finding", columns="verdict", values="site", aggfunc="count", fill_value=0)
         counts = counts.reindex(columns=list(VERDICT_COLORS), fill_value=0).reset_index()
@@ -123,12 +123,12 @@ def _document(a: Analysis, title: str, figure_groups: dict[str, list[Path]], sec
     doc.paragraph("All tests: tables/trends.csv; all values and standard errors: tables/geometry.csv.")
     for heading, paths in figure_groups.items():
         doc.figures(heading, paths)
-    if second:
-        doc.heading("TGO-II findings").findings(second)
+    if tgo2_found:
+        doc.heading("TGO-II findings").findings(tgo2_found)
         doc.paragraph(findings.METHOD_TGO2.format(alpha=findings.ALPHA, margin=findings.TOKEN_MARGIN), lead="Method.")
         doc.paragraph("Tables: site_similarity.csv (CKA and SVCCA of every pair of sites at every kept epoch), epoch_similarity.csv, "
                       "intrinsic_dim.csv, specialisation.csv, tokens.csv, weights.csv.")
-        for heading, paths in second_groups.items():
+        for heading, paths in tgo2_groups.items():
             doc.figures(heading, paths, level=3)
     return doc
 
@@ -242,9 +242,9 @@ def analyze(
         notes.append(f"Left out of the figures (no variance at any epoch): {', '.join(flat)}.")
     label = run.info.run_name or run_id[:8]
     groups = _tgo1_figures(shown, spectra, covariances, chosen, label, int(epochs[-1]), out) if figures else {}
-    second_groups = _tgo2_figures(study, label, out) if figures else {}
-    result.figures = [p for paths in (*groups.values(), *second_groups.values()) for p in paths]
-    doc = _document(result, f"Geometry of run {label} ({run_id})", groups, second_groups)
+    tgo2_groups = _tgo2_figures(study, label, out) if figures else {}
+    result.figures = [p for paths in (*groups.values(), *tgo2_groups.values()) for p in paths]
+    doc = _document(result, f"Geometry of run {label} ({run_id})", groups, tgo2_groups)
     result.report_html, result.report_md = doc.write(out.root)
     out.file("findings.json", json.dumps([f.__dict__ for f in result.findings], indent=2, default=float))
 
