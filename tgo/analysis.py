@@ -25,9 +25,10 @@ heat maps, intrinsic dimension, token and weight-alpha figures, and findings 6-8
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -43,6 +44,7 @@ from tgo.report import VERDICT_COLORS, Document
 from tgo.reprobe import reprobe
 from tgo.runtime import resolve_device
 from tgo.spectral import OBSERVABLE_NAMES
+
 
 @dataclass
 class Analysis:
@@ -145,6 +147,7 @@ def _default_sites(measured: set[tuple[str, str]]) -> list[tuple[str, str]]:
     if blocks:
         middle = blocks[len(blocks) // 2]
         view = next((v for v in ("patch", "mean", "cls") if (middle, v) in measured), None)
+        assert view is not None  # middle is a measured site, and every measured view is cls, patch or mean (keys.VIEWS)
         chosen.append((middle, view))
     return chosen or sorted(measured)[:1]
 
@@ -187,9 +190,12 @@ def analyze(
         notes.append(f"Run {run_id} is still running: this analyses the epochs logged so far.")
     elif run.info.status != "FINISHED":
         notes.append(f"Run {run_id} ended as {run.info.status}: this analyses the epochs it logged.")
-    chosen = [tuple(s.split("/")) for s in sites] if sites else None
-    if chosen is not None and any(len(c) != 2 for c in chosen):
-        raise AnalysisError(f"sites: expected <site>/<view> pairs such as final/cls, got {list(sites)}.")
+    chosen: list[tuple[str, str]] | None = None
+    if sites:
+        parts = [s.split("/") for s in sites]
+        if any(len(p) != 2 for p in parts):
+            raise AnalysisError(f"sites: expected <site>/<view> pairs such as final/cls, got {list(sites)}.")
+        chosen = [(site, view) for site, view in parts]
 
     spectra: dict[int, ProbeResult] = {}
     covariances: dict[int, ProbeResult] = {}
@@ -299,8 +305,10 @@ def _tgo1_figures(shown: pd.DataFrame, spectra: dict[int, ProbeResult], covarian
         cov_epochs = sorted(e for e, r in covariances.items() if (site, view) in r.geometry and r[(site, view)].covariance is not None)
         if len(cov_epochs) >= 2:
             first, last = cov_epochs[0], cov_epochs[-1]
+            cov_first, cov_last = covariances[first][(site, view)].covariance, covariances[last][(site, view)].covariance
+            assert cov_first is not None and cov_last is not None  # cov_epochs holds only the epochs that kept it
             groups["Covariance structure"].append(out.figure(plots.correlation_first_last(
-                covariances[first][(site, view)].covariance, covariances[last][(site, view)].covariance, (first, last),
+                cov_first, cov_last, (first, last),
                 f"Correlation structure of {site}/{view}, first and last epoch"), f"correlation_{site}_{view}"))
     groups["Depth profile"].append(out.figure(plots.depth_profile(shown, last_epoch, label), "depth_profile"))
     return groups

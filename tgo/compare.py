@@ -65,9 +65,10 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 import pandas as pd
@@ -83,6 +84,10 @@ from tgo.keys import HEAD_VIEW, TOKEN_OBSERVABLE, TOKEN_VIEW, Tag, compare_key, 
 from tgo.outputs import OutputFolder
 from tgo.report import Document
 from tgo.spectral import OBSERVABLE_NAMES
+
+if TYPE_CHECKING:
+    from tgo.probe import ProbeResult
+    from tgo.representations import KeptEpoch
 
 TESTED = tuple(o for o in OBSERVABLE_NAMES if not o.startswith("n_components_")) + (TOKEN_OBSERVABLE,)  # token interaction (TGO-II) too
 KEY_OBSERVABLES = ("effective_rank", "spectral_entropy", "spectral_anisotropy", "participation_ratio")
@@ -319,7 +324,7 @@ def side_summary(tables: Sequence[pd.DataFrame], side: int, epochs: Sequence[int
     return out.assign(side=side)[["side", *KEYS, "value", "low", "high"]]
 
 
-def _aligned(kept_a: Mapping[int, object], kept_b: Mapping[int, object]) -> dict[int, list[tuple[str, str]]]:
+def _aligned(kept_a: Mapping[int, KeptEpoch], kept_b: Mapping[int, KeptEpoch]) -> dict[int, list[tuple[str, str]]]:
     """The epochs both runs kept features of on the same images in the same order (both files
     record each row's place, and the places agree), each with the (site, view) pairs both have."""
     out = {}
@@ -330,7 +335,7 @@ def _aligned(kept_a: Mapping[int, object], kept_b: Mapping[int, object]) -> dict
     return out
 
 
-def cross_cka(kept_a: Mapping[int, object], kept_b: Mapping[int, object]) -> tuple[pd.DataFrame, list[str]]:
+def cross_cka(kept_a: Mapping[int, KeptEpoch], kept_b: Mapping[int, KeptEpoch]) -> tuple[pd.DataFrame, list[str]]:
     """Debiased linear CKA between two runs' kept features at each epoch both kept, site and view,
     with its jackknife standard error; and notes on what could not be compared.
 
@@ -348,6 +353,7 @@ def cross_cka(kept_a: Mapping[int, object], kept_b: Mapping[int, object]) -> tup
     skipped = [e for e in epochs if e not in aligned]
     for epoch in tqdm(sorted(aligned), desc="CKA between the runs", unit="epoch", leave=False, disable=None):
         ea, eb = kept_a[epoch], kept_b[epoch]
+        assert ea.rows is not None  # _aligned keeps only epochs whose files both record their rows
         for site, view in aligned[epoch]:
             xa, xb = ea.features[(site, view)].astype(np.float64), eb.features[(site, view)].astype(np.float64)
             value, reps = jackknife(linear_cka, ea.rows.fold, ea.rows.folds, xa, xb)
@@ -364,7 +370,7 @@ def cross_cka(kept_a: Mapping[int, object], kept_b: Mapping[int, object]) -> tup
     return table, notes
 
 
-def cross_intrinsic_dimension(kept_a: Mapping[int, object], kept_b: Mapping[int, object]) -> pd.DataFrame:
+def cross_intrinsic_dimension(kept_a: Mapping[int, KeptEpoch], kept_b: Mapping[int, KeptEpoch]) -> pd.DataFrame:
     """TwoNN intrinsic dimension (TGO-II) of both runs at each epoch both kept features of, site and
     view, where they line up image by image: d = ID_b - ID_a against its paired jackknife error
     (TwoNN refitted without each fold of the shared probe images; Student t, K - 1 degrees of
@@ -374,6 +380,7 @@ def cross_intrinsic_dimension(kept_a: Mapping[int, object], kept_b: Mapping[int,
     rows = []
     for epoch, pairs in sorted(_aligned(kept_a, kept_b).items()):
         ea, eb = kept_a[epoch], kept_b[epoch]
+        assert ea.rows is not None and eb.rows is not None  # _aligned keeps only epochs whose files both record their rows
         if ea.rows.folds < 2:
             continue
         for site, view in pairs:
@@ -381,6 +388,8 @@ def cross_intrinsic_dimension(kept_a: Mapping[int, object], kept_b: Mapping[int,
             vb, rb = jackknife(twonn_or_nan, eb.rows.fold, eb.rows.folds, eb.features[(site, view)].astype(np.float64))
             if not (np.isfinite(va) and np.isfinite(vb)):  # no dimension to measure (pos_embed/cls)
                 continue
+            # ra: K >= 2 above. rb: only if run B was probed with folds too; the pairing assumes the same folds
+            assert ra is not None and rb is not None
             k = ea.rows.folds
             d, se = vb - va, float(uncertainty.paired_se(ra, rb))
             half = uncertainty.t_quantile(k) * se
@@ -398,11 +407,36 @@ def cross_intrinsic_dimension(kept_a: Mapping[int, object], kept_b: Mapping[int,
 # --------------------------------------------------------------------------------------------------
 
 
+class _RunInfo(Protocol):
+    @property
+    def run_id(self) -> str: ...
+    @property
+    def run_name(self) -> str | None: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def experiment_id(self) -> str: ...
+
+
+class _RunData(Protocol):
+    @property
+    def tags(self) -> dict[str, str]: ...
+
+
+class _Run(Protocol):
+    """What this module reads of an MLflow run (`tracking.get_run`; MLflow is imported in tgo.tracking only)."""
+
+    @property
+    def info(self) -> _RunInfo: ...
+    @property
+    def data(self) -> _RunData: ...
+
+
 @dataclass
 class _Side:
     given: str
-    run: object  # the MLflow run given
-    runs: list  # the training runs behind it
+    run: _Run  # the MLflow run given
+    runs: list[_Run]  # the training runs behind it
     label: str
     tables: list[pd.DataFrame] = field(default_factory=list)
     replicates: list = field(default_factory=list)
@@ -437,7 +471,7 @@ def _resolve(run_id: str, which: str) -> _Side:
     return _Side(run_id, run, [run], name)
 
 
-def with_tokens(table: pd.DataFrame, replicates: dict, spectra: Mapping[int, object]) -> tuple[pd.DataFrame, dict]:
+def with_tokens(table: pd.DataFrame, replicates: dict, spectra: dict[int, ProbeResult]) -> tuple[pd.DataFrame, dict]:
     """A geometry table and its replicates with each site's token interaction added as the view
     `tokens`, observable `mean_cosine` (replicates (K, 1)), so that it is tested like the rest."""
     reps = dict(replicates)
@@ -465,7 +499,7 @@ def _read_side(side: _Side, which: str, folder: Path) -> None:
     side.head = head  # the last run read; every seed of a sweep has the same model
 
 
-def _probe_identity(run, folder: Path) -> tuple[str, str, str]:
+def _probe_identity(run: _Run, folder: Path) -> tuple[str, str, str]:
     """What makes two runs' probes the same images in the same folds: the probe set's fingerprint,
     and the probe seed and fold count of the run's config (as the analysis reads them)."""
     try:
@@ -475,7 +509,7 @@ def _probe_identity(run, folder: Path) -> tuple[str, str, str]:
     return run.data.tags.get(Tag.PROBE_FINGERPRINT, ""), str(config.get("probe_seed", "")), str(config.get("probe_folds", ""))
 
 
-def _same_images(run_a, run_b) -> bool:
+def _same_images(run_a: _Run, run_b: _Run) -> bool:
     fa, fb = run_a.data.tags.get(Tag.PROBE_FINGERPRINT, ""), run_b.data.tags.get(Tag.PROBE_FINGERPRINT, "")
     return bool(fa) and fa == fb
 
@@ -697,6 +731,7 @@ def _summary_json(c: Comparison) -> dict:
 def _log(c: Comparison, sides: tuple[_Side, _Side], out: OutputFolder) -> str:
     """The comparison run, linked to both runs (tags and a note) but the child of neither."""
     a, b = sides
+    assert c.last_epoch is not None  # compare() stops with a CompareError when no epoch matched
     note = (f"Comparison of {_links(c, a)} (run A, `{a.given}`) and {_links(c, b)} (run B, `{b.given}`) at matched epochs "
             f"{c.epochs}: {len(c.differing)} site/view/observable differences at epoch {c.last_epoch} "
             f"(Benjamini-Hochberg, q <= {ALPHA}). Report: report/report.html.")
@@ -706,8 +741,8 @@ def _log(c: Comparison, sides: tuple[_Side, _Side], out: OutputFolder) -> str:
     try:
         out.log(run_id, files=("comparison.json",))
         last = c.differences[c.differences.epoch == c.last_epoch]
-        metrics = {compare_key("differing"): len(c.differing), compare_key("tests"): int(last.p.notna().sum()),
-                   compare_key("matched_epochs"): len(c.epochs)}
+        metrics: dict[str, float] = {compare_key("differing"): len(c.differing), compare_key("tests"): int(last.p.notna().sum()),
+                                     compare_key("matched_epochs"): len(c.epochs)}
         tracking.log_metrics(run_id, metrics, step=int(c.last_epoch))
         # cka/<site>/<view> at every common kept epoch (the step): its latest value is the last one's
         for step in sorted(c.cka.epoch.unique()) if len(c.cka) else []:

@@ -7,8 +7,8 @@ geometry: columns epoch, site, view, observable, value.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 import matplotlib.ticker

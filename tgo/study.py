@@ -25,15 +25,18 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeGuard, cast
 
 import numpy as np
 import optuna
 import pandas as pd
 import scipy.stats
 import yaml
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 from optuna.trial import TrialState
 
 from tgo import plots, tracking, train
@@ -62,9 +65,10 @@ class StudyResult:
     notes: list[str] = field(default_factory=list)
 
 
-def parse_objectives(text: str) -> tuple[list[str], list[str]]:
+def parse_objectives(text: str) -> tuple[list[str], list[Literal["maximize", "minimize"]]]:
     """"val/acc1:max,geom/final/cls/effective_rank:max" -> (metrics, directions)."""
-    metrics, directions = [], []
+    metrics: list[str] = []
+    directions: list[Literal["maximize", "minimize"]] = []
     for part in [p.strip() for p in text.split(",") if p.strip()]:
         name, _, direction = part.rpartition(":")
         if not name:
@@ -82,6 +86,10 @@ def parse_objectives(text: str) -> tuple[list[str], list[str]]:
     if not metrics:
         raise ConfigError("objectives: give at least one metric, e.g. val/acc1:max.")
     return metrics, directions
+
+
+def _finite_number(v: object) -> TypeGuard[int | float]:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def load_search_space(path: str | Path) -> dict[str, dict]:
@@ -106,8 +114,7 @@ def load_search_space(path: str | Path) -> dict[str, dict]:
                 raise ConfigError(f"{where} needs a non-empty list of choices.")
         else:
             low, high = spec.get("low"), spec.get("high")
-            numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high))
-            if not numbers or low > high:
+            if not (_finite_number(low) and _finite_number(high)) or low > high:
                 raise ConfigError(f"{where} needs finite numbers low <= high, got low={low!r}, high={high!r}.")
             if spec.get("log") and low <= 0:
                 raise ConfigError(f"{where}: a log scale needs low > 0.")
@@ -142,12 +149,13 @@ def suggest(trial: optuna.Trial, space: dict[str, dict]) -> dict:
 
 
 def _pruner(name: str) -> optuna.pruners.BasePruner:
-    return {
+    makers: dict[str, Callable[[], optuna.pruners.BasePruner]] = {
         "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
         "hyperband": optuna.pruners.HyperbandPruner,
         "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
         "none": optuna.pruners.NopPruner,
-    }[name]()
+    }
+    return makers[name]()
 
 
 @optuna_errors_only()
@@ -186,12 +194,12 @@ def study(
     tracking.check_tracking()
     store = open_storage(storage, on_dead_trial=fail_dead_run, tracking=tracking.tracking_uri())
     sampler = PerTrialSeed(optuna.samplers.TPESampler if len(metrics) == 1 else optuna.samplers.NSGAIISampler, sampler_seed)
-    options = dict(sampler=sampler, pruner=_pruner(pruner) if len(metrics) == 1 else optuna.pruners.NopPruner())
+    study_pruner = _pruner(pruner) if len(metrics) == 1 else optuna.pruners.NopPruner()
     try:  # creating a study is atomic in every Optuna storage: exactly one worker is its creator
-        s = optuna.create_study(storage=store, study_name=study_name, directions=directions, **options)
+        s = optuna.create_study(storage=store, study_name=study_name, directions=directions, sampler=sampler, pruner=study_pruner)
         created = True
     except optuna.exceptions.DuplicatedStudyError:
-        s = optuna.load_study(study_name=study_name, storage=store, **options)
+        s = optuna.load_study(study_name=study_name, storage=store, sampler=sampler, pruner=study_pruner)
         created = False
         wanted = [optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else optuna.study.StudyDirection.MINIMIZE for d in directions]
         if list(s.directions) != wanted:
@@ -330,7 +338,9 @@ def _same_config_error(s: optuna.Study, first: int = 2) -> tuple[int, str] | Non
     done = sorted(s.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)), key=lambda t: t.number)
     errors = {t.user_attrs.get(TrialAttr.CONFIG_ERROR) for t in done}
     if len(done) >= first and len(errors) == 1 and None not in errors:
-        return len(done), errors.pop()
+        error = errors.pop()
+        assert error is not None  # None is not among them
+        return len(done), error
     return None
 
 
@@ -379,9 +389,9 @@ def _summarise(s: optuna.Study, parent: str, metrics: list[str], space: dict, ou
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ax = make()
+                ax: Axes | np.ndarray = make()  # these plots give one Axes; an array of them (multi-panel plots) is handled too
             fig = ax.figure if hasattr(ax, "figure") else np.ravel(ax)[0].figure
-            out.figure(fig, f"optuna_{name}")
+            out.figure(cast(Figure, fig), f"optuna_{name}")  # Optuna draws on a figure of its own (plt.subplots), not a subfigure
         except (ValueError, RuntimeError, ZeroDivisionError) as err:
             result.notes.append(f"{name} figure skipped: {err}")
     out.log(parent)

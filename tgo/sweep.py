@@ -24,8 +24,9 @@ across the finding's observables (`tgo.findings.across_seeds`), logged as seeds/
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import optuna
@@ -51,7 +52,7 @@ class SweepResult:
     parent_run_id: str
     seed_runs: dict[int, str]  # seed -> training run id (the completed ones)
     complete: bool
-    failed: list[int] = field(default_factory=list)  # seeds whose last trial failed in this worker
+    failed: list[int | None] = field(default_factory=list)  # seeds whose last trial failed in this worker (None: before it drew one)
     summary: pd.DataFrame | None = None  # epoch, site, view, observable, n, mean, std, ci95_low, ci95_high
     findings: pd.DataFrame | None = None  # tgo.findings.across_seeds: per finding and observable
     notes: list[str] = field(default_factory=list)
@@ -141,7 +142,7 @@ def sweep(
         tracking.set_tags(result.run_id, {Tag.TRIAL_STATE: "COMPLETE"})
         return float(result.metrics.get("val/acc1", 0.0))
 
-    failed: list[int] = []
+    failed: list[int | None] = []
     while True:
         reclaim_dead_trials(study, store, fail_dead_run)
         trials = study.get_trials(deepcopy=False)
@@ -160,9 +161,11 @@ def sweep(
                         mine[0].user_attrs.get(TrialAttr.ERROR, "?"), mine[0].user_attrs.get(TrialAttr.RUN, "-"))
             break
 
-    completed = {}
+    completed: dict[int, str] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        completed.setdefault(_seed_of(t), t.user_attrs[TrialAttr.RUN])
+        seed = _seed_of(t)
+        assert seed is not None  # a complete trial ran the objective, whose first step suggests its seed
+        completed.setdefault(seed, t.user_attrs[TrialAttr.RUN])
     for seed, run_id in completed.items():
         if not tracking.run_exists(run_id):
             raise ConfigError(
@@ -241,7 +244,7 @@ def _aggregate(parent: str, seed_runs: dict[int, str], out: OutputFolder) -> tup
                     metrics[seeds_key(stat, key)] = float(value)
         tracking.log_metrics(parent, metrics, step=int(epoch))
     last = int(summary.epoch.max())
-    finding_metrics = {}
+    finding_metrics: dict[str, float] = {}
     for row in counts.drop_duplicates("finding").itertuples():
         finding_metrics[seeds_finding_key(row.finding)] = {"supported": 1, "contradicted": -1}.get(row.verdict, 0)
         finding_metrics[seeds_finding_key(row.finding, "supported")] = int(row.supported)
