@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from helpers import ROOT, mlflow_run, tracking_store
 from tgo import cli, uncertainty
-from tgo.compare import (TESTED, adjust, cross_cka, differing_at, hedges_g, matched_epochs, run_differences, seed_differences,
+from tgo.compare import (TESTED, adjust, cross_cka, cross_intrinsic_dimension, differing_at, hedges_g, matched_epochs, run_differences, seed_differences,
                          side_summary)
 from tgo.findings import ALPHA, benjamini_hochberg
 from tgo.probe import FeatureRows
@@ -196,6 +196,19 @@ def test_sweeps_from_one_distribution_are_rarely_declared_different_and_a_clear_
 
 def _kept(features: dict, position: np.ndarray, folds=K) -> KeptEpoch:
     return KeptEpoch(features, FeatureRows(position, np.arange(len(position)) % folds, folds))
+
+
+def test_intrinsic_dimension_is_paired_only_where_both_runs_put_the_images_in_the_same_folds():
+    """The paired jackknife of ID_b - ID_a needs the same folds in both runs: with run B probed in
+    other folds (or none) the epoch is left out, not crashed on; with the same folds it is tested."""
+    g = np.random.default_rng(3)
+    n, position = 60, np.arange(60)
+    x = {("final", "mean"): g.standard_normal((n, 6)).astype(np.float16)}
+    y = {("final", "mean"): g.standard_normal((n, 6)).astype(np.float16)}
+    same = cross_intrinsic_dimension({0: _kept(x, position)}, {0: _kept(y, position)})
+    assert len(same) == 1 and np.isfinite(same.se.iloc[0]) and same.df.iloc[0] == K - 1
+    for other in (1, K + 1):  # no folds; other folds
+        assert cross_intrinsic_dimension({0: _kept(x, position)}, {0: _kept(y, position, folds=other)}).empty
 
 
 def test_cka_between_runs_with_its_jackknife_and_what_cannot_be_compared():

@@ -381,15 +381,14 @@ def cross_intrinsic_dimension(kept_a: Mapping[int, KeptEpoch], kept_b: Mapping[i
     for epoch, pairs in sorted(_aligned(kept_a, kept_b).items()):
         ea, eb = kept_a[epoch], kept_b[epoch]
         assert ea.rows is not None and eb.rows is not None  # _aligned keeps only epochs whose files both record their rows
-        if ea.rows.folds < 2:
-            continue
+        if ea.rows.folds < 2 or not np.array_equal(ea.rows.fold, eb.rows.fold):
+            continue  # the paired jackknife needs both runs' images in the same folds (same probe_seed and probe_folds)
         for site, view in pairs:
             va, ra = jackknife(twonn_or_nan, ea.rows.fold, ea.rows.folds, ea.features[(site, view)].astype(np.float64))
             vb, rb = jackknife(twonn_or_nan, eb.rows.fold, eb.rows.folds, eb.features[(site, view)].astype(np.float64))
             if not (np.isfinite(va) and np.isfinite(vb)):  # no dimension to measure (pos_embed/cls)
                 continue
-            # ra: K >= 2 above. rb: only if run B was probed with folds too; the pairing assumes the same folds
-            assert ra is not None and rb is not None
+            assert ra is not None and rb is not None  # K >= 2 folds, the same in both runs (above)
             k = ea.rows.folds
             d, se = vb - va, float(uncertainty.paired_se(ra, rb))
             half = uncertainty.t_quantile(k) * se
