@@ -38,7 +38,7 @@ from tgo import findings, plots, representations, runs, tgo2, tracking
 from tgo.errors import AnalysisError
 from tgo.findings import Finding
 from tgo.keys import HEAD_VIEW, Tag, finding_key, head_name, site_order
-from tgo.outputs import OutputFolder
+from tgo.outputs import OutputFolder, Written
 from tgo.probe import ProbeResult
 from tgo.report import VERDICT_COLORS, Document
 from tgo.reprobe import reprobe
@@ -47,18 +47,15 @@ from tgo.spectral import OBSERVABLE_NAMES
 
 
 @dataclass
-class Analysis:
+class Analysis(Written):
+    """What `analyze` returns: the run's tables, its verdicts, and what it wrote (`Written`)."""
+
     run_id: str
     geometry: pd.DataFrame  # epoch, site, view, observable, value, se (jackknife; NaN without folds)
     scalars: pd.DataFrame  # epoch, key, value
     trends: pd.DataFrame  # tgo.findings.trend_table
     findings: list[Finding]
     source: str  # "logged" or "re-probe (N images)"
-    notes: list[str] = field(default_factory=list)
-    figures: list[Path] = field(default_factory=list)
-    report_html: Path | None = None
-    report_md: Path | None = None
-    output_dir: Path | None = None
     analysis_run_id: str = ""
     everywhere: pd.DataFrame = field(default_factory=pd.DataFrame)  # findings 1-4 at every site/view
     head: tuple[str, str] = HEAD_VIEW  # the view that feeds the classifier head
@@ -222,7 +219,7 @@ def analyze(
     trends = findings.trend_table(geometry, replicates)
     wide = findings.everywhere(trends)
     result = Analysis(run_id, geometry, scalars, trends, findings.judge(geometry, replicates, head, trends=trends, wide=wide), source,
-                      notes, output_dir=out.root, everywhere=wide, head=head)
+                      notes=notes, output_dir=out.root, everywhere=wide, head=head)
 
     # TGO-II (findings 6-8): the kept features, token interaction and weight spectra
     study = tgo2.judge(representations.read_kept(run_id, download / "features"), spectra, runs.weight_table(run), head)

@@ -81,7 +81,7 @@ from tgo import plots, runs, tracking, uncertainty
 from tgo.errors import AnalysisError, CompareError
 from tgo.findings import ALPHA, Replicates, benjamini_hochberg
 from tgo.keys import HEAD_VIEW, TOKEN_OBSERVABLE, TOKEN_VIEW, Tag, compare_key, cross_cka_key, site_order
-from tgo.outputs import OutputFolder
+from tgo.outputs import OutputFolder, Written
 from tgo.report import Document
 from tgo.spectral import OBSERVABLE_NAMES
 
@@ -100,7 +100,9 @@ SCOPE_NOTE = ("With one run per side, the standard errors cover the probe's imag
 
 
 @dataclass
-class Comparison:
+class Comparison(Written):
+    """What `compare` returns: the matched epochs, the tests and the CKA, and what it wrote (`Written`)."""
+
     run_a: str  # as given: a training run or a sweep parent
     run_b: str
     runs_a: list[str]  # the training runs behind each side
@@ -113,11 +115,6 @@ class Comparison:
     summary: pd.DataFrame  # side (0 = A, 1 = B), epoch, site, view, observable, value, low, high (95%)
     labels: tuple[str, str] = ("A", "B")
     head: tuple[str, str] = HEAD_VIEW
-    notes: list[str] = field(default_factory=list)
-    figures: list[Path] = field(default_factory=list)
-    report_html: Path | None = None
-    report_md: Path | None = None
-    output_dir: Path | None = None
     comparison_run_id: str = ""
 
     @property
@@ -685,7 +682,7 @@ def compare(
     summary = pd.concat([side_summary(side_a.tables, 0, epochs, side_a.replicates),
                          side_summary(side_b.tables, 1, epochs, side_b.replicates)], ignore_index=True)
     result = Comparison(run_a, run_b, [r.info.run_id for r in side_a.runs], [r.info.run_id for r in side_b.runs], method,
-                        epochs, diffs, differing, cka, summary, labels, side_a.head, notes, output_dir=out.root)
+                        epochs, diffs, differing, cka, summary, labels, side_a.head, notes=notes, output_dir=out.root)
 
     out.table(diffs, "differences")
     out.table(cka, "cka")

@@ -26,12 +26,26 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
 
 from tgo import plots, tracking
+
+
+@dataclass(kw_only=True)
+class Written:
+    """What a command that writes a report returns besides its tables (the analysis's `Analysis`,
+    the comparison's `Comparison` extend it): its notes, the figures and report it wrote, and the
+    folder that holds them."""
+
+    notes: list[str] = field(default_factory=list)
+    figures: list[Path] = field(default_factory=list)
+    report_html: Path | None = None
+    report_md: Path | None = None
+    output_dir: Path | None = None
 
 SUBFOLDERS = ("figures", "tables", "report")  # logged as artifacts of the same names
 

@@ -369,11 +369,7 @@ def compare_over_epochs(summary: pd.DataFrame, site: str, view: str, observables
         ax.set_xlabel("epoch (0 = initialisation)")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.02), ncol=2, fontsize=9)
-    fig.suptitle(f"{site}/{view} over training, both runs (bands: 95% intervals)")
-    fig.tight_layout()
-    return fig
+    return _two_runs_legend(fig, axes[0][0], f"{site}/{view} over training, both runs (bands: 95% intervals)")
 
 
 def compare_depth_profile(summary: pd.DataFrame, epoch: int, observables: Sequence[str], labels: Sequence[str]) -> Figure:
@@ -399,9 +395,14 @@ def compare_depth_profile(summary: pd.DataFrame, epoch: int, observables: Sequen
             ax.set_title(f"{LABELS.get(observable, observable)} ({view})", fontsize=9)
             ax.set_xticks(range(len(sites)), [s.replace("block_", "b") for s in sites], rotation=90, fontsize=7)
             ax.grid(alpha=0.3)
-    handles, names = axes[0][0].get_legend_handles_labels()
+    return _two_runs_legend(fig, axes[0][0], f"Depth profile at epoch {epoch}, both runs (x: site, from patch embedding to final norm; bars: 95% intervals)")
+
+
+def _two_runs_legend(fig: Figure, ax, title: str) -> Figure:
+    """The comparison figures' finish: one legend for both runs under the panels, and the title."""
+    handles, names = ax.get_legend_handles_labels()
     fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.02), ncol=2, fontsize=9)
-    fig.suptitle(f"Depth profile at epoch {epoch}, both runs (x: site, from patch embedding to final norm; bars: 95% intervals)")
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 
