@@ -25,6 +25,7 @@ from tgo.config import TrainConfig
 from tgo.errors import StoreWriteError, short_error
 from tgo.keys import SE_PREFIX, Tag, head_name, metric_key
 from tgo.probe import ProbeResult
+from tgo.probeset import dataset_size
 from tgo.weights import WeightSpectra
 
 __all__ = ["EpochCommitter", "cpu_copy", "dataset_inputs", "progress_line", "record_failure", "record_start", "relog_missing"]
@@ -55,9 +56,9 @@ def record_start(run_id: str, cfg: TrainConfig, *, num_classes: int, notes: Sequ
     """
     tracking.log_config(run_id, cfg.to_dict())
     tags = tracking.base_tags("train", cfg.preset, cfg.dataset, cfg.model)
-    tags[Tag.NUM_CLASSES] = num_classes
+    tags[Tag.NUM_CLASSES] = str(num_classes)
     tags[Tag.DATA_NOTES] = " ".join(notes)
-    tags[Tag.WORLD_SIZE] = world
+    tags[Tag.WORLD_SIZE] = str(world)
     tags[Tag.PROBE_WEIGHTS] = cfg.probe_weights
     if probe_record is not None:
         tags[Tag.PROBE_FINGERPRINT] = probe_record["fingerprint"]
@@ -89,9 +90,9 @@ def dataset_inputs(cfg: TrainConfig, train: Dataset, val: Dataset, num_classes: 
     """
     folder = os.path.realpath(cfg.data_dir) if cfg.data_dir else ""
     classes = getattr(train, "classes", None) or list(range(num_classes))
-    identity = json.dumps([cfg.dataset, folder, len(train), [str(c) for c in classes],
+    identity = json.dumps([cfg.dataset, folder, dataset_size(train), [str(c) for c in classes],
                            cfg.synthetic_train_size if cfg.dataset == "synthetic" else None])
-    source = {"dataset": cfg.dataset, "data_dir": folder, "train_images": len(train), "val_images": len(val), "classes": num_classes}
+    source = {"dataset": cfg.dataset, "data_dir": folder, "train_images": dataset_size(train), "val_images": dataset_size(val), "classes": num_classes}
     out = [{"name": f"{cfg.dataset}-train", "digest": hashlib.sha256(identity.encode()).hexdigest()[:32], "context": "training", "source": source}]
     if probe_record is not None:
         out.append({"name": f"{cfg.dataset}-probe", "digest": probe_record["fingerprint"][:32], "context": "probe",

@@ -190,6 +190,7 @@ def rng_state() -> dict:
     """The state of torch's (CPU and CUDA), numpy's and Python's generators, as tensors and plain
     values that a checkpoint can hold (torch.load with weights_only=True reads it back)."""
     np_state = np.random.get_state()
+    assert isinstance(np_state, tuple)  # the legacy form (the default) of the global MT19937 generator
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],

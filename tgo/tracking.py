@@ -22,8 +22,9 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import urlparse
 
 import mlflow
@@ -34,8 +35,8 @@ from mlflow.tracking import MlflowClient
 
 import tgo
 from tgo.errors import StoreWriteError, TrackingError, mask_url, short_error
-from tgo.liveness import grace_period, heartbeat_interval, process_alive, worker_id
 from tgo.keys import Tag
+from tgo.liveness import grace_period, heartbeat_interval, process_alive, worker_id
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,10 @@ def experiment_id(name: str = "") -> str:
     try:
         return client.create_experiment(name, tags=EXPERIMENT_KIND)
     except MlflowException:  # created by another worker at the same moment
-        return client.get_experiment_by_name(name).experiment_id
+        found = client.get_experiment_by_name(name)
+        if found is None:  # no such race: the creation failed for its own reason
+            raise
+        return found.experiment_id
 
 
 def new_run(experiment: str, run_name: str, tags: dict[str, Any] | None = None) -> str:
@@ -318,7 +322,7 @@ class Lease:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew, daemon=True, name="tgo-lease")
 
-    def start(self) -> "Lease":
+    def start(self) -> Lease:
         self._beat()
         self._thread.start()
         return self
@@ -354,7 +358,8 @@ def log_datasets(run_id: str, datasets: Sequence[dict[str, Any]]) -> None:
 
     inputs = []
     for item in datasets:
-        dataset = MetaDataset(CodeDatasetSource(tags={k: str(v) for k, v in item["source"].items()}), name=item["name"], digest=item["digest"][:36])
+        # MLflow's Dataset marks profile abstract but is no ABC; MetaDataset inherits its None.
+        dataset = MetaDataset(CodeDatasetSource(tags={k: str(v) for k, v in item["source"].items()}), name=item["name"], digest=item["digest"][:36])  # type: ignore[abstract]
         inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", item["context"])]))
     for attempt in range(DATASET_ATTEMPTS):
         try:

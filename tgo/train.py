@@ -32,26 +32,34 @@ import time
 import uuid
 import warnings
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from tgo import tracking
 from tgo.config import TrainConfig, from_dict, from_overrides
-from tgo.errors import ConfigError, TrainingError
 from tgo.data import Datasets, build_datasets
+from tgo.errors import ConfigError, TrainingError
 from tgo.keys import HEAD_VIEW, Tag
 from tgo.model import create_model
 from tgo.probe import ProbeResult, head_view, probe_model
-from tgo.probeset import ProbeSet
+from tgo.probeset import ProbeSet, dataset_size
 from tgo.recording import EpochCommitter, cpu_copy, dataset_inputs, record_failure, record_start
 from tgo.runtime import Dist, amp_dtype, autocast, init_distributed, resolve_device, rng_state, seed_epoch, use_device
-from tgo.spectral import DegenerateGeometryWarning
 from tgo.similarity import feature_metrics
+from tgo.spectral import DegenerateGeometryWarning
 from tgo.weights import WeightSpectra, weight_spectra
+
+if TYPE_CHECKING:  # timm is imported where it is used
+    from timm.data import Mixup
+    from timm.data.distributed_sampler import RepeatAugSampler
+    from timm.scheduler.scheduler import Scheduler
+    from timm.utils import ModelEmaV3
+    from torch.utils.data.distributed import DistributedSampler
 
 log = logging.getLogger(__name__)
 
@@ -89,24 +97,27 @@ class Setup:
     model: torch.nn.Module  # the bare model: evaluated, probed and checkpointed
     train_model: torch.nn.Module  # what trains: the model, wrapped by DDP and torch.compile if asked
     optimizer: torch.optim.Optimizer
-    scheduler: object  # a timm scheduler, stepped once per epoch
+    scheduler: Scheduler  # a timm scheduler, stepped once per epoch
     scaler: torch.amp.GradScaler
-    mixup: object | None  # timm's Mixup, or None
+    mixup: Mixup | None  # timm's Mixup, or None
     loss_fn: torch.nn.Module
     train_loader: DataLoader
-    sampler: object | None  # RepeatAugSampler (repeated_aug > 1) or DistributedSampler (torchrun); None: the loader shuffles
+    sampler: RepeatAugSampler | DistributedSampler | None  # RepeatAugSampler (repeated_aug > 1) or DistributedSampler (torchrun); None: the loader shuffles
     generator: torch.Generator  # the shuffling generator, re-seeded every epoch
     val_loader: DataLoader
     probe_set: ProbeSet | None
-    probe_loader: object | None
-    ema: object | None = None  # timm's ModelEmaV3 (model_ema), or None
+    probe_loader: DataLoader | None
+    ema: ModelEmaV3 | None = None  # timm's ModelEmaV3 (model_ema), or None
     previous_features: dict | None = None  # the probe features of the last kept epoch (feature_epochs)
     start_epoch: int = 0  # 0 for a new run; the epoch after the checkpoint's when resuming
 
     @property
     def probed(self) -> torch.nn.Module:
         """The weights the probe measures and weights_epoch_XXXX.pt keeps (probe_weights)."""
-        return self.ema.module if self.cfg.probe_weights == "ema" else self.model
+        if self.cfg.probe_weights == "ema":
+            assert self.ema is not None, "probe_weights=ema needs model_ema (the config checks it)"
+            return self.ema.module
+        return self.model
 
 
 def build(cfg: TrainConfig, d: Dist | None = None, ckpt: dict | None = None) -> Setup:
@@ -164,7 +175,7 @@ def _model(cfg: TrainConfig, num_classes: int, device: torch.device) -> tuple[to
 
 
 def _optimisation(cfg: TrainConfig, model: torch.nn.Module, device: torch.device,
-                  amp: torch.dtype | None) -> tuple[torch.optim.Optimizer, object, torch.amp.GradScaler, object | None]:
+                  amp: torch.dtype | None) -> tuple[torch.optim.Optimizer, Scheduler, torch.amp.GradScaler, ModelEmaV3 | None]:
     """timm's optimiser and scheduler for `model`, the gradient scaler, and the weight average.
 
     Args:
@@ -185,7 +196,7 @@ def _optimisation(cfg: TrainConfig, model: torch.nn.Module, device: torch.device
         warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
     )
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # loss scaling for fp16 only
-    ema = None
+    ema: ModelEmaV3 | None = None
     if cfg.model_ema:
         from timm.utils import ModelEmaV3
 
@@ -193,7 +204,7 @@ def _optimisation(cfg: TrainConfig, model: torch.nn.Module, device: torch.device
     return optimizer, scheduler, scaler, ema
 
 
-def _loss(cfg: TrainConfig, num_classes: int) -> tuple[object | None, torch.nn.Module]:
+def _loss(cfg: TrainConfig, num_classes: int) -> tuple[Mixup | None, torch.nn.Module]:
     """timm's Mixup (with mixup or cutmix, else None) and the training loss that fits it: soft-target
     cross-entropy under mixup, label smoothing's, or plain cross-entropy."""
     from timm.data import Mixup
@@ -207,8 +218,8 @@ def _loss(cfg: TrainConfig, num_classes: int) -> tuple[object | None, torch.nn.M
     return None, torch.nn.CrossEntropyLoss()
 
 
-def _restore(ckpt: dict, cfg: TrainConfig, model: torch.nn.Module, ema: object | None, optimizer: torch.optim.Optimizer,
-             scheduler: object, scaler: torch.amp.GradScaler) -> int:
+def _restore(ckpt: dict, cfg: TrainConfig, model: torch.nn.Module, ema: ModelEmaV3 | None, optimizer: torch.optim.Optimizer,
+             scheduler: Scheduler, scaler: torch.amp.GradScaler) -> int:
     """Load a checkpoint's weights (and weight average), optimiser, scaler and schedule in place.
 
     Returns:
@@ -239,11 +250,12 @@ def _train_model(cfg: TrainConfig, d: Dist, model: torch.nn.Module, device: torc
 
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
-        train_model = torch.compile(train_model)
+        # torch.compile of a Module is an OptimizedModule, a Module (its stubs say only Callable)
+        train_model = cast(torch.nn.Module, torch.compile(train_model))
     return train_model
 
 
-def _train_sampler(cfg: TrainConfig, d: Dist, train: Dataset) -> Sampler | None:
+def _train_sampler(cfg: TrainConfig, d: Dist, train: Dataset) -> RepeatAugSampler | DistributedSampler | None:
     """The order of the training images: DeiT's repeated augmentation (repeated_aug > 1), a
     DistributedSampler shard under torchrun, or None for the loader's own shuffle by the run's
     generator."""
@@ -254,7 +266,7 @@ def _train_sampler(cfg: TrainConfig, d: Dist, train: Dataset) -> Sampler | None:
         # different ranks (so differently augmented); an epoch keeps len(train) images, rounded
         # down to a multiple of 256 as DeiT does where the set is large enough.
         return RepeatAugSampler(train, num_replicas=d.world, rank=d.rank, shuffle=True, num_repeats=cfg.repeated_aug,
-                                selected_round=256 if len(train) >= 256 * d.world else 0)
+                                selected_round=256 if dataset_size(train) >= 256 * d.world else 0)
     if d.enabled:
         from torch.utils.data.distributed import DistributedSampler
 
@@ -263,7 +275,7 @@ def _train_sampler(cfg: TrainConfig, d: Dist, train: Dataset) -> Sampler | None:
 
 
 def _loaders(cfg: TrainConfig, d: Dist, data: Datasets, probe_set: ProbeSet | None, device: torch.device,
-             drop_last: bool) -> tuple[DataLoader, Sampler | None, torch.Generator, DataLoader, DataLoader | None]:
+             drop_last: bool) -> tuple[DataLoader, RepeatAugSampler | DistributedSampler | None, torch.Generator, DataLoader, DataLoader | None]:
     """The training, validation and probe loaders of this process.
 
     Args:
@@ -287,8 +299,8 @@ def _loaders(cfg: TrainConfig, d: Dist, data: Datasets, probe_set: ProbeSet | No
     train_loader = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler, shuffle=sampler is None, num_workers=cfg.workers,
                               pin_memory=pin, drop_last=drop_last, generator=generator)
     if len(train_loader) == 0:
-        raise ConfigError(f"batch_size: {cfg.batch_size} exceeds the {len(data.train)} training images per process; lower it.")
-    val_shard = list(range(d.rank, len(data.val), d.world))  # disjoint shards, sums all-reduced
+        raise ConfigError(f"batch_size: {cfg.batch_size} exceeds the {dataset_size(data.train)} training images per process; lower it.")
+    val_shard = list(range(d.rank, dataset_size(data.val), d.world))  # disjoint shards, sums all-reduced
     val_loader = DataLoader(Subset(data.val, val_shard), batch_size=cfg.probe_batch_size, num_workers=cfg.workers, pin_memory=pin)
     probe_loader = probe_set.loader(cfg.probe_batch_size, cfg.workers, pin, d.rank, d.world) if probe_set else None
     return train_loader, sampler, generator, val_loader, probe_loader
@@ -458,7 +470,7 @@ def _resume_config(cfg: TrainConfig, given: set[str], saved: dict) -> TrainConfi
 def _fetch_resume(cfg: TrainConfig, given: set[str], d: Dist, tmp: str) -> tuple[TrainConfig, dict]:
     """The config and checkpoint of the run to resume (rank 0 reads them and takes the run's lease;
     under torchrun every rank gets the checkpoint)."""
-    ckpt = None
+    ckpt: dict | None = None
     if d.main:
         resumed_run = tracking.get_run(cfg.resume)
         ckpt = tracking.load_checkpoint(tracking.download(cfg.resume, "checkpoints/last.pt", tmp))
@@ -469,6 +481,7 @@ def _fetch_resume(cfg: TrainConfig, given: set[str], d: Dist, tmp: str) -> tuple
         box = [ckpt]
         dist.broadcast_object_list(box, src=0)
         ckpt = box[0]
+    assert ckpt is not None  # read by rank 0, which is every rank without torchrun; broadcast under it
     return _resume_config(cfg, given, ckpt["config"]), ckpt
 
 
