@@ -12,4 +12,3 @@ __version__ = "0.1.0"  # the one place of the version (pyproject.toml reads it)
 # tgo's modules log what they do (runs started, epochs, failed trials) to the "tgo" logger; the
 # command line shows it ("tgo: ..." on stdout). In Python, show it with logging.basicConfig(level=logging.INFO).
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
-

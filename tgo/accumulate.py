@@ -133,8 +133,12 @@ class MomentAccumulator:
         d = self.shift - shift.to(self.shift)
         n = torch.as_tensor(self.counts, dtype=torch.float64, device=self.sum.device)  # (K,)
         s_new = self.sum + n[:, None] * d
-        g_new = (self.gram + d[None, :, None] * self.sum[:, None, :] + self.sum[:, :, None] * d[None, None, :]
-                 + n[:, None, None] * torch.outer(d, d))
+        g_new = (
+            self.gram
+            + d[None, :, None] * self.sum[:, None, :]
+            + self.sum[:, :, None] * d[None, None, :]
+            + n[:, None, None] * torch.outer(d, d)
+        )
         return s_new, g_new
 
     def merge(self, other: MomentAccumulator) -> MomentAccumulator:
@@ -181,13 +185,19 @@ class MomentAccumulator:
 
     def _moments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Per-group (N, sum, Gram, unit sum, non-zero count) as float64 numpy arrays on the host."""
-        return (self.counts.astype(np.float64), self.sum.cpu().numpy(), self.gram.cpu().numpy(),
-                self.unit_sum.cpu().numpy(), self.n_nonzero.cpu().numpy())
+        return (
+            self.counts.astype(np.float64),
+            self.sum.cpu().numpy(),
+            self.gram.cpu().numpy(),
+            self.unit_sum.cpu().numpy(),
+            self.n_nonzero.cpu().numpy(),
+        )
 
     def _spectra(self, n, s, g, u, nz) -> spectral.Spectra:
         shift = self.shift.cpu().numpy() if self.shift is not None else np.zeros(self.dim)
-        return spectral.spectra_from_moments(n_samples=int(round(n)), shift=shift, shifted_sum=s, shifted_gram=g,
-                                             unit_sum=u, n_nonzero=int(round(nz)))
+        return spectral.spectra_from_moments(
+            n_samples=int(round(n)), shift=shift, shifted_sum=s, shifted_gram=g, unit_sum=u, n_nonzero=int(round(nz))
+        )
 
     def spectra(self) -> spectral.Spectra:
         """The spectra of all rows seen (float64 numpy, via `tgo.spectral.spectra_from_moments`)."""

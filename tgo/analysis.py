@@ -68,33 +68,65 @@ class Analysis(Written):
 
 
 def _tgo2_figures(study: tgo2.TGO2, label: str, out: OutputFolder) -> dict[str, list[Path]]:
-    groups: dict[str, list[Path]] = {"Similarity between sites": [], "Similarity over training": [], "Intrinsic dimension": [],
-                                     "Token interaction": [], "Weight spectra": []}
+    groups: dict[str, list[Path]] = {
+        "Similarity between sites": [],
+        "Similarity over training": [],
+        "Intrinsic dimension": [],
+        "Token interaction": [],
+        "Weight spectra": [],
+    }
     t = study.tables
     for view in ("mean", "cls"):
         if "site_similarity" in t and (t["site_similarity"].view == view).any():
-            groups["Similarity between sites"].append(out.figure(
-                plots.similarity_heatmaps(t["site_similarity"], view, "cka", label), f"cka_sites_{view}"))
+            groups["Similarity between sites"].append(
+                out.figure(plots.similarity_heatmaps(t["site_similarity"], view, "cka", label), f"cka_sites_{view}")
+            )
         if "epoch_similarity" in t and (t["epoch_similarity"].view == view).any():
-            groups["Similarity over training"].append(out.figure(
-                plots.similarity_over_training(t["epoch_similarity"], view, label), f"cka_epochs_{view}"))
+            groups["Similarity over training"].append(
+                out.figure(plots.similarity_over_training(t["epoch_similarity"], view, label), f"cka_epochs_{view}")
+            )
     if "site_similarity" in t and (t["site_similarity"].view == "mean").any():
-        groups["Similarity between sites"].append(out.figure(
-            plots.similarity_heatmaps(t["site_similarity"], "mean", "svcca", label), "svcca_sites_mean"))
+        groups["Similarity between sites"].append(
+            out.figure(plots.similarity_heatmaps(t["site_similarity"], "mean", "svcca", label), "svcca_sites_mean")
+        )
     if "intrinsic_dim" in t and t["intrinsic_dim"].intrinsic_dim.notna().any():
-        groups["Intrinsic dimension"].append(out.figure(plots.per_site_over_epochs(
-            t["intrinsic_dim"], "intrinsic_dim", "TwoNN intrinsic dimension", f"Intrinsic dimension over training - {label}", panel="view"),
-            "intrinsic_dim"))
+        groups["Intrinsic dimension"].append(
+            out.figure(
+                plots.per_site_over_epochs(
+                    t["intrinsic_dim"],
+                    "intrinsic_dim",
+                    "TwoNN intrinsic dimension",
+                    f"Intrinsic dimension over training - {label}",
+                    panel="view",
+                ),
+                "intrinsic_dim",
+            )
+        )
     if len(t["tokens"]):
-        groups["Token interaction"].append(out.figure(plots.per_site_over_epochs(
-            t["tokens"], "mean_cosine", "mean cosine of distinct patch tokens", f"Token interaction over training - {label}", se="se", folds="folds"),
-            "token_interaction"))
+        groups["Token interaction"].append(
+            out.figure(
+                plots.per_site_over_epochs(
+                    t["tokens"],
+                    "mean_cosine",
+                    "mean cosine of distinct patch tokens",
+                    f"Token interaction over training - {label}",
+                    se="se",
+                    folds="folds",
+                ),
+                "token_interaction",
+            )
+        )
     weights = t.get("weights", pd.DataFrame(columns=["observable", "value"]))
     alpha = weights[weights.observable == "alpha"].dropna(subset=["value"])
     if len(alpha):
-        groups["Weight spectra"].append(out.figure(plots.per_site_over_epochs(
-            alpha, "value", "WeightWatcher alpha", f"Power-law exponent of the weight spectra - {label}", panel="kind"),
-            "weight_alpha"))
+        groups["Weight spectra"].append(
+            out.figure(
+                plots.per_site_over_epochs(
+                    alpha, "value", "WeightWatcher alpha", f"Power-law exponent of the weight spectra - {label}", panel="kind"
+                ),
+                "weight_alpha",
+            )
+        )
     return groups
 
 
@@ -125,8 +157,10 @@ def _document(a: Analysis, title: str, figure_groups: dict[str, list[Path]], tgo
     if tgo2_found:
         doc.heading("TGO-II findings").findings(tgo2_found)
         doc.paragraph(findings.METHOD_TGO2.format(alpha=findings.ALPHA, margin=findings.TOKEN_MARGIN), lead="Method.")
-        doc.paragraph("Tables: site_similarity.csv (CKA and SVCCA of every pair of sites at every kept epoch), epoch_similarity.csv, "
-                      "intrinsic_dim.csv, specialisation.csv, tokens.csv, weights.csv.")
+        doc.paragraph(
+            "Tables: site_similarity.csv (CKA and SVCCA of every pair of sites at every kept epoch), epoch_similarity.csv, "
+            "intrinsic_dim.csv, specialisation.csv, tokens.csv, weights.csv."
+        )
         for heading, paths in tgo2_groups.items():
             doc.figures(heading, paths, level=3)
     return doc
@@ -197,8 +231,7 @@ def analyze(
     spectra: dict[int, ProbeResult] = {}
     covariances: dict[int, ProbeResult] = {}
     if probe_size or data_dir:
-        spectra, size = reprobe(run_id, download, probe_size, data_dir, probe_seed, device, None,
-                                 keep_covariance=chosen or [HEAD_VIEW])
+        spectra, size = reprobe(run_id, download, probe_size, data_dir, probe_seed, device, None, keep_covariance=chosen or [HEAD_VIEW])
         covariances = spectra
         geometry, source = runs.geometry_table(spectra), f"re-probe of the saved weights on {size} validation images"
     else:
@@ -213,13 +246,25 @@ def analyze(
     scalars = runs.scalar_table(run_id, runs.SCALARS)
     replicates, head = runs.replicates_of(spectra), runs.head_of(spectra)
     if not replicates:
-        notes.append("This run has no standard errors (logged before tgo measured them, or probe_folds=1): findings "
-                     "1-4 are judged by the trend test alone and finding 5 is left inconclusive. Re-probe its saved "
-                     "weights (probe_size) to get them.")
+        notes.append(
+            "This run has no standard errors (logged before tgo measured them, or probe_folds=1): findings "
+            "1-4 are judged by the trend test alone and finding 5 is left inconclusive. Re-probe its saved "
+            "weights (probe_size) to get them."
+        )
     trends = findings.trend_table(geometry, replicates)
     wide = findings.everywhere(trends)
-    result = Analysis(run_id, geometry, scalars, trends, findings.judge(geometry, replicates, head, trends=trends, wide=wide), source,
-                      notes=notes, output_dir=out.root, everywhere=wide, head=head)
+    result = Analysis(
+        run_id,
+        geometry,
+        scalars,
+        trends,
+        findings.judge(geometry, replicates, head, trends=trends, wide=wide),
+        source,
+        notes=notes,
+        output_dir=out.root,
+        everywhere=wide,
+        head=head,
+    )
 
     # TGO-II (findings 6-8): the kept features, token interaction and weight spectra
     study = tgo2.judge(representations.read_kept(run_id, download / "features"), spectra, runs.weight_table(run), head)
@@ -269,8 +314,15 @@ def _write_tables(result: Analysis, out: OutputFolder) -> None:
     out.parquet(result.geometry, "geometry")
 
 
-def _tgo1_figures(shown: pd.DataFrame, spectra: dict[int, ProbeResult], covariances: dict[int, ProbeResult],
-                  chosen: Sequence[tuple[str, str]], label: str, last_epoch: int, out: OutputFolder) -> dict[str, list[Path]]:
+def _tgo1_figures(
+    shown: pd.DataFrame,
+    spectra: dict[int, ProbeResult],
+    covariances: dict[int, ProbeResult],
+    chosen: Sequence[tuple[str, str]],
+    label: str,
+    last_epoch: int,
+    out: OutputFolder,
+) -> dict[str, list[Path]]:
     """TGO-I's figures, by report section: every observable over epochs and as a site x epoch heat
     map, the chosen sites' spectra and correlation structure, and the depth profile at the last epoch.
 
@@ -283,8 +335,13 @@ def _tgo1_figures(shown: pd.DataFrame, spectra: dict[int, ProbeResult], covarian
         last_epoch: the epoch of the depth profile.
         out: where the figures go.
     """
-    groups: dict[str, list[Path]] = {"Observables over training": [], "Site x epoch heat maps": [], "Eigenspectra over training": [],
-                                     "Covariance structure": [], "Depth profile": []}
+    groups: dict[str, list[Path]] = {
+        "Observables over training": [],
+        "Site x epoch heat maps": [],
+        "Eigenspectra over training": [],
+        "Covariance structure": [],
+        "Depth profile": [],
+    }
     observables = [o for o in OBSERVABLE_NAMES if o in set(shown.observable)]
     for name in tqdm(observables, desc="figures", leave=False, disable=None):
         groups["Observables over training"].append(out.figure(plots.observable_over_epochs(shown, name, label), f"epochs_{name}"))
@@ -293,20 +350,31 @@ def _tgo1_figures(shown: pd.DataFrame, spectra: dict[int, ProbeResult], covarian
         if spectra:
             eig = {e: r[(site, view)].eigenvalues for e, r in spectra.items() if (site, view) in r.geometry}
             sv = {e: r[(site, view)].singular_values for e, r in spectra.items() if (site, view) in r.geometry}
-            groups["Eigenspectra over training"].append(out.figure(
-                plots.spectra_over_training(eig, f"Eigenspectrum of {site}/{view} over training", "eigenvalue of the covariance"),
-                f"eigenspectra_{site}_{view}"))
-            groups["Eigenspectra over training"].append(out.figure(
-                plots.spectra_over_training(sv, f"Singular values of the centered {site}/{view} over training", "singular value"),
-                f"singular_values_{site}_{view}"))
+            groups["Eigenspectra over training"].append(
+                out.figure(
+                    plots.spectra_over_training(eig, f"Eigenspectrum of {site}/{view} over training", "eigenvalue of the covariance"),
+                    f"eigenspectra_{site}_{view}",
+                )
+            )
+            groups["Eigenspectra over training"].append(
+                out.figure(
+                    plots.spectra_over_training(sv, f"Singular values of the centered {site}/{view} over training", "singular value"),
+                    f"singular_values_{site}_{view}",
+                )
+            )
         cov_epochs = sorted(e for e, r in covariances.items() if (site, view) in r.geometry and r[(site, view)].covariance is not None)
         if len(cov_epochs) >= 2:
             first, last = cov_epochs[0], cov_epochs[-1]
             cov_first, cov_last = covariances[first][(site, view)].covariance, covariances[last][(site, view)].covariance
             assert cov_first is not None and cov_last is not None  # cov_epochs holds only the epochs that kept it
-            groups["Covariance structure"].append(out.figure(plots.correlation_first_last(
-                cov_first, cov_last, (first, last),
-                f"Correlation structure of {site}/{view}, first and last epoch"), f"correlation_{site}_{view}"))
+            groups["Covariance structure"].append(
+                out.figure(
+                    plots.correlation_first_last(
+                        cov_first, cov_last, (first, last), f"Correlation structure of {site}/{view}, first and last epoch"
+                    ),
+                    f"correlation_{site}_{view}",
+                )
+            )
     groups["Depth profile"].append(out.figure(plots.depth_profile(shown, last_epoch, label), "depth_profile"))
     return groups
 

@@ -71,10 +71,16 @@ def _analyze_parser(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("run_id", help="the training run to analyse")
-    p.add_argument("--probe_size", default="0", help="re-probe the run's saved weights on this many validation images; 0 uses what the run logged")
+    p.add_argument(
+        "--probe_size", default="0", help="re-probe the run's saved weights on this many validation images; 0 uses what the run logged"
+    )
     p.add_argument("--data_dir", default="", help="where the run's data lies now, for a re-probe (checked against its fingerprint)")
     p.add_argument("--probe_seed", default="", help="seed of the re-probe's image selection; empty: the run's own")
-    p.add_argument("--sites", default="", help="comma-separated <site>/<view> pairs for the spectra and covariance figures; empty: final/cls and the middle block's patch view")
+    p.add_argument(
+        "--sites",
+        default="",
+        help="comma-separated <site>/<view> pairs for the spectra and covariance figures; empty: final/cls and the middle block's patch view",
+    )
     p.add_argument("--device", default="auto", help="device of a re-probe")
     p.add_argument("--output_dir", default="", help="also keep the files here (default: a temporary folder)")
     p.add_argument("--figure_format", default="png", help="figure files: png, pdf or svg")
@@ -91,7 +97,11 @@ def _sweep_parser(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--seeds", default="0,1,2,3,4", help="seeds separated by commas")
-    p.add_argument("--storage", default="", help="Optuna storage: journal:PATH (processes on one machine), postgresql://... (machines), default sqlite:///optuna.db")
+    p.add_argument(
+        "--storage",
+        default="",
+        help="Optuna storage: journal:PATH (processes on one machine), postgresql://... (machines), default sqlite:///optuna.db",
+    )
     p.add_argument("--study_name", default="", help="name of the sweep in the storage; default sweep-<seeds>")
     p.add_argument("--figure_format", default="png", help="figure files of the aggregate: png, pdf or svg")
     _add_train_options(p)  # --seed too, as in MLproject's shared list: the sweep refuses a value
@@ -108,7 +118,9 @@ def _study_parser(sub) -> None:
     )
     p.add_argument("--n_trials", default="10", help="trials in the whole study (all workers together)")
     p.add_argument("--objectives", default="val/acc1:max", help="metric:max|min, comma-separated for several (multi-objective)")
-    p.add_argument("--search_space", default="", help="YAML search space; default: the one shipped in the package (tgo/data/search_space.yaml)")
+    p.add_argument(
+        "--search_space", default="", help="YAML search space; default: the one shipped in the package (tgo/data/search_space.yaml)"
+    )
     p.add_argument("--storage", default="", help="Optuna storage: default sqlite:///optuna.db, journal:PATH, postgresql://...")
     p.add_argument("--study_name", default="tgo-study", help="name of the study in the storage (resumed if it exists)")
     p.add_argument("--pruner", default="median", help="median, hyperband, successive_halving or none")
@@ -145,7 +157,9 @@ def _compare_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     import tgo
 
-    parser = argparse.ArgumentParser(prog="tgo", description="Transformer Geometry Observatory: the spectral geometry of a ViT while it trains, in MLflow.")
+    parser = argparse.ArgumentParser(
+        prog="tgo", description="Transformer Geometry Observatory: the spectral geometry of a ViT while it trains, in MLflow."
+    )
     parser.add_argument("--version", action="version", version=f"tgo {tgo.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,analyze,sweep,study,data,compare}")
     _train_parser(sub)
@@ -192,8 +206,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.run_id:
         from tgo.keys import parse_metric_key
 
-        summary = {k: round(v, 4) for k, v in result.metrics.items()
-                   if (parts := parse_metric_key(k)) is None or (parts.site, parts.view) == result.head}
+        summary = {
+            k: round(v, 4)
+            for k, v in result.metrics.items()
+            if (parts := parse_metric_key(k)) is None or (parts.site, parts.view) == result.head
+        }
         print(f"tgo: run {result.run_id} finished {result.epoch} epochs.")
         print(json.dumps(summary, indent=1, sort_keys=True))
     return 0
@@ -249,9 +266,15 @@ def cmd_study(args: argparse.Namespace) -> int:
     from tgo.study import DEFAULT_SPACE, study
 
     result = study(
-        _int("n_trials", args.n_trials) or 0, objectives=args.objectives, search_space=args.search_space or DEFAULT_SPACE,
-        storage=args.storage, study_name=args.study_name, pruner=args.pruner, sampler_seed=_int("sampler_seed", args.sampler_seed) or 0,
-        figure_format=args.figure_format, **_train_values(args),
+        _int("n_trials", args.n_trials) or 0,
+        objectives=args.objectives,
+        search_space=args.search_space or DEFAULT_SPACE,
+        storage=args.storage,
+        study_name=args.study_name,
+        pruner=args.pruner,
+        sampler_seed=_int("sampler_seed", args.sampler_seed) or 0,
+        figure_format=args.figure_format,
+        **_train_values(args),
     )
     for note in result.notes:
         print(f"tgo: {note}")
@@ -268,8 +291,10 @@ def cmd_data(args: argparse.Namespace) -> int:
         counts = report["counts"][split]
         lacking = report["source_lacks"].get(split, [])
         total = sum(counts.values())
-        print(f"{split}: {total} images in {sum(1 for n in counts.values() if n)} of 100 classes "
-              f"(fewest {min(counts.values())}, most {max(counts.values())} per class)")
+        print(
+            f"{split}: {total} images in {sum(1 for n in counts.values() if n)} of 100 classes "
+            f"(fewest {min(counts.values())}, most {max(counts.values())} per class)"
+        )
         if lacking:
             print(f"  missing from {args.src}/{split}: {len(lacking)} classes: {', '.join(lacking)}")
     if report.get("replaced_links"):
@@ -282,20 +307,28 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from tgo.compare import compare
 
-    result = compare(args.run_a, args.run_b, output_dir=args.output_dir or None, log=args.log, figures=args.figures,
-                     figure_format=args.figure_format)
+    result = compare(
+        args.run_a, args.run_b, output_dir=args.output_dir or None, log=args.log, figures=args.figures, figure_format=args.figure_format
+    )
     for note in result.notes:
         print(f"tgo: {note}")
     tested = int(((result.differences.epoch == result.last_epoch) & result.differences.p.notna()).sum())
-    print(f"tgo: compared {args.run_a} (A) with {args.run_b} (B) at {len(result.epochs)} matched epochs ({result.method}); "
-          f"at epoch {result.last_epoch}, {len(result.differing)} of {tested} site/view/observable tests differ.")
+    print(
+        f"tgo: compared {args.run_a} (A) with {args.run_b} (B) at {len(result.epochs)} matched epochs ({result.method}); "
+        f"at epoch {result.last_epoch}, {len(result.differing)} of {tested} site/view/observable tests differ."
+    )
     for row in result.differing.head(10).itertuples():
         print(f"  {row.site}/{row.view} {row.observable}: {row.a:.4g} -> {row.b:.4g} (difference {row.difference:+.4g}, q {row.q:.2g})")
     if len(result.cka):
         last = result.cka[result.cka.epoch == result.cka.epoch.max()]
-        print(f"tgo: CKA between the runs at epoch {int(last.epoch.iloc[0])}: "
-              + ", ".join(f"{r.site}/{r.view} {r.cka:.3f}" for r in last.itertuples()))
-    print(f"tgo: report {result.report_html}" + (f"; comparison run {result.comparison_run_id}" if result.comparison_run_id else " (not logged)"))
+        print(
+            f"tgo: CKA between the runs at epoch {int(last.epoch.iloc[0])}: "
+            + ", ".join(f"{r.site}/{r.view} {r.cka:.3f}" for r in last.itertuples())
+        )
+    print(
+        f"tgo: report {result.report_html}"
+        + (f"; comparison run {result.comparison_run_id}" if result.comparison_run_id else " (not logged)")
+    )
     return 0
 
 
@@ -308,7 +341,14 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow draws a progress bar per artifact transfer, which would interleave with tgo's own; the
     # command line (this process is tgo's) switches them off unless the user has set them.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    commands = {"train": cmd_train, "analyze": cmd_analyze, "sweep": cmd_sweep, "study": cmd_study, "data": cmd_data, "compare": cmd_compare}
+    commands = {
+        "train": cmd_train,
+        "analyze": cmd_analyze,
+        "sweep": cmd_sweep,
+        "study": cmd_study,
+        "data": cmd_data,
+        "compare": cmd_compare,
+    }
     try:
         return commands[args.command](args)
     except TgoError as err:  # every error tgo raises for bad input or an unusable service: one line and its status

@@ -92,11 +92,34 @@ if TYPE_CHECKING:
 TESTED = tuple(o for o in OBSERVABLE_NAMES if not o.startswith("n_components_")) + (TOKEN_OBSERVABLE,)  # token interaction (TGO-II) too
 KEY_OBSERVABLES = ("effective_rank", "spectral_entropy", "spectral_anisotropy", "participation_ratio")
 KEYS = ["epoch", "site", "view", "observable"]
-COLUMNS = [*KEYS, "a", "b", "difference", "relative", "se", "se_a", "se_b", "sd_a", "sd_b", "n_a", "n_b", "df", "t",
-           "hedges_g", "ci_low", "ci_high", "p", "q", "differs", "method"]
-SCOPE_NOTE = ("With one run per side, the standard errors cover the probe's image sampling only, not seed-to-seed "
-              "variation: two seeds of one setting differ wherever training noise moved them. Compare two sweep "
-              "parents (several seeds each) to test a difference between settings.")
+COLUMNS = [
+    *KEYS,
+    "a",
+    "b",
+    "difference",
+    "relative",
+    "se",
+    "se_a",
+    "se_b",
+    "sd_a",
+    "sd_b",
+    "n_a",
+    "n_b",
+    "df",
+    "t",
+    "hedges_g",
+    "ci_low",
+    "ci_high",
+    "p",
+    "q",
+    "differs",
+    "method",
+]
+SCOPE_NOTE = (
+    "With one run per side, the standard errors cover the probe's image sampling only, not seed-to-seed "
+    "variation: two seeds of one setting differ wherever training noise moved them. Compare two sweep "
+    "parents (several seeds each) to test a difference between settings."
+)
 
 
 @dataclass
@@ -153,9 +176,15 @@ def _testable(table: pd.DataFrame, epochs: Sequence[int], flat: set[tuple[str, s
     return table[keep]
 
 
-def run_differences(geometry_a: pd.DataFrame, geometry_b: pd.DataFrame, replicates_a: Replicates | None = None,
-                    replicates_b: Replicates | None = None, *, paired: bool = False,
-                    epochs: Sequence[int] | None = None) -> pd.DataFrame:
+def run_differences(
+    geometry_a: pd.DataFrame,
+    geometry_b: pd.DataFrame,
+    replicates_a: Replicates | None = None,
+    replicates_b: Replicates | None = None,
+    *,
+    paired: bool = False,
+    epochs: Sequence[int] | None = None,
+) -> pd.DataFrame:
     """One run against one: per epoch, site, view and observable, d = b - a with its jackknife
     standard error and t test (module docstring). Returns COLUMNS (q and differs unset: `adjust`).
 
@@ -226,8 +255,9 @@ def hedges_g(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
         return np.where(sp > 0, j * (b.mean(axis=axis) - a.mean(axis=axis)) / np.where(sp > 0, sp, 1.0), np.nan)
 
 
-def seed_differences(runs_a: Sequence[pd.DataFrame], runs_b: Sequence[pd.DataFrame], *,
-                     epochs: Sequence[int] | None = None) -> pd.DataFrame:
+def seed_differences(
+    runs_a: Sequence[pd.DataFrame], runs_b: Sequence[pd.DataFrame], *, epochs: Sequence[int] | None = None
+) -> pd.DataFrame:
     """Several runs against several (or one against several): per epoch, site, view and observable,
     Welch's t test on the runs' values, the mean difference with its interval and Hedges' g
     (module docstring). Returns COLUMNS (q and differs unset: `adjust`).
@@ -296,8 +326,9 @@ def differing_at(differences: pd.DataFrame, epoch: int) -> pd.DataFrame:
     return rows.assign(_effect=effect).sort_values("_effect", ascending=False).drop(columns="_effect").reset_index(drop=True)
 
 
-def side_summary(tables: Sequence[pd.DataFrame], side: int, epochs: Sequence[int] | None = None,
-                 replicates: Sequence[Replicates] | None = None) -> pd.DataFrame:
+def side_summary(
+    tables: Sequence[pd.DataFrame], side: int, epochs: Sequence[int] | None = None, replicates: Sequence[Replicates] | None = None
+) -> pd.DataFrame:
     """One side's value and 95% interval per epoch, site, view and observable, for the figures:
     one run, value +- t_{K-1} se (its jackknife over the probe's K folds, K the rows of its
     `replicates`, as `tgo.runs.replicates_of` and `with_tokens` give them; no interval where K or se
@@ -308,8 +339,10 @@ def side_summary(tables: Sequence[pd.DataFrame], side: int, epochs: Sequence[int
         out = t[[*KEYS, "value"]].copy()
         reps = replicates[0] if replicates else {}
         # each row's K: the geometry tables carry se alone, and K may differ by site (the tokens view)
-        folds = [len(r) if (r := reps.get((site, view), {}).get(epoch)) is not None else np.nan
-                 for epoch, site, view in zip(t.epoch, t.site, t.view)]
+        folds = [
+            len(r) if (r := reps.get((site, view), {}).get(epoch)) is not None else np.nan
+            for epoch, site, view in zip(t.epoch, t.site, t.view)
+        ]
         half = uncertainty.half_width(t.se, np.asarray(folds, float))
         out["low"], out["high"] = t.value - half, t.value + half
     else:
@@ -359,8 +392,10 @@ def cross_cka(kept_a: Mapping[int, KeptEpoch], kept_b: Mapping[int, KeptEpoch]) 
             se = float(uncertainty.jackknife_se(reps)) if reps is not None else np.nan
             rows.append((epoch, site, view, value, se, ea.rows.folds, len(xa)))
     if skipped:
-        notes.append(f"Kept features at epochs {skipped} do not line up image by image (another probe set, or files kept "
-                     "before tgo recorded each row's place): no CKA there.")
+        notes.append(
+            f"Kept features at epochs {skipped} do not line up image by image (another probe set, or files kept "
+            "before tgo recorded each row's place): no CKA there."
+        )
     table = pd.DataFrame(rows, columns=["epoch", "site", "view", "cka", "se", "folds", "n_images"])
     order = {s: i for i, s in enumerate(site_order(table.site))}
     table = table.sort_values(["epoch", "view", "site"], key=lambda c: c.map(order) if c.name == "site" else c).reset_index(drop=True)
@@ -389,12 +424,29 @@ def cross_intrinsic_dimension(kept_a: Mapping[int, KeptEpoch], kept_b: Mapping[i
             k = ea.rows.folds
             d, se = vb - va, float(uncertainty.paired_se(ra, rb))
             half = uncertainty.t_quantile(k) * se
-            rows.append({"epoch": epoch, "site": site, "view": view, "observable": "intrinsic_dim", "a": va, "b": vb,
-                         "difference": d, "relative": d / abs(va) if va else np.nan, "se": se,
-                         "se_a": float(uncertainty.jackknife_se(ra)), "se_b": float(uncertainty.jackknife_se(rb)),
-                         "n_a": 1, "n_b": 1, "df": k - 1, "t": d / se if se > 0 else np.nan,
-                         "ci_low": d - half, "ci_high": d + half, "p": float(uncertainty.t_test(d, se, k)),
-                         "method": "paired jackknife (TwoNN refitted per fold)"})
+            rows.append(
+                {
+                    "epoch": epoch,
+                    "site": site,
+                    "view": view,
+                    "observable": "intrinsic_dim",
+                    "a": va,
+                    "b": vb,
+                    "difference": d,
+                    "relative": d / abs(va) if va else np.nan,
+                    "se": se,
+                    "se_a": float(uncertainty.jackknife_se(ra)),
+                    "se_b": float(uncertainty.jackknife_se(rb)),
+                    "n_a": 1,
+                    "n_b": 1,
+                    "df": k - 1,
+                    "t": d / se if se > 0 else np.nan,
+                    "ci_low": d - half,
+                    "ci_high": d + half,
+                    "p": float(uncertainty.t_test(d, se, k)),
+                    "method": "paired jackknife (TwoNN refitted per fold)",
+                }
+            )
     return pd.DataFrame(rows).reindex(columns=COLUMNS)
 
 
@@ -455,15 +507,21 @@ def _resolve(run_id: str, which: str) -> _Side:
             try:
                 runs.append(tracking.get_run(seed_run))
             except tracking.TrackingError:
-                raise CompareError(f"{which}: sweep parent {run_id} lists seed run {seed_run}, which is not in the tracking "
-                                   f"store {tracking.store_name()} (deleted?).") from None
+                raise CompareError(
+                    f"{which}: sweep parent {run_id} lists seed run {seed_run}, which is not in the tracking "
+                    f"store {tracking.store_name()} (deleted?)."
+                ) from None
         return _Side(run_id, run, runs, f"{name} ({len(runs)} seeds)")
     if kind == "sweep":
-        raise CompareError(f"{which}: run {run_id} is a sweep parent whose seeds have not all finished (it has no tag "
-                           "tgo.seed_runs yet); finish the sweep (run its command again), or compare its seed runs.")
+        raise CompareError(
+            f"{which}: run {run_id} is a sweep parent whose seeds have not all finished (it has no tag "
+            "tgo.seed_runs yet); finish the sweep (run its command again), or compare its seed runs."
+        )
     if kind in ("study", "analysis", "comparison"):
-        raise CompareError(f"{which}: run {run_id} is a {kind} run, not a training run or a sweep parent; give the id of "
-                           "a training run (tgo.kind=train) or of a sweep parent.")
+        raise CompareError(
+            f"{which}: run {run_id} is a {kind} run, not a training run or a sweep parent; give the id of "
+            "a training run (tgo.kind=train) or of a sweep parent."
+        )
     return _Side(run_id, run, [run], name)
 
 
@@ -521,17 +579,23 @@ def _fmt(x: float) -> str:
 
 def _method_text(c: Comparison) -> str:
     if c.method == "jackknife":
-        text = ("One run per side: each difference b - a is tested against its jackknife standard error over the probe's "
-                "folds (paired fold by fold where both runs were probed on the same images with the same folds, else "
-                "sqrt(se_a^2 + se_b^2)), Student's t with K - 1 degrees of freedom; effect sizes: the difference, its "
-                "relative size d/|a| and t. " + SCOPE_NOTE)
+        text = (
+            "One run per side: each difference b - a is tested against its jackknife standard error over the probe's "
+            "folds (paired fold by fold where both runs were probed on the same images with the same folds, else "
+            "sqrt(se_a^2 + se_b^2)), Student's t with K - 1 degrees of freedom; effect sizes: the difference, its "
+            "relative size d/|a| and t. " + SCOPE_NOTE
+        )
     else:
-        text = ("Several runs on a side: Welch's t test on the runs' values at each epoch (one run against a sweep: that run "
-                "as one more draw of the sweep's distribution), the mean difference with its 95% Welch interval and "
-                "Hedges' g (the standardised mean difference, small-sample corrected; |g| of 0.8 or more is large).")
-    return text + (f" Benjamini-Hochberg across the {int(c.differences[c.differences.epoch == c.last_epoch].p.notna().sum())} "
-                   f"tests of an epoch; a difference is declared at q <= {ALPHA}. Integer-valued observables (n_components_*) "
-                   "and views without variance are not tested.")
+        text = (
+            "Several runs on a side: Welch's t test on the runs' values at each epoch (one run against a sweep: that run "
+            "as one more draw of the sweep's distribution), the mean difference with its 95% Welch interval and "
+            "Hedges' g (the standardised mean difference, small-sample corrected; |g| of 0.8 or more is large)."
+        )
+    return text + (
+        f" Benjamini-Hochberg across the {int(c.differences[c.differences.epoch == c.last_epoch].p.notna().sum())} "
+        f"tests of an epoch; a difference is declared at q <= {ALPHA}. Integer-valued observables (n_components_*) "
+        "and views without variance are not tested."
+    )
 
 
 def _by_site(differences: pd.DataFrame, epoch: int | None) -> pd.DataFrame:
@@ -541,8 +605,16 @@ def _by_site(differences: pd.DataFrame, epoch: int | None) -> pd.DataFrame:
     rows = []
     for (site, view), part in at.groupby(["site", "view"]):
         hit = part[part.differs]
-        rows.append({"site": site, "view": view, "tests": len(part), "differ": len(hit),
-                     "higher in B": ", ".join(hit[hit.difference > 0].observable), "lower in B": ", ".join(hit[hit.difference < 0].observable)})
+        rows.append(
+            {
+                "site": site,
+                "view": view,
+                "tests": len(part),
+                "differ": len(hit),
+                "higher in B": ", ".join(hit[hit.difference > 0].observable),
+                "lower in B": ", ".join(hit[hit.difference < 0].observable),
+            }
+        )
     table = pd.DataFrame(rows, columns=["site", "view", "tests", "differ", "higher in B", "lower in B"])
     order = {s: i for i, s in enumerate(site_order(table.site))}
     return table.sort_values(["site", "view"], key=lambda col: col.map(order) if col.name == "site" else col).reset_index(drop=True)
@@ -563,10 +635,14 @@ def _document(c: Comparison, sides: tuple[_Side, _Side], figure_groups: dict[str
     top = c.differing.head(25)[shown_cols] if len(c.differing) else pd.DataFrame(columns=shown_cols)
     tested = c.differences[(c.differences.epoch == last) & c.differences.p.notna()] if last is not None else c.differences.iloc[:0]
     doc = Document(f"Comparison of {c.labels[0]} and {c.labels[1]}")
-    doc.paragraph(f"Run A: {a.label}, {a.given} ({len(a.runs)} run{'s' if len(a.runs) > 1 else ''}). Run B: {b.label}, {b.given} "
-                  f"({len(b.runs)} run{'s' if len(b.runs) > 1 else ''}). Matched epochs: {c.epochs}.")
-    doc.headline(f"At the last matched epoch ({last}), {len(c.differing)} of {len(tested)} site/view/observable tests differ "
-                 f"(Benjamini-Hochberg, q <= {ALPHA}).")
+    doc.paragraph(
+        f"Run A: {a.label}, {a.given} ({len(a.runs)} run{'s' if len(a.runs) > 1 else ''}). Run B: {b.label}, {b.given} "
+        f"({len(b.runs)} run{'s' if len(b.runs) > 1 else ''}). Matched epochs: {c.epochs}."
+    )
+    doc.headline(
+        f"At the last matched epoch ({last}), {len(c.differing)} of {len(tested)} site/view/observable tests differ "
+        f"(Benjamini-Hochberg, q <= {ALPHA})."
+    )
     for note in c.notes:
         doc.note(note)
     by_site = _by_site(c.differences, last)
@@ -582,8 +658,10 @@ def _document(c: Comparison, sides: tuple[_Side, _Side], figure_groups: dict[str
     if len(cka_last):
         cka_view = cka_last.pivot_table(index="site", columns="view", values="cka")
         doc.heading(f"CKA between the runs at epoch {int(cka_last.epoch.iloc[0])}")
-        doc.paragraph("Debiased linear CKA between run A's and run B's features of the same probe images (1: alike up to a rotation "
-                      "and scale); standard errors in tables/cka.csv.")
+        doc.paragraph(
+            "Debiased linear CKA between run A's and run B's features of the same probe images (1: alike up to a rotation "
+            "and scale); standard errors in tables/cka.csv."
+        )
         doc.table(cka_view.reindex(site_order(cka_view.index)).reset_index())
     for heading, paths in figure_groups.items():
         doc.figures(heading, paths)
@@ -627,8 +705,9 @@ def compare(
     if not epochs:
         ea = sorted(set().union(*(set(t.epoch.unique()) for t in side_a.tables)))
         eb = sorted(set().union(*(set(t.epoch.unique()) for t in side_b.tables)))
-        raise CompareError(f"the runs share no probed epoch (run_a probed {ea}, run_b {eb}); compare runs probed at "
-                           "common epochs (probe_every).")
+        raise CompareError(
+            f"the runs share no probed epoch (run_a probed {ea}, run_b {eb}); compare runs probed at common epochs (probe_every)."
+        )
     notes: list[str] = []
     for side, which in ((side_a, "A"), (side_b, "B")):
         for run in side.runs:
@@ -642,15 +721,20 @@ def compare(
         method = "jackknife"
         identity_a, identity_b = _probe_identity(first_a, download), _probe_identity(first_b, download)
         paired = bool(identity_a[0]) and identity_a == identity_b
-        diffs = run_differences(side_a.tables[0], side_b.tables[0], side_a.replicates[0], side_b.replicates[0],
-                                paired=paired, epochs=epochs)
+        diffs = run_differences(
+            side_a.tables[0], side_b.tables[0], side_a.replicates[0], side_b.replicates[0], paired=paired, epochs=epochs
+        )
         notes.append(SCOPE_NOTE)
         if not paired:
-            notes.append("The runs were not probed on the same images in the same folds (tgo.probe_fingerprint, probe_seed or "
-                         "probe_folds differ): their standard errors combine as independent, sqrt(se_a^2 + se_b^2).")
+            notes.append(
+                "The runs were not probed on the same images in the same folds (tgo.probe_fingerprint, probe_seed or "
+                "probe_folds differ): their standard errors combine as independent, sqrt(se_a^2 + se_b^2)."
+            )
         if diffs.p.isna().all():
-            notes.append("Neither run has jackknife replicates (probe_folds=1, or logged before tgo measured them): "
-                         "differences are reported without tests.")
+            notes.append(
+                "Neither run has jackknife replicates (probe_folds=1, or logged before tgo measured them): "
+                "differences are reported without tests."
+            )
     else:
         method = "across runs"
         diffs = seed_differences(side_a.tables, side_b.tables, epochs=epochs)
@@ -668,8 +752,10 @@ def compare(
         cka, cka_notes = cross_cka(kept_a, kept_b)
         notes += cka_notes
         if method != "jackknife" and len(cka):
-            notes.append(f"CKA between the runs: between the first seed run of each side ({first_a.info.run_id} and "
-                         f"{first_b.info.run_id}), not every pair of seeds.")
+            notes.append(
+                f"CKA between the runs: between the first seed run of each side ({first_a.info.run_id} and "
+                f"{first_b.info.run_id}), not every pair of seeds."
+            )
         if method == "jackknife":
             dims = cross_intrinsic_dimension(kept_a, kept_b)
             if len(dims):
@@ -679,10 +765,26 @@ def compare(
     differing = differing_at(diffs, last)
 
     labels = (f"A: {side_a.label}", f"B: {side_b.label}")
-    summary = pd.concat([side_summary(side_a.tables, 0, epochs, side_a.replicates),
-                         side_summary(side_b.tables, 1, epochs, side_b.replicates)], ignore_index=True)
-    result = Comparison(run_a, run_b, [r.info.run_id for r in side_a.runs], [r.info.run_id for r in side_b.runs], method,
-                        epochs, diffs, differing, cka, summary, labels, side_a.head, notes=notes, output_dir=out.root)
+    summary = pd.concat(
+        [side_summary(side_a.tables, 0, epochs, side_a.replicates), side_summary(side_b.tables, 1, epochs, side_b.replicates)],
+        ignore_index=True,
+    )
+    result = Comparison(
+        run_a,
+        run_b,
+        [r.info.run_id for r in side_a.runs],
+        [r.info.run_id for r in side_b.runs],
+        method,
+        epochs,
+        diffs,
+        differing,
+        cka,
+        summary,
+        labels,
+        side_a.head,
+        notes=notes,
+        output_dir=out.root,
+    )
 
     out.table(diffs, "differences")
     out.table(cka, "cka")
@@ -703,24 +805,35 @@ def _figures(c: Comparison, sides: tuple[_Side, _Side], out: OutputFolder) -> di
     shown = c.summary[~pd.Series(list(zip(c.summary.site, c.summary.view))).isin(flat).to_numpy()]
     head_site, head_view = c.head
     groups: dict[str, list[Path]] = {"Observables over training, side by side": [], "Depth profile": [], "CKA between the runs": []}
-    groups["Observables over training, side by side"].append(out.figure(
-        plots.compare_over_epochs(shown, head_site, head_view, KEY_OBSERVABLES, c.labels), f"epochs_{head_site}_{head_view}"))
+    groups["Observables over training, side by side"].append(
+        out.figure(plots.compare_over_epochs(shown, head_site, head_view, KEY_OBSERVABLES, c.labels), f"epochs_{head_site}_{head_view}")
+    )
     groups["Depth profile"].append(out.figure(plots.compare_depth_profile(shown, c.epochs[-1], KEY_OBSERVABLES, c.labels), "depth_profile"))
     if len(c.cka):
-        groups["CKA between the runs"].append(out.figure(
-            plots.cross_run_cka(c.cka, f"Debiased linear CKA between {c.labels[0]} and {c.labels[1]} at each site"), "cka_between_runs"))
+        groups["CKA between the runs"].append(
+            out.figure(
+                plots.cross_run_cka(c.cka, f"Debiased linear CKA between {c.labels[0]} and {c.labels[1]} at each site"), "cka_between_runs"
+            )
+        )
     return groups
 
 
 def _summary_json(c: Comparison) -> dict:
     last_cka = c.cka[c.cka.epoch == c.cka.epoch.max()] if len(c.cka) else c.cka
     return {
-        "run_a": c.run_a, "run_b": c.run_b, "runs_a": c.runs_a, "runs_b": c.runs_b, "method": c.method,
-        "matched_epochs": c.epochs, "last_epoch": c.last_epoch, "alpha": ALPHA,
+        "run_a": c.run_a,
+        "run_b": c.run_b,
+        "runs_a": c.runs_a,
+        "runs_b": c.runs_b,
+        "method": c.method,
+        "matched_epochs": c.epochs,
+        "last_epoch": c.last_epoch,
+        "alpha": ALPHA,
         "tests_at_last_epoch": int(c.differences[(c.differences.epoch == c.last_epoch) & c.differences.p.notna()].shape[0]),
         "differing_at_last_epoch": json.loads(c.differing.to_json(orient="records")),
         "cka_at_last_common_kept_epoch": json.loads(last_cka.to_json(orient="records")),
-        "notes": c.notes, "tgo_version": tgo.__version__,
+        "notes": c.notes,
+        "tgo_version": tgo.__version__,
     }
 
 
@@ -728,17 +841,29 @@ def _log(c: Comparison, sides: tuple[_Side, _Side], out: OutputFolder) -> str:
     """The comparison run, linked to both runs (tags and a note) but the child of neither."""
     a, b = sides
     assert c.last_epoch is not None  # compare() stops with a CompareError when no epoch matched
-    note = (f"Comparison of {_links(c, a)} (run A, `{a.given}`) and {_links(c, b)} (run B, `{b.given}`) at matched epochs "
-            f"{c.epochs}: {len(c.differing)} site/view/observable differences at epoch {c.last_epoch} "
-            f"(Benjamini-Hochberg, q <= {ALPHA}). Report: report/report.html.")
-    tags = {Tag.KIND: "comparison", Tag.COMPARED_RUNS: f"{c.run_a},{c.run_b}", Tag.RUN_A: c.run_a, Tag.RUN_B: c.run_b,
-            Tag.COMPARE_METHOD: c.method, Tag.VERSION: tgo.__version__, "mlflow.note.content": note}
+    note = (
+        f"Comparison of {_links(c, a)} (run A, `{a.given}`) and {_links(c, b)} (run B, `{b.given}`) at matched epochs "
+        f"{c.epochs}: {len(c.differing)} site/view/observable differences at epoch {c.last_epoch} "
+        f"(Benjamini-Hochberg, q <= {ALPHA}). Report: report/report.html."
+    )
+    tags = {
+        Tag.KIND: "comparison",
+        Tag.COMPARED_RUNS: f"{c.run_a},{c.run_b}",
+        Tag.RUN_A: c.run_a,
+        Tag.RUN_B: c.run_b,
+        Tag.COMPARE_METHOD: c.method,
+        Tag.VERSION: tgo.__version__,
+        "mlflow.note.content": note,
+    }
     run_id = tracking.open_linked_run(c.run_a, f"compare {a.label} vs {b.label}"[:250], tags)
     try:
         out.log(run_id, files=("comparison.json",))
         last = c.differences[c.differences.epoch == c.last_epoch]
-        metrics: dict[str, float] = {compare_key("differing"): len(c.differing), compare_key("tests"): int(last.p.notna().sum()),
-                                     compare_key("matched_epochs"): len(c.epochs)}
+        metrics: dict[str, float] = {
+            compare_key("differing"): len(c.differing),
+            compare_key("tests"): int(last.p.notna().sum()),
+            compare_key("matched_epochs"): len(c.epochs),
+        }
         tracking.log_metrics(run_id, metrics, step=int(c.last_epoch))
         # cka/<site>/<view> at every common kept epoch (the step): its latest value is the last one's
         for step in sorted(c.cka.epoch.unique()) if len(c.cka) else []:

@@ -48,66 +48,81 @@ class TrainConfig:
     """Every setting of a training run. Field names are the MLflow parameter names; each field's help
     is its metadata (HELP)."""
 
-    preset: Preset = _field("demo", f"starting point: {', '.join(get_args(Preset))} (demo: digits on a CPU; smoke: seconds, for tests; tgo1: the TGO-I study)")
+    preset: Preset = _field(
+        "demo", f"starting point: {', '.join(get_args(Preset))} (demo: digits on a CPU; smoke: seconds, for tests; tgo1: the TGO-I study)"
+    )
     # data
     dataset: Dataset = _field("digits", f"one of {', '.join(get_args(Dataset))}")
-    data_dir: str = _field("", 'imagefolder/imagenet100: folder with train/ and val/ class folders; cifar: the dataset root')
-    download: bool = _field(False, 'cifar10/cifar100 only: let torchvision download the archive (needs internet)')
-    img_size: int = _field(32, 'input resolution in pixels (a multiple of the patch size)')
-    synthetic_train_size: int = _field(512, 'synthetic dataset: training images')
-    synthetic_val_size: int = _field(128, 'synthetic dataset: validation images')
+    data_dir: str = _field("", "imagefolder/imagenet100: folder with train/ and val/ class folders; cifar: the dataset root")
+    download: bool = _field(False, "cifar10/cifar100 only: let torchvision download the archive (needs internet)")
+    img_size: int = _field(32, "input resolution in pixels (a multiple of the patch size)")
+    synthetic_train_size: int = _field(512, "synthetic dataset: training images")
+    synthetic_val_size: int = _field(128, "synthetic dataset: validation images")
     num_classes: int = _field(0, "classes of the head; 0 takes the dataset's count")
-    workers: int = _field(0, 'DataLoader worker processes')
+    workers: int = _field(0, "DataLoader worker processes")
     # model
-    model: str = _field("vit_small_patch16_224", 'timm ViT name, built with pretrained=False (e.g. vit_small_patch16_224)')
+    model: str = _field("vit_small_patch16_224", "timm ViT name, built with pretrained=False (e.g. vit_small_patch16_224)")
     patch_size: int = _field(0, "patch size override; 0 keeps the model's own")
     depth: int = _field(0, "number of transformer blocks override; 0 keeps the model's own")
-    drop_path: float = _field(0.0, 'stochastic depth rate')
+    drop_path: float = _field(0.0, "stochastic depth rate")
     # optimisation (timm's create_optimizer_v2 / create_scheduler_v2)
-    epochs: int = _field(10, 'training epochs (epoch 0, the initialisation, is probed in addition)')
-    batch_size: int = _field(64, 'training images per step (per process under torchrun)')
-    lr: float = _field(0.0, 'peak learning rate; 0 applies the scaling rule base_lr x batch_size / 512')
-    base_lr: float = _field(1e-3, 'learning rate at batch size 512 for the scaling rule')
-    min_lr: float = _field(1e-6, 'floor of the cosine schedule')
-    warmup_lr: float = _field(1e-6, 'learning rate at the start of the warm-up')
-    weight_decay: float = _field(0.05, 'AdamW weight decay')
-    opt: str = _field("adamw", 'timm optimiser name (create_optimizer_v2), e.g. adamw, sgd, lamb')
+    epochs: int = _field(10, "training epochs (epoch 0, the initialisation, is probed in addition)")
+    batch_size: int = _field(64, "training images per step (per process under torchrun)")
+    lr: float = _field(0.0, "peak learning rate; 0 applies the scaling rule base_lr x batch_size / 512")
+    base_lr: float = _field(1e-3, "learning rate at batch size 512 for the scaling rule")
+    min_lr: float = _field(1e-6, "floor of the cosine schedule")
+    warmup_lr: float = _field(1e-6, "learning rate at the start of the warm-up")
+    weight_decay: float = _field(0.05, "AdamW weight decay")
+    opt: str = _field("adamw", "timm optimiser name (create_optimizer_v2), e.g. adamw, sgd, lamb")
     sched: Schedule = _field("cosine", f"timm schedule (create_scheduler_v2): {', '.join(get_args(Schedule))}")
-    warmup_epochs: int = _field(1, 'linear warm-up epochs')
-    grad_clip: float = _field(0.0, 'gradient norm clipping; 0 is off')
-    smoothing: float = _field(0.1, 'label smoothing')
-    mixup: float = _field(0.0, 'mixup alpha; 0 is off')
-    cutmix: float = _field(0.0, 'cutmix alpha; 0 is off')
-    auto_augment: str = _field("none", 'timm RandAugment spec such as rand-m9-mstd0.5-inc1, or none')
-    reprob: float = _field(0.0, 'random erasing probability')
-    hflip: float = _field(0.5, 'horizontal flip probability')
-    crop_pct: float = _field(1.0, 'evaluation centre-crop ratio (0.875 for ImageNet, 1 for digits)')
-    repeated_aug: int = _field(0, "repeated augmentation: each training image this many times per epoch, differently augmented (timm's RepeatAugSampler; DeiT: 3); 0 or 1: off")
+    warmup_epochs: int = _field(1, "linear warm-up epochs")
+    grad_clip: float = _field(0.0, "gradient norm clipping; 0 is off")
+    smoothing: float = _field(0.1, "label smoothing")
+    mixup: float = _field(0.0, "mixup alpha; 0 is off")
+    cutmix: float = _field(0.0, "cutmix alpha; 0 is off")
+    auto_augment: str = _field("none", "timm RandAugment spec such as rand-m9-mstd0.5-inc1, or none")
+    reprob: float = _field(0.0, "random erasing probability")
+    hflip: float = _field(0.5, "horizontal flip probability")
+    crop_pct: float = _field(1.0, "evaluation centre-crop ratio (0.875 for ImageNet, 1 for digits)")
+    repeated_aug: int = _field(
+        0,
+        "repeated augmentation: each training image this many times per epoch, differently augmented (timm's RepeatAugSampler; DeiT: 3); 0 or 1: off",
+    )
     model_ema: bool = _field(False, "keep an exponential moving average of the weights (timm's ModelEmaV3; DeiT: on)")
-    model_ema_decay: float = _field(0.99996, 'decay per step of the weight average (DeiT: 0.99996)')
+    model_ema_decay: float = _field(0.99996, "decay per step of the weight average (DeiT: 0.99996)")
     # probe
-    probe_size: int = _field(256, 'validation images in the fixed geometry probe set')
-    probe_every: int = _field(1, 'probe every N epochs (always at epoch 0 and the last); 0 switches the probe off')
-    probe_batch_size: int = _field(128, 'batch size of the probe and of validation')
-    probe_patch_tokens: int = _field(0, 'patch view: keep k random patch tokens per image; 0 keeps all')
+    probe_size: int = _field(256, "validation images in the fixed geometry probe set")
+    probe_every: int = _field(1, "probe every N epochs (always at epoch 0 and the last); 0 switches the probe off")
+    probe_batch_size: int = _field(128, "batch size of the probe and of validation")
+    probe_patch_tokens: int = _field(0, "patch view: keep k random patch tokens per image; 0 keeps all")
     probe_precision: ProbePrecision = _field("float64", "float64 (default) or float32 products in the probe's accumulators")
-    probe_seed: int = _field(0, 'seed of the probe image selection (independent of the training seed)')
-    probe_folds: int = _field(5, 'folds of the jackknife that gives every observable its standard error (1: none)')
-    weight_spectra: bool = _field(True, "every epoch, the singular values, stable rank, effective rank and WeightWatcher's alpha of every weight matrix (weights/...; about 10 s an epoch for ViT-S on a CPU)")
-    probe_weights: ProbeWeights = _field("model", 'weights the probe measures (and checkpoints/weights_epoch_XXXX.pt keeps): model, the trained weights, or ema, their average (needs model_ema)')
+    probe_seed: int = _field(0, "seed of the probe image selection (independent of the training seed)")
+    probe_folds: int = _field(5, "folds of the jackknife that gives every observable its standard error (1: none)")
+    weight_spectra: bool = _field(
+        True,
+        "every epoch, the singular values, stable rank, effective rank and WeightWatcher's alpha of every weight matrix (weights/...; about 10 s an epoch for ViT-S on a CPU)",
+    )
+    probe_weights: ProbeWeights = _field(
+        "model",
+        "weights the probe measures (and checkpoints/weights_epoch_XXXX.pt keeps): model, the trained weights, or ema, their average (needs model_ema)",
+    )
     # run
-    seed: int = _field(0, 'training seed (initialisation, shuffling, augmentation)')
+    seed: int = _field(0, "training seed (initialisation, shuffling, augmentation)")
     device: str = _field("auto", DEVICES_HELP)
     amp: AmpMode = _field("auto", f"mixed precision: {', '.join(get_args(AmpMode))} (auto: bf16 on a GPU that has it, off on the CPU)")
-    compile: bool = _field(False, 'torch.compile the training model')
-    channels_last: bool = _field(True, 'channels_last memory format on CUDA')
-    checkpoint_epochs: str = _field("0,last", 'epochs whose weights are kept as artifacts: e.g. 0,10,last, or all, or none')
-    feature_epochs: str = _field("auto", 'epochs whose per-image cls and mean features of every site are kept (geometry/features/, float16) and compared (similarity/, intrinsic_dim/): auto (0, powers of 2, the last), a list such as 0,10,last, all, or none')
-    resume: str = _field("", 'id of a run to continue in place from its last checkpoint')
-    experiment: str = _field("", "MLflow experiment for new runs; empty: MLflow's choice (MLFLOW_EXPERIMENT_NAME, else Default), as under `mlflow run`")
-    run_name: str = _field("", 'MLflow run name for new runs')
-    system_metrics: bool = _field(True, 'log CPU, memory and GPU system metrics (needs psutil; pynvml for GPUs)')
-
+    compile: bool = _field(False, "torch.compile the training model")
+    channels_last: bool = _field(True, "channels_last memory format on CUDA")
+    checkpoint_epochs: str = _field("0,last", "epochs whose weights are kept as artifacts: e.g. 0,10,last, or all, or none")
+    feature_epochs: str = _field(
+        "auto",
+        "epochs whose per-image cls and mean features of every site are kept (geometry/features/, float16) and compared (similarity/, intrinsic_dim/): auto (0, powers of 2, the last), a list such as 0,10,last, all, or none",
+    )
+    resume: str = _field("", "id of a run to continue in place from its last checkpoint")
+    experiment: str = _field(
+        "", "MLflow experiment for new runs; empty: MLflow's choice (MLFLOW_EXPERIMENT_NAME, else Default), as under `mlflow run`"
+    )
+    run_name: str = _field("", "MLflow run name for new runs")
+    system_metrics: bool = _field(True, "log CPU, memory and GPU system metrics (needs psutil; pynvml for GPUs)")
 
     @property
     def resolved_lr(self) -> float:
@@ -130,7 +145,7 @@ class TrainConfig:
 
 
 def _epoch_set(spec: str, epochs: int) -> set[int]:
-    """"none", "all", "auto" (0, powers of 2, the last) or "0,10,last" -> epoch numbers; ValueError else."""
+    """ "none", "all", "auto" (0, powers of 2, the last) or "0,10,last" -> epoch numbers; ValueError else."""
     spec = spec.strip().lower()
     if spec == "none":
         return set()
@@ -143,21 +158,65 @@ def _epoch_set(spec: str, epochs: int) -> set[int]:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": dict(
-        dataset="digits", img_size=32, epochs=10, batch_size=64, base_lr=1e-3, warmup_epochs=1,
-        weight_decay=0.05, smoothing=0.1, hflip=0.0, crop_pct=1.0, probe_size=256,
-        probe_batch_size=128, drop_path=0.0, weight_spectra=False,
+        dataset="digits",
+        img_size=32,
+        epochs=10,
+        batch_size=64,
+        base_lr=1e-3,
+        warmup_epochs=1,
+        weight_decay=0.05,
+        smoothing=0.1,
+        hflip=0.0,
+        crop_pct=1.0,
+        probe_size=256,
+        probe_batch_size=128,
+        drop_path=0.0,
+        weight_spectra=False,
     ),
     "smoke": dict(
-        model="vit_tiny_patch16_224", dataset="synthetic", img_size=32, patch_size=8, depth=2, epochs=2, batch_size=32,
-        synthetic_train_size=128, synthetic_val_size=64, num_classes=4, base_lr=2e-3,
-        warmup_epochs=0, probe_size=32, probe_batch_size=32, hflip=0.0, system_metrics=False, weight_spectra=False,
+        model="vit_tiny_patch16_224",
+        dataset="synthetic",
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        epochs=2,
+        batch_size=32,
+        synthetic_train_size=128,
+        synthetic_val_size=64,
+        num_classes=4,
+        base_lr=2e-3,
+        warmup_epochs=0,
+        probe_size=32,
+        probe_batch_size=32,
+        hflip=0.0,
+        system_metrics=False,
+        weight_spectra=False,
     ),
     "tgo1": dict(
-        dataset="imagenet100", img_size=224, epochs=300, batch_size=256, base_lr=5e-4,
-        min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05, sched="cosine", warmup_epochs=5,
-        smoothing=0.1, mixup=0.8, cutmix=1.0, auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25,
-        drop_path=0.1, hflip=0.5, crop_pct=0.875, repeated_aug=3, model_ema=True, probe_size=1000, probe_batch_size=250,
-        workers=8, checkpoint_epochs="0,1,10,100,last",
+        dataset="imagenet100",
+        img_size=224,
+        epochs=300,
+        batch_size=256,
+        base_lr=5e-4,
+        min_lr=1e-5,
+        warmup_lr=1e-6,
+        weight_decay=0.05,
+        sched="cosine",
+        warmup_epochs=5,
+        smoothing=0.1,
+        mixup=0.8,
+        cutmix=1.0,
+        auto_augment="rand-m9-mstd0.5-inc1",
+        reprob=0.25,
+        drop_path=0.1,
+        hflip=0.5,
+        crop_pct=0.875,
+        repeated_aug=3,
+        model_ema=True,
+        probe_size=1000,
+        probe_batch_size=250,
+        workers=8,
+        checkpoint_epochs="0,1,10,100,last",
     ),
 }
 
@@ -223,19 +282,30 @@ def _check_timm_names(cfg, need) -> None:
     opt = cfg.opt.lower()
     known = {name for name in list_optimizers() if isinstance(name, str)}  # names only (no with_description)
     base = opt.split("_", 1)[1] if opt.startswith("lookahead_") else opt
-    need(base in known, f"opt: unknown optimiser {cfg.opt!r}; timm knows {', '.join(sorted(known))} "
-                        "(any of them may be prefixed with lookahead_).")
+    need(
+        base in known,
+        f"opt: unknown optimiser {cfg.opt!r}; timm knows {', '.join(sorted(known))} (any of them may be prefixed with lookahead_).",
+    )
     spec = cfg.auto_augment.strip()
     if spec and spec.lower() != "none":
         from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
 
         hparams = dict(translate_const=int(cfg.img_size * 0.45), img_mean=(124, 116, 104))
-        make = rand_augment_transform if spec.startswith("rand") else augment_and_mix_transform if spec.startswith("augmix") else auto_augment_transform
+        make = (
+            rand_augment_transform
+            if spec.startswith("rand")
+            else augment_and_mix_transform
+            if spec.startswith("augmix")
+            else auto_augment_transform
+        )
         try:
             make(spec, hparams)
         except (AssertionError, ValueError, KeyError, IndexError, TypeError) as err:
-            need(False, f"auto_augment: timm cannot read {spec!r} ({type(err).__name__}: {err}); use a spec such as "
-                        "rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2, original or v0 (AutoAugment), or none.")
+            need(
+                False,
+                f"auto_augment: timm cannot read {spec!r} ({type(err).__name__}: {err}); use a spec such as "
+                "rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2, original or v0 (AutoAugment), or none.",
+            )
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -252,13 +322,26 @@ def _check(cfg: TrainConfig) -> None:
     for name in ("img_size", "epochs", "batch_size", "probe_batch_size", "synthetic_train_size", "synthetic_val_size"):
         minimum = 0 if name == "epochs" else 1
         need(getattr(cfg, name) >= minimum, f"{name}: must be an integer >= {minimum}, got {getattr(cfg, name)}.")
-    for name in ("num_classes", "workers", "patch_size", "depth", "warmup_epochs", "probe_every", "probe_patch_tokens", "seed", "probe_seed"):
+    for name in (
+        "num_classes",
+        "workers",
+        "patch_size",
+        "depth",
+        "warmup_epochs",
+        "probe_every",
+        "probe_patch_tokens",
+        "seed",
+        "probe_seed",
+    ):
         need(getattr(cfg, name) >= 0, f"{name}: must be an integer >= 0, got {getattr(cfg, name)}.")
     need(cfg.probe_size >= 2, f"probe_size: must be an integer >= 2 (a covariance needs two images), got {cfg.probe_size}.")
     need(cfg.probe_folds >= 1, f"probe_folds: must be an integer >= 1 (1: no standard errors; 5 is the default), got {cfg.probe_folds}.")
     if cfg.probe_folds > 1:
-        need(cfg.probe_size >= cfg.probe_folds, f"probe_folds: {cfg.probe_folds} folds need at least {cfg.probe_folds} probe "
-             f"images, got probe_size={cfg.probe_size}; lower probe_folds or raise probe_size.")
+        need(
+            cfg.probe_size >= cfg.probe_folds,
+            f"probe_folds: {cfg.probe_folds} folds need at least {cfg.probe_folds} probe "
+            f"images, got probe_size={cfg.probe_size}; lower probe_folds or raise probe_size.",
+        )
     for name in ("lr", "base_lr", "min_lr", "warmup_lr", "weight_decay", "grad_clip", "mixup", "cutmix"):
         need(getattr(cfg, name) >= 0, f"{name}: must be a number >= 0, got {getattr(cfg, name)}.")
     need(cfg.resolved_lr > 0, "lr: must be > 0 (or 0 with base_lr > 0 for the scaling rule).")
@@ -273,26 +356,30 @@ def _check(cfg: TrainConfig) -> None:
     need(cfg.probe_weights in ("model", "ema"), f"probe_weights: choose model or ema, got {cfg.probe_weights!r}.")
     need(cfg.probe_weights == "model" or cfg.model_ema, "probe_weights: ema needs model_ema=true (there is no weight average to measure).")
     for name in ("seed", "probe_seed"):
-        need(getattr(cfg, name) < 2**32, f"{name}: must be an integer in [0, 2^32 - 1] (numpy's and torch's seed range), got {getattr(cfg, name)}.")
+        need(
+            getattr(cfg, name) < 2**32,
+            f"{name}: must be an integer in [0, 2^32 - 1] (numpy's and torch's seed range), got {getattr(cfg, name)}.",
+        )
     _check_timm_names(cfg, need)
     device = cfg.device.lower()
     ok_device = device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit())
     need(ok_device, f"device: unknown device {cfg.device!r}; choose {DEVICES_HELP}.")
-    if (cfg.mixup > 0 or cfg.cutmix > 0):
+    if cfg.mixup > 0 or cfg.cutmix > 0:
         need(cfg.batch_size % 2 == 0, f"batch_size: mixup/cutmix need an even batch size, got {cfg.batch_size}.")
     try:
         epochs = cfg.checkpoint_epoch_set()
     except ValueError:
         raise ConfigError(
-            f"checkpoint_epochs: expected epochs separated by commas (e.g. 0,10,last), 'all' or "
-            f"'none', got {cfg.checkpoint_epochs!r}."
+            f"checkpoint_epochs: expected epochs separated by commas (e.g. 0,10,last), 'all' or 'none', got {cfg.checkpoint_epochs!r}."
         ) from None
     bad = sorted(e for e in epochs if not 0 <= e <= cfg.epochs)
     need(not bad, f"checkpoint_epochs: epochs {bad} are outside 0..{cfg.epochs} (epochs={cfg.epochs}).")
     try:
         epochs = _epoch_set(cfg.feature_epochs, cfg.epochs)
     except ValueError:
-        raise ConfigError(f"feature_epochs: expected auto, all, none or epochs separated by commas (e.g. 0,10,last), got {cfg.feature_epochs!r}.") from None
+        raise ConfigError(
+            f"feature_epochs: expected auto, all, none or epochs separated by commas (e.g. 0,10,last), got {cfg.feature_epochs!r}."
+        ) from None
     bad = sorted(e for e in epochs if not 0 <= e <= cfg.epochs)
     need(not bad, f"feature_epochs: epochs {bad} are outside 0..{cfg.epochs} (epochs={cfg.epochs}).")
 
@@ -308,9 +395,7 @@ def resolve(preset: str = "demo", **overrides: Any) -> TrainConfig:
         raise ConfigError(f"preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
     unknown = sorted(set(overrides) - set(FIELD_TYPES))
     if unknown:
-        raise ConfigError(
-            f"unknown parameter(s) {', '.join(unknown)}; the parameters are: {', '.join(FIELD_TYPES)}."
-        )
+        raise ConfigError(f"unknown parameter(s) {', '.join(unknown)}; the parameters are: {', '.join(FIELD_TYPES)}.")
     values: dict[str, Any] = {"preset": preset, **PRESETS[preset]}
     chosen = overrides.get("dataset")
     if chosen not in (None, "") and str(chosen).strip() != values.get("dataset", TrainConfig.dataset):

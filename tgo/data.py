@@ -98,9 +98,7 @@ def _digits(cfg: TrainConfig):
     grey = (digits.images / 16.0 * 255).round().astype(np.uint8)  # (1797, 8, 8)
     big = np.stack([np.asarray(Image.fromarray(g).resize((cfg.img_size, cfg.img_size), Image.Resampling.BICUBIC)) for g in grey])
     rgb = np.repeat(big[..., None], 3, axis=-1)
-    idx_train, idx_val = train_test_split(
-        np.arange(len(rgb)), test_size=0.2, random_state=0, stratify=digits.target
-    )
+    idx_train, idx_val = train_test_split(np.arange(len(rgb)), test_size=0.2, random_state=0, stratify=digits.target)
     return (rgb[idx_train], digits.target[idx_train]), (rgb[idx_val], digits.target[idx_val]), 10
 
 
@@ -239,8 +237,7 @@ def build_datasets(cfg: TrainConfig) -> Datasets:
         train, val = _folder(root, "train", train_tf), _folder(root, "val", eval_tf)
         if train.classes != val.classes:
             raise DataError(
-                f"{root}: train/ and val/ have different class folders "
-                f"({len(train.classes)} vs {len(val.classes)}); they must match."
+                f"{root}: train/ and val/ have different class folders ({len(train.classes)} vs {len(val.classes)}); they must match."
             )
         k = len(train.classes)
     elif cfg.dataset == "imagenet100":
@@ -262,8 +259,10 @@ def build_imagenet100(src: str | Path, dst: str | Path, splits=("train", "val"))
         raise DataError(f"--src {src} does not exist; point it at an ImageNet-1k tree with train/ and val/.")
     real_src, real_dst = src.resolve(), dst.resolve()
     if real_dst == real_src or real_src in real_dst.parents:
-        raise DataError(f"--dst {dst} lies inside --src {src}: ImageNet-100 would be written into the ImageNet-1k "
-                        "tree it links to. Choose a folder outside it.")
+        raise DataError(
+            f"--dst {dst} lies inside --src {src}: ImageNet-100 would be written into the ImageNet-1k "
+            "tree it links to. Choose a folder outside it."
+        )
     lacking: dict[str, list[str]] = {}
     replaced = 0
     for split in splits:
@@ -283,8 +282,10 @@ def build_imagenet100(src: str | Path, dst: str | Path, splits=("train", "val"))
             try:
                 cls_dst.mkdir(parents=True, exist_ok=True)
             except (FileExistsError, NotADirectoryError):
-                raise DataError(f"cannot make the folder {cls_dst}: a file stands where a folder should be "
-                                f"(in {dst}). Move it away, or choose another --dst.") from None
+                raise DataError(
+                    f"cannot make the folder {cls_dst}: a file stands where a folder should be "
+                    f"(in {dst}). Move it away, or choose another --dst."
+                ) from None
             for entry in os.scandir(cls_src):
                 if not entry.name.endswith(IMG_EXTENSIONS):
                     continue

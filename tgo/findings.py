@@ -51,7 +51,10 @@ Verdict = Literal["supported", "contradicted", "mixed", "inconclusive"]
 
 # number -> (claim, {observable: expected direction, +1 up, -1 down})
 TREND_FINDINGS: dict[int, tuple[str, dict[str, int]]] = {
-    1: ("Dimensional utilisation (effective rank, participation ratio) increases over training", {"effective_rank": 1, "participation_ratio": 1}),
+    1: (
+        "Dimensional utilisation (effective rank, participation ratio) increases over training",
+        {"effective_rank": 1, "participation_ratio": 1},
+    ),
     2: ("Anisotropy decreases over training", {"spectral_anisotropy": -1, "cosine_anisotropy": -1}),
     3: ("Spectral entropy increases over training", {"spectral_entropy": 1}),
     4: ("Eigenspectra get flatter over training (flatness up, power-law decay alpha down)", {"spectral_flatness": 1, "alpha": -1}),
@@ -143,8 +146,13 @@ def trend_test(epochs: np.ndarray, values: np.ndarray) -> dict[str, float]:
 def change_test(first: float, last: float, reps_first: np.ndarray | None, reps_last: np.ndarray | None) -> dict[str, float]:
     """The first-to-last change against its paired jackknife standard error (NaN without one)."""
     change = last - first
-    out = {"change": change, "relative_change": change / abs(first) if first else np.nan,
-           "change_se": np.nan, "change_t": np.nan, "change_p": np.nan}
+    out = {
+        "change": change,
+        "relative_change": change / abs(first) if first else np.nan,
+        "change_se": np.nan,
+        "change_t": np.nan,
+        "change_p": np.nan,
+    }
     if reps_first is None or reps_last is None or len(reps_first) != len(reps_last) or len(reps_first) < 2:
         return out
     se = float(uncertainty.paired_se(reps_first, reps_last))
@@ -182,10 +190,18 @@ def trend_table(geometry: pd.DataFrame, replicates: Replicates | None = None) ->
         reps = replicates.get((site, view), {})
         rf = reps[first_e][:, column[name]] if first_e in reps and name in column else None
         rl = reps[last_e][:, column[name]] if last_e in reps and name in column else None
-        row = {"site": site, "view": view, "observable": name, "n_epochs": len(y), "first_epoch": first_e,
-               "last_epoch": last_e, "first": y[0], "last": y[-1],
-               "se_first": uncertainty.jackknife_se(rf) if rf is not None else np.nan,
-               "se_last": uncertainty.jackknife_se(rl) if rl is not None else np.nan}
+        row = {
+            "site": site,
+            "view": view,
+            "observable": name,
+            "n_epochs": len(y),
+            "first_epoch": first_e,
+            "last_epoch": last_e,
+            "first": y[0],
+            "last": y[-1],
+            "se_first": uncertainty.jackknife_se(rf) if rf is not None else np.nan,
+            "se_last": uncertainty.jackknife_se(rl) if rl is not None else np.nan,
+        }
         row.update(change_test(y[0], y[-1], rf, rl) if len(y) >= 2 else change_test(y[0], y[0], None, None))
         row.update(trend_test(x, y))
         if len(y) >= 3 and np.ptp(y) > 0:
@@ -246,12 +262,15 @@ def _judge_site(trends: pd.DataFrame, site: str, view: str, expected: Mapping[st
 def _describe(r: dict) -> str:
     se = f" +- {_fmt(r['change_se'])}" if np.isfinite(r["change_se"]) else ""
     trend = f", Kendall tau {_fmt(r['kendall_tau'])} (p {_fmt(r['trend_p'])})" if np.isfinite(r["kendall_tau"]) else ""
-    return (f"{r['observable']} {_fmt(r['first'])} -> {_fmt(r['last'])} (change {_fmt(r['change'])}{se}, "
-            f"p {_fmt(r['change_p'])}{trend}; Holm p {_fmt(r['p_holm'])}: {r['call']})")
+    return (
+        f"{r['observable']} {_fmt(r['first'])} -> {_fmt(r['last'])} (change {_fmt(r['change'])}{se}, "
+        f"p {_fmt(r['change_p'])}{trend}; Holm p {_fmt(r['p_holm'])}: {r['call']})"
+    )
 
 
-def trend_findings(trends: pd.DataFrame, head: tuple[str, str] = ("final", "cls"), alpha: float = ALPHA,
-                   wide: pd.DataFrame | None = None) -> list[Finding]:
+def trend_findings(
+    trends: pd.DataFrame, head: tuple[str, str] = ("final", "cls"), alpha: float = ALPHA, wide: pd.DataFrame | None = None
+) -> list[Finding]:
     """Findings 1-4 at the view that feeds the head, with the share of all site/views as context
     (`wide`: the `everywhere` table, computed here unless the caller already has it)."""
     out = []
@@ -272,9 +291,11 @@ def trend_findings(trends: pd.DataFrame, head: tuple[str, str] = ("final", "cls"
         context = ""
         if len(part):
             counts = part.verdict.value_counts()
-            context = (f" Everywhere (Benjamini-Hochberg across {len(part)} site/views): supported at "
-                       f"{counts.get('supported', 0)}, contradicted at {counts.get('contradicted', 0)}, mixed at "
-                       f"{counts.get('mixed', 0)}, inconclusive at {counts.get('inconclusive', 0)}.")
+            context = (
+                f" Everywhere (Benjamini-Hochberg across {len(part)} site/views): supported at "
+                f"{counts.get('supported', 0)}, contradicted at {counts.get('contradicted', 0)}, mixed at "
+                f"{counts.get('mixed', 0)}, inconclusive at {counts.get('inconclusive', 0)}."
+            )
         evidence = f"At {site}/{view}: " + "; ".join(map(_describe, rows)) + "." + context
         out.append(Finding(number, claim, verdict, evidence, method, rows))
     return out
@@ -299,13 +320,13 @@ def everywhere(trends: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
         for (site, view, p, obs), qi in zip(found, q):
             moved = [o for o in obs if np.isfinite(o["p_holm"]) and o["p_holm"] <= cutoff]
             n_for = sum(o["direction"] == o["expected"] for o in moved)
-            rows.append({"finding": number, "site": site, "view": view, "p": p, "q": qi,
-                         "verdict": verdict_of(n_for, len(moved) - n_for)})
+            rows.append({"finding": number, "site": site, "view": view, "p": p, "q": qi, "verdict": verdict_of(n_for, len(moved) - n_for)})
     return pd.DataFrame(rows, columns=["finding", "site", "view", "p", "q", "verdict"])
 
 
-def finding5(geometry: pd.DataFrame, replicates: Replicates | None, head: tuple[str, str] = ("final", "cls"),
-             alpha: float = ALPHA) -> Finding:
+def finding5(
+    geometry: pd.DataFrame, replicates: Replicates | None, head: tuple[str, str] = ("final", "cls"), alpha: float = ALPHA
+) -> Finding:
     """Finding 5 at the last epoch: the head view against every other site's view of the same kind.
 
     For each observable and other site s, d_s = theta_head - theta_s with its paired standard error
@@ -321,14 +342,18 @@ def finding5(geometry: pd.DataFrame, replicates: Replicates | None, head: tuple[
         table = table[table["effective_rank"] > 0]  # views without variance (pos_embed/cls) left out
     if site not in table.index or len(table) < 2:
         return Finding(5, FINDING5, "inconclusive", f"no {view} view at {site} and another site.", "no test")
-    reps = (replicates or {})
+    reps = replicates or {}
     column = {name: j for j, name in enumerate(OBSERVABLE_NAMES)}
     head_reps = reps.get((site, view), {}).get(last)
     if head_reps is None:
-        return Finding(5, FINDING5, "inconclusive",
-                       f"At epoch {last} the run has no standard errors, and which site ranks first cannot be told "
-                       "from noise without them. Train with probe_folds > 1, or re-probe saved weights (probe_size).",
-                       "no standard errors")
+        return Finding(
+            5,
+            FINDING5,
+            "inconclusive",
+            f"At epoch {last} the run has no standard errors, and which site ranks first cannot be told "
+            "from noise without them. Train with probe_folds > 1, or re-probe saved weights (probe_size).",
+            "no standard errors",
+        )
     rows, parts, decisions = [], [], []
     for name, direction in FINDING5_OBSERVABLES.items():
         if name not in table:
@@ -358,15 +383,23 @@ def finding5(geometry: pd.DataFrame, replicates: Replicates | None, head: tuple[
         closest = min(tests, key=lambda t: direction * t["difference"])
         word = "highest" if direction > 0 else "lowest"
         outcome = {"as expected": "confirmed", "against": "refuted"}.get(call, "not shown")
-        parts.append(f"{name} {_fmt(table.loc[site, name])} at {site}/{view}; nearest other site {closest['site']} "
-                     f"({_fmt(table.loc[closest['site'], name])}, difference {_fmt(closest['difference'])} +- "
-                     f"{_fmt(closest['se'])}, p {_fmt(closest['p'])}): {word} {outcome} (Holm p {_fmt(p_adj)})")
+        parts.append(
+            f"{name} {_fmt(table.loc[site, name])} at {site}/{view}; nearest other site {closest['site']} "
+            f"({_fmt(table.loc[closest['site'], name])}, difference {_fmt(closest['difference'])} +- "
+            f"{_fmt(closest['se'])}, p {_fmt(closest['p'])}): {word} {outcome} (Holm p {_fmt(p_adj)})"
+        )
     verdict = verdict_of(calls.count("as expected"), calls.count("against"))
     return Finding(5, FINDING5, verdict, f"At epoch {last}: " + "; ".join(parts) + ".", "paired standard errors", rows)
 
 
-def judge(geometry: pd.DataFrame, replicates: Replicates | None = None, head: tuple[str, str] = ("final", "cls"),
-          alpha: float = ALPHA, trends: pd.DataFrame | None = None, wide: pd.DataFrame | None = None) -> list[Finding]:
+def judge(
+    geometry: pd.DataFrame,
+    replicates: Replicates | None = None,
+    head: tuple[str, str] = ("final", "cls"),
+    alpha: float = ALPHA,
+    trends: pd.DataFrame | None = None,
+    wide: pd.DataFrame | None = None,
+) -> list[Finding]:
     """All five findings for one run (geometry: epoch, site, view, observable, value); `trends` and
     `wide` (the `everywhere` table) when the caller has computed them already."""
     trends = trend_table(geometry, replicates) if trends is None else trends
@@ -399,8 +432,17 @@ def across_seeds(per_seed: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
             sd = float(e.std(ddof=1)) if n > 1 else np.nan
             half = scipy.stats.t.ppf(1 - alpha / 2, n - 1) * sd / np.sqrt(n) if n > 1 else np.nan
             p = float(scipy.stats.ttest_1samp(e, 0.0).pvalue) if n > 1 and sd > 0 else np.nan
-            obs.append({"observable": name, "n": n, "mean": mean, "ci_low": mean - half, "ci_high": mean + half,
-                        "p": p, "expected": int(g.expected.iloc[0])})
+            obs.append(
+                {
+                    "observable": name,
+                    "n": n,
+                    "mean": mean,
+                    "ci_low": mean - half,
+                    "ci_high": mean + half,
+                    "p": p,
+                    "expected": int(g.expected.iloc[0]),
+                }
+            )
         adjusted = holm(np.array([o["p"] for o in obs]))
         n_for = sum(bool(pa < alpha and np.sign(o["mean"]) == o["expected"]) for o, pa in zip(obs, adjusted))
         n_against = sum(bool(pa < alpha and np.sign(o["mean"]) == -o["expected"]) for o, pa in zip(obs, adjusted))
@@ -410,9 +452,19 @@ def across_seeds(per_seed: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
         sup, con = int((seeds.verdict == "supported").sum()), int((seeds.verdict == "contradicted").sum())
         sign_p = scipy.stats.binomtest(sup, sup + con, 0.5, alternative="greater").pvalue if sup + con else 1.0
         for o, pa in zip(obs, adjusted):
-            rows.append({"finding": int(number), **o, "p_holm": pa, "verdict": verdict_of(n_for, n_against),
-                         "seeds": len(seeds), "supported": sup, "contradicted": con,
-                         "mixed": int((seeds.verdict == "mixed").sum()), "sign_test_p": float(sign_p)})
+            rows.append(
+                {
+                    "finding": int(number),
+                    **o,
+                    "p_holm": pa,
+                    "verdict": verdict_of(n_for, n_against),
+                    "seeds": len(seeds),
+                    "supported": sup,
+                    "contradicted": con,
+                    "mixed": int((seeds.verdict == "mixed").sum()),
+                    "sign_test_p": float(sign_p),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -422,17 +474,39 @@ def seed_effects(findings_of_seed: list[Finding]) -> list[dict]:
     for f in findings_of_seed:
         if f.number in TREND_FINDINGS:
             for r in f.tests:
-                rows.append({"finding": f.number, "observable": r["observable"], "effect": r["change"],
-                             "expected": r["expected"], "verdict": f.verdict})
+                rows.append(
+                    {
+                        "finding": f.number,
+                        "observable": r["observable"],
+                        "effect": r["change"],
+                        "expected": r["expected"],
+                        "verdict": f.verdict,
+                    }
+                )
         elif f.number == 6:  # the last block's CKA minus the first's
-            rows += [{"finding": 6, "observable": r["observable"], "effect": r["change"], "expected": -1, "verdict": f.verdict}
-                     for r in f.tests if r["observable"] == "last_minus_first_block"]
+            rows += [
+                {"finding": 6, "observable": r["observable"], "effect": r["change"], "expected": -1, "verdict": f.verdict}
+                for r in f.tests
+                if r["observable"] == "last_minus_first_block"
+            ]
         elif f.number == 7:  # the rise and the bend
-            rows += [{"finding": 7, "observable": r["observable"], "effect": r["value"], "expected": 1, "verdict": f.verdict}
-                     for r in f.tests if r["observable"] in ("rise", "bend")]
+            rows += [
+                {"finding": 7, "observable": r["observable"], "effect": r["value"], "expected": 1, "verdict": f.verdict}
+                for r in f.tests
+                if r["observable"] in ("rise", "bend")
+            ]
         elif f.number == 8:  # the change plus the margin: positive when the fall is smaller than the margin
-            rows += [{"finding": 8, "observable": "token_cosine_change_plus_margin", "effect": r["value"] + TOKEN_MARGIN,
-                      "expected": 1, "verdict": f.verdict} for r in f.tests if r["observable"] == "token_cosine_change"]
+            rows += [
+                {
+                    "finding": 8,
+                    "observable": "token_cosine_change_plus_margin",
+                    "effect": r["value"] + TOKEN_MARGIN,
+                    "expected": 1,
+                    "verdict": f.verdict,
+                }
+                for r in f.tests
+                if r["observable"] == "token_cosine_change"
+            ]
         elif f.number == 5:
             for name, direction in FINDING5_OBSERVABLES.items():
                 tests = [t for t in f.tests if t["observable"] == name]
@@ -483,8 +557,9 @@ def _baseline(first_epoch: int) -> str:
     return "" if first_epoch == 0 else f" The first epoch measured is {first_epoch}, not the initialisation (epoch 0)."
 
 
-def finding6(blocks: list[str], values: np.ndarray, replicates: np.ndarray | None, alpha: float = ALPHA,
-             epochs: tuple[int, int] = (0, 0)) -> Finding:
+def finding6(
+    blocks: list[str], values: np.ndarray, replicates: np.ndarray | None, alpha: float = ALPHA, epochs: tuple[int, int] = (0, 0)
+) -> Finding:
     """Finding 6 from each block's debiased CKA between its first and last kept epoch (values, in
     depth order; replicates (B, K)): expected to fall with depth.
 
@@ -494,11 +569,19 @@ def finding6(blocks: list[str], values: np.ndarray, replicates: np.ndarray | Non
     the same way (`combine`)."""
     values = np.asarray(values, float)
     if len(values) < 2:
-        return Finding(6, FINDING6, "inconclusive", f"needs two kept epochs and two blocks; have {len(values)} block(s) measured.", "no test")
+        return Finding(
+            6, FINDING6, "inconclusive", f"needs two kept epochs and two blocks; have {len(values)} block(s) measured.", "no test"
+        )
     if not np.all(np.isfinite(values)):
         missing = [b for b, v in zip(blocks, values) if not np.isfinite(v)]
-        return Finding(6, FINDING6, "inconclusive", f"the CKA between epochs {epochs[0]} and {epochs[1]} could not be measured at "
-                       f"{', '.join(missing)} (features without variance).", "no test")
+        return Finding(
+            6,
+            FINDING6,
+            "inconclusive",
+            f"the CKA between epochs {epochs[0]} and {epochs[1]} could not be measured at "
+            f"{', '.join(missing)} (features without variance).",
+            "no test",
+        )
     row = change_test(values[0], values[-1], *((replicates[0], replicates[-1]) if replicates is not None else (None, None)))
     d, se, p_change = row["change"], row["change_se"], row["change_p"]
     row["n_epochs"] = len(values)
@@ -509,8 +592,10 @@ def finding6(blocks: list[str], values: np.ndarray, replicates: np.ndarray | Non
     verdict = verdict_of(call == "as expected", call == "against")
     listing = ", ".join(f"{b} {_fmt(v)}" for b, v in zip(blocks, values))
     trend = f"; Kendall tau over depth {_fmt(row['kendall_tau'])} (p {_fmt(row['trend_p'])})" if np.isfinite(row["kendall_tau"]) else ""
-    evidence = (f"Debiased CKA of each block with itself from epoch {epochs[0]} to epoch {epochs[1]} (the first and last kept): "
-                f"{listing}. Last minus first block {_fmt(d)} +- {_fmt(se)} (p {_fmt(p_change)}){trend}: {call}.{_baseline(epochs[0])}")
+    evidence = (
+        f"Debiased CKA of each block with itself from epoch {epochs[0]} to epoch {epochs[1]} (the first and last kept): "
+        f"{listing}. Last minus first block {_fmt(d)} +- {_fmt(se)} (p {_fmt(p_change)}){trend}: {call}.{_baseline(epochs[0])}"
+    )
     tests = [{"observable": "cka_first_last", "site": b, "value": float(v)} for b, v in zip(blocks, values)]
     tests.append({"observable": "last_minus_first_block", **row, "p": p, "call": call, "expected": -1})
     return Finding(6, FINDING6, verdict, evidence, method, tests)
@@ -536,20 +621,43 @@ def finding7(epochs: list[int], values: np.ndarray, replicates: np.ndarray | Non
     se_r, p_r = _one_test(r, None if replicates is None else weights_r @ replicates)
     se_b, p_b = _one_test(b, None if replicates is None else weights_b @ replicates)
     e0, e1, e2 = epochs[i], epochs[j], epochs[k]
-    evidence = (f"At {where}{' (from epoch ' + str(e0) + ', not the initialisation)' if e0 != 0 else ''}: intrinsic dimension {_fmt(values[i])} at epoch {e0}, {_fmt(values[j])} at epoch {e1}, "
-                f"{_fmt(values[k])} at epoch {e2}; rise to the middle epoch {_fmt(r)} +- {_fmt(se_r)} (p {_fmt(p_r)}), "
-                f"bend (rise minus later change) {_fmt(b)} +- {_fmt(se_b)} (p {_fmt(p_b)}).")
-    tests = [{"observable": "rise", "value": r, "se": se_r, "p": p_r, "expected": 1},
-             {"observable": "bend", "value": b, "se": se_b, "p": p_b, "expected": 1}]
+    evidence = (
+        f"At {where}{' (from epoch ' + str(e0) + ', not the initialisation)' if e0 != 0 else ''}: intrinsic dimension {_fmt(values[i])} at epoch {e0}, {_fmt(values[j])} at epoch {e1}, "
+        f"{_fmt(values[k])} at epoch {e2}; rise to the middle epoch {_fmt(r)} +- {_fmt(se_r)} (p {_fmt(p_r)}), "
+        f"bend (rise minus later change) {_fmt(b)} +- {_fmt(se_b)} (p {_fmt(p_b)})."
+    )
+    tests = [
+        {"observable": "rise", "value": r, "se": se_r, "p": p_r, "expected": 1},
+        {"observable": "bend", "value": b, "se": se_b, "p": p_b, "expected": 1},
+    ]
     if not np.all(np.isfinite(values[[i, j, k]])):
-        return Finding(7, FINDING7, "inconclusive", evidence + " The intrinsic dimension could not be measured at every one of "
-                       "these epochs (features without variance, or fewer than 3 distinct images).", "no test", tests)
+        return Finding(
+            7,
+            FINDING7,
+            "inconclusive",
+            evidence + " The intrinsic dimension could not be measured at every one of "
+            "these epochs (features without variance, or fewer than 3 distinct images).",
+            "no test",
+            tests,
+        )
     if replicates is None:
-        return Finding(7, FINDING7, "inconclusive", evidence + " No standard errors (features kept without folds, or probe_folds=1).",
-                       "no standard errors", tests)
+        return Finding(
+            7,
+            FINDING7,
+            "inconclusive",
+            evidence + " No standard errors (features kept without folds, or probe_folds=1).",
+            "no standard errors",
+            tests,
+        )
     if not (np.isfinite(p_r) and np.isfinite(p_b)):
-        return Finding(7, FINDING7, "inconclusive", evidence + " Some leave-one-fold-out estimates could not be measured (too few "
-                       "images per fold for TwoNN): no standard errors.", "no standard errors", tests)
+        return Finding(
+            7,
+            FINDING7,
+            "inconclusive",
+            evidence + " Some leave-one-fold-out estimates could not be measured (too few images per fold for TwoNN): no standard errors.",
+            "no standard errors",
+            tests,
+        )
     verdict: Verdict
     if r > 0 and b > 0 and max(p_r, p_b) < alpha:
         verdict = "supported"
@@ -559,8 +667,14 @@ def finding7(epochs: list[int], values: np.ndarray, replicates: np.ndarray | Non
     return Finding(7, FINDING7, verdict, evidence, "paired standard errors (first, middle, last kept epoch)", tests)
 
 
-def finding8(site: str, epochs: tuple[int, int], values: tuple[float, float], replicates: tuple[np.ndarray | None, np.ndarray | None],
-             margin: float = TOKEN_MARGIN, alpha: float = ALPHA) -> Finding:
+def finding8(
+    site: str,
+    epochs: tuple[int, int],
+    values: tuple[float, float],
+    replicates: tuple[np.ndarray | None, np.ndarray | None],
+    margin: float = TOKEN_MARGIN,
+    alpha: float = ALPHA,
+) -> Finding:
     """Finding 8 from the deepest block's token interaction (mean cosine of distinct patch tokens)
     at the first and last probed epoch, with their replicates.
 
@@ -575,14 +689,22 @@ def finding8(site: str, epochs: tuple[int, int], values: tuple[float, float], re
     rf, rl = replicates
     evidence = f"At {site}: mean cosine of distinct patch tokens {_fmt(first)} at epoch {epochs[0]}, {_fmt(last)} at epoch {epochs[1]} (change {_fmt(d)}"
     if rf is None or rl is None or len(rf) != len(rl) or len(rf) < 2:
-        return Finding(8, FINDING8, "inconclusive", evidence + "); no standard errors (probe_folds=1, or a run from before tgo kept them).",
-                       "no standard errors", [{"observable": "token_cosine_change", "value": d}])
+        return Finding(
+            8,
+            FINDING8,
+            "inconclusive",
+            evidence + "); no standard errors (probe_folds=1, or a run from before tgo kept them).",
+            "no standard errors",
+            [{"observable": "token_cosine_change", "value": d}],
+        )
     se = float(uncertainty.paired_se(rf, rl))
     k = len(rf)
     t = (d + margin) / se if se > 0 else np.sign(d + margin) * np.inf
     p_stays, p_falls = float(scipy.stats.t.sf(t, k - 1)), float(scipy.stats.t.cdf(t, k - 1))
     verdict: Verdict = "supported" if p_stays < alpha else ("contradicted" if p_falls < alpha else "inconclusive")
-    evidence += (f" +- {_fmt(se)}); margin {margin}: a fall smaller than the margin shown with p {_fmt(p_stays)}, "
-                 f"a larger fall with p {_fmt(p_falls)}.{_baseline(epochs[0])}")
+    evidence += (
+        f" +- {_fmt(se)}); margin {margin}: a fall smaller than the margin shown with p {_fmt(p_stays)}, "
+        f"a larger fall with p {_fmt(p_falls)}.{_baseline(epochs[0])}"
+    )
     tests = [{"observable": "token_cosine_change", "value": d, "se": se, "margin": margin, "p_stays": p_stays, "p_falls": p_falls}]
     return Finding(8, FINDING8, verdict, evidence, "non-inferiority, paired standard errors", tests)

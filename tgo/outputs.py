@@ -47,6 +47,7 @@ class Written:
     report_md: Path | None = None
     output_dir: Path | None = None
 
+
 SUBFOLDERS = ("figures", "tables", "report")  # logged as artifacts of the same names
 
 

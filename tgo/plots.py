@@ -90,7 +90,15 @@ def observable_over_epochs(geometry: pd.DataFrame, observable: str, run_label: s
             if line.empty:
                 continue
             bold = site == "final"
-            ax.plot(line.epoch, line.value, color=colors[site], lw=2.4 if bold else 1.2, label=site, marker="o" if len(line) < 15 else None, ms=3)
+            ax.plot(
+                line.epoch,
+                line.value,
+                color=colors[site],
+                lw=2.4 if bold else 1.2,
+                label=site,
+                marker="o" if len(line) < 15 else None,
+                ms=3,
+            )
         ax.set_title(VIEW_TITLES[view])
         ax.set_xlabel("epoch (0 = initialisation)")
         ax.set_ylabel(LABELS.get(observable, observable))
@@ -194,7 +202,7 @@ def depth_profile(geometry: pd.DataFrame, epoch: int, run_label: str = "") -> Fi
         ax.set_title(LABELS.get(observable, observable), fontsize=10)
         ax.set_xticks(range(len(sites)), [s.replace("block_", "b") for s in sites], rotation=90, fontsize=7)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(observables):]:
+    for ax in list(axes.flat)[len(observables) :]:
         ax.axis("off")
     axes.flat[0].legend(title="view", fontsize=8)
     fig.suptitle(f"Depth profile at epoch {epoch}{' - ' + run_label if run_label else ''} (x: site, from patch embedding to final norm)")
@@ -266,7 +274,7 @@ def similarity_heatmaps(table: pd.DataFrame, view: str, measure: str = "cka", ru
         ax.set_xticks(range(len(sites)), ticks, rotation=90, fontsize=7)
         ax.set_yticks(range(len(sites)), ticks, fontsize=7)
         ax.set_title(f"epoch {epoch}", fontsize=10)
-    for ax in list(axes.flat)[len(epochs):]:
+    for ax in list(axes.flat)[len(epochs) :]:
         ax.axis("off")
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="debiased linear CKA" if measure == "cka" else "SVCCA")
@@ -283,8 +291,10 @@ def similarity_over_training(table: pd.DataFrame, view: str, run_label: str = ""
     colors = _site_colors(sites)
     fig = Figure(figsize=(11, 4.2))
     axes = fig.subplots(1, 2, squeeze=False)[0]
-    for ax, column, title in ((axes[0], "cka_last", "with itself at the last kept epoch"),
-                              (axes[1], "cka_previous", "with itself at the previous kept epoch")):
+    for ax, column, title in (
+        (axes[0], "cka_last", "with itself at the last kept epoch"),
+        (axes[1], "cka_previous", "with itself at the previous kept epoch"),
+    ):
         for site in sites:
             line = data[data.site == site].sort_values("epoch").dropna(subset=[column])
             if not line.empty:
@@ -297,15 +307,20 @@ def similarity_over_training(table: pd.DataFrame, view: str, run_label: str = ""
         ax.set_ylabel("debiased linear CKA")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    fig.legend(*max(axes, key=lambda a: len(a.get_lines())).get_legend_handles_labels(), loc="center left",
-               bbox_to_anchor=(1.0, 0.5), title="site", fontsize=8)
-    fig.suptitle(f"How far each site's representation moves ({VIEW_TITLES.get(view, view)}){' - ' + run_label if run_label else ''}")
-    fig.tight_layout()
-    return fig
+    return _site_legend(
+        fig, axes, f"How far each site's representation moves ({VIEW_TITLES.get(view, view)}){' - ' + run_label if run_label else ''}"
+    )
 
 
-def per_site_over_epochs(table: pd.DataFrame, value: str, ylabel: str, title: str, panel: str | None = None, se: str | None = None,
-                         folds: str | int | None = None) -> Figure:
+def per_site_over_epochs(
+    table: pd.DataFrame,
+    value: str,
+    ylabel: str,
+    title: str,
+    panel: str | None = None,
+    se: str | None = None,
+    folds: str | int | None = None,
+) -> Figure:
     """One line per site against epoch, one panel per value of the column `panel` (e.g. view or
     matrix kind); where `se` names a column of jackknife standard errors, a band of the 95%
     interval value +- t_{K-1} se (`tgo.uncertainty.half_width`), K the probe's folds: `folds`, one
@@ -322,8 +337,15 @@ def per_site_over_epochs(table: pd.DataFrame, value: str, ylabel: str, title: st
             line = data[data.site == site].sort_values("epoch").dropna(subset=[value])
             if line.empty:
                 continue
-            ax.plot(line.epoch, line[value], color=colors[site], lw=2.4 if site == "final" else 1.2, marker="o" if len(line) < 15 else None,
-                    ms=3, label=site)
+            ax.plot(
+                line.epoch,
+                line[value],
+                color=colors[site],
+                lw=2.4 if site == "final" else 1.2,
+                marker="o" if len(line) < 15 else None,
+                ms=3,
+                label=site,
+            )
             if se:
                 k = line[folds] if isinstance(folds, str) else np.nan if folds is None else folds
                 half = uncertainty.half_width(line[se], k)
@@ -334,8 +356,18 @@ def per_site_over_epochs(table: pd.DataFrame, value: str, ylabel: str, title: st
         if name is not None:
             ax.set_title(VIEW_TITLES.get(name, name))
         ax.grid(alpha=0.3)
-    fig.legend(*max(axes, key=lambda a: len(a.get_lines())).get_legend_handles_labels(), loc="center left",
-               bbox_to_anchor=(1.0, 0.5), title="site", fontsize=8)
+    return _site_legend(fig, axes, title)
+
+
+def _site_legend(fig: Figure, axes: Sequence, title: str) -> Figure:
+    """The per-site figures' finish: one legend of the sites (from the panel that drew most) beside the panels, and the title."""
+    fig.legend(
+        *max(axes, key=lambda a: len(a.get_lines())).get_legend_handles_labels(),
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+        title="site",
+        fontsize=8,
+    )
     fig.suptitle(title)
     fig.tight_layout()
     return fig
@@ -362,7 +394,9 @@ def compare_over_epochs(summary: pd.DataFrame, site: str, view: str, observables
             if line.empty:
                 continue
             style = SIDE_STYLES[side % 2]
-            ax.plot(line.epoch, line.value, color=style["color"], marker=style["marker"] if len(line) < 15 else None, ms=4, lw=1.6, label=label)
+            ax.plot(
+                line.epoch, line.value, color=style["color"], marker=style["marker"] if len(line) < 15 else None, ms=4, lw=1.6, label=label
+            )
             if line.low.notna().any():
                 ax.fill_between(line.epoch, line.low, line.high, color=style["color"], alpha=0.18, lw=0)
         ax.set_title(LABELS.get(observable, observable), fontsize=10)
@@ -390,12 +424,23 @@ def compare_depth_profile(summary: pd.DataFrame, epoch: int, observables: Sequen
                 style = SIDE_STYLES[side % 2]
                 x = np.arange(len(sites)) + (0.08 if side else -0.08)
                 err = np.vstack([line.value - line.low, line.high - line.value])
-                ax.errorbar(x, line.value, yerr=np.where(np.isfinite(err), err, 0), color=style["color"], marker=style["marker"],
-                            ms=3.5, lw=1.2, capsize=2, label=label)
+                ax.errorbar(
+                    x,
+                    line.value,
+                    yerr=np.where(np.isfinite(err), err, 0),
+                    color=style["color"],
+                    marker=style["marker"],
+                    ms=3.5,
+                    lw=1.2,
+                    capsize=2,
+                    label=label,
+                )
             ax.set_title(f"{LABELS.get(observable, observable)} ({view})", fontsize=9)
             ax.set_xticks(range(len(sites)), [s.replace("block_", "b") for s in sites], rotation=90, fontsize=7)
             ax.grid(alpha=0.3)
-    return _two_runs_legend(fig, axes[0][0], f"Depth profile at epoch {epoch}, both runs (x: site, from patch embedding to final norm; bars: 95% intervals)")
+    return _two_runs_legend(
+        fig, axes[0][0], f"Depth profile at epoch {epoch}, both runs (x: site, from patch embedding to final norm; bars: 95% intervals)"
+    )
 
 
 def _two_runs_legend(fig: Figure, ax, title: str) -> Figure:
@@ -423,8 +468,17 @@ def cross_run_cka(cka: pd.DataFrame, title: str) -> Figure:
             if not line.cka.notna().any():
                 continue
             err = uncertainty.half_width(line.se, line.folds)
-            ax.errorbar(range(len(sites)), line.cka, yerr=np.where(np.isfinite(err), err, 0), marker="o", ms=3.5, lw=1.3, capsize=2,
-                        color=cmap(i / max(len(epochs) - 1, 1) * 0.85), label=f"epoch {epoch}")
+            ax.errorbar(
+                range(len(sites)),
+                line.cka,
+                yerr=np.where(np.isfinite(err), err, 0),
+                marker="o",
+                ms=3.5,
+                lw=1.3,
+                capsize=2,
+                color=cmap(i / max(len(epochs) - 1, 1) * 0.85),
+                label=f"epoch {epoch}",
+            )
         ax.set_title(VIEW_TITLES[view])
         ax.set_xticks(range(len(sites)), [s.replace("block_", "b") for s in sites], rotation=90, fontsize=8)
         ax.set_ylabel("debiased linear CKA between the runs")

@@ -67,8 +67,9 @@ class _ViT(Protocol):
 
     # with return_prefix_tokens=True: the final-normed tokens, and per block (spatial, prefix) tokens
     # (bare spatial tokens in a model without prefix tokens; `_pairs`)
-    def forward_intermediates(self, x: torch.Tensor, *, output_fmt: str,
-                              return_prefix_tokens: bool) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor] | torch.Tensor]]: ...
+    def forward_intermediates(
+        self, x: torch.Tensor, *, output_fmt: str, return_prefix_tokens: bool
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor] | torch.Tensor]]: ...
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor: ...
 
@@ -182,11 +183,7 @@ class ProbeResult:
 
     def metrics(self) -> dict[str, float]:
         """{"geom/<site>/<view>/<name>": value} for every site, view and observable."""
-        return {
-            metric_key(g.site, g.view, name): float(value)
-            for g in self.geometry.values()
-            for name, value in g.observables.items()
-        }
+        return {metric_key(g.site, g.view, name): float(value) for g in self.geometry.values() for name, value in g.observables.items()}
 
     def token_metrics(self) -> dict[str, float]:
         """{"tokens/<site>/mean_cosine": value}: each site's token interaction."""
@@ -218,8 +215,10 @@ class ProbeResult:
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        arrays: dict[str, np.ndarray] = {"observable_names": np.array(spectral.OBSERVABLE_NAMES),
-                                         "head_view": np.array("/".join(self.head))}
+        arrays: dict[str, np.ndarray] = {
+            "observable_names": np.array(spectral.OBSERVABLE_NAMES),
+            "head_view": np.array("/".join(self.head)),
+        }
         for g in self.geometry.values():
             key = f"{g.site}/{g.view}"
             arrays[f"{key}/eigenvalues"] = g.eigenvalues
@@ -253,8 +252,9 @@ class ProbeResult:
                 if f"{key}/replicates" in data.files:
                     # Columns by name, so files written before an observable was added still load.
                     stored = dict(zip(names, data[f"{key}/replicates"].T))
-                    replicates = np.stack([stored.get(n, np.full(len(data[f"{key}/replicates"]), np.nan))
-                                           for n in spectral.OBSERVABLE_NAMES], axis=1)
+                    replicates = np.stack(
+                        [stored.get(n, np.full(len(data[f"{key}/replicates"]), np.nan)) for n in spectral.OBSERVABLE_NAMES], axis=1
+                    )
                 geometry[(site, view)] = SiteViewGeometry(
                     site=site,
                     view=view,
@@ -275,8 +275,7 @@ def _check_model(model: torch.nn.Module) -> None:
     missing = [a for a in ("patch_embed", "_pos_embed", "blocks", "norm", "forward_intermediates") if not hasattr(model, a)]
     if missing:
         raise TypeError(
-            f"probe() needs a timm VisionTransformer (timm.create_model('vit_...')); "
-            f"{type(model).__name__} lacks {', '.join(missing)}."
+            f"probe() needs a timm VisionTransformer (timm.create_model('vit_...')); {type(model).__name__} lacks {', '.join(missing)}."
         )
     pool = getattr(model, "global_pool", "token")
     if pool not in POOLS or getattr(model, "attn_pool", None) is not None:
@@ -286,8 +285,10 @@ def _check_model(model: torch.nn.Module) -> None:
             "with global_pool='token' or 'avg'."
         )
     if pool == "token" and getattr(model, "cls_token", None) is None:
-        raise ValueError("probe(): the model pools by its class token (global_pool='token') but has none "
-                         "(class_token=False); create it with global_pool='avg'.")
+        raise ValueError(
+            "probe(): the model pools by its class token (global_pool='token') but has none "
+            "(class_token=False); create it with global_pool='avg'."
+        )
 
 
 def _images_and_folds(batch, seen: int, folds: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -422,20 +423,38 @@ def probe(
     return result
 
 
-def probe_model(model: torch.nn.Module, loader, cfg: TrainConfig, device: torch.device | str, *, distributed: bool = False,
-                progress: bool | None = False, keep_covariance=(), keep_features: bool = False) -> ProbeResult:
+def probe_model(
+    model: torch.nn.Module,
+    loader,
+    cfg: TrainConfig,
+    device: torch.device | str,
+    *,
+    distributed: bool = False,
+    progress: bool | None = False,
+    keep_covariance=(),
+    keep_features: bool = False,
+) -> ProbeResult:
     """The geometry probe of `model` with the probe settings of `cfg` (precision, patch tokens, seed,
     folds): what training measures every epoch, and what the analysis's re-probe of saved weights
     measures again."""
     return probe(
-        model, loader, device=device, precision=cfg.probe_precision, patch_tokens_per_image=cfg.probe_patch_tokens or None,
-        seed=cfg.probe_seed, distributed=distributed, progress=progress, folds=cfg.probe_folds, keep_covariance=keep_covariance,
+        model,
+        loader,
+        device=device,
+        precision=cfg.probe_precision,
+        patch_tokens_per_image=cfg.probe_patch_tokens or None,
+        seed=cfg.probe_seed,
+        distributed=distributed,
+        progress=progress,
+        folds=cfg.probe_folds,
+        keep_covariance=keep_covariance,
         keep_features=keep_features,
     )
 
 
-def _checked_sites(model: torch.nn.Module, sites: Sequence[str] | None, views: Sequence[str], folds: int,
-                   patch_tokens_per_image: int | None) -> list[str]:
+def _checked_sites(
+    model: torch.nn.Module, sites: Sequence[str] | None, views: Sequence[str], folds: int, patch_tokens_per_image: int | None
+) -> list[str]:
     """The sites `probe` measures (default: every site of the model), once its arguments are checked."""
     all_sites = site_names(model)
     sites = list(all_sites if sites is None else sites)
@@ -458,14 +477,19 @@ def _fold_order(fold: torch.Tensor, folds: int) -> tuple[torch.Tensor, list[int]
     return order, torch.bincount(fold, minlength=folds + 1).tolist()[: folds + 1 if folds > 1 else 1]
 
 
-def _moment_accumulators(model: torch.nn.Module, sites: Sequence[str], views: Sequence[str], dim: int,
-                         **options) -> dict[tuple[str, str], MomentAccumulator]:
+def _moment_accumulators(
+    model: torch.nn.Module, sites: Sequence[str], views: Sequence[str], dim: int, **options
+) -> dict[tuple[str, str], MomentAccumulator]:
     """One `MomentAccumulator(dim, **options)` per site and view measured: every pair but the cls
     view where there is no class token (at patch_embed, before `_pos_embed` prepends it, and in a
     model without one)."""
     has_cls = getattr(model, "cls_token", None) is not None
-    return {(site, view): MomentAccumulator(dim, **options) for site in sites for view in views
-            if view != "cls" or (has_cls and site != "patch_embed")}
+    return {
+        (site, view): MomentAccumulator(dim, **options)
+        for site in sites
+        for view in views
+        if view != "cls" or (has_cls and site != "patch_embed")
+    }
 
 
 Tokens = dict[str, tuple[torch.Tensor | None, torch.Tensor]]  # site -> (prefix tokens (B, P, D) or None, patch tokens (B, T, D))
@@ -487,8 +511,10 @@ def _site_tokens(model: torch.nn.Module, images: torch.Tensor, pooled: bool) -> 
         hook.remove()
     patch_out, dim, n_prefix = captured[-1], int(vit.embed_dim), int(getattr(model, "num_prefix_tokens", 1))
     pos = vit._pos_embed(patch_out)
-    tokens: Tokens = {"patch_embed": (None, patch_out.reshape(patch_out.shape[0], -1, dim)),
-                      "pos_embed": (pos[:, :n_prefix], pos[:, n_prefix:])}
+    tokens: Tokens = {
+        "patch_embed": (None, patch_out.reshape(patch_out.shape[0], -1, dim)),
+        "pos_embed": (pos[:, :n_prefix], pos[:, n_prefix:]),
+    }
     for i, (spatial, prefix) in enumerate(_pairs(blocks)):
         tokens[f"block_{i:02d}"] = (prefix, spatial)
     tokens["final"] = (final[:, :n_prefix], final[:, n_prefix:])
@@ -505,8 +531,9 @@ def _token_subset(k: int | None, patches: torch.Tensor, generator: torch.Generat
     return torch.rand(b, t, generator=generator).argsort(dim=1)[:, : min(k, t)].to(patches.device)
 
 
-def _view_rows(tokens: Tokens, head_input: torch.Tensor | None, pairs: Iterable[tuple[str, str]],
-               keep: torch.Tensor | None) -> dict[tuple[str, str], torch.Tensor]:
+def _view_rows(
+    tokens: Tokens, head_input: torch.Tensor | None, pairs: Iterable[tuple[str, str]], keep: torch.Tensor | None
+) -> dict[tuple[str, str], torch.Tensor]:
     """Each (site, view) of `pairs` as per-image rows, formed once per batch for both the moment
     accumulators and the kept features:
 
@@ -537,8 +564,9 @@ class _KeptFeatures:
 
     def __init__(self, sites: Sequence[str], n_prefix: int, folds: int, device: torch.device) -> None:
         # cls: the first prefix token, wherever there are prefix tokens (not at patch_embed)
-        self.pairs = [(site, view) for site in sites for view in ("cls", "mean")
-                      if view == "mean" or (n_prefix > 0 and site != "patch_embed")]
+        self.pairs = [
+            (site, view) for site in sites for view in ("cls", "mean") if view == "mean" or (n_prefix > 0 and site != "patch_embed")
+        ]
         self.folds, self.device = folds, device
         self.parts: dict[tuple[str, str], list[torch.Tensor]] = {pair: [] for pair in self.pairs}  # per batch (B, D)
         self.places: list[torch.Tensor] = []  # per batch (B,): each image's place in this rank's stream
@@ -588,8 +616,9 @@ def _token_results(interaction: dict[str, FoldSums], distributed: bool) -> tuple
     return tokens, replicates
 
 
-def _geometry(accs: dict[tuple[str, str], MomentAccumulator], keep_covariance: Sequence[tuple[str, str]],
-              distributed: bool) -> dict[tuple[str, str], SiteViewGeometry]:
+def _geometry(
+    accs: dict[tuple[str, str], MomentAccumulator], keep_covariance: Sequence[tuple[str, str]], distributed: bool
+) -> dict[tuple[str, str], SiteViewGeometry]:
     """Each accumulator's spectra and observables (over every rank's rows when distributed), with
     its jackknife replicates, and its covariance matrix where `keep_covariance` names the pair."""
     keep = set(map(tuple, keep_covariance))

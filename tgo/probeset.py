@@ -28,10 +28,7 @@ def probe_indices(n_items: int, size: int, seed: int) -> np.ndarray:
     if size < 1:
         raise ValueError(f"probe_size must be at least 1, got {size}.")
     if size > n_items:
-        raise ValueError(
-            f"probe_size={size} exceeds the {n_items} images of the validation set; "
-            f"choose probe_size <= {n_items}."
-        )
+        raise ValueError(f"probe_size={size} exceeds the {n_items} images of the validation set; choose probe_size <= {n_items}.")
     return np.sort(np.random.default_rng(seed).choice(n_items, size=size, replace=False))
 
 
@@ -112,7 +109,9 @@ class ProbeSet:
     def subset(self) -> Subset:
         return Subset(self.dataset, self.indices.tolist())
 
-    def loader(self, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False, rank: int = 0, world_size: int = 1) -> DataLoader:
+    def loader(
+        self, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False, rank: int = 0, world_size: int = 1
+    ) -> DataLoader:
         """A loader of (images, labels, folds) over the probe images in index order (no shuffling,
         no dropped batch). Under DDP, rank r of w takes every w-th image from r on: the shards are
         disjoint and cover the subset exactly (DistributedSampler would pad with repeats, which

@@ -38,8 +38,20 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------
 
 
-def record_start(run_id: str, cfg: TrainConfig, *, num_classes: int, notes: Sequence[str], world: int, head: tuple[str, str],
-                 probe_record: dict | None, datasets: list[dict], device: torch.device, ckpt: dict | None, start_epoch: int) -> None:
+def record_start(
+    run_id: str,
+    cfg: TrainConfig,
+    *,
+    num_classes: int,
+    notes: Sequence[str],
+    world: int,
+    head: tuple[str, str],
+    probe_record: dict | None,
+    datasets: list[dict],
+    device: torch.device,
+    ckpt: dict | None,
+    start_epoch: int,
+) -> None:
     """The run's config, tags and probe set, and the line that says what starts.
 
     Args:
@@ -90,13 +102,39 @@ def dataset_inputs(cfg: TrainConfig, train: Dataset, val: Dataset, num_classes: 
     """
     folder = os.path.realpath(cfg.data_dir) if cfg.data_dir else ""
     classes = getattr(train, "classes", None) or list(range(num_classes))
-    identity = json.dumps([cfg.dataset, folder, dataset_size(train), [str(c) for c in classes],
-                           cfg.synthetic_train_size if cfg.dataset == "synthetic" else None])
-    source = {"dataset": cfg.dataset, "data_dir": folder, "train_images": dataset_size(train), "val_images": dataset_size(val), "classes": num_classes}
-    out = [{"name": f"{cfg.dataset}-train", "digest": hashlib.sha256(identity.encode()).hexdigest()[:32], "context": "training", "source": source}]
+    identity = json.dumps(
+        [
+            cfg.dataset,
+            folder,
+            dataset_size(train),
+            [str(c) for c in classes],
+            cfg.synthetic_train_size if cfg.dataset == "synthetic" else None,
+        ]
+    )
+    source = {
+        "dataset": cfg.dataset,
+        "data_dir": folder,
+        "train_images": dataset_size(train),
+        "val_images": dataset_size(val),
+        "classes": num_classes,
+    }
+    out = [
+        {
+            "name": f"{cfg.dataset}-train",
+            "digest": hashlib.sha256(identity.encode()).hexdigest()[:32],
+            "context": "training",
+            "source": source,
+        }
+    ]
     if probe_record is not None:
-        out.append({"name": f"{cfg.dataset}-probe", "digest": probe_record["fingerprint"][:32], "context": "probe",
-                    "source": {**source, "probe_images": len(probe_record["indices"]), "probe_seed": cfg.probe_seed}})
+        out.append(
+            {
+                "name": f"{cfg.dataset}-probe",
+                "digest": probe_record["fingerprint"][:32],
+                "context": "probe",
+                "source": {**source, "probe_images": len(probe_record["indices"]), "probe_seed": cfg.probe_seed},
+            }
+        )
     return out
 
 
@@ -152,8 +190,16 @@ class EpochCommitter:
         self._error: BaseException | None = None
         self.recorded = -1  # the last epoch recorded whole (its metrics logged)
 
-    def submit(self, epoch: int, epochs: int, checkpoint: dict, weights: dict | None, geometry: ProbeResult | None, metrics: dict,
-               weight_spectra: WeightSpectra | None = None) -> None:
+    def submit(
+        self,
+        epoch: int,
+        epochs: int,
+        checkpoint: dict,
+        weights: dict | None,
+        geometry: ProbeResult | None,
+        metrics: dict,
+        weight_spectra: WeightSpectra | None = None,
+    ) -> None:
         self.wait()
         args = (epoch, epochs, checkpoint, weights, geometry, metrics, weight_spectra)
         if not self.background:
@@ -265,5 +311,9 @@ def record_failure(err: BaseException, run_id: str, committer: EpochCommitter, *
         f"run {run_id}: the tracking store {tracking.store_name()} stopped accepting writes "
         f"({short_error(err)}). Epochs {recorded} are recorded with their checkpoint. When the store is "
         f"back, continue with `tgo train --resume {run_id}` (or `mlflow run . -e train -P resume={run_id}`). "
-        + ("The run is marked FAILED." if closed else "The run could not be marked and still reads RUNNING; the resume continues it all the same.")
+        + (
+            "The run is marked FAILED."
+            if closed
+            else "The run could not be marked and still reads RUNNING; the resume continues it all the same."
+        )
     )

@@ -27,9 +27,11 @@ import pandas as pd
 if TYPE_CHECKING:
     from tgo.findings import Finding
 
-CSS = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
-       "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}"
-       "img{max-width:100%;border:1px solid #eee;margin:6px 0}")
+CSS = (
+    "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+    "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}"
+    "img{max-width:100%;border:1px solid #eee;margin:6px 0}"
+)
 VERDICT_COLORS = {"supported": "#1a7f37", "contradicted": "#cf222e", "mixed": "#9a6700", "inconclusive": "#57606a"}
 FINDINGS_COLUMNS = ("#", "finding", "verdict", "test", "numbers")
 
@@ -133,9 +135,12 @@ class _Findings:
 
     def html(self) -> str:
         rows = ["<table><tr>" + "".join(f"<th>{c}</th>" for c in FINDINGS_COLUMNS) + "</tr>"]
-        rows += [f"<tr><td>{f.number}</td><td>{html.escape(f.claim)}</td>"
-                 f"<td style='color:{VERDICT_COLORS.get(f.verdict, 'inherit')}'><b>{html.escape(f.verdict)}</b></td>"
-                 f"<td>{html.escape(f.method)}</td><td>{html.escape(f.evidence)}</td></tr>" for f in self.found]
+        rows += [
+            f"<tr><td>{f.number}</td><td>{html.escape(f.claim)}</td>"
+            f"<td style='color:{VERDICT_COLORS.get(f.verdict, 'inherit')}'><b>{html.escape(f.verdict)}</b></td>"
+            f"<td>{html.escape(f.method)}</td><td>{html.escape(f.evidence)}</td></tr>"
+            for f in self.found
+        ]
         return "\n".join(rows) + "</table>"
 
 
@@ -201,8 +206,7 @@ class Document:
         return "\n\n".join([f"# {self.title}", *(block.markdown() for block in self._blocks)]) + "\n"
 
     def to_html(self) -> str:
-        head = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
-                f"<style>{CSS}</style></head><body>")
+        head = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title><style>{CSS}</style></head><body>"
         return "\n".join([head, f"<h1>{html.escape(self.title)}</h1>", *(block.html() for block in self._blocks), "</body></html>"])
 
     def write(self, folder: str | Path) -> tuple[Path, Path]:

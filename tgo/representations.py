@@ -113,16 +113,30 @@ def similarity_tables(kept: dict[int, KeptEpoch], views: tuple[str, ...] = ("mea
                 cka, svcca = similarity.pairwise(reps), similarity.pairwise(reps, similarity.svcca_between)
                 site_rows += [(epoch, view, a, b, cka[i, j], svcca[i, j]) for i, a in enumerate(sites) for j, b in enumerate(sites)]
             for (site, view), rep in here.items():
-                epoch_rows.append((epoch, site, view, _against(rep, (site, view), last),
-                                   _against(rep, (site, view), last, similarity.svcca_between),
-                                   _against(rep, (site, view), previous), _against(rep, (site, view), first)))
+                epoch_rows.append(
+                    (
+                        epoch,
+                        site,
+                        view,
+                        _against(rep, (site, view), last),
+                        _against(rep, (site, view), last, similarity.svcca_between),
+                        _against(rep, (site, view), previous),
+                        _against(rep, (site, view), first),
+                    )
+                )
             previous = here
-    return (pd.DataFrame(site_rows, columns=["epoch", "view", "site_a", "site_b", "cka", "svcca"]),
-            pd.DataFrame(epoch_rows, columns=["epoch", "site", "view", "cka_last", "svcca_last", "cka_previous", "cka_first"]))
+    return (
+        pd.DataFrame(site_rows, columns=["epoch", "view", "site_a", "site_b", "cka", "svcca"]),
+        pd.DataFrame(epoch_rows, columns=["epoch", "site", "view", "cka_last", "svcca_last", "cka_previous", "cka_first"]),
+    )
 
 
-def _against(rep: similarity.Representation, key: tuple[str, str], other: dict[tuple[str, str], similarity.Representation] | None,
-             measure: Callable[[similarity.Representation, similarity.Representation], float] = similarity.cka_between) -> float:
+def _against(
+    rep: similarity.Representation,
+    key: tuple[str, str],
+    other: dict[tuple[str, str], similarity.Representation] | None,
+    measure: Callable[[similarity.Representation, similarity.Representation], float] = similarity.cka_between,
+) -> float:
     """`measure` between `rep` and the same (site, view) `key` of another epoch (NaN where that epoch
     lacks it, or has other images)."""
     there = other.get(key) if other is not None else None
@@ -181,17 +195,25 @@ def intrinsic_dimension(kept: dict[int, KeptEpoch], jackknife_at: tuple[str, str
     epoch, site, view, intrinsic_dim; NaN where it cannot be measured), and, for the site/view
     `jackknife_at`, its values over the kept epochs with replicates (TwoNN is refitted K times per
     epoch, so only there)."""
-    rows = [(epoch, site, view, similarity.twonn_or_nan(x.astype(np.float64)))
-            for epoch, k in sorted(kept.items()) for (site, view), x in k.features.items()]
+    rows = [
+        (epoch, site, view, similarity.twonn_or_nan(x.astype(np.float64)))
+        for epoch, k in sorted(kept.items())
+        for (site, view), x in k.features.items()
+    ]
     table = pd.DataFrame(rows, columns=["epoch", "site", "view", "intrinsic_dim"])
     if jackknife_at is None:
         return table, None
     epochs = [e for e in sorted(kept) if jackknife_at in kept[e].features]
     folds = _folds(*(kept[e] for e in epochs)) if epochs else None
-    values = [table[(table.epoch == e) & (table.site == jackknife_at[0]) & (table.view == jackknife_at[1])].intrinsic_dim.iloc[0]
-              for e in epochs]
+    values = [
+        table[(table.epoch == e) & (table.site == jackknife_at[0]) & (table.view == jackknife_at[1])].intrinsic_dim.iloc[0] for e in epochs
+    ]
     reps = None
     if folds:
-        reps = np.array([similarity.jackknife(similarity.twonn_or_nan, folds[0], folds[1], kept[e].features[jackknife_at].astype(np.float64))[1]
-                         for e in epochs])
+        reps = np.array(
+            [
+                similarity.jackknife(similarity.twonn_or_nan, folds[0], folds[1], kept[e].features[jackknife_at].astype(np.float64))[1]
+                for e in epochs
+            ]
+        )
     return table, Jackknifed(epochs, np.array(values, dtype=float), reps)

@@ -33,9 +33,16 @@ def saved_weight_epochs(run_id: str) -> list[int]:
     return sorted(int(Path(n).stem.split("_")[-1]) for n in names)
 
 
-def reprobe(run_id: str, folder: str | Path, probe_size: int = 0, data_dir: str = "", probe_seed: int | None = None,
-            device: str = "auto", epochs: Sequence[int] | None = None,
-            keep_covariance: Sequence[tuple[str, str]] = ()) -> tuple[dict[int, ProbeResult], int]:
+def reprobe(
+    run_id: str,
+    folder: str | Path,
+    probe_size: int = 0,
+    data_dir: str = "",
+    probe_seed: int | None = None,
+    device: str = "auto",
+    epochs: Sequence[int] | None = None,
+    keep_covariance: Sequence[tuple[str, str]] = (),
+) -> tuple[dict[int, ProbeResult], int]:
     """Probe the run's saved weights again with the probe settings of its own config.
 
     Args:

@@ -129,8 +129,11 @@ def token_table(spectra: dict[int, ProbeResult]) -> pd.DataFrame:
     for epoch, r in sorted(spectra.items()):
         for site, value in r.tokens.items():
             reps = r.token_replicates.get(site)
-            rows.append((epoch, site, value, float(uncertainty.jackknife_se(reps)), len(reps)) if reps is not None
-                        else (epoch, site, value, np.nan, np.nan))
+            rows.append(
+                (epoch, site, value, float(uncertainty.jackknife_se(reps)), len(reps))
+                if reps is not None
+                else (epoch, site, value, np.nan, np.nan)
+            )
     return pd.DataFrame(rows, columns=["epoch", "site", TOKEN_OBSERVABLE, "se", "folds"])
 
 
@@ -138,5 +141,9 @@ def weight_table(run) -> pd.DataFrame:
     """The weight spectra a run logged every epoch (weights/<kind>/<site>/<observable>, alpha and the
     ranks): columns epoch, kind, site, observable, value."""
     parsed = {k: parts for k in run.data.metrics if (parts := parse_weight_key(k))}  # key -> (kind, site, observable)
-    rows = [(step, *parsed[key], value) for key, hist in tracking.metric_histories(run.info.run_id, list(parsed)).items() for step, value in hist]
+    rows = [
+        (step, *parsed[key], value)
+        for key, hist in tracking.metric_histories(run.info.run_id, list(parsed)).items()
+        for step, value in hist
+    ]
     return pd.DataFrame(rows, columns=["epoch", "kind", "site", "observable", "value"])

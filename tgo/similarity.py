@@ -231,8 +231,9 @@ def svcca(x: np.ndarray, y: np.ndarray, keep: float = 0.99) -> float:
     return _mean_correlation(_top_directions(x, keep), _top_directions(y, keep))
 
 
-def feature_metrics(features: dict[tuple[str, str], np.ndarray],
-                    previous: dict[tuple[str, str], np.ndarray] | None = None) -> dict[str, float]:
+def feature_metrics(
+    features: dict[tuple[str, str], np.ndarray], previous: dict[tuple[str, str], np.ndarray] | None = None
+) -> dict[str, float]:
     """What training logs at an epoch whose probe features are kept (keys in tgo.keys): for each
     site, the debiased CKA of its mean features with the final site's and with its own at the
     previous kept epoch, and the TwoNN intrinsic dimension of its cls and mean features. A value

@@ -44,7 +44,7 @@ def default_storage(tracking: str = "") -> str:
     """sqlite:///optuna.db beside the MLflow store `tracking` when that is a SQLite file, else in the
     working directory."""
     if tracking.startswith("sqlite:///"):
-        return "sqlite:///" + os.path.join(os.path.dirname(os.path.abspath(tracking[len("sqlite:///"):])), "optuna.db")
+        return "sqlite:///" + os.path.join(os.path.dirname(os.path.abspath(tracking[len("sqlite:///") :])), "optuna.db")
     return "sqlite:///optuna.db"
 
 
@@ -164,9 +164,14 @@ def reclaim_dead_trials(study: optuna.Study, storage, on_dead_trial: Callable[[F
         # system attributes (a GridSampler needs its grid_id; the dead trial's run id lets the
         # retry resume that run from its checkpoint), run by the next worker that asks.
         system_attrs = {**t.system_attrs, "fixed_params": t.params, "failed_trial": t.number}
-        study.add_trial(optuna.trial.create_trial(
-            state=TrialState.WAITING, params=t.params, distributions=t.distributions,
-            user_attrs={**t.user_attrs, TrialAttr.RETRY_OF: t.number}, system_attrs=system_attrs,
-        ))
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.WAITING,
+                params=t.params,
+                distributions=t.distributions,
+                user_attrs={**t.user_attrs, TrialAttr.RETRY_OF: t.number},
+                system_attrs=system_attrs,
+            )
+        )
         reclaimed.append(t.number)
     return reclaimed

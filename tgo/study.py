@@ -66,7 +66,7 @@ class StudyResult:
 
 
 def parse_objectives(text: str) -> tuple[list[str], list[Literal["maximize", "minimize"]]]:
-    """"val/acc1:max,geom/final/cls/effective_rank:max" -> (metrics, directions)."""
+    """ "val/acc1:max,geom/final/cls/effective_rank:max" -> (metrics, directions)."""
     metrics: list[str] = []
     directions: list[Literal["maximize", "minimize"]] = []
     for part in [p.strip() for p in text.split(",") if p.strip()]:
@@ -102,7 +102,9 @@ def load_search_space(path: str | Path) -> dict[str, dict]:
     except yaml.YAMLError as err:
         raise ConfigError(f"search_space: {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(space, dict) or not space:
-        raise ConfigError(f"search_space: {path} is empty; name at least one setting, e.g. lr: {{type: float, low: 1e-4, high: 1e-2, log: true}}.")
+        raise ConfigError(
+            f"search_space: {path} is empty; name at least one setting, e.g. lr: {{type: float, low: 1e-4, high: 1e-2, log: true}}."
+        )
     for name, spec in space.items():
         where = f"search_space: {path}: {name}"
         if name not in FIELD_TYPES or name in ("seed", "preset", "resume"):
@@ -243,7 +245,9 @@ def study(
                     raise train.StopTraining(f"pruned by {type(s.pruner).__name__} at epoch {epoch}")
 
         try:
-            trial_cfg = from_dict({**cfg.to_dict(), **params, "run_name": f"{study_name} trial {trial.number}", "experiment": experiment, "resume": resume})
+            trial_cfg = from_dict(
+                {**cfg.to_dict(), **params, "run_name": f"{study_name} trial {trial.number}", "experiment": experiment, "resume": resume}
+            )
             result = train.run(trial_cfg, parent_run_id=parent, epoch_callback=report, on_start=started)
         except train.StopTraining as stop:
             tracking.set_tags(run_ids[0], {Tag.TRIAL_STATE: "PRUNED"})
@@ -276,12 +280,19 @@ def study(
             s.optimize(objective, n_trials=1, catch=(Exception,))
         for t in s.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
             if t.number in ran and TrialAttr.ERROR in t.user_attrs:  # the trial this worker just ran
-                log.warning("study %s: trial %d failed: %s (its run %s); the study goes on.", study_name, t.number,
-                            t.user_attrs[TrialAttr.ERROR], t.user_attrs.get(TrialAttr.RUN, "-"))
+                log.warning(
+                    "study %s: trial %d failed: %s (its run %s); the study goes on.",
+                    study_name,
+                    t.number,
+                    t.user_attrs[TrialAttr.ERROR],
+                    t.user_attrs.get(TrialAttr.RUN, "-"),
+                )
     repeated = _same_config_error(s)
     if repeated:
-        raise ConfigError(f"the study stopped: its first {repeated[0]} trials all failed with the same configuration "
-                          f"error, {repeated[1]} Fix the search space or the parameters.")
+        raise ConfigError(
+            f"the study stopped: its first {repeated[0]} trials all failed with the same configuration "
+            f"error, {repeated[1]} Fix the search space or the parameters."
+        )
     with OutputFolder(None, prefix="tgo-study-", figure_format=figure_format, keep=False) as out:
         return _summarise(s, parent, metrics, space, out)
 
@@ -326,8 +337,11 @@ def _add_slots(s: optuna.Study, n_trials: int) -> None:
     trials = s.get_trials(deepcopy=False)
     if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
         return
-    slots = [t for t in trials if not t.user_attrs.get(TrialAttr.SURPLUS) and TrialAttr.RETRY_OF not in t.user_attrs
-             and "failed_trial" not in t.system_attrs]
+    slots = [
+        t
+        for t in trials
+        if not t.user_attrs.get(TrialAttr.SURPLUS) and TrialAttr.RETRY_OF not in t.user_attrs and "failed_trial" not in t.system_attrs
+    ]
     for _ in range(n_trials - len(slots)):
         s.enqueue_trial({}, user_attrs={TrialAttr.SLOT: True})
 
@@ -350,8 +364,15 @@ def _summarise(s: optuna.Study, parent: str, metrics: list[str], space: dict, ou
     rows = []
     for t in s.get_trials(deepcopy=False):
         values = t.values if t.values is not None else [np.nan] * len(metrics)
-        rows.append({"number": t.number, "state": t.state.name, **dict(zip(metrics, values)),
-                     **{f"param.{k}": v for k, v in t.params.items()}, "run_id": t.user_attrs.get(TrialAttr.RUN, "")})
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                **dict(zip(metrics, values)),
+                **{f"param.{k}": v for k, v in t.params.items()},
+                "run_id": t.user_attrs.get(TrialAttr.RUN, ""),
+            }
+        )
     trials = pd.DataFrame(rows)
     complete = [t for t in s.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     best = [t.number for t in s.best_trials] if complete else []
@@ -380,11 +401,15 @@ def _summarise(s: optuna.Study, parent: str, metrics: list[str], space: dict, ou
     out.table(result.correlations, "hyperparameter_geometry_spearman")
     vis = optuna.visualization.matplotlib
     names = [f"{m} ({d.name.lower()})" for m, d in zip(metrics, s.directions)]
-    plots_to_make = [("pareto_front", lambda: vis.plot_pareto_front(s, target_names=names))] if len(metrics) > 1 else [
-        ("optimization_history", lambda: vis.plot_optimization_history(s, target_name=names[0])),
-        ("param_importances", lambda: vis.plot_param_importances(s, target_name=names[0])),
-        ("intermediate_values", lambda: vis.plot_intermediate_values(s)),
-    ]
+    plots_to_make = (
+        [("pareto_front", lambda: vis.plot_pareto_front(s, target_names=names))]
+        if len(metrics) > 1
+        else [
+            ("optimization_history", lambda: vis.plot_optimization_history(s, target_name=names[0])),
+            ("param_importances", lambda: vis.plot_param_importances(s, target_name=names[0])),
+            ("intermediate_values", lambda: vis.plot_intermediate_values(s)),
+        ]
+    )
     for name, make in plots_to_make:
         try:
             with warnings.catch_warnings():

@@ -118,22 +118,32 @@ def sweep(
     parent = parent_run(study, experiment, study_name, create=created)
     launcher = tracking.launcher_run_id()
     if launcher and launcher != parent:  # another worker's `mlflow run` made the parent: link to it
-        tracking.set_tags(launcher, {Tag.SWEEP_PARENT: parent, "mlflow.note.content": f"Sweep {study_name}: its runs and aggregate are under run {parent}."})
+        tracking.set_tags(
+            launcher,
+            {Tag.SWEEP_PARENT: parent, "mlflow.note.content": f"Sweep {study_name}: its runs and aggregate are under run {parent}."},
+        )
 
     ran: list[int] = []  # the trials this worker ran: it judges only those
 
     def objective(trial: optuna.Trial) -> float:
         ran.append(trial.number)
         seed = trial.suggest_categorical("seed", seeds)
-        taken = [t for t in study.get_trials(deepcopy=False) if _seed_of(t) == seed and t.number != trial.number
-                 and (t.state == TrialState.COMPLETE or (t.state == TrialState.RUNNING and t.number < trial.number))]
+        taken = [
+            t
+            for t in study.get_trials(deepcopy=False)
+            if _seed_of(t) == seed
+            and t.number != trial.number
+            and (t.state == TrialState.COMPLETE or (t.state == TrialState.RUNNING and t.number < trial.number))
+        ]
         if taken:
             raise optuna.TrialPruned(f"seed {seed} is already taken by trial {taken[0].number}")
         resume = retried_run(trial, parent)
         mark_worker(trial)
 
         try:
-            run_cfg = from_dict({**cfg.to_dict(), "seed": seed, "run_name": f"{study_name} seed {seed}", "experiment": experiment, "resume": resume})
+            run_cfg = from_dict(
+                {**cfg.to_dict(), "seed": seed, "run_name": f"{study_name} seed {seed}", "experiment": experiment, "resume": resume}
+            )
             result = train.run(run_cfg, parent_run_id=parent, on_start=lambda run_id: trial_started(trial, run_id))
         except Exception as err:
             trial.set_user_attr(TrialAttr.ERROR, short_error(err))  # reported in one line below
@@ -157,8 +167,13 @@ def sweep(
         mine = [t for t in study.get_trials(deepcopy=False) if t.number in ran and t.state == TrialState.FAIL]
         if mine:
             failed.extend(_seed_of(t) for t in mine)
-            log.warning("sweep %s: seed %s failed: %s (its run %s). Re-run the sweep to retry it.", study_name, _seed_of(mine[0]),
-                        mine[0].user_attrs.get(TrialAttr.ERROR, "?"), mine[0].user_attrs.get(TrialAttr.RUN, "-"))
+            log.warning(
+                "sweep %s: seed %s failed: %s (its run %s). Re-run the sweep to retry it.",
+                study_name,
+                _seed_of(mine[0]),
+                mine[0].user_attrs.get(TrialAttr.ERROR, "?"),
+                mine[0].user_attrs.get(TrialAttr.RUN, "-"),
+            )
             break
 
     completed: dict[int, str] = {}
@@ -176,8 +191,10 @@ def sweep(
     result = SweepResult(study_name, parent, completed, set(completed) == set(seeds), failed)
     if not result.complete:
         missing = sorted(set(seeds) - set(completed))
-        result.notes.append(f"seeds {missing} are not complete yet (running in other workers, or failed); the worker "
-                            "that completes the last seed aggregates, or re-run the sweep once they are done.")
+        result.notes.append(
+            f"seeds {missing} are not complete yet (running in other workers, or failed); the worker "
+            "that completes the last seed aggregates, or re-run the sweep once they are done."
+        )
     elif aggregate:
         result.summary, result.findings = aggregate_into(parent, completed, figure_format)
     return result
@@ -234,7 +251,9 @@ def _aggregate(parent: str, seed_runs: dict[int, str], out: OutputFolder) -> tup
         # Aggregated before from these very runs (the tag is set last): logging again would only
         # add every seeds/* step a second time to the parent's history.
         return summary, counts
-    keys = np.asarray([o if s == "" else metric_key(s, v, o) for s, v, o in zip(summary.site, summary.view, summary.observable)], dtype=object)
+    keys = np.asarray(
+        [o if s == "" else metric_key(s, v, o) for s, v, o in zip(summary.site, summary.view, summary.observable)], dtype=object
+    )
     for epoch in sorted(summary.epoch.unique()):
         rows = summary.epoch == epoch
         metrics = {}

@@ -25,8 +25,13 @@ class TGO2:
     notes: list[str]
 
 
-def judge(kept: dict[int, representations.KeptEpoch], spectra: dict[int, ProbeResult], weights: pd.DataFrame | None,
-          head: tuple[str, str], findings_only: bool = False) -> TGO2:
+def judge(
+    kept: dict[int, representations.KeptEpoch],
+    spectra: dict[int, ProbeResult],
+    weights: pd.DataFrame | None,
+    head: tuple[str, str],
+    findings_only: bool = False,
+) -> TGO2:
     """Findings 6-8 and their tables from a run's kept features (`tgo.representations.read_kept`),
     its spectra (token interaction) and its weight spectra (`tgo.runs.weight_table`; None: not read).
     findings_only: skip what the findings do not use (the site x site and epoch similarity tables,
@@ -45,15 +50,23 @@ def judge(kept: dict[int, representations.KeptEpoch], spectra: dict[int, ProbeRe
         assert id_jack is not None  # intrinsic_dimension jackknifes wherever jackknife_at is given
         spec = representations.specialisation(kept)
         tables["specialisation"] = pd.DataFrame({"site": spec.places, "cka_first_last": spec.values, "se": spec.se})
-        found = [findings.finding6(spec.places, spec.values, spec.replicates, epochs=spec.epochs),
-                 findings.finding7(id_jack.places, id_jack.values, id_jack.replicates, head_name(at))]
+        found = [
+            findings.finding6(spec.places, spec.values, spec.replicates, epochs=spec.epochs),
+            findings.finding7(id_jack.places, id_jack.values, id_jack.replicates, head_name(at)),
+        ]
         if any(k.rows is None for k in kept.values()):
-            notes.append("Some kept features were saved without their folds (before tgo kept them): findings 6 and 7 "
-                         "have no standard errors there.")
+            notes.append(
+                "Some kept features were saved without their folds (before tgo kept them): findings 6 and 7 have no standard errors there."
+            )
     else:
-        why = (f"the run kept features at {len(kept)} epoch(s); findings 6 and 7 need two or more "
-               "(feature_epochs: auto keeps 0, powers of 2 and the last).")
-        found = [Finding(6, findings.FINDING6, "inconclusive", why, "no test"), Finding(7, findings.FINDING7, "inconclusive", why, "no test")]
+        why = (
+            f"the run kept features at {len(kept)} epoch(s); findings 6 and 7 need two or more "
+            "(feature_epochs: auto keeps 0, powers of 2 and the last)."
+        )
+        found = [
+            Finding(6, findings.FINDING6, "inconclusive", why, "no test"),
+            Finding(7, findings.FINDING7, "inconclusive", why, "no test"),
+        ]
     blocks = site_order(s for s in tokens.site if s.startswith("block_")) if len(tokens) else []
     epochs = sorted(tokens.epoch.unique()) if len(tokens) else []
     if blocks and len(epochs) >= 2:
@@ -62,5 +75,9 @@ def judge(kept: dict[int, representations.KeptEpoch], spectra: dict[int, ProbeRe
         reps = (spectra[first].token_replicates.get(deepest), spectra[last].token_replicates.get(deepest))
         found.append(findings.finding8(deepest, (int(first), int(last)), (value[first], value[last]), reps))
     else:
-        found.append(Finding(8, findings.FINDING8, "inconclusive", "no token interaction at two epochs (a run from before tgo measured it).", "no test"))
+        found.append(
+            Finding(
+                8, findings.FINDING8, "inconclusive", "no token interaction at two epochs (a run from before tgo measured it).", "no test"
+            )
+        )
     return TGO2(found, tables, notes)

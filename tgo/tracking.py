@@ -97,7 +97,7 @@ def _schema_lock(uri: str):
     """Several processes opening a fresh sqlite store at once race on creating its schema ("table
     already exists"): the first to open it creates it while holding an exclusive lock on a file
     beside the database (fcntl.flock), and the others wait. Other stores need no lock."""
-    path = uri[len("sqlite:///"):].split("?")[0] if uri.startswith("sqlite:///") else ""  # relative, or /absolute
+    path = uri[len("sqlite:///") :].split("?")[0] if uri.startswith("sqlite:///") else ""  # relative, or /absolute
     if not path or path == ":memory:":
         yield
         return
@@ -155,8 +155,11 @@ def experiment_id(name: str = "") -> str:
 
 def new_run(experiment: str, run_name: str, tags: dict[str, Any] | None = None) -> str:
     """A new run in the experiment `experiment` (see experiment_id); returns its id."""
-    return MlflowClient().create_run(experiment_id(experiment), run_name=run_name or None,
-                                     tags={k: str(v) for k, v in (tags or {}).items()}).info.run_id
+    return (
+        MlflowClient()
+        .create_run(experiment_id(experiment), run_name=run_name or None, tags={k: str(v) for k, v in (tags or {}).items()})
+        .info.run_id
+    )
 
 
 def open_parent_run(experiment: str, run_name: str, tags: dict[str, Any]) -> str:
@@ -235,8 +238,7 @@ def start_run(experiment: str, run_name: str = "", resume_run_id: str = "", syst
         parent = get_run(parent_run_id)
         # Created through the client, then attached by id: the fluent start_run() without a run id
         # would attach to MLFLOW_RUN_ID (the launcher run, here the parent itself) instead.
-        child = MlflowClient().create_run(parent.info.experiment_id, run_name=run_name or None,
-                                          tags={"mlflow.parentRunId": parent_run_id})
+        child = MlflowClient().create_run(parent.info.experiment_id, run_name=run_name or None, tags={"mlflow.parentRunId": parent_run_id})
         return mlflow.start_run(run_id=child.info.run_id, **kwargs)
     if launcher:
         return mlflow.start_run(run_id=launcher, **kwargs)
@@ -359,7 +361,9 @@ def log_datasets(run_id: str, datasets: Sequence[dict[str, Any]]) -> None:
     inputs = []
     for item in datasets:
         # MLflow's Dataset marks profile abstract but is no ABC; MetaDataset inherits its None.
-        dataset = MetaDataset(CodeDatasetSource(tags={k: str(v) for k, v in item["source"].items()}), name=item["name"], digest=item["digest"][:36])  # type: ignore[abstract]
+        dataset = MetaDataset(
+            CodeDatasetSource(tags={k: str(v) for k, v in item["source"].items()}), name=item["name"], digest=item["digest"][:36]
+        )  # type: ignore[abstract]
         inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", item["context"])]))
     for attempt in range(DATASET_ATTEMPTS):
         try:

@@ -64,7 +64,18 @@ if TYPE_CHECKING:  # timm is imported where it is used
 log = logging.getLogger(__name__)
 
 # Settings that a resumed run may change; any other difference from the run's own config is an error.
-RESUMABLE_CHANGES = ("epochs", "device", "workers", "resume", "compile", "amp", "system_metrics", "run_name", "experiment", "checkpoint_epochs")
+RESUMABLE_CHANGES = (
+    "epochs",
+    "device",
+    "workers",
+    "resume",
+    "compile",
+    "amp",
+    "system_metrics",
+    "run_name",
+    "experiment",
+    "checkpoint_epochs",
+)
 
 
 @dataclass
@@ -102,7 +113,9 @@ class Setup:
     mixup: Mixup | None  # timm's Mixup, or None
     loss_fn: torch.nn.Module
     train_loader: DataLoader
-    sampler: RepeatAugSampler | DistributedSampler | None  # RepeatAugSampler (repeated_aug > 1) or DistributedSampler (torchrun); None: the loader shuffles
+    sampler: (
+        RepeatAugSampler | DistributedSampler | None
+    )  # RepeatAugSampler (repeated_aug > 1) or DistributedSampler (torchrun); None: the loader shuffles
     generator: torch.Generator  # the shuffling generator, re-seeded every epoch
     val_loader: DataLoader
     probe_set: ProbeSet | None
@@ -143,9 +156,32 @@ def build(cfg: TrainConfig, d: Dist | None = None, ckpt: dict | None = None) -> 
     train_model = _train_model(cfg, d, model, device)
     # The last short training batch is dropped under mixup (timm's Mixup asks for an even batch)
     # and under torchrun.
-    train_loader, sampler, generator, val_loader, probe_loader = _loaders(cfg, d, data, probe_set, device, drop_last=d.enabled or mixup is not None)
-    return Setup(cfg, d, device, amp, channels_last, data, model, train_model, optimizer, scheduler, scaler, mixup, loss_fn,
-                 train_loader, sampler, generator, val_loader, probe_set, probe_loader, ema=ema, start_epoch=start_epoch)
+    train_loader, sampler, generator, val_loader, probe_loader = _loaders(
+        cfg, d, data, probe_set, device, drop_last=d.enabled or mixup is not None
+    )
+    return Setup(
+        cfg,
+        d,
+        device,
+        amp,
+        channels_last,
+        data,
+        model,
+        train_model,
+        optimizer,
+        scheduler,
+        scaler,
+        mixup,
+        loss_fn,
+        train_loader,
+        sampler,
+        generator,
+        val_loader,
+        probe_set,
+        probe_loader,
+        ema=ema,
+        start_epoch=start_epoch,
+    )
 
 
 def _probe_set(cfg: TrainConfig, data: Datasets) -> ProbeSet | None:
@@ -174,8 +210,9 @@ def _model(cfg: TrainConfig, num_classes: int, device: torch.device) -> tuple[to
     return model, channels_last
 
 
-def _optimisation(cfg: TrainConfig, model: torch.nn.Module, device: torch.device,
-                  amp: torch.dtype | None) -> tuple[torch.optim.Optimizer, Scheduler, torch.amp.GradScaler, ModelEmaV3 | None]:
+def _optimisation(
+    cfg: TrainConfig, model: torch.nn.Module, device: torch.device, amp: torch.dtype | None
+) -> tuple[torch.optim.Optimizer, Scheduler, torch.amp.GradScaler, ModelEmaV3 | None]:
     """timm's optimiser and scheduler for `model`, the gradient scaler, and the weight average.
 
     Args:
@@ -192,8 +229,12 @@ def _optimisation(cfg: TrainConfig, model: torch.nn.Module, device: torch.device
 
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.resolved_lr, weight_decay=cfg.weight_decay)
     scheduler, _ = create_scheduler_v2(
-        optimizer, sched=cfg.sched, num_epochs=max(cfg.epochs, 1), min_lr=cfg.min_lr,
-        warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
+        optimizer,
+        sched=cfg.sched,
+        num_epochs=max(cfg.epochs, 1),
+        min_lr=cfg.min_lr,
+        warmup_lr=cfg.warmup_lr,
+        warmup_epochs=cfg.warmup_epochs,
     )
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # loss scaling for fp16 only
     ema: ModelEmaV3 | None = None
@@ -218,8 +259,15 @@ def _loss(cfg: TrainConfig, num_classes: int) -> tuple[Mixup | None, torch.nn.Mo
     return None, torch.nn.CrossEntropyLoss()
 
 
-def _restore(ckpt: dict, cfg: TrainConfig, model: torch.nn.Module, ema: ModelEmaV3 | None, optimizer: torch.optim.Optimizer,
-             scheduler: Scheduler, scaler: torch.amp.GradScaler) -> int:
+def _restore(
+    ckpt: dict,
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    ema: ModelEmaV3 | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Scheduler,
+    scaler: torch.amp.GradScaler,
+) -> int:
     """Load a checkpoint's weights (and weight average), optimiser, scaler and schedule in place.
 
     Returns:
@@ -265,8 +313,14 @@ def _train_sampler(cfg: TrainConfig, d: Dist, train: Dataset) -> RepeatAugSample
         # DeiT's repeated augmentation: each image num_repeats times per epoch, the copies on
         # different ranks (so differently augmented); an epoch keeps len(train) images, rounded
         # down to a multiple of 256 as DeiT does where the set is large enough.
-        return RepeatAugSampler(train, num_replicas=d.world, rank=d.rank, shuffle=True, num_repeats=cfg.repeated_aug,
-                                selected_round=256 if dataset_size(train) >= 256 * d.world else 0)
+        return RepeatAugSampler(
+            train,
+            num_replicas=d.world,
+            rank=d.rank,
+            shuffle=True,
+            num_repeats=cfg.repeated_aug,
+            selected_round=256 if dataset_size(train) >= 256 * d.world else 0,
+        )
     if d.enabled:
         from torch.utils.data.distributed import DistributedSampler
 
@@ -274,8 +328,9 @@ def _train_sampler(cfg: TrainConfig, d: Dist, train: Dataset) -> RepeatAugSample
     return None
 
 
-def _loaders(cfg: TrainConfig, d: Dist, data: Datasets, probe_set: ProbeSet | None, device: torch.device,
-             drop_last: bool) -> tuple[DataLoader, RepeatAugSampler | DistributedSampler | None, torch.Generator, DataLoader, DataLoader | None]:
+def _loaders(
+    cfg: TrainConfig, d: Dist, data: Datasets, probe_set: ProbeSet | None, device: torch.device, drop_last: bool
+) -> tuple[DataLoader, RepeatAugSampler | DistributedSampler | None, torch.Generator, DataLoader, DataLoader | None]:
     """The training, validation and probe loaders of this process.
 
     Args:
@@ -296,8 +351,16 @@ def _loaders(cfg: TrainConfig, d: Dist, data: Datasets, probe_set: ProbeSet | No
     pin = device.type == "cuda"
     generator = torch.Generator()
     sampler = _train_sampler(cfg, d, data.train)
-    train_loader = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler, shuffle=sampler is None, num_workers=cfg.workers,
-                              pin_memory=pin, drop_last=drop_last, generator=generator)
+    train_loader = DataLoader(
+        data.train,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        shuffle=sampler is None,
+        num_workers=cfg.workers,
+        pin_memory=pin,
+        drop_last=drop_last,
+        generator=generator,
+    )
     if len(train_loader) == 0:
         raise ConfigError(f"batch_size: {cfg.batch_size} exceeds the {dataset_size(data.train)} training images per process; lower it.")
     val_shard = list(range(d.rank, dataset_size(data.val), d.world))  # disjoint shards, sums all-reduced
@@ -364,8 +427,15 @@ def train_one_epoch(s: Setup, epoch: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, amp: torch.dtype | None, d: Dist, num_classes: int,
-             channels_last: bool = False) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    amp: torch.dtype | None,
+    d: Dist,
+    num_classes: int,
+    channels_last: bool = False,
+) -> dict[str, float]:
     """val/loss (cross-entropy on hard labels), val/acc1 and val/acc5 (top-min(5, classes)), in %."""
     model.eval()
     k = min(5, num_classes)
@@ -386,8 +456,6 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, a
         dist.all_reduce(stats)
     n = max(stats[3].item(), 1)
     return {"val/loss": stats[0].item() / n, "val/acc1": 100 * stats[1].item() / n, "val/acc5": 100 * stats[2].item() / n}
-
-
 
 
 def _validate(s: Setup) -> dict[str, float]:
@@ -426,8 +494,9 @@ def run_epoch(s: Setup, epoch: int) -> tuple[dict[str, float], ProbeResult | Non
         with warnings.catch_warnings(record=True):  # degenerate views: the tag tgo.degenerate_views, not a warning per epoch
             warnings.simplefilter("always", DegenerateGeometryWarning)
             keep = epoch in cfg.feature_epoch_set()
-            geometry = probe_model(s.probed, s.probe_loader, cfg, s.device, distributed=s.d.enabled, progress=s.d.main and None,
-                                   keep_features=keep)
+            geometry = probe_model(
+                s.probed, s.probe_loader, cfg, s.device, distributed=s.d.enabled, progress=s.d.main and None, keep_features=keep
+            )
         metrics["time/probe_s"] = time.perf_counter() - t0
         metrics.update(geometry.metrics())
         metrics.update(geometry.stderr_metrics())  # geom_se/final/cls/*: the head view only
@@ -461,7 +530,8 @@ def _resume_config(cfg: TrainConfig, given: set[str], saved: dict) -> TrainConfi
     ]
     if conflicts:
         raise ConfigError(
-            "resume continues a run with its own settings; these differ from it: " + "; ".join(conflicts)
+            "resume continues a run with its own settings; these differ from it: "
+            + "; ".join(conflicts)
             + f". Only {', '.join(RESUMABLE_CHANGES)} may change on resume."
         )
     return replace(base, **{k: getattr(cfg, k) for k in RESUMABLE_CHANGES if k in given})
@@ -544,7 +614,9 @@ def _run(cfg: TrainConfig, given: set[str], d: Dist, parent_run_id: str = "", ep
     # ---- the MLflow run (rank 0 only) ----
     run_id, lease = "", None
     if d.main:
-        run_id = tracking.start_run(cfg.experiment, cfg.run_name or run_name(cfg), cfg.resume, cfg.system_metrics, parent_run_id).info.run_id
+        run_id = tracking.start_run(
+            cfg.experiment, cfg.run_name or run_name(cfg), cfg.resume, cfg.system_metrics, parent_run_id
+        ).info.run_id
         lease = tracking.Lease(run_id).start()  # tells a resume elsewhere that this run is alive
         if on_start is not None:
             on_start(run_id)
@@ -555,9 +627,19 @@ def _run(cfg: TrainConfig, given: set[str], d: Dist, parent_run_id: str = "", ep
     try:
         if d.main:  # the run's config, tags, probe set and datasets, and the line that says what starts
             probe_record = s.probe_set.record() if s.probe_set is not None else None
-            record_start(run_id, cfg, num_classes=s.data.num_classes, notes=s.data.notes, world=d.world, head=head_view(s.model),
-                         probe_record=probe_record, datasets=dataset_inputs(cfg, s.data.train, s.data.val, s.data.num_classes, probe_record),
-                         device=s.device, ckpt=ckpt, start_epoch=s.start_epoch)
+            record_start(
+                run_id,
+                cfg,
+                num_classes=s.data.num_classes,
+                notes=s.data.notes,
+                world=d.world,
+                head=head_view(s.model),
+                probe_record=probe_record,
+                datasets=dataset_inputs(cfg, s.data.train, s.data.val, s.data.num_classes, probe_record),
+                device=s.device,
+                ckpt=ckpt,
+                start_epoch=s.start_epoch,
+            )
         history: dict[int, dict[str, float]] = {}
         last_metrics = dict(ckpt["metrics"]) if ckpt is not None else {}
         keep = cfg.checkpoint_epoch_set()
@@ -568,7 +650,9 @@ def _run(cfg: TrainConfig, given: set[str], d: Dist, parent_run_id: str = "", ep
                 if committer.background:
                     checkpoint = cpu_copy(checkpoint)  # training goes on while the snapshot is written
                 weights = checkpoint["ema" if cfg.probe_weights == "ema" else "model"]  # the weights the probe measured
-                committer.submit(epoch, cfg.epochs, checkpoint, weights if epoch in keep else None, geometry, dict(metrics), spectra_of_weights)
+                committer.submit(
+                    epoch, cfg.epochs, checkpoint, weights if epoch in keep else None, geometry, dict(metrics), spectra_of_weights
+                )
                 if geometry is not None and epoch == s.start_epoch and geometry.degenerate():
                     tracking.set_tags(run_id, {Tag.DEGENERATE_VIEWS: ",".join(geometry.degenerate())})
             history[epoch] = last_metrics = metrics

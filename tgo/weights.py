@@ -38,7 +38,7 @@ _PARAMETER = re.compile(r"(?:blocks\.(\d+)\.(?:attn|mlp)\.(qkv|proj|fc1|fc2)|(pa
 
 
 def matrix_name(parameter: str) -> str | None:
-    """"blocks.3.attn.qkv.weight" -> "block_03/qkv"; None for parameters that are not tracked."""
+    """ "blocks.3.attn.qkv.weight" -> "block_03/qkv"; None for parameters that are not tracked."""
     match = _PARAMETER.fullmatch(parameter)
     if not match:
         return None

@@ -18,12 +18,15 @@ import tgo
 from tgo import tracking
 from tgo.keys import Tag, TrialAttr
 
-RESUME_REFUSED = ("resume: a {what} resumes only its own runs: run the same {what} command again, and a {unit} whose "
-                  "worker died continues from its run's checkpoint. To continue one training run, use tgo train --resume <run_id>.")
+RESUME_REFUSED = (
+    "resume: a {what} resumes only its own runs: run the same {what} command again, and a {unit} whose "
+    "worker died continues from its run's checkpoint. To continue one training run, use tgo train --resume <run_id>."
+)
 
 
-def parent_run(study: optuna.Study, experiment: str, study_name: str, kind: str = "sweep", create: bool = True,
-               wait_s: float = 120.0) -> str:
+def parent_run(
+    study: optuna.Study, experiment: str, study_name: str, kind: str = "sweep", create: bool = True, wait_s: float = 120.0
+) -> str:
     """The sweep's or study's parent run: the one recorded in the study, else, from the worker that
     created the study (`create`), the launcher run under `mlflow run` or a new one, recorded in the
     study. Other workers wait for the creator to record it (up to wait_s; then, if the creator died
@@ -39,8 +42,9 @@ def parent_run(study: optuna.Study, experiment: str, study_name: str, kind: str 
         if time.time() >= deadline:
             break
         time.sleep(0.5)
-    run_id = tracking.open_parent_run(experiment, f"{kind} {study_name}",
-                                      {Tag.KIND: kind, Tag.STUDY: study_name, Tag.VERSION: tgo.__version__})
+    run_id = tracking.open_parent_run(
+        experiment, f"{kind} {study_name}", {Tag.KIND: kind, Tag.STUDY: study_name, Tag.VERSION: tgo.__version__}
+    )
     study.set_user_attr(TrialAttr.PARENT_RUN, run_id)
     return run_id
 
@@ -62,5 +66,8 @@ def retried_run(trial: optuna.Trial, parent: str) -> str:
 
 def fail_dead_run(trial) -> None:
     """The run of a trial failed because its worker died: FAILED too, not RUNNING for good."""
-    tracking.fail_run(trial.user_attrs.get(TrialAttr.RUN, ""), f"worker {trial.user_attrs.get(TrialAttr.WORKER, '?')} died; "
-                      f"trial {trial.number} was failed and is retried (resuming this run from its checkpoint)")
+    tracking.fail_run(
+        trial.user_attrs.get(TrialAttr.RUN, ""),
+        f"worker {trial.user_attrs.get(TrialAttr.WORKER, '?')} died; "
+        f"trial {trial.number} was failed and is retried (resuming this run from its checkpoint)",
+    )
