@@ -43,6 +43,7 @@ import pandas as pd
 import scipy.stats
 
 from tgo import uncertainty
+from tgo.keys import HEAD_VIEW
 from tgo.spectral import OBSERVABLE_NAMES
 
 ALPHA = 0.05
@@ -269,7 +270,7 @@ def _describe(r: dict) -> str:
 
 
 def trend_findings(
-    trends: pd.DataFrame, head: tuple[str, str] = ("final", "cls"), alpha: float = ALPHA, wide: pd.DataFrame | None = None
+    trends: pd.DataFrame, head: tuple[str, str] = HEAD_VIEW, alpha: float = ALPHA, wide: pd.DataFrame | None = None
 ) -> list[Finding]:
     """Findings 1-4 at the view that feeds the head, with the share of all site/views as context
     (`wide`: the `everywhere` table, computed here unless the caller already has it)."""
@@ -324,9 +325,7 @@ def everywhere(trends: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["finding", "site", "view", "p", "q", "verdict"])
 
 
-def finding5(
-    geometry: pd.DataFrame, replicates: Replicates | None, head: tuple[str, str] = ("final", "cls"), alpha: float = ALPHA
-) -> Finding:
+def finding5(geometry: pd.DataFrame, replicates: Replicates | None, head: tuple[str, str] = HEAD_VIEW, alpha: float = ALPHA) -> Finding:
     """Finding 5 at the last epoch: the head view against every other site's view of the same kind.
 
     For each observable and other site s, d_s = theta_head - theta_s with its paired standard error
@@ -395,7 +394,7 @@ def finding5(
 def judge(
     geometry: pd.DataFrame,
     replicates: Replicates | None = None,
-    head: tuple[str, str] = ("final", "cls"),
+    head: tuple[str, str] = HEAD_VIEW,
     alpha: float = ALPHA,
     trends: pd.DataFrame | None = None,
     wide: pd.DataFrame | None = None,

@@ -87,7 +87,7 @@ def site_names(model: torch.nn.Module) -> list[str]:
 def head_view(model: torch.nn.Module) -> tuple[str, str]:
     """The (site, view) that feeds the classifier head: ("final", "cls") for a class-token model,
     ("final", "mean") for one pooled by average (timm's global_pool="avg")."""
-    return ("final", "mean") if getattr(model, "global_pool", "token") == "avg" else ("final", "cls")
+    return keys.POOLED_HEAD_VIEW if getattr(model, "global_pool", "token") == "avg" else keys.HEAD_VIEW
 
 
 @dataclass
@@ -132,7 +132,7 @@ class ProbeResult:
     """Per site and view geometry of one probe pass; `metrics()` gives the MLflow keys."""
 
     geometry: dict[tuple[str, str], SiteViewGeometry] = field(default_factory=dict)
-    head: tuple[str, str] = ("final", "cls")  # the view that feeds the classifier head
+    head: tuple[str, str] = keys.HEAD_VIEW  # the view that feeds the classifier head
     tokens: dict[str, float] = field(default_factory=dict)  # site -> mean cosine of distinct patch tokens (token_interaction)
     # site -> (K,) token interaction without fold k (None: no folds), for its jackknife standard error
     token_replicates: dict[str, np.ndarray] = field(default_factory=dict)
@@ -243,7 +243,7 @@ class ProbeResult:
         """Read a file written by `save` (no pickles: allow_pickle=False)."""
         with np.load(Path(path), allow_pickle=False) as data:
             names = [str(n) for n in data["observable_names"]]
-            head = keys.parse_head(str(data["head_view"])) if "head_view" in data.files else ("final", "cls")
+            head = keys.parse_head(str(data["head_view"])) if "head_view" in data.files else keys.HEAD_VIEW
             pairs = dict.fromkeys(tuple(k.split("/")[:2]) for k in data.files if k.count("/") == 2)
             geometry = {}
             for site, view in pairs:
@@ -397,7 +397,7 @@ def probe(
             seen += images.shape[0]
             order, counts = _fold_order(fold, folds)  # images sorted by fold: counts[k] of fold k, in order
             images = images[order.to(images.device)].to(device, dtype=dtype, non_blocking=True)
-            tokens, head_input = _site_tokens(model, images, pooled=head == ("final", "mean"))
+            tokens, head_input = _site_tokens(model, images, pooled=head == keys.POOLED_HEAD_VIEW)
             # the same k random patch tokens of an image at every site (None: all T of them)
             keep = _token_subset(patch_tokens_per_image, tokens["final"][1], generator)
             rows = _view_rows(tokens, head_input, needed, keep)  # each view's rows, formed once
