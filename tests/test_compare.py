@@ -308,8 +308,8 @@ def test_tgo_compare_logs_a_comparison_run_that_links_both(two_runs, capsys):
     tokens = table[(table.view == "tokens") & (table.epoch == 1)].set_index("site")
     assert set(tokens.index) == {"patch_embed", "pos_embed", "block_00", "block_01", "final"}
     ra, rb = (ProbeResult.load(download(r, "geometry/spectra/epoch_0001.npz", folder / f"tok_{r}")) for r in (a, b))
-    d = rb.tokens["final"] - ra.tokens["final"]
-    se = uncertainty.jackknife_se(rb.token_replicates["final"] - ra.token_replicates["final"])
+    d = rb.token_interaction["final"] - ra.token_interaction["final"]
+    se = uncertainty.jackknife_se(rb.token_interaction_replicates["final"] - ra.token_interaction_replicates["final"])
     assert tokens.loc["final", "difference"] == pytest.approx(d) and tokens.loc["final", "se"] == pytest.approx(se)
     assert tokens.loc["final", "p"] == pytest.approx(float(uncertainty.t_test(d, se, K)))
     # So is the intrinsic dimension at the kept epochs: TwoNN refitted without each fold, paired.

@@ -55,7 +55,7 @@ def test_token_interaction_band_from_the_spectra_uses_their_folds():
     spectra = {}
     for epoch in EPOCHS:
         reps = {site: 0.5 + 0.05 * rng.normal(size=K) for site in ("block_00", "block_01")}
-        spectra[epoch] = SimpleNamespace(tokens={site: float(r.mean()) for site, r in reps.items()}, token_replicates=reps)
+        spectra[epoch] = SimpleNamespace(token_interaction={site: float(r.mean()) for site, r in reps.items()}, token_interaction_replicates=reps)
     table = runs.token_table(spectra)
     assert (table.folds == K).all()
     fig = plots.per_site_over_epochs(table, "mean_cosine", "mean cosine", "tokens", se="se", folds="folds")
@@ -63,7 +63,7 @@ def test_token_interaction_band_from_the_spectra_uses_their_folds():
     q = scipy.stats.t.ppf(0.975, K - 1)
     for site, band in zip(("block_00", "block_01"), ax.collections):  # one band per site, in site order
         for epoch in EPOCHS:
-            r = spectra[epoch].token_replicates[site]
+            r = spectra[epoch].token_interaction_replicates[site]
             se = np.sqrt((K - 1) / K * np.sum((r - r.mean()) ** 2))  # the jackknife, by hand
             ys = [y for x, y in band.get_paths()[0].vertices if x == epoch]
             assert (min(ys), max(ys)) == (pytest.approx(r.mean() - q * se), pytest.approx(r.mean() + q * se))

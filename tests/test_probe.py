@@ -250,15 +250,15 @@ def test_token_interaction_is_the_mean_cosine_of_distinct_patch_tokens(images):
         cos = np.einsum("bid,bjd->bij", unit, unit)
         t = x.shape[1]
         expected = np.mean([(c.sum() - np.trace(c)) / (t * (t - 1)) for c in cos])
-        assert result.tokens[site] == pytest.approx(expected, rel=1e-10), site
-        assert result.token_metrics()[f"tokens/{site}/mean_cosine"] == result.tokens[site]
-    assert set(result.tokens) == set(site_names(model))
+        assert result.token_interaction[site] == pytest.approx(expected, rel=1e-10), site
+        assert result.token_interaction_metrics()[f"tokens/{site}/mean_cosine"] == result.token_interaction[site]
+    assert set(result.token_interaction) == set(site_names(model))
     from tgo.probe import token_interaction
 
     same = torch.ones(3, 5, 8)  # every token of an image identical: cosine 1
     assert torch.allclose(token_interaction(same), torch.ones(3, dtype=torch.float64))
     loaded = ProbeResult.load(result.save(Path(tempfile.mkdtemp()) / "p.npz"))
-    assert loaded.tokens == pytest.approx(result.tokens)
+    assert loaded.token_interaction == pytest.approx(result.token_interaction)
 
 
 def test_token_interaction_replicates_and_kept_feature_rows_follow_the_folds():
@@ -278,7 +278,7 @@ def test_token_interaction_replicates_and_kept_feature_rows_follow_the_folds():
     per_image = np.array([(c.sum() - np.trace(c)) / (t * (t - 1)) for c in cos])
     folds = ps.fold_ids  # 4 folds of 5 images, 3 images in every replicate
     want = [per_image[folds != k].mean() for k in range(4)]
-    np.testing.assert_allclose(result.token_replicates["final"], want, rtol=1e-10)
+    np.testing.assert_allclose(result.token_interaction_replicates["final"], want, rtol=1e-10)
     rows = result.feature_rows
     np.testing.assert_array_equal(rows.position, np.arange(23))
     np.testing.assert_array_equal(rows.fold, folds)
@@ -289,4 +289,4 @@ def test_token_interaction_replicates_and_kept_feature_rows_follow_the_folds():
     np.testing.assert_array_equal(loaded.fold, folds)
     assert loaded.folds == 4 and set(ProbeResult.load_features(path)) == set(result.features)
     again = ProbeResult.load(result.save(Path(tempfile.mkdtemp()) / "p.npz"))
-    np.testing.assert_array_equal(again.token_replicates["final"], result.token_replicates["final"])
+    np.testing.assert_array_equal(again.token_interaction_replicates["final"], result.token_interaction_replicates["final"])

@@ -530,7 +530,7 @@ def with_tokens(table: pd.DataFrame, replicates: dict, spectra: dict[int, ProbeR
     `tokens`, observable `mean_cosine` (replicates (K, 1)), so that it is tested like the rest."""
     reps = dict(replicates)
     for epoch, result in spectra.items():
-        for site, r in result.token_replicates.items():
+        for site, r in result.token_interaction_replicates.items():
             reps.setdefault((site, TOKEN_VIEW), {})[epoch] = np.asarray(r, float)[:, None]
     tokens = runs.token_table(spectra).rename(columns={TOKEN_OBSERVABLE: "value"}).assign(view=TOKEN_VIEW, observable=TOKEN_OBSERVABLE)
     tokens = tokens[["epoch", "site", "view", "observable", "value", "se"]]

@@ -133,9 +133,9 @@ class ProbeResult:
 
     geometry: dict[tuple[str, str], SiteViewGeometry] = field(default_factory=dict)
     head: tuple[str, str] = keys.HEAD_VIEW  # the view that feeds the classifier head
-    tokens: dict[str, float] = field(default_factory=dict)  # site -> mean cosine of distinct patch tokens (token_interaction)
+    token_interaction: dict[str, float] = field(default_factory=dict)  # site -> mean cosine of its distinct patch tokens
     # site -> (K,) token interaction without fold k (None: no folds), for its jackknife standard error
-    token_replicates: dict[str, np.ndarray] = field(default_factory=dict)
+    token_interaction_replicates: dict[str, np.ndarray] = field(default_factory=dict)
     features: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)  # (site, cls|mean) -> (N, D) float16, keep_features
     # keep_features: for each feature row, the image's place in the probe set and its jackknife fold
     feature_rows: FeatureRows | None = None
@@ -185,9 +185,9 @@ class ProbeResult:
         """{"geom/<site>/<view>/<name>": value} for every site, view and observable."""
         return {metric_key(g.site, g.view, name): float(value) for g in self.geometry.values() for name, value in g.observables.items()}
 
-    def token_metrics(self) -> dict[str, float]:
+    def token_interaction_metrics(self) -> dict[str, float]:
         """{"tokens/<site>/mean_cosine": value}: each site's token interaction."""
-        return {keys.token_key(site): value for site, value in self.tokens.items()}
+        return {keys.token_key(site): value for site, value in self.token_interaction.items()}
 
     def stderr_metrics(self) -> dict[str, float]:
         """{"geom_se/<site>/<view>/<name>": se} for the view that feeds the head (the one TGO-I's
@@ -230,10 +230,10 @@ class ProbeResult:
             if g.replicates is not None:
                 arrays[f"{key}/replicates"] = g.replicates
                 arrays[f"{key}/stderr"] = np.asarray(uncertainty.jackknife_se(g.replicates, axis=0))  # OBSERVABLE_NAMES order
-        for site, value in self.tokens.items():
-            arrays[f"token_similarity/{site}"] = np.array(value)
-        for site, reps in self.token_replicates.items():
-            arrays[f"token_similarity_replicates/{site}"] = reps
+        for site, value in self.token_interaction.items():
+            arrays[f"{keys.TOKEN_FILE_KEY}/{site}"] = np.array(value)
+        for site, reps in self.token_interaction_replicates.items():
+            arrays[f"{keys.TOKEN_FILE_KEY}_replicates/{site}"] = reps
         with open(path, "wb") as fh:
             np.savez_compressed(fh, allow_pickle=True, **arrays)  # numpy's default, named so that no array's key is taken for it
         return path
@@ -266,8 +266,8 @@ class ProbeResult:
                     degenerate=bool(data[f"{key}/degenerate"]),
                     replicates=replicates,
                 )
-            tokens = {k.split("/", 1)[1]: float(data[k]) for k in data.files if k.startswith("token_similarity/")}
-            token_reps = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith("token_similarity_replicates/")}
+            tokens = {k.split("/", 1)[1]: float(data[k]) for k in data.files if k.startswith(f"{keys.TOKEN_FILE_KEY}/")}
+            token_reps = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(f"{keys.TOKEN_FILE_KEY}_replicates/")}
         return cls(geometry, head, tokens, token_reps)
 
 
@@ -418,7 +418,7 @@ def probe(
     result = ProbeResult(head=head)
     if kept is not None:  # every rank's rows, rank after rank
         result.features, result.feature_rows = kept.gather(distributed)
-    result.tokens, result.token_replicates = _token_results(interaction, distributed)
+    result.token_interaction, result.token_interaction_replicates = _token_results(interaction, distributed)
     result.geometry = _geometry(accs, keep_covariance, distributed)
     return result
 
@@ -605,7 +605,7 @@ def _gathered(rows: np.ndarray, distributed: bool) -> np.ndarray:
 
 def _token_results(interaction: dict[str, FoldSums], distributed: bool) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Each site's token interaction over every rank's images, and its K values without fold k
-    (`ProbeResult.tokens` and `.token_replicates`; no replicates without folds)."""
+    (`ProbeResult.token_interaction` and `.token_interaction_replicates`; no replicates without folds)."""
     tokens, replicates = {}, {}
     for site, sums in interaction.items():
         if distributed:

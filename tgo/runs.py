@@ -127,8 +127,8 @@ def token_table(spectra: dict[int, ProbeResult]) -> pd.DataFrame:
     columns epoch, site, mean_cosine, se, folds."""
     rows = []
     for epoch, r in sorted(spectra.items()):
-        for site, value in r.tokens.items():
-            reps = r.token_replicates.get(site)
+        for site, value in r.token_interaction.items():
+            reps = r.token_interaction_replicates.get(site)
             rows.append(
                 (epoch, site, value, float(uncertainty.jackknife_se(reps)), len(reps))
                 if reps is not None

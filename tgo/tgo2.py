@@ -71,8 +71,8 @@ def judge(
     epochs = sorted(tokens.epoch.unique()) if len(tokens) else []
     if blocks and len(epochs) >= 2:
         deepest, (first, last) = blocks[-1], (epochs[0], epochs[-1])
-        value = {e: spectra[e].tokens[deepest] for e in (first, last)}
-        reps = (spectra[first].token_replicates.get(deepest), spectra[last].token_replicates.get(deepest))
+        value = {e: spectra[e].token_interaction[deepest] for e in (first, last)}
+        reps = (spectra[first].token_interaction_replicates.get(deepest), spectra[last].token_interaction_replicates.get(deepest))
         found.append(findings.finding8(deepest, (int(first), int(last)), (value[first], value[last]), reps))
     else:
         found.append(

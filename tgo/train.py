@@ -500,7 +500,7 @@ def run_epoch(s: Setup, epoch: int) -> tuple[dict[str, float], ProbeResult | Non
         metrics["time/probe_s"] = time.perf_counter() - t0
         metrics.update(geometry.metrics())
         metrics.update(geometry.stderr_metrics())  # geom_se/final/cls/*: the head view only
-        metrics.update(geometry.token_metrics())  # tokens/<site>/mean_cosine
+        metrics.update(geometry.token_interaction_metrics())  # tokens/<site>/mean_cosine
         if geometry.features:  # similarity/ and intrinsic_dim/ of the kept features
             metrics.update(feature_metrics(geometry.features, s.previous_features))
             s.previous_features = geometry.features
