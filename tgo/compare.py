@@ -231,7 +231,7 @@ def run_differences(
     with np.errstate(divide="ignore", invalid="ignore"):
         m["t"] = np.where(m.se > 0, m.difference / m.se, np.where(m.difference == 0, 0.0, np.sign(m.difference) * np.inf))
     m.loc[~known, "t"] = np.nan
-    half = np.array([uncertainty.t_quantile(int(k)) if np.isfinite(k) else np.nan for k in m.folds]) * m.se
+    half = uncertainty.half_width(m.se, m.folds)  # folds is NaN where no replicate gave K
     m["ci_low"], m["ci_high"] = m.difference - half, m.difference + half
     m["n_a"], m["n_b"] = 1, 1
     return m.reindex(columns=COLUMNS)
@@ -541,7 +541,7 @@ def _read_side(side: _Side, which: str, folder: Path) -> None:
     for run in side.runs:
         run_id = run.info.run_id
         try:
-            table, _, spectra = runs.read_spectra(run_id, folder / run_id)
+            table, _, spectra = runs.read_geometry(run, folder / run_id)
         except AnalysisError as err:
             raise CompareError(f"{which}: {err}") from None
         if table.empty:

@@ -17,6 +17,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from tgo import uncertainty
+from tgo.errors import ConfigError
 from tgo.keys import site_order
 from tgo.spectral import OBSERVABLE_NAMES
 
@@ -26,8 +27,6 @@ FIGURE_FORMATS = ("png", "pdf", "svg")  # figure_format of the analysis and swee
 def check_format(figure_format: str) -> str:
     """`figure_format` when it is one of FIGURE_FORMATS, else a ConfigError that names the choices
     (each command checks it once, before any work)."""
-    from tgo.errors import ConfigError
-
     if figure_format not in FIGURE_FORMATS:
         raise ConfigError(f"figure_format: {figure_format!r} is not one of {', '.join(FIGURE_FORMATS)}.")
     return figure_format
