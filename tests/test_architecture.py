@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("analysis", "compare", "sweep", "study")  # peers: none imports another
+COMMANDS = ("analysis", "compare", "series", "sweep", "study")  # peers: none imports another
 
 
 def _modules() -> dict[str, Path]:

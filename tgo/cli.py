@@ -32,11 +32,11 @@ def _train_parser(sub) -> None:
     _add_train_options(p)
 
 
-def _add_train_options(p, skip=()) -> None:
-    """One option per TrainConfig field; "" (the default) means the preset's value."""
+def _add_train_options(p, skip=(), only=None) -> None:
+    """One option per TrainConfig field (those of `only`, if given); "" (the default) means the preset's value."""
     defaults = config.TrainConfig()
     for name in config.FIELD_TYPES:
-        if name in skip:
+        if name in skip or (only is not None and name not in only):
             continue
         preset_value = getattr(defaults, name)
         p.add_argument(
@@ -154,6 +154,40 @@ def _compare_parser(sub) -> None:
     p.add_argument("--figure_format", default="png", help=COMPARE_HELP["figure_format"])
 
 
+PROBE_HELP = {  # MLproject's comments above the probe's own parameters repeat these
+    "checkpoints": "a checkpoint file, a glob (in quotes) or a folder: timm train.py, DeiT, Lightning .ckpt, "
+    "Hugging Face Trainer checkpoint-STEP/ folders, or bare state dicts (.pt, .pth, .bin, .safetensors)",
+    "run_id": "the probe run to continue (default: the run of the same source and model, else a new run)",
+    "epoch": "the step of a single file without an epoch of its own (bare weights; default 0)",
+    "normalize": "dataset: normalise as tgo train does on the dataset; model: the model's own data config (timm)",
+    "trust_checkpoints": "let checkpoints be unpickled beyond tensors (runs code in them: only files you trust)",
+    "follow": "keep watching the source and probe each new checkpoint as another process writes it",
+    "follow_until": "with follow: stop once the checkpoint of this step is probed (empty: no such step)",
+    "follow_timeout": "with follow: stop after this many seconds without a new checkpoint",
+}
+
+
+def _probe_parser(sub) -> None:
+    p = sub.add_parser(
+        "probe",
+        help="the geometry of checkpoints trained anywhere (timm, DeiT, Lightning, Hugging Face), as a tgo run",
+        description="Probe every checkpoint under a file, glob or folder with tgo's probe and record them as one run "
+        "(tag tgo.kind=probe) with a training run's geometry keys and artifacts, at the step of each checkpoint's own "
+        "epoch (training epochs completed; 0 = the initialisation). Run it again to probe only new checkpoints; "
+        "--follow watches a training in progress. The model, data and probe options are tgo train's.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--checkpoints", required=True, help=PROBE_HELP["checkpoints"])
+    p.add_argument("--run_id", default="", help=PROBE_HELP["run_id"])
+    p.add_argument("--epoch", default="", help=PROBE_HELP["epoch"])
+    p.add_argument("--normalize", default="dataset", help=PROBE_HELP["normalize"])
+    p.add_argument("--trust_checkpoints", default="false", help=PROBE_HELP["trust_checkpoints"])
+    p.add_argument("--follow", default="false", help=PROBE_HELP["follow"])
+    p.add_argument("--follow_until", default="", help=PROBE_HELP["follow_until"])
+    p.add_argument("--follow_timeout", default="600", help=PROBE_HELP["follow_timeout"])
+    _add_train_options(p, only=config.PROBE_FIELDS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     import tgo
 
@@ -161,8 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tgo", description="Transformer Geometry Observatory: the spectral geometry of a ViT while it trains, in MLflow."
     )
     parser.add_argument("--version", action="version", version=f"tgo {tgo.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,analyze,sweep,study,data,compare}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,probe,analyze,sweep,study,data,compare}")
     _train_parser(sub)
+    _probe_parser(sub)
     _analyze_parser(sub)
     _sweep_parser(sub)
     _study_parser(sub)
@@ -243,6 +278,26 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         print(f"  finding {f.number}: {f.verdict.upper():<17} {f.claim}")
         print(f"      {f.evidence}")
     print(f"tgo: report {result.report_html}; analysis run {result.analysis_run_id}")
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from tgo.series import probe_checkpoints
+
+    result = probe_checkpoints(
+        args.checkpoints,
+        run_id=args.run_id,
+        epoch=_int("epoch", args.epoch, allow_empty=True),
+        normalize=args.normalize,
+        trust_checkpoints=config.parse_bool("trust_checkpoints", args.trust_checkpoints),
+        follow=config.parse_bool("follow", args.follow),
+        follow_until=_int("follow_until", args.follow_until, allow_empty=True),
+        follow_timeout=config.parse_float("follow_timeout", args.follow_timeout),
+        **_train_values(args),
+    )
+    done = f"probed steps {result.probed}" if result.probed else "probed nothing new"
+    skipped = f"; steps {result.skipped} were already in the run" if result.skipped else ""
+    print(f"tgo: run {result.run_id}: {done}{skipped} ({len(result.series.checkpoints)} checkpoints under {args.checkpoints}).")
     return 0
 
 
@@ -343,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     commands = {
         "train": cmd_train,
+        "probe": cmd_probe,
         "analyze": cmd_analyze,
         "sweep": cmd_sweep,
         "study": cmd_study,

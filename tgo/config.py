@@ -229,26 +229,11 @@ def _parse(name: str, value: Any) -> Any:
     """Coerce a value (possibly a string from MLflow or argparse) to the field's type."""
     kind = _HINTS[name]
     if kind is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("true", "1", "yes", "on"):
-            return True
-        if text in ("false", "0", "no", "off"):
-            return False
-        raise ConfigError(f"{name}: expected true or false, got {value!r}.")
+        return parse_bool(name, value)
     if kind is int:
         return parse_int(name, value)
     if kind is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name}: expected a number, got {value!r}.")
-        try:
-            out = float(str(value).strip()) if isinstance(value, str) else float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name}: expected a number, got {value!r}.") from None
-        if out != out or out in (float("inf"), float("-inf")):
-            raise ConfigError(f"{name}: expected a finite number, got {value!r}.")
-        return out
+        return parse_float(name, value)
     if not isinstance(value, str):
         raise ConfigError(f"{name}: expected a string, got {type(value).__name__} {value!r}.")
     return value.strip()
@@ -271,6 +256,31 @@ def parse_int(name: str, value: Any, minimum: int | None = None) -> int:
         out = int(as_float)
     if minimum is not None and out < minimum:
         raise ConfigError(f"{name}: expected an integer >= {minimum}, got {value!r}.")
+    return out
+
+
+def parse_bool(name: str, value: Any) -> bool:
+    """A true/false parameter from a bool or text (true/false, 1/0, yes/no, on/off)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(f"{name}: expected true or false, got {value!r}.")
+
+
+def parse_float(name: str, value: Any) -> float:
+    """A finite number parameter from a typed value or text."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: expected a number, got {value!r}.")
+    try:
+        out = float(str(value).strip()) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected a number, got {value!r}.") from None
+    if out != out or out in (float("inf"), float("-inf")):
+        raise ConfigError(f"{name}: expected a finite number, got {value!r}.")
     return out
 
 
@@ -434,3 +444,34 @@ def from_dict(values: dict[str, Any]) -> TrainConfig:
 # One line per parameter, from the fields' metadata: the --help of `tgo train`; MLproject's comments
 # repeat it (tests/test_config.py checks that they agree).
 HELP: dict[str, str] = {f.name: f.metadata["help"] for f in fields(TrainConfig)}
+
+# The settings that a probe of weights trained elsewhere uses (`tgo probe`, tgo.GeometryMonitor): the
+# model, the data and the probe, with the names, defaults and checks they have in training. The
+# other fields are training's own and say nothing about such a run.
+PROBE_FIELDS: tuple[str, ...] = (
+    "preset",
+    "dataset",
+    "data_dir",
+    "download",
+    "img_size",
+    "synthetic_train_size",
+    "synthetic_val_size",
+    "num_classes",
+    "workers",
+    "model",
+    "patch_size",
+    "depth",
+    "crop_pct",
+    "probe_size",
+    "probe_batch_size",
+    "probe_patch_tokens",
+    "probe_precision",
+    "probe_seed",
+    "probe_folds",
+    "probe_weights",
+    "weight_spectra",
+    "feature_epochs",
+    "device",
+    "experiment",
+    "run_name",
+)

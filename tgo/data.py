@@ -224,11 +224,31 @@ def _cifar(cfg: TrainConfig, train_tf, eval_tf):
     return train, val, k
 
 
-def build_datasets(cfg: TrainConfig) -> Datasets:
-    """The train and validation datasets of a config, with timm's transforms applied."""
+def build_datasets(cfg: TrainConfig, model_data_config: dict | None = None) -> Datasets:
+    """The train and validation datasets of a config, with timm's transforms applied.
+
+    Args:
+        cfg: the dataset, its folder, the image size and the augmentations.
+        model_data_config: a model's own data config (`timm.data.resolve_data_config`: mean, std,
+            crop_pct, interpolation), which then replaces the dataset's normalisation and crop in the
+            evaluation transform: for weights trained elsewhere with other statistics.
+    """
     notes: list[str] = []
     mean, std = (HALF, HALF) if cfg.dataset in ("digits", "synthetic") else (IMAGENET_MEAN, IMAGENET_STD)
     train_tf, eval_tf = transforms(cfg, mean, std)
+    if model_data_config is not None:
+        from timm.data import create_transform
+
+        mean, std = tuple(model_data_config["mean"]), tuple(model_data_config["std"])
+        eval_tf = create_transform(
+            input_size=cfg.img_size,
+            is_training=False,
+            interpolation=model_data_config.get("interpolation", "bicubic"),
+            crop_pct=model_data_config.get("crop_pct", cfg.crop_pct),
+            mean=mean,
+            std=std,
+        )
+        notes.append(f"normalised as the model was trained: mean {mean}, std {std}, crop {model_data_config.get('crop_pct', cfg.crop_pct)}.")
     if cfg.dataset in ("digits", "synthetic"):
         (xt, yt), (xv, yv), k = _digits(cfg) if cfg.dataset == "digits" else _synthetic(cfg)
         train, val = ArrayImages(xt, yt, train_tf), ArrayImages(xv, yv, eval_tf)

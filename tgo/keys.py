@@ -157,7 +157,7 @@ def best_key(metric: str) -> str:
 class Tag:
     """The tags tgo sets on MLflow runs (MLflow's own, mlflow.*, are spelled where they are set)."""
 
-    KIND = "tgo.kind"  # train, analysis, comparison, sweep, study
+    KIND = "tgo.kind"  # train, probe, analysis, comparison, sweep, study
     VERSION = "tgo.version"
     PRESET, DATASET, MODEL = "tgo.preset", "tgo.dataset", "tgo.model"
     NUM_CLASSES = "tgo.num_classes"
@@ -173,6 +173,10 @@ class Tag:
     STOPPED_EARLY = "tgo.stopped_early"  # why an epoch callback (a pruner) ended it
     RESUMES = "tgo.resumes"  # on a launcher run: the run it resumed
     RESUMED_PREFIX = "tgo.resumed."  # tgo.resumed.<field>: a setting changed on resume
+    # probe runs: geometry of weights trained elsewhere (tgo probe, GeometryMonitor, the Lightning callback)
+    PROBED = "tgo.probed"  # what was probed: the checkpoints' source path, or "monitor" for a loop of one's own
+    PROBED_LAYOUT = "tgo.probed_layout"  # the trainers that wrote the checkpoints (timm, deit, lightning, huggingface, ...)
+    STEP_UNIT = "tgo.step_unit"  # "epochs" (training epochs completed) or "optimizer_steps"
     # sweeps and studies
     STUDY = "tgo.study"
     SEEDS = "tgo.seeds"

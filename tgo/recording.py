@@ -28,7 +28,16 @@ from tgo.probe import ProbeResult
 from tgo.probeset import dataset_size
 from tgo.weights import WeightSpectra
 
-__all__ = ["EpochCommitter", "cpu_copy", "dataset_inputs", "progress_line", "record_failure", "record_start", "relog_missing"]
+__all__ = [
+    "EpochCommitter",
+    "cpu_copy",
+    "dataset_inputs",
+    "progress_line",
+    "record_failure",
+    "record_probe_start",
+    "record_start",
+    "relog_missing",
+]
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +77,8 @@ def record_start(
     """
     tracking.log_config(run_id, cfg.to_dict())
     tags = tracking.base_tags("train", cfg.preset, cfg.dataset, cfg.model)
-    tags[Tag.NUM_CLASSES] = str(num_classes)
-    tags[Tag.DATA_NOTES] = " ".join(notes)
     tags[Tag.WORLD_SIZE] = str(world)
-    tags[Tag.PROBE_WEIGHTS] = cfg.probe_weights
-    if probe_record is not None:
-        tags[Tag.PROBE_FINGERPRINT] = probe_record["fingerprint"]
-        tags[Tag.HEAD_VIEW] = head_name(head)
-        tracking.log_json(run_id, probe_record, "probe", "probe_set.json")
-    tracking.set_tags(run_id, tags)
+    _record_probe_set(run_id, cfg, tags, num_classes=num_classes, notes=notes, head=head, probe_record=probe_record)
     for note in notes:
         log.info(note)
     if ckpt is None:
@@ -86,6 +88,69 @@ def record_start(
         log.info("resuming run %s at epoch %d of %d.", run_id, start_epoch, cfg.epochs)
     else:
         log.info("run %s: %s on %s, %d epochs, device %s.", run_id, cfg.model, cfg.dataset, cfg.epochs, device)
+
+
+def _record_probe_set(
+    run_id: str,
+    cfg: TrainConfig,
+    tags: dict[str, str],
+    *,
+    num_classes: int,
+    notes: Sequence[str],
+    head: tuple[str, str],
+    probe_record: dict | None,
+) -> None:
+    """`tags` with what every probed run says of its data and probe (classes, data notes, which
+    weights, the probe set's fingerprint and the head view), and the probe set's record."""
+    tags[Tag.NUM_CLASSES] = str(num_classes)
+    tags[Tag.DATA_NOTES] = " ".join(notes)
+    tags[Tag.PROBE_WEIGHTS] = cfg.probe_weights
+    if probe_record is not None:
+        tags[Tag.PROBE_FINGERPRINT] = probe_record["fingerprint"]
+        tags[Tag.HEAD_VIEW] = head_name(head)
+        tracking.log_json(run_id, probe_record, "probe", "probe_set.json")
+    tracking.set_tags(run_id, tags)
+
+
+def record_probe_start(
+    run_id: str,
+    cfg: TrainConfig,
+    fields: Sequence[str],
+    *,
+    tags: dict[str, str],
+    num_classes: int,
+    notes: Sequence[str],
+    head: tuple[str, str],
+    probe_record: dict,
+    dataset: dict | None,
+) -> None:
+    """What a probe run (`tgo probe`, `GeometryMonitor`) records before its first epoch: the settings
+    that apply to a probe (`fields` of cfg, as params config.<field> and config/config.json), its
+    tags (tgo.kind=probe, the model, `tags`), the probe set and, for a new run, the probe data as an
+    MLflow dataset.
+
+    Args:
+        run_id: the run (a new one, one being continued, or the caller's own training run).
+        cfg: the probe's settings.
+        fields: the names of cfg that a probe uses (the others are training's and say nothing here).
+        tags: further tags (what was probed, the checkpoints' layout, the step unit).
+        num_classes, notes: the data's class count and plain-language notes.
+        head: the (site, view) that feeds the model's head.
+        probe_record: `ProbeSet.record()`.
+        dataset: the probe data as `dataset_inputs` describes it, logged once; None to skip.
+    """
+    tracking.log_config(run_id, {name: getattr(cfg, name) for name in fields})
+    _record_probe_set(
+        run_id,
+        cfg,
+        {**tracking.base_tags("probe", cfg.preset, cfg.dataset, cfg.model), **tags},
+        num_classes=num_classes,
+        notes=notes,
+        head=head,
+        probe_record=probe_record,
+    )
+    if dataset is not None:
+        tracking.log_datasets(run_id, [dataset])
 
 
 def dataset_inputs(cfg: TrainConfig, train: Dataset, val: Dataset, num_classes: int, probe_record: dict | None) -> list[dict]:
@@ -189,12 +254,13 @@ class EpochCommitter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.recorded = -1  # the last epoch recorded whole (its metrics logged)
+        self.label = ""  # what the progress line names first (a probed checkpoint's file)
 
     def submit(
         self,
         epoch: int,
         epochs: int,
-        checkpoint: dict,
+        checkpoint: dict | None,
         weights: dict | None,
         geometry: ProbeResult | None,
         metrics: dict,
@@ -226,12 +292,14 @@ class EpochCommitter:
             if weights is not None:
                 artifact_dir, name = tracking.weights_artifact(epoch)
                 tracking.save_torch(self.run_id, weights, artifact_dir, name, self.folder, self.local_dir)
-            start = time.perf_counter()
-            tracking.save_torch(self.run_id, checkpoint, "checkpoints", "last.pt", self.folder, self.local_dir)
-            metrics["time/checkpoint_s"] = time.perf_counter() - start  # I/O a researcher may want to see
+            if checkpoint is not None:  # a probe of someone else's checkpoints writes none of its own
+                start = time.perf_counter()
+                tracking.save_torch(self.run_id, checkpoint, "checkpoints", "last.pt", self.folder, self.local_dir)
+                metrics["time/checkpoint_s"] = time.perf_counter() - start  # I/O a researcher may want to see
             tracking.log_metrics(self.run_id, metrics, step=epoch)
             self.recorded = epoch
-            log.info(progress_line(epoch, epochs, metrics, geometry.head if geometry is not None else None))
+            line = progress_line(epoch, epochs, metrics, geometry.head if geometry is not None else None)
+            log.info(f"{self.label}: {line}" if self.label else line)
         except Exception as err:  # noqa: BLE001 - handed to the training thread by wait()
             # A failure to write to the run's store (read-only, full, out of reach) is said so in one
             # message by run(); anything else is a bug, raised as it is.

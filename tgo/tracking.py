@@ -124,6 +124,24 @@ def launcher_run_id() -> str:
     return os.environ.get("MLFLOW_RUN_ID", "")
 
 
+def active_run_id() -> str:
+    """The run of the fluent API that this process has open (a notebook's `mlflow.start_run()`,
+    PyTorch Lightning's MLFlowLogger does not open one), else the launcher run, else ""."""
+    active = mlflow.active_run()
+    return active.info.run_id if active is not None else launcher_run_id()
+
+
+def find_run(experiment: str, tags: dict[str, str]) -> str:
+    """The newest live (not deleted) run of `experiment` carrying every tag of `tags`, or ""."""
+    found = MlflowClient().search_runs(
+        [experiment_id(experiment)],
+        " and ".join(f"tags.`{k}` = '{v.replace(chr(39), chr(92) + chr(39))}'" for k, v in tags.items()),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return found[0].info.run_id if found else ""
+
+
 def run_exists(run_id: str) -> bool:
     try:
         MlflowClient().get_run(run_id)

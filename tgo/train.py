@@ -30,7 +30,6 @@ import shutil
 import tempfile
 import time
 import uuid
-import warnings
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, cast
 
@@ -45,14 +44,13 @@ from tgo.config import TrainConfig, from_dict, from_overrides
 from tgo.data import Datasets, build_datasets
 from tgo.errors import ConfigError, TrainingError
 from tgo.keys import HEAD_VIEW, Tag
+from tgo.measure import measure
 from tgo.model import create_model
-from tgo.probe import ProbeResult, head_view, probe_model
+from tgo.probe import ProbeResult, head_view
 from tgo.probeset import ProbeSet, dataset_size
 from tgo.recording import EpochCommitter, cpu_copy, dataset_inputs, record_failure, record_start
 from tgo.runtime import Dist, amp_dtype, autocast, init_distributed, resolve_device, rng_state, seed_epoch, use_device
-from tgo.similarity import feature_metrics
-from tgo.spectral import DegenerateGeometryWarning
-from tgo.weights import WeightSpectra, weight_spectra
+from tgo.weights import WeightSpectra
 
 if TYPE_CHECKING:  # timm is imported where it is used
     from timm.data import Mixup
@@ -488,28 +486,22 @@ def run_epoch(s: Setup, epoch: int) -> tuple[dict[str, float], ProbeResult | Non
         metrics["time/epoch_s"] = time.perf_counter() - t0
     else:
         metrics.update(_validate(s))
-    geometry = None
-    if s.probe_loader is not None and (epoch % cfg.probe_every == 0 or epoch == cfg.epochs):
-        t0 = time.perf_counter()
-        with warnings.catch_warnings(record=True):  # degenerate views: the tag tgo.degenerate_views, not a warning per epoch
-            warnings.simplefilter("always", DegenerateGeometryWarning)
-            keep = epoch in cfg.feature_epoch_set()
-            geometry = probe_model(
-                s.probed, s.probe_loader, cfg, s.device, distributed=s.d.enabled, progress=s.d.main and None, keep_features=keep
-            )
-        metrics["time/probe_s"] = time.perf_counter() - t0
-        metrics.update(geometry.metrics())
-        metrics.update(geometry.stderr_metrics())  # geom_se/final/cls/*: the head view only
-        metrics.update(geometry.token_interaction_metrics())  # tokens/<site>/mean_cosine
-        if geometry.features:  # similarity/ and intrinsic_dim/ of the kept features
-            metrics.update(feature_metrics(geometry.features, s.previous_features))
-            s.previous_features = geometry.features
-    weights = None
-    if cfg.weight_spectra and s.d.main:  # the same weights on every rank: measured once
-        t0 = time.perf_counter()
-        weights = weight_spectra(s.probed)
-        metrics.update(weights.metrics())  # weights/<kind>/<site>/<observable>
-        metrics["time/weights_s"] = time.perf_counter() - t0
+    due = s.probe_loader is not None and (epoch % cfg.probe_every == 0 or epoch == cfg.epochs)
+    m = measure(
+        s.probed,
+        s.probe_loader if due else None,
+        cfg,
+        s.device,
+        epoch=epoch,
+        distributed=s.d.enabled,
+        main=s.d.main,
+        progress=s.d.main and None,
+        previous_features=s.previous_features,
+    )
+    metrics.update(m.metrics)
+    geometry, weights = m.geometry, m.weights
+    if geometry is not None and geometry.features:
+        s.previous_features = geometry.features
     return metrics, geometry, weights
 
 

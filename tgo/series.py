@@ -1,0 +1,301 @@
+"""`tgo probe`: a series of checkpoints trained anywhere (timm's train.py, DeiT, PyTorch Lightning,
+the Hugging Face Trainer, bare weight files) becomes a tgo run, with the keys and artifacts a tgo
+training run has where they apply, so that `tgo analyze`, `tgo compare` and the notebooks take it as
+they take a training run.
+
+    from tgo.series import probe_checkpoints
+    result = probe_checkpoints("output/train/vit-run", model="vit_small_patch16_224", dataset="imagenet100",
+                               data_dir="/data/imagenet100", img_size=224)
+    result.run_id, result.probed                    # the run, and the steps probed by this call
+
+The step is tgo's epoch, training epochs completed (tgo.checkpoints explains each trainer's rule).
+Incremental: run again on the same source (found by the run's tag tgo.probed, or `run_id`), only
+the checkpoints not yet measured are probed; `follow` keeps watching the source while another
+process trains and probes each new checkpoint once the folder has been quiet for one poll, until the
+step `follow_until` or `follow_timeout` seconds without a new checkpoint.
+
+Bad input (nothing found, a file that is not a checkpoint, another architecture, two different
+checkpoints claiming one step, a file that needs unpickling without `trust_checkpoints`) is
+refused before a run is made.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from tgo import tracking
+from tgo.checkpoints import Checkpoint, Series, architecture, find_checkpoints, fit_state_dict, load_weights, saved_args, vit_state_dict
+from tgo.config import PROBE_FIELDS, TrainConfig
+from tgo.data import build_datasets
+from tgo.errors import ConfigError, TgoError
+from tgo.keys import Tag
+from tgo.model import create_model
+from tgo.monitor import GeometryMonitor, _config
+from tgo.probe import head_view
+
+__all__ = ["SeriesResult", "probe_checkpoints"]
+
+log = logging.getLogger(__name__)
+
+PROBED_METRIC = "time/probe_s"  # logged last at every probed step: a step that has it is recorded whole
+Normalize = Literal["dataset", "model"]
+
+
+@dataclass
+class SeriesResult:
+    """What `probe_checkpoints` did.
+
+    Attributes:
+        run_id: the probe run.
+        series: the checkpoints found (the last scan, with `follow`).
+        probed: the steps this call probed, in order.
+        skipped: the steps the run had already measured.
+        metrics: each probed step's metrics.
+        head: the (site, view) that feeds the model's head.
+    """
+
+    run_id: str
+    series: Series
+    probed: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    head: tuple[str, str] = ("final", "cls")
+
+
+def _source_key(source: str) -> str:
+    """The source as the run's tag names it: an absolute path (a glob stays a pattern)."""
+    return os.path.abspath(os.path.expanduser(source))
+
+
+def _settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The given settings among PROBE_FIELDS ("" is the preset's value, as for tgo train)."""
+    unknown = sorted(set(settings) - set(PROBE_FIELDS))
+    if unknown:
+        raise ConfigError(f"tgo probe: unknown settings {unknown}; it takes {', '.join(PROBE_FIELDS)}.")
+    return {k: v for k, v in settings.items() if v is not None and not (isinstance(v, str) and v.strip() == "")}
+
+
+def probe_checkpoints(
+    checkpoints: str,
+    *,
+    run_id: str = "",
+    epoch: int | None = None,
+    normalize: Normalize = "dataset",
+    trust_checkpoints: bool = False,
+    follow: bool = False,
+    follow_until: int | None = None,
+    follow_timeout: float = 600.0,
+    poll_s: float = 5.0,
+    **settings: Any,
+) -> SeriesResult:
+    """Probe every checkpoint under `checkpoints` into one run.
+
+    Args:
+        checkpoints: a checkpoint file, a glob, or a folder (tgo.checkpoints lists the layouts).
+        run_id: the probe run to continue (default: the run of the same source, model and
+            experiment if there is one, else a new run; under `mlflow run`, its run).
+        epoch: the step of a single file that carries no epoch (default 0).
+        normalize: "dataset", as tgo train normalises the dataset, or "model", the model's own
+            data config (timm's resolve_data_config), for released weights trained with other statistics.
+        trust_checkpoints: let files be unpickled beyond tensors (only files you trust).
+        follow: keep watching the source for new checkpoints (another process trains).
+        follow_until: with follow, stop once the checkpoint of this step is probed.
+        follow_timeout: with follow, stop after this many seconds without a new checkpoint.
+        poll_s: with follow, seconds between looks at the source.
+        **settings: tgo train's settings that apply to a probe (tgo.config.PROBE_FIELDS: model,
+            img_size, patch_size, depth, num_classes (0: the checkpoint's head), dataset, data_dir,
+            probe_size, probe_seed, probe_folds, probe_batch_size, probe_patch_tokens, probe_weights,
+            feature_epochs, weight_spectra, device, experiment, run_name, ...).
+
+    Raises:
+        ConfigError: bad input (see the module docstring), before any run is made.
+    """
+    given = _settings(settings)
+    weights = given.get("probe_weights", "model")
+    _config(given)  # every setting checked before the source is read or the store touched
+    if follow_until is not None and follow_until < 0:
+        raise ConfigError(f"follow_until: expected a step >= 0, got {follow_until}.")
+    if follow_timeout <= 0 or poll_s <= 0:
+        raise ConfigError("follow_timeout and the poll interval must be positive numbers of seconds.")
+    source = _source_key(checkpoints)
+    series = _first_series(checkpoints, epoch, trust_checkpoints, weights, follow, follow_timeout, poll_s)
+    last_step = max([c.step for c in series.checkpoints] + ([follow_until] if follow_until is not None else []))
+    cfg = _config({**given, "epochs": max(last_step, 1)})  # feature_epochs' "last" is the series' last step
+    for line in series.describe():
+        log.info("checkpoint %s", line)
+    for note in series.notes:
+        log.info("note: %s", note)
+
+    # ---- the model and the data, checked on the first checkpoint before a run exists ----
+    first = series.checkpoints[0]
+    first_state = vit_state_dict(load_weights(first, cfg.probe_weights, trust=trust_checkpoints, mmap=True))
+    head_classes = architecture(first_state).get("num_classes")
+    data = build_datasets(_replace(cfg, num_classes=0))
+    num_classes = cfg.num_classes or head_classes or data.num_classes
+    tracking.check_tracking()
+    model = create_model(cfg, num_classes)
+    fit_state_dict(model, first_state, str(first.path), model_name=cfg.model, args=saved_args(first, trust=trust_checkpoints))
+    del first_state
+    if normalize == "model":
+        from timm.data import resolve_data_config
+
+        data = build_datasets(_replace(cfg, num_classes=0), resolve_data_config({}, model=model))
+    elif normalize != "dataset":
+        raise ConfigError(f"normalize: choose dataset or model, got {normalize!r}.")
+
+    # ---- the run: the one given, or the source's, or a new one ----
+    existing = _existing_run(run_id, source, cfg)
+    if existing:
+        tracking.claim(tracking.get_run(existing))  # refused while another live process probes it
+    active = tracking.start_run(cfg.experiment, cfg.run_name or f"probe-{Path(source).name}-{cfg.model}", existing)
+    rid = active.info.run_id
+    lease = tracking.Lease(rid).start()
+    tags = {Tag.PROBED: source, Tag.PROBED_LAYOUT: ",".join(series.layouts), Tag.STEP_UNIT: series.unit}
+    result = SeriesResult(rid, series)
+    monitor = None
+    try:
+        monitor = GeometryMonitor(
+            model,
+            data.val,
+            run_id=rid,
+            tags=tags,
+            data_classes=data.num_classes,
+            notes=tuple(data.notes),
+            **{k: getattr(cfg, k) for k in PROBE_FIELDS},
+            epochs=cfg.epochs,
+        )
+        result.head = head_view(model)
+        done = set(tracking.logged_steps(rid, PROBED_METRIC))
+        if done:
+            monitor.previous_features = None  # cka_previous restarts after a gap in the kept epochs
+            log.info("run %s already has steps %s; probing only the others.", rid, sorted(done))
+        _probe_all(series, done, model, monitor, cfg, trust_checkpoints, result)
+        if follow:
+            _follow(checkpoints, epoch, trust_checkpoints, weights, follow_until, follow_timeout, poll_s, done, model, monitor, cfg, result)
+        tracking.end_run("FINISHED")
+    except BaseException as err:
+        tracking.end_run("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", short(err))
+        raise
+    finally:
+        if monitor is not None:
+            monitor.close()
+        lease.stop()
+    return result
+
+
+def short(err: BaseException) -> str:
+    return str(err) if isinstance(err, TgoError) else f"{type(err).__name__}: {err}"
+
+
+def _replace(cfg: TrainConfig, **changes: Any) -> TrainConfig:
+    from dataclasses import replace
+
+    return replace(cfg, **changes)
+
+
+def _first_series(source: str, epoch, trust: bool, weights, follow: bool, timeout: float, poll_s: float) -> Series:
+    """The series under `source`; with follow, waits (up to `timeout`) for its first checkpoint."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return find_checkpoints(source, epoch=epoch, trust=trust, weights=weights)
+        except ConfigError:
+            if not follow or not _watchable(source) or time.monotonic() > deadline:
+                raise
+        log.info("waiting for a first checkpoint under %s ...", source)
+        time.sleep(poll_s)
+
+
+def _watchable(source: str) -> bool:
+    """A source that can gain checkpoints: an existing folder, or a glob whose folder exists."""
+    path = Path(os.path.expanduser(source))
+    return path.is_dir() or (not path.exists() and path.parent.is_dir() and any(ch in path.name for ch in "*?["))
+
+
+def _existing_run(run_id: str, source: str, cfg: TrainConfig) -> str:
+    """The run to continue: `run_id` (checked to be a probe run), else the newest probe run of this
+    source and model in the experiment, else ""."""
+    if run_id:
+        tags = tracking.get_run(run_id).data.tags
+        kind = tags.get(Tag.KIND, "")
+        if kind and kind != "probe":
+            raise ConfigError(f"run_id: run {run_id} is a {kind} run; tgo probe continues probe runs (tag tgo.kind=probe).")
+        if tags.get(Tag.PROBED) and tags[Tag.PROBED] != source:
+            log.warning("run %s probed %s before; it continues with %s.", run_id, tags[Tag.PROBED], source)
+        return run_id
+    return tracking.find_run(cfg.experiment, {Tag.KIND: "probe", Tag.PROBED: source, Tag.MODEL: cfg.model})
+
+
+def _probe_all(series: Series, done: set[int], model, monitor: GeometryMonitor, cfg: TrainConfig, trust: bool, result: SeriesResult) -> None:
+    """Probe each checkpoint of `series` whose step is not in `done`, one loaded at a time."""
+    todo = [c for c in series.checkpoints if c.step not in done]
+    result.skipped.extend(sorted(c.step for c in series.checkpoints if c.step in done))
+    for c in tqdm(todo, desc="checkpoints", unit="ckpt", disable=None):
+        _probe_one(c, model, monitor, cfg, trust, result)
+        done.add(c.step)
+
+
+def _probe_one(c: Checkpoint, model, monitor: GeometryMonitor, cfg: TrainConfig, trust: bool, result: SeriesResult) -> None:
+    state = fit_state_dict(model, load_weights(c, cfg.probe_weights, trust=trust, mmap=True), str(c.path), model_name=cfg.model)
+    with torch.no_grad():
+        model.load_state_dict(state)
+    del state
+    m = monitor.measure(c.step, label=c.name)
+    tracking.log_json(
+        monitor.run_id,
+        {"step": c.step, "file": str(c.path), "layout": c.layout, "source_epoch": c.source_epoch, "copies": [str(p) for p in c.copies]},
+        "probe/checkpoints",
+        f"step_{c.step:06d}.json",
+    )
+    result.probed.append(c.step)
+    result.metrics[c.step] = m.metrics
+
+
+def _snapshot(source: str) -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every file under the source: a folder that is quiet between two looks has
+    no checkpoint half written."""
+    path = Path(os.path.expanduser(source))
+    files = path.rglob("*") if path.is_dir() else (Path(p) for p in glob.glob(os.path.expanduser(source)))
+    out = {}
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:  # removed between the listing and the look
+            continue
+        if f.is_file():
+            out[str(f)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _follow(source, epoch, trust, weights, until, timeout, poll_s, done, model, monitor, cfg, result) -> None:
+    """Watch the source and probe each new checkpoint once the source has been quiet for a poll."""
+    last_new = time.monotonic()
+    before = _snapshot(source)
+    while until is None or until not in done:
+        if time.monotonic() - last_new > timeout:
+            log.info("no new checkpoint under %s for %.0f s; stopping.", source, timeout)
+            return
+        time.sleep(poll_s)
+        if not _watchable(source) and not Path(os.path.expanduser(source)).exists():
+            raise ConfigError(f"checkpoints: {source} disappeared while tgo probe --follow watched it; steps {sorted(done)} are recorded.")
+        now = _snapshot(source)
+        if now != before:  # something is being written: look again after the next poll
+            before = now
+            continue
+        series = find_checkpoints(source, epoch=epoch, trust=trust, weights=weights)
+        new = [c for c in series.checkpoints if c.step not in done]
+        if new:
+            result.series = series
+            for c in new:
+                _probe_one(c, model, monitor, cfg, trust, result)
+                done.add(c.step)
+            last_new = time.monotonic()
