@@ -77,7 +77,7 @@ def test_every_mlproject_parameter_reaches_its_command_and_tgo():
     for name, entry in project["entry_points"].items():
         params, command = entry["parameters"], entry["command"]
         for param, spec in params.items():
-            assert "type" in spec and ("default" in spec or param in ("run_id", "run_a", "run_b")), (name, param)
+            assert "type" in spec and ("default" in spec or param in ("run_id", "run_a", "run_b", "checkpoints")), (name, param)
             assert spec["type"] in ("string", "float", "path", "uri"), (name, param)
             assert f"{{{param}}}" in command, f"{name}: parameter {param} does not reach the command"
         if "entrypoints/train.py" not in command:
@@ -141,6 +141,29 @@ def test_analyze_parameters_reach_tgo_analyze():
     assert argv[:2] == ["python", "entrypoints/analyze.py"]
     args = cli.build_parser().parse_args(["analyze", *argv[2:]])
     assert (args.run_id, args.probe_size, args.data_dir, args.probe_seed, args.sites, args.device) == ("abc", "12", "/d", "3", "final/cls", "cpu")
+
+
+def test_probe_parameters_reach_tgo_probe_with_trains_names_and_help():
+    """`mlflow run . -e probe`: every parameter reaches `tgo probe`'s parser under its own name; the
+    model, data and probe parameters are train's (tgo.config.PROBE_FIELDS, with train's help), the
+    probe's own have the help of cli.PROBE_HELP above them in MLproject."""
+    from mlflow.projects._project_spec import load_project
+
+    from tgo.config import HELP, PROBE_FIELDS
+
+    spec = _mlproject()["entry_points"]["probe"]["parameters"]
+    assert set(spec) == set(PROBE_FIELDS) | set(cli.PROBE_HELP)
+    values = {name: f"v_{name}" for name in spec}
+    argv = __import__("shlex").split(load_project(str(ROOT)).get_entry_point("probe").compute_command(values, storage_dir=None))
+    assert argv[:2] == ["python", "entrypoints/probe.py"]
+    args = cli.build_parser().parse_args(["probe", *argv[2:]])
+    assert {name: getattr(args, name) for name in spec} == values
+    lines = (ROOT / "MLproject").read_text().split("  probe:\n", 1)[1].split("\n  analyze:", 1)[0].splitlines()
+    for above, line in zip(lines, lines[1:]):
+        found = re.match(r"\s+(\w+): \{type:", line)
+        if found:
+            name = found.group(1)
+            assert above.strip() == f"# {cli.PROBE_HELP[name] if name in cli.PROBE_HELP else HELP[name]}", name
 
 
 def test_a_device_name_is_resolved_and_checked_in_one_place(monkeypatch):

@@ -180,11 +180,11 @@ def read_file(path: str | Path, *, trust: bool = False, mmap: bool = False) -> A
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" not in str(err):
-            raise ConfigError(f"{path} is not a checkpoint (it is not a file torch can read: {str(err).splitlines()[0]}).") from None
-        needs = _unsafe_globals(path)
+        needs = _unsafe_globals(path) if "Weights only load failed" in str(err) else []
+        if not needs:  # not a pickle of tensors and classes at all: bytes torch cannot read
+            raise ConfigError(f"{path} is not a checkpoint (torch cannot read it as one: {str(err).splitlines()[0][:200]}).") from None
         raise ConfigError(
-            f"{path} needs arbitrary unpickling to load{' (it holds ' + ', '.join(needs) + ')' if needs else ''}, and "
+            f"{path} needs arbitrary unpickling to load (it holds {', '.join(needs)}), and "
             "unpickling a file can run any code in it, so tgo does not do it unasked. If you trust the file (you or "
             f"your own trainer wrote it), pass {TRUST_HINT}; or save the bare state dict (torch.save(model.state_dict(), ...) "
             "or safetensors) and probe that."

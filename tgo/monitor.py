@@ -101,7 +101,7 @@ class GeometryMonitor:
         self.data_classes, self.notes = data_classes, tuple(notes)
         self._run_id = run_id or ""
         self._opened = False  # this monitor made the run (and closes it)
-        self._folder = Path(tempfile.mkdtemp(prefix="tgo-monitor-"))
+        self.folder = Path(tempfile.mkdtemp(prefix="tgo-monitor-"))
         self._committer: EpochCommitter | None = None
         self.previous_features: dict | None = None
         self.measured: dict[int, Measurement] = {}
@@ -110,6 +110,12 @@ class GeometryMonitor:
     def run_id(self) -> str:
         """The run recorded into ("" before the first `measure`, and on every rank but 0)."""
         return self._run_id
+
+    def record_into(self, run_id: str) -> None:
+        """Record into `run_id` from the next `measure` on (before the first one)."""
+        if self._committer is not None:
+            raise RuntimeError("GeometryMonitor.record_into: the monitor has started recording into a run already.")
+        self._run_id = run_id
 
     def _start(self) -> None:
         """Find or open the run and record the probe's settings, tags and probe set (rank 0)."""
@@ -144,7 +150,7 @@ class GeometryMonitor:
             probe_record=record,
             dataset=None if probed_on else dataset,
         )
-        self._committer = EpochCommitter(self._run_id, str(self._folder), background=False)
+        self._committer = EpochCommitter(self._run_id, str(self.folder), background=False)
 
     def measure(self, epoch: int, *, label: str = "") -> Measurement:
         """Probe the model as it is now, as epoch `epoch` (training epochs completed; 0 before any
@@ -186,7 +192,7 @@ class GeometryMonitor:
             self._opened = False
         import shutil
 
-        shutil.rmtree(self._folder, ignore_errors=True)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     def __enter__(self) -> GeometryMonitor:
         return self

@@ -40,12 +40,13 @@ from tgo.errors import ConfigError, TgoError
 from tgo.keys import Tag
 from tgo.model import create_model
 from tgo.monitor import GeometryMonitor, _config
-from tgo.probe import head_view
+from tgo.probe import ProbeResult, head_view
 
 __all__ = ["SeriesResult", "probe_checkpoints"]
 
 log = logging.getLogger(__name__)
 
+STEP_UNITS = {"epochs": "epochs", "steps": "optimizer_steps"}  # Series.unit -> the run's tag tgo.step_unit
 PROBED_METRIC = "time/probe_s"  # logged last at every probed step: a step that has it is recorded whole
 Normalize = Literal["dataset", "model"]
 
@@ -94,7 +95,7 @@ def probe_checkpoints(
     follow: bool = False,
     follow_until: int | None = None,
     follow_timeout: float = 600.0,
-    poll_s: float = 5.0,
+    poll_s: float = 2.0,
     **settings: Any,
 ) -> SeriesResult:
     """Probe every checkpoint under `checkpoints` into one run.
@@ -152,32 +153,32 @@ def probe_checkpoints(
     elif normalize != "dataset":
         raise ConfigError(f"normalize: choose dataset or model, got {normalize!r}.")
 
-    # ---- the run: the one given, or the source's, or a new one ----
-    existing = _existing_run(run_id, source, cfg)
+    monitor = GeometryMonitor(
+        model,
+        data.val,
+        tags={Tag.PROBED: source, Tag.PROBED_LAYOUT: ",".join(series.layouts), Tag.STEP_UNIT: STEP_UNITS[series.unit]},
+        data_classes=data.num_classes,
+        notes=tuple(data.notes),
+        **{k: getattr(cfg, k) for k in PROBE_FIELDS},
+        epochs=cfg.epochs,
+    )
+
+    # ---- the run: the one given, or the one of this source, model, weights and probe set, or a new one ----
+    existing = _existing_run(run_id, source, cfg, monitor.probe_set.fingerprint)
     if existing:
         tracking.claim(tracking.get_run(existing))  # refused while another live process probes it
     active = tracking.start_run(cfg.experiment, cfg.run_name or f"probe-{Path(source).name}-{cfg.model}", existing)
     rid = active.info.run_id
     lease = tracking.Lease(rid).start()
-    tags = {Tag.PROBED: source, Tag.PROBED_LAYOUT: ",".join(series.layouts), Tag.STEP_UNIT: series.unit}
+    monitor.record_into(rid)
     result = SeriesResult(rid, series)
-    monitor = None
     try:
-        monitor = GeometryMonitor(
-            model,
-            data.val,
-            run_id=rid,
-            tags=tags,
-            data_classes=data.num_classes,
-            notes=tuple(data.notes),
-            **{k: getattr(cfg, k) for k in PROBE_FIELDS},
-            epochs=cfg.epochs,
-        )
         result.head = head_view(model)
         done = set(tracking.logged_steps(rid, PROBED_METRIC))
         if done:
-            monitor.previous_features = None  # cka_previous restarts after a gap in the kept epochs
             log.info("run %s already has steps %s; probing only the others.", rid, sorted(done))
+            todo = [c.step for c in series.checkpoints if c.step not in done]
+            monitor.previous_features = _kept_features_before(rid, min(todo) if todo else max(done) + 1, monitor.folder)
         _probe_all(series, done, model, monitor, cfg, trust_checkpoints, result)
         if follow:
             _follow(checkpoints, epoch, trust_checkpoints, weights, follow_until, follow_timeout, poll_s, done, model, monitor, cfg, result)
@@ -186,10 +187,20 @@ def probe_checkpoints(
         tracking.end_run("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", short(err))
         raise
     finally:
-        if monitor is not None:
-            monitor.close()
+        monitor.close()
         lease.stop()
     return result
+
+
+def _kept_features_before(run_id: str, step: int, folder: Path) -> dict | None:
+    """The run's kept features of its last kept step before `step` (for similarity/<site>/cka_previous
+    of the next one, as an uninterrupted probe would have it), or None."""
+    folder_name, _ = tracking.features_artifact(0)
+    kept = sorted(int(Path(n).stem.split("_")[-1]) for n in tracking.artifact_names(run_id, folder_name) if n.endswith(".npz"))
+    earlier = [e for e in kept if e < step]
+    if not earlier:
+        return None
+    return ProbeResult.load_features(tracking.download(run_id, "/".join(tracking.features_artifact(earlier[-1])), folder))
 
 
 def short(err: BaseException) -> str:
@@ -221,9 +232,9 @@ def _watchable(source: str) -> bool:
     return path.is_dir() or (not path.exists() and path.parent.is_dir() and any(ch in path.name for ch in "*?["))
 
 
-def _existing_run(run_id: str, source: str, cfg: TrainConfig) -> str:
-    """The run to continue: `run_id` (checked to be a probe run), else the newest probe run of this
-    source and model in the experiment, else ""."""
+def _existing_run(run_id: str, source: str, cfg: TrainConfig, fingerprint: str) -> str:
+    """The run to continue: `run_id` (checked to be a probe run), else the newest probe run in the
+    experiment of this source, model, weights (probe_weights) and probe set (its fingerprint), else ""."""
     if run_id:
         tags = tracking.get_run(run_id).data.tags
         kind = tags.get(Tag.KIND, "")
@@ -232,7 +243,8 @@ def _existing_run(run_id: str, source: str, cfg: TrainConfig) -> str:
         if tags.get(Tag.PROBED) and tags[Tag.PROBED] != source:
             log.warning("run %s probed %s before; it continues with %s.", run_id, tags[Tag.PROBED], source)
         return run_id
-    return tracking.find_run(cfg.experiment, {Tag.KIND: "probe", Tag.PROBED: source, Tag.MODEL: cfg.model})
+    same = {Tag.KIND: "probe", Tag.PROBED: source, Tag.MODEL: cfg.model, Tag.PROBE_WEIGHTS: cfg.probe_weights, Tag.PROBE_FINGERPRINT: fingerprint}
+    return tracking.find_run(cfg.experiment, same)
 
 
 def _probe_all(series: Series, done: set[int], model, monitor: GeometryMonitor, cfg: TrainConfig, trust: bool, result: SeriesResult) -> None:
