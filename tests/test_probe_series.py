@@ -420,17 +420,33 @@ def test_follow_probes_checkpoints_another_process_writes(tmp_path):
          "--follow", "true", "--follow_until", "3", "--follow_timeout", "120", "--experiment", "follow"],
         env=subprocess_env(uri), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+    from mlflow.tracking import MlflowClient
+    from timm.utils import CheckpointSaver
+
+    client = MlflowClient(uri)
+
+    def probed() -> list[int]:
+        found = client.get_experiment_by_name("follow")
+        runs = client.search_runs([found.experiment_id]) if found else []
+        return sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "time/probe_s")) if runs else []
+
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    saver = CheckpointSaver(model, opt, checkpoint_dir=str(folder), recovery_dir=str(folder), max_history=10)
     try:
-        time.sleep(3)  # the watcher starts with an empty folder and waits
-        _timm_series(folder, ema=False, epochs=3, metrics=(0.1, 0.2, 0.3))
-        out, err = watcher.communicate(timeout=240)
+        time.sleep(2)  # the watcher starts on an empty folder and waits for a first checkpoint
+        for epoch in range(3):  # a training in another process: one checkpoint per epoch
+            _train_a_little(model, opt, epoch)
+            saver.save_checkpoint(epoch, metric=float(epoch))
+            deadline = time.time() + 90
+            while epoch + 1 not in probed():  # picked up while the "training" waits
+                assert watcher.poll() is None and time.time() < deadline, watcher.communicate(timeout=5)
+                time.sleep(0.5)
+        out, err = watcher.communicate(timeout=60)
     finally:
         watcher.kill()
     assert watcher.returncode == 0, err[-3000:]
     assert "probed steps [1, 2, 3]" in out, out
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("follow").experiment_id])[0]
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "time/probe_s")) == [1, 2, 3]
     assert run.info.status == "FINISHED"

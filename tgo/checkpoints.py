@@ -329,7 +329,9 @@ def find_checkpoints(source: str, *, epoch: int | None = None, trust: bool = Fal
             found.append(Checkpoint(bare[0], "state_dict", 0 if epoch is None else epoch))
         else:
             if epoch is not None:
-                raise ConfigError("epoch: --epoch gives the step of one file; this source holds several, whose steps come from their names.")
+                raise ConfigError(
+                    "epoch: --epoch gives the step of one file; this source holds several, whose steps come from their names."
+                )
             for path in bare:
                 number = _number_in_name(path)
                 if number is None:
@@ -472,7 +474,9 @@ def _suggestion(arch: Mapping[str, int], model: str, args: Any) -> str:
     return f"{said}{saved} Set --model (and --patch_size, --depth, --img_size, --num_classes) to match; you gave --model {model}."
 
 
-def fit_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str, *, model_name: str = "", args: Any = None) -> dict:
+def fit_state_dict(
+    model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str, *, model_name: str = "", args: Any = None
+) -> dict:
     """`state` with its wrapper's prefix stripped, checked tensor by tensor against `model`.
 
     Args:
@@ -490,7 +494,9 @@ def fit_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], so
     own = model.state_dict()
     missing = [k for k in own if k not in cleaned]
     unexpected = [k for k in cleaned if k not in own]
-    misshapen = [f"{k} {tuple(cleaned[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in cleaned and cleaned[k].shape != own[k].shape]
+    misshapen = [
+        f"{k} {tuple(cleaned[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in cleaned and cleaned[k].shape != own[k].shape
+    ]
     if missing or unexpected or misshapen:
 
         def listed(names: list[str]) -> str:

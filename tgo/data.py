@@ -248,7 +248,9 @@ def build_datasets(cfg: TrainConfig, model_data_config: dict | None = None) -> D
             mean=mean,
             std=std,
         )
-        notes.append(f"normalised as the model was trained: mean {mean}, std {std}, crop {model_data_config.get('crop_pct', cfg.crop_pct)}.")
+        notes.append(
+            f"normalised as the model was trained: mean {mean}, std {std}, crop {model_data_config.get('crop_pct', cfg.crop_pct)}."
+        )
     if cfg.dataset in ("digits", "synthetic"):
         (xt, yt), (xv, yv), k = _digits(cfg) if cfg.dataset == "digits" else _synthetic(cfg)
         train, val = ArrayImages(xt, yt, train_tf), ArrayImages(xv, yv, eval_tf)

@@ -83,8 +83,15 @@ class GeometryMonitor:
         unknown = sorted(set(settings) - set(TrainConfig.__dataclass_fields__))
         if unknown:
             raise ConfigError(f"GeometryMonitor: unknown settings {unknown}; the settings are tgo train's (tgo.config.TrainConfig).")
-        if "model" not in settings:  # the run's tgo.model tag names what is probed
-            settings["model"] = getattr(model, "default_cfg", {}).get("architecture", "") or type(model).__name__
+        tags = dict(tags or {})
+        if "model" not in settings:  # the run's tgo.model tag names what is probed: a timm name, else the class
+            import timm
+
+            name = getattr(model, "default_cfg", {}).get("architecture", "")
+            if name and timm.is_model(name):
+                settings["model"] = name
+            else:
+                tags.setdefault(Tag.MODEL, type(model).__name__)
         self.cfg: TrainConfig = _config(settings)
         self.model = model
         self.device = resolve_device(self.cfg.device) if "device" in settings else _device_of(model)
@@ -97,7 +104,7 @@ class GeometryMonitor:
         rank, world = (dist.get_rank(), dist.get_world_size()) if self.distributed else (0, 1)
         self.main = rank == 0
         self.loader = self.probe_set.loader(self.cfg.probe_batch_size, self.cfg.workers, self.device.type == "cuda", rank, world)
-        self.progress, self.tags = progress, dict(tags or {})
+        self.progress, self.tags = progress, tags
         self.data_classes, self.notes = data_classes, tuple(notes)
         self._run_id = run_id or ""
         self._opened = False  # this monitor made the run (and closes it)
@@ -137,7 +144,11 @@ class GeometryMonitor:
             "name": f"{self.cfg.dataset}-probe",
             "digest": record["fingerprint"][:32],
             "context": "probe",
-            "source": {"probe_images": len(record["indices"]), "probe_seed": self.cfg.probe_seed, "images": dataset_size(self.probe_set.dataset)},
+            "source": {
+                "probe_images": len(record["indices"]),
+                "probe_seed": self.cfg.probe_seed,
+                "images": dataset_size(self.probe_set.dataset),
+            },
         }
         record_probe_start(
             self._run_id,

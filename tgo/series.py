@@ -243,11 +243,19 @@ def _existing_run(run_id: str, source: str, cfg: TrainConfig, fingerprint: str) 
         if tags.get(Tag.PROBED) and tags[Tag.PROBED] != source:
             log.warning("run %s probed %s before; it continues with %s.", run_id, tags[Tag.PROBED], source)
         return run_id
-    same = {Tag.KIND: "probe", Tag.PROBED: source, Tag.MODEL: cfg.model, Tag.PROBE_WEIGHTS: cfg.probe_weights, Tag.PROBE_FINGERPRINT: fingerprint}
+    same = {
+        Tag.KIND: "probe",
+        Tag.PROBED: source,
+        Tag.MODEL: cfg.model,
+        Tag.PROBE_WEIGHTS: cfg.probe_weights,
+        Tag.PROBE_FINGERPRINT: fingerprint,
+    }
     return tracking.find_run(cfg.experiment, same)
 
 
-def _probe_all(series: Series, done: set[int], model, monitor: GeometryMonitor, cfg: TrainConfig, trust: bool, result: SeriesResult) -> None:
+def _probe_all(
+    series: Series, done: set[int], model, monitor: GeometryMonitor, cfg: TrainConfig, trust: bool, result: SeriesResult
+) -> None:
     """Probe each checkpoint of `series` whose step is not in `done`, one loaded at a time."""
     todo = [c for c in series.checkpoints if c.step not in done]
     result.skipped.extend(sorted(c.step for c in series.checkpoints if c.step in done))
