@@ -59,7 +59,9 @@ def probe_gaps(model: torch.nn.Module) -> list[str]:
     else:
         params = inspect.signature(forward).parameters
         if "return_prefix_tokens" not in params or "output_fmt" not in params:
-            gaps.insert(0, "its forward_intermediates takes no return_prefix_tokens (the class/register tokens kept apart from the patch tokens)")
+            gaps.insert(
+                0, "its forward_intermediates takes no return_prefix_tokens (the class/register tokens kept apart from the patch tokens)"
+            )
     return gaps
 
 
@@ -156,10 +158,10 @@ def create_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
     try:
         model = timm.create_model(cfg.model, **kwargs)
     except (TypeError, AssertionError, RuntimeError, ValueError) as err:
-        as_defined = _as_defined(cfg.model) if isinstance(err, TypeError) else None
+        as_defined = _as_defined(cfg.model)
         if as_defined is not None and (gaps := probe_gaps(as_defined)):
             raise ConfigError(f"model: tgo cannot probe {cfg.model} ({_kind(as_defined)}): {'; '.join(gaps)}. {FITS}.") from None
-        raise ConfigError(f"model: cannot build {cfg.model} with {kwargs}: {err}") from None
+        raise ConfigError(f"model: cannot build {cfg.model} with {kwargs}: {str(err) or type(err).__name__}") from None
     gaps = probe_gaps(model)
     pooling = None if gaps else pooling_gap(model)
     if not gaps and not pooling:
@@ -180,8 +182,9 @@ def _kind(model: torch.nn.Module) -> str:
 
 def _as_defined(name: str) -> torch.nn.Module | None:
     """The model as timm defines it, weightless (on the meta device), or None where that cannot be
-    built either. A model that takes no img_size, patch_size or depth (a CNN, swin with its
-    per-stage depths) is most likely no ViT: this copy says what it lacks."""
+    built either. A model that cannot be built with tgo's img_size, patch_size or depth (a CNN, a
+    model with per-stage depths) is most likely no ViT: this copy says what it lacks, which is more
+    use than the build's error."""
     try:
         return timm.create_model(name, pretrained=False, device="meta")
     except (TypeError, AssertionError, RuntimeError, ValueError, NotImplementedError):
