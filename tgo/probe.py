@@ -355,7 +355,8 @@ def probe(
     """Measure the spectral geometry of a timm ViT at every site and token view over a probe loader.
 
     Args:
-        model: a timm `VisionTransformer` (any size; ViT-S/16 is tgo's target).
+        model: a timm `VisionTransformer` (any size; ViT-S/16 is tgo's target) or another timm model
+            of its token layout (EVA, DINOv2 with registers; `tgo.model` says which fit).
         loader: yields image batches (B, 3, H, W), or tuples whose first item is that.
         device: where to run; default the model's device. Accumulators live there too.
         precision: "float64" (default) throughout, or "float32" per-batch products about a shift
