@@ -387,7 +387,7 @@ def _cli(capsys, *args) -> tuple[int, str]:
         (["--dataset", "imagefolder", "--data_dir", "/nonexistent"], "/nonexistent/train does not exist"),
         (["--dataset", "cifar10", "--data_dir", "/nonexistent"], "download=true"),
         (["--resume", "0123456789abcdef0123456789abcdef"], "no run '0123456789abcdef0123456789abcdef'"),
-        (["--model", "resnet50"], "not a timm VisionTransformer"),
+        (["--model", "resnet50"], "model: tgo cannot probe resnet50 (timm.models.resnet.ResNet): "),
     ],
 )
 def test_bad_parameters_stop_before_any_work(store, capsys, args, message):

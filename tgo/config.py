@@ -61,7 +61,10 @@ class TrainConfig:
     num_classes: int = _field(0, "classes of the head; 0 takes the dataset's count")
     workers: int = _field(0, "DataLoader worker processes")
     # model
-    model: str = _field("vit_small_patch16_224", "timm ViT name, built with pretrained=False (e.g. vit_small_patch16_224)")
+    model: str = _field(
+        "vit_small_patch16_224",
+        "timm model of the ViT token layout, built with pretrained=False (e.g. vit_small_patch16_224, vit_small_patch14_reg4_dinov2, eva02_tiny_patch14_224)",
+    )
     patch_size: int = _field(0, "patch size override; 0 keeps the model's own")
     depth: int = _field(0, "number of transformer blocks override; 0 keeps the model's own")
     drop_path: float = _field(0.0, "stochastic depth rate")

@@ -1,11 +1,16 @@
 """The geometry probe: one no-grad pass of a timm VisionTransformer over a probe loader, filling one
 streaming accumulator per site and token view, then the spectra and observables of each.
 
+Any timm model of the ViT token layout is probed alike, whichever module defines it (ViTs and
+DeiTs, DINOv2's models with register tokens, EVA and EVA-02): `tgo.model` says what the layout is
+and checks a model for it.
+
 Sites (forward order, docs/METRICS.md), and the norm each is taken after:
   patch_embed  output of `model.patch_embed` (the patch projection, and its `norm` if the model has
                one; patch tokens only, so no `cls` view)
   pos_embed    output of `model._pos_embed`: class/register tokens prepended and the position
-               embedding added, before `norm_pre` (identity in ViT-S/16)
+               embedding added, before `norm_pre` (identity in ViT-S/16); EVA's also returns its
+               rotary embedding, which the blocks take and the site leaves out
   block_00 ..  output of each transformer block: the residual stream, *no* norm applied
   final        output of `model.norm`, the final LayerNorm; its `cls` view is what feeds the head.
                In a model pooled by average (timm's `global_pool="avg"`, e.g. the `_gap` models,
@@ -13,8 +18,9 @@ Sites (forward order, docs/METRICS.md), and the norm each is taken after:
                identity and the `mean` view of `final` is what feeds the head instead:
                `model.forward_head(tokens, pre_logits=True)`, fc_norm of the pooled patch tokens.
                `head_view(model)` names the view; TGO-I's finding 5 is judged there.
-Views: `cls` (the class token, N rows), `patch` (every patch token of every image, N x T rows,
-register tokens excluded) and `mean` (per-image mean of the patch tokens, N rows).
+Views: `cls` (the class token, N rows; none in a model without one, even if it has registers),
+`patch` (every patch token of every image, N x T rows, register tokens excluded) and `mean`
+(per-image mean of the patch tokens, N rows).
 
 Uncertainty: the probe images are split into K folds (`tgo.uncertainty.fold_ids`, fixed by the probe
 seed and each image's place in the probe set; a `ProbeSet` loader yields each image's fold) and the
@@ -47,11 +53,10 @@ from tqdm.auto import tqdm
 from tgo import keys, spectral, uncertainty
 from tgo.accumulate import FoldSums, MomentAccumulator, Precision
 from tgo.keys import SE_PREFIX, VIEWS, metric_key
+from tgo.model import pooling_gap, probe_gaps
 
 if TYPE_CHECKING:
     from tgo.config import TrainConfig
-
-POOLS = ("token", "avg")  # timm global_pool values whose head input the probe measures
 
 
 class _ViT(Protocol):
@@ -60,10 +65,12 @@ class _ViT(Protocol):
     through this view of the model."""
 
     patch_embed: torch.nn.Module
-    blocks: torch.nn.Sequential
+    blocks: torch.nn.Sequential | torch.nn.ModuleList  # EVA's is a ModuleList
     embed_dim: int
+    num_prefix_tokens: int  # the class token (if any) first, then the registers
 
-    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor: ...
+    # the tokens with the prefix tokens prepended; EVA's: (those tokens, its rotary embedding)
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]: ...
 
     # with return_prefix_tokens=True: the final-normed tokens, and per block (spatial, prefix) tokens
     # (bare spatial tokens in a model without prefix tokens; `_pairs`)
@@ -272,23 +279,18 @@ class ProbeResult:
 
 
 def _check_model(model: torch.nn.Module) -> None:
-    missing = [a for a in ("patch_embed", "_pos_embed", "blocks", "norm", "forward_intermediates") if not hasattr(model, a)]
-    if missing:
+    """A TypeError naming what the probe needs and `model` lacks (`tgo.model.probe_gaps`), or a
+    ValueError when its head is pooled in a way the probe does not measure (`tgo.model.pooling_gap`).
+    `tgo.model.create_model` also checks the shapes in one forward (`layout_gaps`)."""
+    gaps = probe_gaps(model)
+    if gaps:
         raise TypeError(
-            f"probe() needs a timm VisionTransformer (timm.create_model('vit_...')); {type(model).__name__} lacks {', '.join(missing)}."
+            f"probe() needs a timm VisionTransformer or a model of its token layout (timm.create_model('vit_...'), "
+            f"'eva02_...'); {type(model).__name__} has {'; '.join(gaps)}."
         )
-    pool = getattr(model, "global_pool", "token")
-    if pool not in POOLS or getattr(model, "attn_pool", None) is not None:
-        raise ValueError(
-            f"probe() measures what feeds the head of a ViT pooled by its class token or by the average "
-            f"of its patch tokens (global_pool 'token' or 'avg'); this model pools by {pool!r}. Create it "
-            "with global_pool='token' or 'avg'."
-        )
-    if pool == "token" and getattr(model, "cls_token", None) is None:
-        raise ValueError(
-            "probe(): the model pools by its class token (global_pool='token') but has none "
-            "(class_token=False); create it with global_pool='avg'."
-        )
+    pooling = pooling_gap(model)
+    if pooling:
+        raise ValueError(f"probe(): {type(model).__name__}: {pooling}.")
 
 
 def _images_and_folds(batch, seen: int, folds: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,7 +355,8 @@ def probe(
     """Measure the spectral geometry of a timm ViT at every site and token view over a probe loader.
 
     Args:
-        model: a timm `VisionTransformer` (any size; ViT-S/16 is tgo's target).
+        model: a timm `VisionTransformer` (any size; ViT-S/16 is tgo's target) or another timm model
+            of its token layout (EVA, DINOv2 with registers; `tgo.model` says which fit).
         loader: yields image batches (B, 3, H, W), or tuples whose first item is that.
         device: where to run; default the model's device. Accumulators live there too.
         precision: "float64" (default) throughout, or "float32" per-batch products about a shift
@@ -386,7 +389,7 @@ def probe(
     dim, head = int(_vit(model).embed_dim), head_view(model)
     accs = _moment_accumulators(model, sites, views, dim, device=device, precision=precision, folds=folds)
     interaction = {site: FoldSums(folds, device=device) for site in sites}  # token interaction, per fold
-    kept = _KeptFeatures(sites, int(getattr(model, "num_prefix_tokens", 1)), folds, device) if keep_features else None
+    kept = _KeptFeatures(sites, getattr(model, "cls_token", None) is not None, folds, device) if keep_features else None
     needed = list(dict.fromkeys([*accs, *(kept.pairs if kept else [])]))  # the (site, view) rows a batch forms
     generator = torch.Generator().manual_seed(seed)  # the patch-token subsampling's draws
 
@@ -509,8 +512,10 @@ def _site_tokens(model: torch.nn.Module, images: torch.Tensor, pooled: bool) -> 
         final, blocks = vit.forward_intermediates(images, output_fmt="NLC", return_prefix_tokens=True)
     finally:
         hook.remove()
-    patch_out, dim, n_prefix = captured[-1], int(vit.embed_dim), int(getattr(model, "num_prefix_tokens", 1))
+    patch_out, dim, n_prefix = captured[-1], int(vit.embed_dim), int(vit.num_prefix_tokens)
     pos = vit._pos_embed(patch_out)
+    if isinstance(pos, tuple):  # EVA's: (tokens, rotary embedding)
+        pos = pos[0]
     tokens: Tokens = {
         "patch_embed": (None, patch_out.reshape(patch_out.shape[0], -1, dim)),
         "pos_embed": (pos[:, :n_prefix], pos[:, n_prefix:]),
@@ -562,11 +567,9 @@ class _KeptFeatures:
     loader's order, and each row's place in this rank's stream and its fold; `gather` joins every
     rank's shard, rank after rank, into `ProbeResult.features` and `ProbeResult.feature_rows`."""
 
-    def __init__(self, sites: Sequence[str], n_prefix: int, folds: int, device: torch.device) -> None:
-        # cls: the first prefix token, wherever there are prefix tokens (not at patch_embed)
-        self.pairs = [
-            (site, view) for site in sites for view in ("cls", "mean") if view == "mean" or (n_prefix > 0 and site != "patch_embed")
-        ]
+    def __init__(self, sites: Sequence[str], has_cls: bool, folds: int, device: torch.device) -> None:
+        # cls: the class token, in a model that has one (a register is no class token), after patch_embed
+        self.pairs = [(site, view) for site in sites for view in ("cls", "mean") if view == "mean" or (has_cls and site != "patch_embed")]
         self.folds, self.device = folds, device
         self.parts: dict[tuple[str, str], list[torch.Tensor]] = {pair: [] for pair in self.pairs}  # per batch (B, D)
         self.places: list[torch.Tensor] = []  # per batch (B,): each image's place in this rank's stream

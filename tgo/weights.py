@@ -2,8 +2,12 @@
 stable rank, effective rank and WeightWatcher's power-law exponent alpha.
 
 Matrices, named <site>/<kind> as the probe names sites: patch_embed/patch_embed (the patch
-projection, a convolution), block_XX/qkv, block_XX/proj (attention), block_XX/fc1, block_XX/fc2 (MLP),
-final/head (the classifier). For a weight W (out x in; a convolution as out x in*k*k):
+projection, a convolution), block_XX/<kind> for each linear layer of a block's attention and MLP,
+named as timm names it, and final/head (the classifier). The kinds: qkv and proj (attention; EVA's
+unfused attention has q_proj, k_proj, v_proj instead of qkv), fc1 and fc2 (MLP; EVA's SwiGLU has
+fc1_g, the gate, and fc1_x in place of fc1). Each is one matrix as the model holds it, as
+WeightWatcher sees it: EVA's q, k and v are three matrices, not stacked into a qkv that is not
+there. For a weight W (out x in; a convolution as out x in*k*k):
 
     sigma_i            singular values of W, in decreasing order
     stable_rank        sum_i sigma_i^2 / sigma_1^2           (= ||W||_F^2 / ||W||_2^2, as WeightWatcher's)
@@ -32,13 +36,15 @@ import torch
 from tgo import spectral
 from tgo.keys import weight_key
 
-KINDS: tuple[str, ...] = ("patch_embed", "qkv", "proj", "fc1", "fc2", "head")
+BLOCK_KINDS: tuple[str, ...] = ("qkv", "q_proj", "k_proj", "v_proj", "proj", "fc1", "fc1_g", "fc1_x", "fc2")
+KINDS: tuple[str, ...] = ("patch_embed", *BLOCK_KINDS, "head")
 OBSERVABLES: tuple[str, ...] = ("alpha", "stable_rank", "effective_rank")
-_PARAMETER = re.compile(r"(?:blocks\.(\d+)\.(?:attn|mlp)\.(qkv|proj|fc1|fc2)|(patch_embed)\.proj|(head))\.weight")
+_PARAMETER = re.compile(rf"(?:blocks\.(\d+)\.(?:attn|mlp)\.({'|'.join(BLOCK_KINDS)})|(patch_embed)\.proj|(head))\.weight")
 
 
 def matrix_name(parameter: str) -> str | None:
-    """ "blocks.3.attn.qkv.weight" -> "block_03/qkv"; None for parameters that are not tracked."""
+    """ "blocks.3.attn.qkv.weight" -> "block_03/qkv", "blocks.0.attn.q_proj.weight" -> "block_00/q_proj";
+    None for parameters that are not tracked."""
     match = _PARAMETER.fullmatch(parameter)
     if not match:
         return None
