@@ -200,7 +200,10 @@ def test_lightning_trainer_checkpoints_and_callback_agree(store, tmp_path):
         max_epochs=2,
         accelerator="cpu",
         logger=logger,
-        callbacks=[ModelCheckpoint(dirpath=ckpts, save_top_k=-1, every_n_epochs=1), GeometryCallback(build_datasets(_cfg()).val, preset="smoke")],
+        callbacks=[
+            ModelCheckpoint(dirpath=ckpts, save_top_k=-1, every_n_epochs=1),
+            GeometryCallback(build_datasets(_cfg()).val, preset="smoke"),
+        ],
         enable_progress_bar=False,
         enable_model_summary=False,
     )
@@ -264,7 +267,10 @@ def test_deit_checkpoint_and_bare_weights_steps(store, tmp_path):
     # DeiT's main.py: utils.save_on_master({...}, output_dir / 'checkpoint.pth') after epoch 4
     deit = tmp_path / "deit"
     deit.mkdir()
-    torch.save({"model": state, "optimizer": opt.state_dict(), "lr_scheduler": {}, "epoch": 4, "model_ema": state, "args": args}, deit / "checkpoint.pth")
+    torch.save(
+        {"model": state, "optimizer": opt.state_dict(), "lr_scheduler": {}, "epoch": 4, "model_ema": state, "args": args},
+        deit / "checkpoint.pth",
+    )
     assert probe_checkpoints(str(deit / "checkpoint.pth"), **SMOKE).probed == [5]
     # a released file: bare weights, one file, epoch 0 unless --epoch says
     bare = tmp_path / "released"
@@ -295,8 +301,15 @@ def test_mlflow_run_probe_of_a_training_runs_weights_logs_its_geometry(smoke_run
     train_id = smoke_run.result.run_id
     folder = tracking.local_artifact_dir(train_id) / "checkpoints"
     done = mlflow_run(
-        "probe", "probe-exact", smoke_run.uri, tmp_path,
-        f"checkpoints={folder}", "preset=smoke", "feature_epochs=all", "weight_spectra=true", "device=cpu",
+        "probe",
+        "probe-exact",
+        smoke_run.uri,
+        tmp_path,
+        f"checkpoints={folder}",
+        "preset=smoke",
+        "feature_epochs=all",
+        "weight_spectra=true",
+        "device=cpu",
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
@@ -416,9 +429,31 @@ def test_follow_probes_checkpoints_another_process_writes(tmp_path):
     folder = tmp_path / "train"
     folder.mkdir()
     watcher = subprocess.Popen(
-        [sys.executable, "-m", "tgo", "probe", "--checkpoints", str(folder), "--preset", "smoke", "--device", "cpu",
-         "--follow", "true", "--follow_until", "3", "--follow_timeout", "120", "--experiment", "follow"],
-        env=subprocess_env(uri), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "tgo",
+            "probe",
+            "--checkpoints",
+            str(folder),
+            "--preset",
+            "smoke",
+            "--device",
+            "cpu",
+            "--follow",
+            "true",
+            "--follow_until",
+            "3",
+            "--follow_timeout",
+            "120",
+            "--experiment",
+            "follow",
+        ],
+        env=subprocess_env(uri),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     from mlflow.tracking import MlflowClient
     from timm.utils import CheckpointSaver
@@ -450,3 +485,126 @@ def test_follow_probes_checkpoints_another_process_writes(tmp_path):
     run = client.search_runs([client.get_experiment_by_name("follow").experiment_id])[0]
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "time/probe_s")) == [1, 2, 3]
     assert run.info.status == "FINISHED"
+
+
+def test_follow_on_a_folder_that_disappears_is_one_message_and_a_failed_run(store, tmp_path):
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    from tgo.errors import ConfigError
+    from tgo.series import probe_checkpoints
+
+    folder = tmp_path / "train"
+    folder.mkdir()
+    _timm_series(folder, ema=False, epochs=1, metrics=(0.1,))
+    client = MlflowClient()
+
+    def remove_once_probed() -> None:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+            if runs and client.get_metric_history(runs[0].info.run_id, "time/probe_s"):
+                break
+            time.sleep(0.2)
+        import shutil
+
+        shutil.rmtree(folder)
+
+    remover = threading.Thread(target=remove_once_probed)
+    remover.start()
+    with pytest.raises(ConfigError, match="disappeared while tgo probe --follow watched it; steps \\[1\\] are recorded"):
+        probe_checkpoints(str(folder), follow=True, follow_timeout=60, poll_s=0.2, **SMOKE)
+    remover.join()
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FAILED" and "disappeared" in run.data.tags["tgo.error"]
+    assert "tgo.lease" not in run.data.tags
+
+
+def _lightning_module():
+    import lightning.pytorch as pl
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.vit = _model()
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.vit(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)  # no update: the weights stay the initial ones
+
+    return Module()
+
+
+@pytest.mark.slow
+def test_lightning_callback_under_ddp_merges_the_ranks_probe(tmp_path):
+    """Two CPU processes (Lightning's DDP, gloo): each probes its shard of the probe set, the sums are
+    all-reduced, and rank 0 records what one process probing every image records."""
+    pytest.importorskip("lightning")
+    script = tmp_path / "fit.py"
+    script.write_text(
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent.parent)!r})\n"
+        "import lightning.pytorch as pl\n"
+        "from lightning.pytorch.loggers import MLFlowLogger\n"
+        "from torch.utils.data import DataLoader, TensorDataset\n"
+        "from tests.test_probe_series import _cfg, _lightning_module\n"
+        "from tgo.data import build_datasets\n"
+        "from tgo.integrations.lightning import GeometryCallback\n"
+        "if __name__ == '__main__':\n"
+        "    train = DataLoader(TensorDataset(torch.randn(16, 3, 32, 32), torch.randint(0, 4, (16,))), batch_size=4)\n"
+        "    trainer = pl.Trainer(max_epochs=1, accelerator='cpu', devices=2, strategy='ddp', logger=MLFlowLogger(experiment_name='ddp'),\n"
+        "                         callbacks=[GeometryCallback(build_datasets(_cfg()).val, preset='smoke', device='cpu')],\n"
+        "                         enable_progress_bar=False, enable_model_summary=False)\n"
+        "    trainer.fit(_lightning_module(), train)\n"
+    )
+    uri = sqlite_store(tmp_path)
+    done = subprocess.run([sys.executable, str(script)], env=subprocess_env(uri), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
+    assert run.data.tags["tgo.kind"] == "probe"
+    mlflow.set_tracking_uri(uri)
+    try:
+        assert _steps(run.info.run_id) == [0, 1]
+        _assert_same(_logged(run.info.run_id, 0), _reference(_model().state_dict()))
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_normalize_model_takes_the_models_own_data_config(store, tmp_path):
+    """--normalize model: the probe images normalised with timm's resolve_data_config of the model
+    (ViT-Tiny's mean and std 0.5) instead of the image folder's ImageNet statistics."""
+    from mlflow.tracking import MlflowClient
+    from timm.data import create_transform
+
+    from tests.helpers import image_tree
+    from tgo.config import resolve
+    from tgo.data import ClassFolder
+    from tgo.probe import probe_model
+    from tgo.probeset import ProbeSet
+    from tgo.series import probe_checkpoints
+
+    image_tree(tmp_path / "images", classes=("a", "b", "c", "d"), per_class=8, size=40)
+    state = _model().state_dict()
+    torch.save(state, tmp_path / "vit.pth")
+    options = dict(SMOKE, dataset="imagefolder", data_dir=str(tmp_path / "images"), probe_size=24)
+    by_data = probe_checkpoints(str(tmp_path / "vit.pth"), **options)
+    by_model = probe_checkpoints(str(tmp_path / "vit.pth"), normalize="model", **options)
+    assert by_model.run_id != by_data.run_id  # another probe set (its images' values differ)
+    assert "normalised as the model was trained" in MlflowClient().get_run(by_model.run_id).data.tags["tgo.data_notes"]
+    cfg = resolve("smoke", **{k: v for k, v in options.items() if k != "preset"})
+    transform = create_transform(input_size=32, is_training=False, interpolation="bicubic", crop_pct=0.9, mean=(0.5,) * 3, std=(0.5,) * 3)
+    val = ClassFolder(str(tmp_path / "images" / "val"), transform=transform)
+    model = _model()
+    model.load_state_dict(state)
+    probe_set = ProbeSet.from_dataset(val, 24, cfg.probe_seed, folds=cfg.probe_folds)
+    expected = probe_model(model, probe_set.loader(cfg.probe_batch_size), cfg, "cpu")
+    _assert_same(_logged(by_model.run_id, 0), {**expected.metrics(), **expected.stderr_metrics()})
+    assert _logged(by_data.run_id, 0)["geom/final/cls/effective_rank"] != _logged(by_model.run_id, 0)["geom/final/cls/effective_rank"]

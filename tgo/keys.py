@@ -177,6 +177,7 @@ class Tag:
     PROBED = "tgo.probed"  # what was probed: the checkpoints' source path, or "monitor" for a loop of one's own
     PROBED_LAYOUT = "tgo.probed_layout"  # the trainers that wrote the checkpoints (timm, deit, lightning, huggingface, ...)
     STEP_UNIT = "tgo.step_unit"  # "epochs" (training epochs completed) or "optimizer_steps"
+    NORMALIZE = "tgo.normalize"  # how the probe images were normalised: "dataset" (as tgo train) or "model" (its data config)
     # sweeps and studies
     STUDY = "tgo.study"
     SEEDS = "tgo.seeds"

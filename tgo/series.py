@@ -123,6 +123,8 @@ def probe_checkpoints(
     given = _settings(settings)
     weights = given.get("probe_weights", "model")
     _config(given)  # every setting checked before the source is read or the store touched
+    if normalize not in ("dataset", "model"):
+        raise ConfigError(f"normalize: choose dataset or model, got {normalize!r}.")
     if follow_until is not None and follow_until < 0:
         raise ConfigError(f"follow_until: expected a step >= 0, got {follow_until}.")
     if follow_timeout <= 0 or poll_s <= 0:
@@ -150,13 +152,16 @@ def probe_checkpoints(
         from timm.data import resolve_data_config
 
         data = build_datasets(_replace(cfg, num_classes=0), resolve_data_config({}, model=model))
-    elif normalize != "dataset":
-        raise ConfigError(f"normalize: choose dataset or model, got {normalize!r}.")
 
     monitor = GeometryMonitor(
         model,
         data.val,
-        tags={Tag.PROBED: source, Tag.PROBED_LAYOUT: ",".join(series.layouts), Tag.STEP_UNIT: STEP_UNITS[series.unit]},
+        tags={
+            Tag.PROBED: source,
+            Tag.PROBED_LAYOUT: ",".join(series.layouts),
+            Tag.STEP_UNIT: STEP_UNITS[series.unit],
+            Tag.NORMALIZE: normalize,
+        },
         data_classes=data.num_classes,
         notes=tuple(data.notes),
         **{k: getattr(cfg, k) for k in PROBE_FIELDS},
@@ -164,7 +169,7 @@ def probe_checkpoints(
     )
 
     # ---- the run: the one given, or the one of this source, model, weights and probe set, or a new one ----
-    existing = _existing_run(run_id, source, cfg, monitor.probe_set.fingerprint)
+    existing = _existing_run(run_id, source, cfg, {Tag.PROBE_FINGERPRINT: monitor.probe_set.fingerprint, Tag.NORMALIZE: normalize})
     if existing:
         tracking.claim(tracking.get_run(existing))  # refused while another live process probes it
     active = tracking.start_run(cfg.experiment, cfg.run_name or f"probe-{Path(source).name}-{cfg.model}", existing)
@@ -232,9 +237,10 @@ def _watchable(source: str) -> bool:
     return path.is_dir() or (not path.exists() and path.parent.is_dir() and any(ch in path.name for ch in "*?["))
 
 
-def _existing_run(run_id: str, source: str, cfg: TrainConfig, fingerprint: str) -> str:
+def _existing_run(run_id: str, source: str, cfg: TrainConfig, probe: dict[str, str]) -> str:
     """The run to continue: `run_id` (checked to be a probe run), else the newest probe run in the
-    experiment of this source, model, weights (probe_weights) and probe set (its fingerprint), else ""."""
+    experiment of this source, model, weights (probe_weights) and probe (`probe`: the probe set's
+    fingerprint and the normalisation), else ""."""
     if run_id:
         tags = tracking.get_run(run_id).data.tags
         kind = tags.get(Tag.KIND, "")
@@ -248,7 +254,7 @@ def _existing_run(run_id: str, source: str, cfg: TrainConfig, fingerprint: str) 
         Tag.PROBED: source,
         Tag.MODEL: cfg.model,
         Tag.PROBE_WEIGHTS: cfg.probe_weights,
-        Tag.PROBE_FINGERPRINT: fingerprint,
+        **probe,
     }
     return tracking.find_run(cfg.experiment, same)
 
