@@ -122,7 +122,9 @@ def probe_checkpoints(
     """
     given = _settings(settings)
     weights = given.get("probe_weights", "model")
-    _config(given)  # every setting checked before the source is read or the store touched
+    # Every setting checked before the source is read or the store touched; feature_epochs once the
+    # series' last step is known (its "last", and the steps it may name, depend on it).
+    _config({k: v for k, v in given.items() if k != "feature_epochs"})
     if normalize not in ("dataset", "model"):
         raise ConfigError(f"normalize: choose dataset or model, got {normalize!r}.")
     if follow_until is not None and follow_until < 0:
