@@ -23,6 +23,7 @@ import dataclasses
 import json
 import typing
 from dataclasses import dataclass, fields
+from decimal import Decimal, InvalidOperation
 from typing import Any, Literal, get_args
 
 from tgo.errors import ConfigError
@@ -227,6 +228,32 @@ assert tuple(PRESETS) == get_args(Preset), "PRESETS and the Preset choices must 
 FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)
 
+SEED_MAX = 2**32 - 1  # numpy's and torch's seed range
+# Every integer setting's accepted range [low, high], with why where the bound is not plain. The
+# upper bounds refuse a slip or an absurd value before any work (no ViT is trained for 10^23
+# epochs), each far above any use: a tgo1 run is 300 epochs of batch 256 at 224 px.
+INT_RANGES: dict[str, tuple[int, int, str]] = {
+    "img_size": (1, 4096, ""),
+    "synthetic_train_size": (1, 1_000_000, ""),
+    "synthetic_val_size": (1, 1_000_000, ""),
+    "num_classes": (0, 1_000_000, " (0: the dataset's count)"),
+    "workers": (0, 1024, ""),
+    "patch_size": (0, 4096, " (0: the model's own)"),
+    "depth": (0, 1024, " (0: the model's own)"),
+    "epochs": (0, 1_000_000, ""),
+    "batch_size": (1, 1_000_000, ""),
+    "warmup_epochs": (0, 1_000_000, ""),
+    "repeated_aug": (0, 1000, " (0 or 1: off; DeiT uses 3)"),
+    "probe_size": (2, 100_000_000, " (a covariance needs two images)"),
+    "probe_every": (0, 1_000_000, " (0: no probe)"),
+    "probe_batch_size": (1, 1_000_000, ""),
+    "probe_patch_tokens": (0, 1_000_000, " (0: all)"),
+    "probe_seed": (0, SEED_MAX, " (numpy's and torch's seed range)"),
+    "probe_folds": (1, 10_000, " (1: no standard errors; 5 is the default)"),
+    "seed": (0, SEED_MAX, " (numpy's and torch's seed range)"),
+}
+assert set(INT_RANGES) == {name for name, kind in _HINTS.items() if kind is int}, "every integer setting has its range"
+
 
 def _parse(name: str, value: Any) -> Any:
     """Coerce a value (possibly a string from MLflow or argparse) to the field's type."""
@@ -234,7 +261,8 @@ def _parse(name: str, value: Any) -> Any:
     if kind is bool:
         return parse_bool(name, value)
     if kind is int:
-        return parse_int(name, value)
+        low, high, why = INT_RANGES[name]
+        return parse_int(name, value, low, high, why)
     if kind is float:
         return parse_float(name, value)
     if not isinstance(value, str):
@@ -242,23 +270,44 @@ def _parse(name: str, value: Any) -> Any:
     return value.strip()
 
 
-def parse_int(name: str, value: Any, minimum: int | None = None) -> int:
-    """An integer parameter from a typed value or text ("3", and "3.0" as MLflow's float parameters
-    arrive), at least `minimum` if given; ConfigError naming the parameter otherwise."""
+def _int_range(low: int, high: int | None) -> str:
+    """ "an integer in [0, 2^32 - 1]", or "an integer >= 0" without an upper bound."""
+    if high is None:
+        return f"an integer >= {low}"
+    return f"an integer in [{low}, {'2^32 - 1' if high == SEED_MAX else high}]"
+
+
+def parse_int(name: str, value: Any, minimum: int = 0, maximum: int | None = None, why: str = "") -> int:
+    """An integer parameter from a typed value or text ("3"; "3.0" and "1e3" as MLflow's float
+    parameters arrive), read exactly: never through a float, which turns 99999999999999999999999
+    into 99999999999999991611392.
+
+    Args:
+        name: the parameter, for messages.
+        value: an int, an integral float, or text.
+        minimum, maximum: the accepted range (maximum None: no upper bound).
+        why: what the range means, for the message (" (0: off)").
+
+    Raises:
+        ConfigError: not an integer, or outside the range; the message names the parameter and its range.
+    """
     if isinstance(value, bool):
         raise ConfigError(f"{name}: expected an integer, got {value!r}.")
+    out_of_range = ConfigError(f"{name}: must be {_int_range(minimum, maximum)}{why}, got {value!r}.")
     if isinstance(value, int):
         out = value
     else:
         try:
-            as_float = float(str(value).strip())
-        except ValueError:
+            number = Decimal(str(value).strip())
+        except InvalidOperation:
             raise ConfigError(f"{name}: expected an integer, got {value!r}.") from None
-        if not as_float.is_integer():
+        if not number.is_finite() or number != number.to_integral_value():
             raise ConfigError(f"{name}: expected an integer, got {value!r}.")
-        out = int(as_float)
-    if minimum is not None and out < minimum:
-        raise ConfigError(f"{name}: expected an integer >= {minimum}, got {value!r}.")
+        if number.adjusted() > 30:  # beyond every range, and int() of 1e999999999 would take minutes
+            raise out_of_range
+        out = int(number)
+    if out < minimum or (maximum is not None and out > maximum):
+        raise out_of_range
     return out
 
 
@@ -332,23 +381,13 @@ def _check(cfg: TrainConfig) -> None:
     need(cfg.dataset in DATASETS, f"dataset: unknown dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}.")
     if cfg.dataset in ("imagefolder", "imagenet100"):
         need(bool(cfg.data_dir), f"data_dir: dataset={cfg.dataset} needs data_dir, a folder with train/ and val/ class folders.")
-    for name in ("img_size", "epochs", "batch_size", "probe_batch_size", "synthetic_train_size", "synthetic_val_size"):
-        minimum = 0 if name == "epochs" else 1
-        need(getattr(cfg, name) >= minimum, f"{name}: must be an integer >= {minimum}, got {getattr(cfg, name)}.")
-    for name in (
-        "num_classes",
-        "workers",
-        "patch_size",
-        "depth",
-        "warmup_epochs",
-        "probe_every",
-        "probe_patch_tokens",
-        "seed",
-        "probe_seed",
-    ):
-        need(getattr(cfg, name) >= 0, f"{name}: must be an integer >= 0, got {getattr(cfg, name)}.")
-    need(cfg.probe_size >= 2, f"probe_size: must be an integer >= 2 (a covariance needs two images), got {cfg.probe_size}.")
-    need(cfg.probe_folds >= 1, f"probe_folds: must be an integer >= 1 (1: no standard errors; 5 is the default), got {cfg.probe_folds}.")
+    for name, (low, high, why) in INT_RANGES.items():
+        value = getattr(cfg, name)
+        need(low <= value <= high, f"{name}: must be {_int_range(low, high)}{why}, got {value}.")
+    need(
+        cfg.num_classes != 1,
+        "num_classes: must be 0 (the dataset's count) or at least 2; with one class there is nothing to learn, got 1.",
+    )
     if cfg.probe_folds > 1:
         need(
             cfg.probe_size >= cfg.probe_folds,
@@ -364,15 +403,9 @@ def _check(cfg: TrainConfig) -> None:
     need(cfg.amp in AMP_MODES, f"amp: unknown mode {cfg.amp!r}; choose one of {', '.join(AMP_MODES)}.")
     need(cfg.sched in SCHEDULES, f"sched: unknown schedule {cfg.sched!r}; choose one of {', '.join(SCHEDULES)}.")
     need(cfg.probe_precision in ("float32", "float64"), f"probe_precision: choose float64 or float32, got {cfg.probe_precision!r}.")
-    need(cfg.repeated_aug >= 0, f"repeated_aug: must be an integer >= 0 (0 or 1: off; DeiT uses 3), got {cfg.repeated_aug}.")
     need(0 < cfg.model_ema_decay < 1, f"model_ema_decay: must be a number in (0, 1), got {cfg.model_ema_decay}.")
     need(cfg.probe_weights in ("model", "ema"), f"probe_weights: choose model or ema, got {cfg.probe_weights!r}.")
     need(cfg.probe_weights == "model" or cfg.model_ema, "probe_weights: ema needs model_ema=true (there is no weight average to measure).")
-    for name in ("seed", "probe_seed"):
-        need(
-            getattr(cfg, name) < 2**32,
-            f"{name}: must be an integer in [0, 2^32 - 1] (numpy's and torch's seed range), got {getattr(cfg, name)}.",
-        )
     _check_timm_names(cfg, need)
     device = cfg.device.lower()
     ok_device = device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit())

@@ -266,6 +266,13 @@ def build_datasets(cfg: TrainConfig, model_data_config: dict | None = None) -> D
         train, val, k = _imagenet100(cfg, train_tf, eval_tf, notes)
     else:
         train, val, k = _cifar(cfg, train_tf, eval_tf)
+    if k < 2:  # a head with one class is always right: "val acc 100%" that says nothing
+        where = f" under {cfg.data_dir}" if cfg.data_dir else ""
+        raise DataError(
+            f"{cfg.dataset}{where} has {k} class{'es' if k != 1 else ''} ({', '.join(map(str, getattr(train, 'classes', []))) or 'none'}); "
+            "classification needs at least two, else every prediction is right and nothing is learnt. Add a "
+            "folder per class to train/ and val/. Nothing was trained or logged."
+        )
     if cfg.num_classes and cfg.num_classes != k and cfg.dataset != "synthetic":
         raise DataError(f"num_classes={cfg.num_classes} but {cfg.dataset} has {k} classes; leave num_classes=0.")
     notes.append(f"{cfg.dataset}: {len(train)} training and {len(val)} validation images, {k} classes.")

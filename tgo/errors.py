@@ -7,7 +7,8 @@ message line and that status, in one place). Each message names the problem and 
     +-- DataError (ValueError)     the dataset cannot be used as configured
     +-- StorageError (ValueError)  the Optuna storage cannot be used
     +-- TrackingError (RuntimeError)   the MLflow tracking store cannot be used
-    |   +-- StoreWriteError            recording into it failed mid-run (tgo.train turns it into a TrainingError)
+    |   +-- StoreWriteError            recording into it (or its artifact store) failed mid-run (tgo.train turns it into a TrainingError)
+    +-- ArtifactError (ValueError) a run's artifact is damaged or not tgo's (a checkpoint tgo will not unpickle)
     +-- AnalysisError (ValueError) a run cannot be analysed as asked
     +-- CompareError (ValueError)  runs cannot be compared as asked
     +-- TrainingError (RuntimeError)   training cannot go on; exit 1 (the run exists and says why)
@@ -58,7 +59,18 @@ class TrackingError(TgoError, RuntimeError):
 
 class StoreWriteError(TrackingError):
     """Recording into the tracking store failed mid-run (a store turned read-only, a server down past
-    MLflow's retries); tgo.train turns it into one TrainingError that says how to continue."""
+    MLflow's retries, a full disk under the artifact store); tgo.train turns it into one TrainingError
+    that says how to continue. `store` names the store that failed where it is not the tracking store
+    itself (the run's artifact folder, the scratch folder), `full` says it ran out of space."""
+
+    def __init__(self, message: str = "", store: str = "", full: bool = False) -> None:
+        super().__init__(message)
+        self.store, self.full = store, full
+
+
+class ArtifactError(TgoError, ValueError):
+    """A run's artifact cannot be used: damaged (truncated), or not what tgo wrote (a checkpoint
+    holding pickled objects, which tgo never unpickles). The message names the artifact."""
 
 
 class AnalysisError(TgoError, ValueError):

@@ -7,6 +7,7 @@ The engine (tgo.train) decides what happens; this module only records it, throug
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -86,6 +87,12 @@ def record_start(
     if ckpt is not None:
         relog_missing(run_id, ckpt)
         log.info("resuming run %s at epoch %d of %d.", run_id, start_epoch, cfg.epochs)
+    elif cfg.resume:
+        log.info(
+            "run %s stopped before its first checkpoint: it starts again from its initialisation with its own config (%d epochs).",
+            run_id,
+            cfg.epochs,
+        )
     else:
         log.info("run %s: %s on %s, %d epochs, device %s.", run_id, cfg.model, cfg.dataset, cfg.epochs, device)
 
@@ -303,10 +310,26 @@ class EpochCommitter:
         except Exception as err:  # noqa: BLE001 - handed to the training thread by wait()
             # A failure to write to the run's store (read-only, full, out of reach) is said so in one
             # message by run(); anything else is a bug, raised as it is.
-            store = tracking.is_store_failure(err) or isinstance(err, OSError)
-            self._error = StoreWriteError(f"recording epoch {epoch}: {short_error(err)}") if store else err
+            self._error = self._store_error(epoch, err) or err
         except BaseException as err:  # noqa: BLE001
             self._error = err
+
+    def _store_error(self, epoch: int, err: Exception) -> StoreWriteError | None:
+        """`err` as the StoreWriteError that names the store which refused the epoch's record, or None
+        for an error that is not a store's. A file system's refusal (OSError: a full disk, a folder
+        turned read-only) names the folder it came from: the run's local artifact store, or the
+        scratch folder (TMPDIR) where artifacts are written before they are logged."""
+        what = f"recording epoch {epoch}: {short_error(err)}"
+        if isinstance(err, OSError):
+            path = Path(err.filename) if isinstance(err.filename, str) else None
+            if path is not None and path.is_relative_to(self.folder):
+                store = f"the scratch folder {self.folder} (TMPDIR)"
+            elif self.local_dir is not None:
+                store = f"the artifact store of the run ({self.local_dir})"
+            else:
+                store = f"the local folder of {path}" if path is not None else "the local file system"
+            return StoreWriteError(what, store=store, full=err.errno in (errno.ENOSPC, errno.EDQUOT))
+        return StoreWriteError(what) if tracking.is_store_failure(err) else None
 
     def wait(self) -> None:
         if self._thread is not None:
@@ -367,21 +390,31 @@ def record_failure(err: BaseException, run_id: str, committer: EpochCommitter, *
         committer.wait()  # the last good epoch is recorded whole before the run is closed
     except BaseException:  # noqa: BLE001 - the first error is the one to report
         pass
-    store_failed = tracking.is_store_failure(err)
+    message = _store_failure_message(err, run_id, committer.recorded) if tracking.is_store_failure(err) else None
     if stopped:
         tracking.set_tags(run_id, {Tag.STOPPED_EARLY: str(err) or "true"})
     status = "KILLED" if stopped or isinstance(err, KeyboardInterrupt) else "FAILED"
-    closed = tracking.end_run(status, f"{type(err).__name__}: {err}")
-    if not store_failed:
+    closed = tracking.end_run(status, message or f"{type(err).__name__}: {err}")  # tgo.error: the message the user sees
+    if message is None:
         return None
-    recorded = f"up to {committer.recorded}" if committer.recorded >= 0 else "none"
+    if closed:
+        return f"{message} The run is marked FAILED."
+    return f"{message} The run could not be marked and still reads RUNNING; the resume continues it all the same."
+
+
+def _store_failure_message(err: BaseException, run_id: str, recorded: int) -> str:
+    """What happened (which store refused the record: the tracking store, or the artifact store or
+    scratch folder that `err.store` names; full, or not accepting writes), what is kept (the epochs
+    recorded whole, up to `recorded`) and the command that continues the run."""
+    store = getattr(err, "store", "") or f"the tracking store {tracking.store_name()}"
+    full = getattr(err, "full", False)
+    kept = (
+        f"Epochs up to {recorded} are recorded with their checkpoint."
+        if recorded >= 0
+        else "No epoch was recorded yet; the resume starts the run again from its initialisation."
+    )
+    when = "Once there is space again" if full else "When the store is back"
     return (
-        f"run {run_id}: the tracking store {tracking.store_name()} stopped accepting writes "
-        f"({short_error(err)}). Epochs {recorded} are recorded with their checkpoint. When the store is "
-        f"back, continue with `tgo train --resume {run_id}` (or `mlflow run . -e train -P resume={run_id}`). "
-        + (
-            "The run is marked FAILED."
-            if closed
-            else "The run could not be marked and still reads RUNNING; the resume continues it all the same."
-        )
+        f"run {run_id}: {store} {'is full' if full else 'stopped accepting writes'} ({short_error(err)}). {kept} "
+        f"{when}, continue with `tgo train --resume {run_id}` (or `mlflow run . -e train -P resume={run_id}`)."
     )

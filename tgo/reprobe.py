@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from tgo import runs, tracking
 from tgo.config import from_dict
 from tgo.data import build_datasets
-from tgo.errors import AnalysisError
+from tgo.errors import AnalysisError, ArtifactError
 from tgo.model import create_model
 from tgo.probe import ProbeResult, probe_model
 from tgo.probeset import ProbeSet, dataset_size, fingerprint
@@ -29,8 +29,8 @@ from tgo.spectral import DegenerateGeometryWarning
 def saved_weight_epochs(run_id: str) -> list[int]:
     """The epochs whose weights the run kept (checkpoints/weights_epoch_XXXX.pt)."""
     folder, _ = tracking.weights_artifact(0)
-    names = [n for n in tracking.artifact_names(run_id, folder) if "weights_epoch_" in n]
-    return sorted(int(Path(n).stem.split("_")[-1]) for n in names)
+    epochs = (tracking.weights_epoch(n) for n in tracking.artifact_names(run_id, folder))
+    return sorted(e for e in epochs if e is not None)
 
 
 def reprobe(
@@ -94,7 +94,11 @@ def reprobe(
     for epoch in tqdm(wanted, desc="re-probe", unit="epoch", disable=None):
         artifact_dir, name = tracking.weights_artifact(epoch)
         path = tracking.download(run_id, f"{artifact_dir}/{name}", folder / "weights")
-        model.load_state_dict(tracking.load_checkpoint(path))
+        try:
+            weights = tracking.load_checkpoint(path, f"{artifact_dir}/{name} of run {run_id}")
+        except ArtifactError as err:
+            raise AnalysisError(f"{err} Re-probing needs the weights tgo saved; analyse the run's logged geometry instead (without probe_size or data_dir).") from None
+        model.load_state_dict(weights)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DegenerateGeometryWarning)
             out[epoch] = probe_model(model, probe_set.loader(cfg.probe_batch_size, cfg.workers), cfg, dev, keep_covariance=keep_covariance)

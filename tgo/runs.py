@@ -25,7 +25,7 @@ from tgo.keys import HEAD_VIEW, METRIC_PREFIX, TOKEN_OBSERVABLE, parse_metric_ke
 from tgo.probe import ProbeResult
 
 SCALARS = ("train/loss", "train/acc1", "val/loss", "val/acc1", "val/acc5", "lr", "time/epoch_s", "time/probe_s")
-CONFIG_ARTIFACT = "config/config.json"  # the resolved TrainConfig (tgo.tracking.log_config)
+CONFIG_ARTIFACT = "/".join(tracking.config_artifact())  # the resolved TrainConfig (tgo.tracking.log_config)
 PROBE_SET_ARTIFACT = "probe/probe_set.json"  # probe indices, seed, dataset size and fingerprint
 
 

@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import tempfile
 import threading
@@ -34,7 +35,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import tgo
-from tgo.errors import StoreWriteError, TrackingError, mask_url, short_error
+from tgo.errors import ArtifactError, StoreWriteError, TrackingError, mask_url, short_error
 from tgo.keys import Tag
 from tgo.liveness import grace_period, heartbeat_interval, process_alive, worker_id
 
@@ -298,19 +299,25 @@ def lease_holder(run) -> str:
     return f"{lease['worker']} (lease renewed {age:.0f} s ago)" if alive else ""
 
 
+def refuse_if_trained(run) -> None:
+    """A TrackingError when another live process trains `run` (`lease_holder`): two processes
+    training one run would log every step twice. Writes nothing."""
+    holder = lease_holder(run)
+    if holder:
+        raise TrackingError(
+            f"run {run.info.run_id} is being trained by {holder}; resuming it now would train it twice. Wait for it "
+            f"to end, or stop that process (a lease not renewed for {grace_period()} s is given up)."
+        )
+
+
 def claim(run) -> None:
     """Take the lease of a run about to be resumed, or refuse with a TrackingError when another live
-    process trains it (two processes training one run would log every step twice).
+    process trains it (`refuse_if_trained`).
 
     MLflow has no compare-and-set, so the claim is written, left CLAIM_SETTLE_S to settle, and read
     back: of two processes claiming at once, the one whose claim was overwritten gives way."""
-    holder = lease_holder(run)
+    refuse_if_trained(run)
     run_id = run.info.run_id
-    if holder:
-        raise TrackingError(
-            f"run {run_id} is being trained by {holder}; resuming it now would train it twice. Wait for it "
-            f"to end, or stop that process (a lease not renewed for {grace_period()} s is given up)."
-        )
     nonce = uuid.uuid4().hex
     _write_lease(run_id, nonce)
     time.sleep(CLAIM_SETTLE_S)
@@ -397,6 +404,11 @@ def log_datasets(run_id: str, datasets: Sequence[dict[str, Any]]) -> None:
             time.sleep(0.2 + 0.3 * attempt)
 
 
+def config_artifact() -> tuple[str, str]:
+    """Where a run keeps its resolved config (written by `log_config`, again on every resume)."""
+    return "config", "config.json"
+
+
 def log_config(run_id: str, config: dict[str, Any]) -> None:
     """Log the resolved config as params `config.<field>`, and as config/config.json.
 
@@ -413,7 +425,7 @@ def log_config(run_id: str, config: dict[str, Any]) -> None:
         elif existing[name] != text:
             tags[f"{Tag.RESUMED_PREFIX}{key}"] = text
     client.log_batch(run_id, params=params, tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()])
-    log_json(run_id, config, "config", "config.json")
+    log_json(run_id, config, *config_artifact())
 
 
 def set_tags(run_id: str, tags: dict[str, Any]) -> None:
@@ -495,16 +507,19 @@ def save_torch(run_id: str, obj: Any, artifact_path: str, name: str, scratch: st
     """
     if local_dir is None:
         path = Path(scratch) / name
-        torch.save(obj, path)
-        log_file(run_id, path, artifact_path)
-        path.unlink()
+        try:
+            with open(path, "wb") as fh:
+                _torch_save(obj, fh, path)
+            log_file(run_id, path, artifact_path)
+        finally:
+            path.unlink(missing_ok=True)
         return
     folder = local_dir / artifact_path
     folder.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=folder)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            _torch_save(obj, fh, folder / name)
         # mkstemp makes the file 0600; give it the mode of MLflow's other artifacts (0666 less the
         # umask), so that a shared artifact store can serve it to other users.
         umask = os.umask(0)
@@ -514,6 +529,19 @@ def save_torch(run_id: str, obj: Any, artifact_path: str, name: str, scratch: st
     except BaseException:
         Path(partial).unlink(missing_ok=True)
         raise
+
+
+def _torch_save(obj: Any, fh, path: Path) -> None:
+    """torch.save into an open file; a write the file system refuses (a full disk, a folder turned
+    read-only) is raised as that OSError, naming `path`, instead of the RuntimeError torch's zip
+    writer raises after it ("[enforce fail at inline_container.cc] unexpected pos ...")."""
+    try:
+        torch.save(obj, fh)
+    except RuntimeError as err:
+        refused = err.__cause__ or err.__context__
+        if not isinstance(refused, OSError):
+            raise
+        raise OSError(refused.errno, refused.strerror, str(path)) from None
 
 
 def spectra_artifact(epoch: int) -> tuple[str, str]:
@@ -532,6 +560,13 @@ def weights_artifact(epoch: int) -> tuple[str, str]:
     return "checkpoints", f"weights_epoch_{epoch:04d}.pt"
 
 
+def weights_epoch(path: str) -> int | None:
+    """The epoch of a weights artifact's path (`weights_artifact`'s name), or None for any other file,
+    such as the hidden .weights_epoch_XXXX.pt.*.partial that a kill mid-write leaves."""
+    match = re.fullmatch(r"weights_epoch_(\d{4,})\.pt", Path(path).name)
+    return int(match.group(1)) if match else None
+
+
 def download(run_id: str, artifact: str, dst: str | Path) -> Path:
     """One artifact (a file or a folder) of a run, as a local path; TrackingError when the run lacks
     it. (MLflow's own progress bars follow MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR, which the command
@@ -542,9 +577,39 @@ def download(run_id: str, artifact: str, dst: str | Path) -> Path:
         raise TrackingError(f"run {run_id} has no artifact {artifact} ({err}).") from None
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint written by tgo, read without unpickling arbitrary objects."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(path: str | Path, what: str = "") -> dict:
+    """A checkpoint written by tgo (a dict of tensors and plain values), read without unpickling
+    arbitrary objects: torch.load(weights_only=True), as an artifact store is not a trusted source of
+    pickles.
+
+    Args:
+        path: the downloaded file.
+        what: the artifact it is, for messages ("checkpoints/last.pt of run ..."); default the path.
+
+    Raises:
+        ArtifactError: the file holds pickled objects other than tensors and plain values (tgo never
+            unpickles them, and never advises torch's weights_only=False, which would run whatever
+            was planted in it), is damaged (truncated, empty), or holds no dict.
+    """
+    import pickle
+    import warnings
+
+    what = what or str(path)
+    untouched = "Nothing was loaded or run from it."
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of a file it then refuses
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ArtifactError(
+            f"{what} is not a tgo checkpoint: it holds pickled objects other than tensors and plain values, "
+            f"and tgo will not unpickle it (that could run code planted in it). {untouched}"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - torch's reader fails in many ways (RuntimeError, EOFError, KeyError) on a damaged file
+        raise ArtifactError(f"{what} is damaged (truncated or corrupt: {short_error(err)}). {untouched}") from None
+    if not isinstance(ckpt, dict):
+        raise ArtifactError(f"{what} is not a tgo checkpoint: it holds a {type(ckpt).__name__}, not a dict. {untouched}")
+    return ckpt
 
 
 def end_run(status: str = "FINISHED", message: str = "") -> bool:
@@ -569,13 +634,19 @@ def fail_run(run_id: str, reason: str) -> None:
     """Mark a run FAILED with its reason (tgo.error, tgo.trial_state=FAIL) if it is still RUNNING:
     the run of a trial whose worker died, which nobody else would ever end. The dead worker's lease
     goes with it (a lease belongs to a live run only)."""
-    if not run_id:
-        return
+    if run_id:
+        close_failed(run_id, reason, {Tag.TRIAL_STATE: "FAIL"})
+
+
+def close_failed(run_id: str, reason: str, tags: dict[str, str] | None = None) -> None:
+    """Mark a run that no live process trains FAILED with `reason` (tgo.error) and `tags`, if it still
+    reads RUNNING (a killed process cannot say otherwise), and drop its stale lease. A run in
+    another state is left as it is."""
     client = MlflowClient()
     run = client.get_run(run_id)
     if run.info.status != "RUNNING":
         return
-    set_tags(run_id, {Tag.TRIAL_STATE: "FAIL", Tag.ERROR: reason})
+    set_tags(run_id, {**(tags or {}), Tag.ERROR: reason[:5000]})
     client.set_terminated(run_id, "FAILED")
     if Tag.LEASE in run.data.tags:
         with contextlib.suppress(MlflowException):  # gone already: whoever removed it did this job

@@ -24,6 +24,7 @@ into the MLflow run: its start, each epoch's record and the progress line, its c
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -42,7 +43,7 @@ from tqdm.auto import tqdm
 from tgo import tracking
 from tgo.config import TrainConfig, from_dict, from_overrides
 from tgo.data import Datasets, build_datasets
-from tgo.errors import ConfigError, TrainingError
+from tgo.errors import ArtifactError, ConfigError, TrainingError
 from tgo.keys import HEAD_VIEW, Tag
 from tgo.measure import measure
 from tgo.model import create_model
@@ -529,22 +530,115 @@ def _resume_config(cfg: TrainConfig, given: set[str], saved: dict) -> TrainConfi
     return replace(base, **{k: getattr(cfg, k) for k in RESUMABLE_CHANGES if k in given})
 
 
-def _fetch_resume(cfg: TrainConfig, given: set[str], d: Dist, tmp: str) -> tuple[TrainConfig, dict]:
-    """The config and checkpoint of the run to resume (rank 0 reads them and takes the run's lease;
-    under torchrun every rank gets the checkpoint)."""
-    ckpt: dict | None = None
+def _fetch_resume(cfg: TrainConfig, given: set[str], d: Dist, tmp: str) -> tuple[TrainConfig, dict | None]:
+    """The config and checkpoint of the run to resume, read by rank 0 (under torchrun every rank gets
+    them). The checkpoint is None for a run stopped before its first one: it starts again from its
+    initialisation with its own config (config/config.json). Nothing is written here: the run's
+    lease is taken once everything is built (`_run`), so that a refusal or a failed build leaves
+    the run as it was."""
+    box: list = [None, None]  # the checkpoint, the run's own config
     if d.main:
-        resumed_run = tracking.get_run(cfg.resume)
-        ckpt = tracking.load_checkpoint(tracking.download(cfg.resume, "checkpoints/last.pt", tmp))
-        tracking.claim(resumed_run)  # refused while another live process trains it
-        if tracking.is_finished(resumed_run) and ckpt["epoch"] >= cfg.epochs:
+        run = tracking.get_run(cfg.resume)
+        _check_resumable(run)
+        ckpt = _resume_checkpoint(run, tmp)
+        box = [ckpt, ckpt["config"] if ckpt is not None else _config_to_restart(run, tmp)]
+        if ckpt is not None and tracking.is_finished(run) and ckpt["epoch"] >= cfg.epochs:
             log.warning("run %s already finished %d epochs; pass epochs > %d to extend it.", cfg.resume, ckpt["epoch"], ckpt["epoch"])
     if d.enabled:
-        box = [ckpt]
         dist.broadcast_object_list(box, src=0)
-        ckpt = box[0]
-    assert ckpt is not None  # read by rank 0, which is every rank without torchrun; broadcast under it
-    return _resume_config(cfg, given, ckpt["config"]), ckpt
+    ckpt, saved = box
+    return _resume_config(cfg, given, saved), ckpt
+
+
+LAST_CHECKPOINT = "checkpoints/last.pt"
+CHECKPOINT_FORMAT = "tgo-checkpoint-1"  # a resumable checkpoint's "format" (`_checkpoint`)
+
+
+def _check_resumable(run) -> None:
+    """Refuse, before anything is read or written, a run that resume cannot continue: one in MLflow's
+    trash, one of another kind (an analysis, a comparison, a sweep's or study's parent), one tgo did
+    not make, or one another live process trains. A training run is tagged tgo.kind=train; one
+    killed before its tags were written has tgo's lease tag alone."""
+    run_id, tags = run.info.run_id, run.data.tags
+    if run.info.lifecycle_stage == "deleted":
+        raise ConfigError(
+            f"resume: run {run_id} is deleted (in MLflow's trash); nothing was changed. Restore it first "
+            f"(`mlflow runs restore --run-id {run_id}`) to resume it, or start a new run."
+        )
+    kind = tags.get(Tag.KIND, "")
+    if kind == "train" or (not kind and Tag.LEASE in tags):
+        tracking.refuse_if_trained(run)
+        return
+    if kind == "analysis":
+        what = f"an analysis run (of training run {tags.get(Tag.ANALYZED_RUN, '?')}), not a training run"
+    elif kind:
+        what = f"a {kind} run (tgo.kind={kind}), not a training run" + (
+            f"; to continue the {kind}, run its command again (it resumes its own runs)" if kind in ("sweep", "study") else ""
+        )
+    elif Tag.RESUMES in tags:
+        what = f"the launcher run of an `mlflow run` that resumed run {tags[Tag.RESUMES]}; resume that run instead"
+    else:
+        what = "not a run tgo trained (it has no tgo.kind tag)"
+    raise ConfigError(f"resume: run {run_id} is {what}. Nothing was changed; resume takes the id of a tgo training run (tgo.kind=train).")
+
+
+def _unusable(run, message: str) -> ConfigError:
+    """The error for a training run that cannot be resumed: the run is marked FAILED with `message`
+    if it still reads RUNNING (its process was killed, `_check_resumable` saw no live one), so that
+    its state says the same."""
+    tracking.close_failed(run.info.run_id, message)
+    marked = " It is marked FAILED." if run.info.status == "RUNNING" else ""
+    return ConfigError(message + marked)
+
+
+def _resume_checkpoint(run, tmp: str) -> dict | None:
+    """The run's resumable checkpoint, or None where it has none (stopped before its first).
+
+    Raises:
+        ConfigError: a damaged checkpoint, or one that is not tgo's (never unpickled); the run is
+            marked FAILED if it still reads RUNNING.
+    """
+    run_id = run.info.run_id
+    if LAST_CHECKPOINT not in tracking.artifact_names(run_id, LAST_CHECKPOINT.rpartition("/")[0]):
+        return None  # hidden .last.pt.*.partial files of a write cut short are not a checkpoint
+    try:
+        ckpt = tracking.load_checkpoint(tracking.download(run_id, LAST_CHECKPOINT, tmp), f"{LAST_CHECKPOINT} of run {run_id}")
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise ArtifactError(f"{LAST_CHECKPOINT} of run {run_id} is not a tgo checkpoint (it has no format {CHECKPOINT_FORMAT!r}).")
+    except ArtifactError as err:
+        raise _unusable(
+            run,
+            f"resume: {err} Run {run_id} cannot be continued from it; its recorded epochs (metrics, spectra, kept "
+            "weights) are safe. Train its settings again as a new run (its config is config/config.json).",
+        ) from None
+    return ckpt
+
+
+def _config_to_restart(run, tmp: str) -> dict:
+    """The own config of a run stopped before its first checkpoint, which starts again from its
+    initialisation. Refused (ConfigError, the run marked FAILED if it reads RUNNING) where that
+    would log a step twice (it has metrics without a checkpoint) or it recorded no config.
+
+    The first checkpoint is written before any metric (recording.EpochCommitter), so a run without
+    one has logged none; what it did write (params, spectra, kept weights of epoch 0) is written
+    again with the same values."""
+    run_id = run.info.run_id
+    logged = tracking.logged_steps(run_id, "val/loss")
+    if logged:
+        raise _unusable(
+            run,
+            f"resume: run {run_id} has metrics up to epoch {max(logged)} but no {LAST_CHECKPOINT} (removed?), so it "
+            "cannot be continued, and starting it again would log those epochs twice. Its recorded epochs are "
+            "safe; train its settings again as a new run.",
+        )
+    try:
+        return json.loads(tracking.download(run_id, "/".join(tracking.config_artifact()), tmp).read_text())
+    except (tracking.TrackingError, ValueError):
+        raise _unusable(
+            run,
+            f"resume: run {run_id} stopped before it recorded its settings (it has no {'/'.join(tracking.config_artifact())} "
+            "and no checkpoint), so there is nothing to resume; start a new run.",
+        ) from None
 
 
 def _checkpoint(s: Setup, epoch: int, metrics: dict, run_id: str) -> dict:
@@ -606,9 +700,16 @@ def _run(cfg: TrainConfig, given: set[str], d: Dist, parent_run_id: str = "", ep
     # ---- the MLflow run (rank 0 only) ----
     run_id, lease = "", None
     if d.main:
-        run_id = tracking.start_run(
-            cfg.experiment, cfg.run_name or run_name(cfg), cfg.resume, cfg.system_metrics, parent_run_id
-        ).info.run_id
+        if cfg.resume:
+            tracking.claim(tracking.get_run(cfg.resume))  # refused while another live process trains it
+        try:
+            run_id = tracking.start_run(
+                cfg.experiment, cfg.run_name or run_name(cfg), cfg.resume, cfg.system_metrics, parent_run_id
+            ).info.run_id
+        except BaseException:
+            if cfg.resume:
+                tracking.release(cfg.resume)  # the claim belongs to a process that trains the run
+            raise
         lease = tracking.Lease(run_id).start()  # tells a resume elsewhere that this run is alive
         if on_start is not None:
             on_start(run_id)
