@@ -537,8 +537,8 @@ def _torch_save(obj: Any, fh, path: Path) -> None:
     writer raises after it ("[enforce fail at inline_container.cc] unexpected pos ...")."""
     try:
         torch.save(obj, fh)
-    except RuntimeError as err:
-        refused = err.__cause__ or err.__context__
+    except (RuntimeError, OSError) as err:
+        refused = err if isinstance(err, OSError) else err.__cause__ or err.__context__
         if not isinstance(refused, OSError):
             raise
         raise OSError(refused.errno, refused.strerror, str(path)) from None

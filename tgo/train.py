@@ -562,7 +562,7 @@ def _check_resumable(run) -> None:
     run_id, tags = run.info.run_id, run.data.tags
     if run.info.lifecycle_stage == "deleted":
         raise ConfigError(
-            f"resume: run {run_id} is deleted (in MLflow's trash); nothing was changed. Restore it first "
+            f"resume: run {run_id} is deleted (in MLflow's trash). Nothing was changed; restore it first "
             f"(`mlflow runs restore --run-id {run_id}`) to resume it, or start a new run."
         )
     kind = tags.get(Tag.KIND, "")
