@@ -32,6 +32,14 @@ def test_strings_are_parsed_and_empty_means_the_preset_value():
     assert resolve("demo", epochs="4.0").epochs == 4
 
 
+def test_integers_are_read_exactly_never_through_a_float():
+    assert resolve("demo", seed="4294967295").seed == 2**32 - 1
+    assert resolve("demo", epochs="1e3").epochs == 1000 and resolve("demo", epochs="3.0").epochs == 3  # MLflow's float parameters
+    with pytest.raises(ConfigError) as err:
+        resolve("demo", epochs="99999999999999999999999")
+    assert "99999999999999991611392" not in str(err.value)  # what a float makes of it
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -46,12 +54,15 @@ def test_strings_are_parsed_and_empty_means_the_preset_value():
         (dict(amp="fp8"), "amp: unknown mode 'fp8'; choose one of auto, bf16, fp16, off"),
         (dict(mixup=0.8, batch_size=7), "batch_size: mixup/cutmix need an even batch size"),
         (dict(checkpoint_epochs="0,x"), "checkpoint_epochs: expected epochs separated by commas"),
-        (dict(probe_size=1), "probe_size: must be an integer >= 2"),
+        (dict(probe_size=1), "probe_size: must be an integer in [2, 100000000] (a covariance needs two images)"),
         (dict(probe_precision="float16"), "probe_precision: choose float64 or float32"),
-        (dict(probe_folds=0), "probe_folds: must be an integer >= 1"),
+        (dict(probe_folds=0), "probe_folds: must be an integer in [1, 10000]"),
         (dict(opt="nonexistent_opt"), "opt: unknown optimiser 'nonexistent_opt'; timm knows"),
         (dict(auto_augment="garbage-spec"), "auto_augment: timm cannot read 'garbage-spec'"),
         (dict(probe_seed=99999999999999999999999), "probe_seed: must be an integer in [0, 2^32 - 1]"),
+        (dict(epochs="99999999999999999999999"), "epochs: must be an integer in [0, 1000000], got '99999999999999999999999'"),
+        (dict(epochs="1e999999999"), "epochs: must be an integer in [0, 1000000], got '1e999999999'"),
+        (dict(num_classes=1), "num_classes: must be 0 (the dataset's count) or at least 2"),
         (dict(probe_size=4, probe_folds=5), "probe_folds: 5 folds need at least 5 probe images, got probe_size=4"),
     ],
 )

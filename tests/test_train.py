@@ -379,7 +379,7 @@ def _cli(capsys, *args) -> tuple[int, str]:
         (["--epochs", "ten"], "epochs: expected an integer, got 'ten'"),
         (["--epochs", "2.5"], "epochs: expected an integer"),
         (["--lr", "-1"], "lr: must be a number >= 0"),
-        (["--batch_size", "0"], "batch_size: must be an integer >= 1"),
+        (["--batch_size", "0"], "batch_size: must be an integer in [1, 1000000]"),
         (["--device", "tpu"], "device: unknown device 'tpu'"),
         (["--checkpoint_epochs", "0,7"], "checkpoint_epochs: epochs [7] are outside 0..2"),
         (["--probe_size", "1000"], "probe_size=1000 exceeds the 64 images of the validation set"),
