@@ -261,7 +261,7 @@ def test_a_checkpoint_write_the_disk_refuses_is_that_os_error_not_torchs(store, 
     [
         (["--epochs", "99999999999999999999999"], "epochs: must be an integer in [0, 1000000], got '99999999999999999999999'"),
         (["--batch_size", "1e30"], "batch_size: must be an integer in [1, 1000000], got '1e30'"),
-        (["--seed", "4294967296"], "seed: must be an integer in [0, 2^32 - 1]"),
+        (["--seed", "99999999999999999999999"], "seed: must be an integer in [0, 2^32 - 1] (numpy's and torch's seed range), got '99999999999999999999999'"),
         (["--num_classes", "1"], "num_classes: must be 0 (the dataset's count) or at least 2"),
     ],
 )

@@ -251,17 +251,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-# The ranges of the integer options of analyze and study (the train options' are config.INT_RANGES).
+# The ranges of the integer options of analyze, probe and study (the train options' are config.INT_RANGES).
 OPTION_RANGES: dict[str, tuple[int, int, str]] = {
     "probe_size": (0, config.INT_RANGES["probe_size"][1], " (0: what the run logged)"),
     "probe_seed": config.INT_RANGES["probe_seed"],
+    "epoch": (0, 2**63 - 1, " (a step of the run: MLflow's 64-bit steps)"),
+    "follow_until": (0, 2**63 - 1, " (a step of the run: MLflow's 64-bit steps)"),
     "n_trials": (0, 1_000_000, ""),
     "sampler_seed": (0, config.SEED_MAX, " (numpy's seed range)"),
 }
 
 
 def _int(name: str, text: str, allow_empty: bool = False) -> int | None:
-    """An integer option of analyze and study, within its range (OPTION_RANGES)."""
+    """An integer option of analyze, probe and study, within its range (OPTION_RANGES)."""
     if allow_empty and text.strip() == "":
         return None
     return config.parse_int(name, text, *OPTION_RANGES[name])

@@ -97,7 +97,9 @@ def reprobe(
         try:
             weights = tracking.load_checkpoint(path, f"{artifact_dir}/{name} of run {run_id}")
         except ArtifactError as err:
-            raise AnalysisError(f"{err} Re-probing needs the weights tgo saved; analyse the run's logged geometry instead (without probe_size or data_dir).") from None
+            raise AnalysisError(
+                f"{err} Re-probing needs the weights tgo saved; analyse the run's logged geometry instead (without probe_size or data_dir)."
+            ) from None
         model.load_state_dict(weights)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DegenerateGeometryWarning)
