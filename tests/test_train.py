@@ -312,7 +312,7 @@ def test_resume_from_a_checkpoint_whose_metrics_were_not_logged(store, tmp_path)
     first = run(preset="smoke", epochs=1, experiment="gap")
     client = MlflowClient()
     # A run in the state such a kill leaves: epochs 0-1 artifacts and checkpoint, metrics of 0 only.
-    gap = client.create_run(client.get_experiment_by_name("gap").experiment_id).info.run_id
+    gap = client.create_run(client.get_experiment_by_name("gap").experiment_id, tags={"tgo.kind": "train"}).info.run_id
     root = Path(mlflow.artifacts.download_artifacts(run_id=first.run_id, dst_path=str(tmp_path / "a")))
     client.log_artifacts(gap, str(root / "checkpoints"), "checkpoints")
     client.log_batch(gap, metrics=[mlflow.entities.Metric(k, v, 0, 0) for k, v in first.history[0].items()])
