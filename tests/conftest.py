@@ -88,7 +88,7 @@ def postgres_url():
 # The slowest files first: with pytest-xdist (`-n 2 --dist loadfile --no-loadscope-reorder`, see
 # pyproject.toml) the README test, minutes long, then starts at once on one worker while the other
 # takes the rest, instead of starting last (xdist's default order puts files with most tests first).
-SLOWEST_FIRST = ("test_readme.py", "test_readme_smoke.py", "test_sweep_study.py", "test_scale_out.py", "test_train.py", "test_analysis.py", "test_ui.py", "test_notebooks.py")
+SLOWEST_FIRST = ("test_readme.py", "test_readme_smoke.py", "test_sweep_study.py", "test_scale_out.py", "test_train.py", "test_train_faults.py", "test_analysis.py", "test_ui.py", "test_notebooks.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -11,9 +11,11 @@ epoch e >= 1 is the network after e passes over the training set. Every metric h
 Determinism and resume: every epoch re-seeds torch, numpy and random from (seed, epoch), and the
 shuffling generator too, so an epoch depends only on the weights and optimiser state it starts
 from. The checkpoint written after each epoch (checkpoints/last.pt) holds those, so a run killed
-at any point and resumed with resume=<run_id> continues in the same MLflow run, at the next epoch,
-and ends with the metrics an uninterrupted run would have (on the CPU; GPU kernels may not be
-bitwise deterministic).
+at any point and resumed with resume=<run_id> continues in the same MLflow run, at the next epoch
+(a run killed before its first checkpoint starts again from its initialisation, with its own
+config: an epoch's metrics are logged after its checkpoint, so it has logged none), and ends with
+the metrics an uninterrupted run would have (on the CPU; GPU kernels may not be bitwise
+deterministic).
 
 Distributed: under `torchrun`, each rank trains on its DistributedSampler shard (DDP), validation
 and the probe run on disjoint shards whose sums are all-reduced, and only rank 0 talks to MLflow.
