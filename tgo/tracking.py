@@ -606,7 +606,8 @@ def load_checkpoint(path: str | Path, what: str = "") -> dict:
             f"and tgo will not unpickle it (that could run code planted in it). {untouched}"
         ) from None
     except Exception as err:  # noqa: BLE001 - torch's reader fails in many ways (RuntimeError, EOFError, KeyError) on a damaged file
-        raise ArtifactError(f"{what} is damaged (truncated or corrupt: {short_error(err)}). {untouched}") from None
+        reason = short_error(err).split(". ")[0]  # torch's first sentence; the rest is advice about saving
+        raise ArtifactError(f"{what} is damaged (truncated or corrupt: {reason}). {untouched}") from None
     if not isinstance(ckpt, dict):
         raise ArtifactError(f"{what} is not a tgo checkpoint: it holds a {type(ckpt).__name__}, not a dict. {untouched}")
     return ckpt
