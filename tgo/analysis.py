@@ -205,7 +205,8 @@ def analyze(
         sites: "<site>/<view>" pairs for the spectra and covariance figures (default: final/cls
             and the middle block's patch view).
         device: for a re-probe.
-        output_dir: where to write (default: a temporary folder).
+        output_dir: where to keep the files (default: none: a temporary folder, removed once they are
+            logged or when this fails; with log=False kept, less its downloads, as the only copy).
         log: log everything as an analysis run, a child of the training run.
         figures: draw the figures (False: tables, statistics and verdicts only, much faster).
         figure_format: png, pdf or svg (for papers: pdf or svg).
@@ -388,7 +389,7 @@ def _log(result: Analysis, run, out: OutputFolder) -> str:
     """An analysis run, child of the training run, holding every file; tags link both ways."""
     tags = {Tag.KIND: "analysis", Tag.ANALYZED_RUN: result.run_id, Tag.VERSION: tgo.__version__, Tag.SOURCE: result.source}
     analysis_id = tracking.open_child_run(result.run_id, f"analysis of {run.info.run_name or result.run_id[:8]}", tags)
-    with outputs.failing_run(analysis_id, "analysis", f"tgo analyze {result.run_id}", result.run_id):
+    with outputs.failing_run(analysis_id, "analysis", f"tgo analyze {result.run_id}", f"training run {result.run_id} and its artifacts"):
         out.log(analysis_id, files=("findings.json",))
         tracking.log_metrics(analysis_id, {finding_key(f.number): f.score for f in result.findings}, step=int(result.geometry.epoch.max()))
     tracking.finish(analysis_id)

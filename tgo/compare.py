@@ -691,7 +691,8 @@ def compare(
 
     Args:
         run_a, run_b: a training run, or a sweep parent (tag tgo.seed_runs: its seed runs).
-        output_dir: where to write (default: a temporary folder).
+        output_dir: where to keep the files (default: none: a temporary folder, removed once they are
+            logged or when this fails; with log=False kept, less its downloads, as the only copy).
         log: log everything as a comparison run that links both (the child of neither: under
             `mlflow run`, the launcher run; else a new run in run_a's experiment), and tag both
             compared runs with `tgo.comparison_run`.
@@ -862,7 +863,8 @@ def _log(c: Comparison, sides: tuple[_Side, _Side], out: OutputFolder) -> str:
         "mlflow.note.content": note,
     }
     run_id = tracking.open_linked_run(c.run_a, f"compare {a.label} vs {b.label}"[:250], tags)
-    with failing_run(run_id, "comparison", f"tgo compare {c.run_a} {c.run_b}", f"runs {c.run_a} and {c.run_b}"):
+    compared = f"runs {c.run_a} and {c.run_b} and their artifacts" if c.run_a != c.run_b else f"run {c.run_a} and its artifacts"
+    with failing_run(run_id, "comparison", f"tgo compare {c.run_a} {c.run_b}", compared):
         out.log(run_id, files=("comparison.json",))
         last = c.differences[c.differences.epoch == c.last_epoch]
         metrics: dict[str, float] = {

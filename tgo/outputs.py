@@ -195,12 +195,12 @@ class OutputFolder:
 
 
 @contextlib.contextmanager
-def failing_run(run_id: str, kind: str, command: str, read: str) -> Iterator[None]:
+def failing_run(run_id: str, kind: str, command: str, unchanged: str) -> Iterator[None]:
     """While an analysis or a comparison logs its files into the run it opened: an error ends that
     run FAILED (KILLED for Ctrl-C) with the reason in tgo.error, never left RUNNING, and a full
-    artifact store becomes one DiskFullError that names the store, says that the runs read (`read`)
-    are unchanged, and gives the `command` to run again. Where the store cannot even mark the run,
-    the message says so instead of claiming it."""
+    artifact store becomes one DiskFullError that names the store, says that the runs read
+    (`unchanged`: "training run ... and its artifacts") are unchanged, and gives the `command` to
+    run again. Where the store cannot even mark the run, the message says so instead of claiming it."""
     try:
         yield
     except BaseException as err:
@@ -211,7 +211,7 @@ def failing_run(run_id: str, kind: str, command: str, read: str) -> Iterator[Non
             else f"{kind} run {run_id} failed while logging its files ({short_error(err)})"
         )
         try:
-            reason = f"{what}; {read} and its artifacts are unchanged."
+            reason = f"{what}; {unchanged} are unchanged."
             tracking.finish(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", error=reason)
             state = f"that run is marked FAILED (tgo.error) with part of its files; delete it (mlflow runs delete --run-id {run_id})"
         except Exception as second:  # noqa: BLE001 - the store refuses this write too: say so, keep the first error
@@ -219,6 +219,6 @@ def failing_run(run_id: str, kind: str, command: str, read: str) -> Iterator[Non
         if full is None:
             raise
         raise DiskFullError(
-            f"{what}: {state}; {read} and its artifacts are unchanged. Free space in the artifact store, then run `{command}` again.",
+            f"{what}: {state}; {unchanged} are unchanged. Free space in the artifact store, then run `{command}` again.",
             where=full.where,
         ) from None
