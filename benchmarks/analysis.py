@@ -63,32 +63,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=100)
     args = parser.parse_args()
-    workdir = tempfile.mkdtemp(prefix="tgo-bench-analysis-")
-    uri = f"sqlite:///{workdir}/mlflow.db"
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    mlflow.set_tracking_uri(uri)
+    with tempfile.TemporaryDirectory(prefix="tgo-bench-analysis-") as workdir:  # removed afterwards, also after a failure
+        uri = f"sqlite:///{workdir}/mlflow.db"
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        mlflow.set_tracking_uri(uri)
 
-    from tgo import analysis, runs
+        from tgo import analysis, runs
 
-    print(f"# {args.epochs + 1} epochs x {len(SITES)} sites x 3 views ({len(SITES) * 3 - 1} site/views), local sqlite store")
-    for with_spectra in (True, False):
-        run_id = synthetic_run(args.epochs, with_spectra, workdir)
-        run = MlflowClient().get_run(run_id)
-        start = time.perf_counter()
-        if with_spectra:
-            runs.spectra_files(run_id, __import__("pathlib").Path(workdir) / f"read-{run_id}")
-        else:
-            runs.table_from_metrics(run_id, [k for k in run.data.metrics if k.startswith("geom/")])
-        runs.scalar_table(run_id, ["val/acc1"])
-        read = time.perf_counter() - start
-        start = time.perf_counter()
-        result = analysis.analyze(run_id, output_dir=os.path.join(workdir, f"out-{run_id}"), log=True)
-        total = time.perf_counter() - start
-        kind = "spectra" if with_spectra else "metrics"
-        print(f"# {kind}: {len(result.geometry)} values, {len(result.figures)} figures; reading {read:.1f} s of {total:.1f} s")
-        print(f"analysis_wall_s_{kind}: {total:.1f}")
-        print(f"analysis_read_share_{kind}: {read / total:.3f}")
+        print(f"# {args.epochs + 1} epochs x {len(SITES)} sites x 3 views ({len(SITES) * 3 - 1} site/views), local sqlite store")
+        for with_spectra in (True, False):
+            run_id = synthetic_run(args.epochs, with_spectra, workdir)
+            run = MlflowClient().get_run(run_id)
+            start = time.perf_counter()
+            if with_spectra:
+                runs.spectra_files(run_id, __import__("pathlib").Path(workdir) / f"read-{run_id}")
+            else:
+                runs.table_from_metrics(run_id, [k for k in run.data.metrics if k.startswith("geom/")])
+            runs.scalar_table(run_id, ["val/acc1"])
+            read = time.perf_counter() - start
+            start = time.perf_counter()
+            result = analysis.analyze(run_id, output_dir=os.path.join(workdir, f"out-{run_id}"), log=True)
+            total = time.perf_counter() - start
+            kind = "spectra" if with_spectra else "metrics"
+            print(f"# {kind}: {len(result.geometry)} values, {len(result.figures)} figures; reading {read:.1f} s of {total:.1f} s")
+            print(f"analysis_wall_s_{kind}: {total:.1f}")
+            print(f"analysis_read_share_{kind}: {read / total:.3f}")
 
 
 if __name__ == "__main__":

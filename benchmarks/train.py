@@ -148,11 +148,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the bare loop and tgo")
     parser.add_argument("--skip-demo", action="store_true")
     args = parser.parse_args()
+    here = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="tgo-bench-") as workdir:  # its store and runs (1.4 GB), removed afterwards
+        os.chdir(workdir)
+        try:
+            _measure(args, workdir)
+        finally:
+            os.chdir(here)  # out of the folder before it is removed
 
+
+def _measure(args: argparse.Namespace, workdir: str) -> None:
+    """`main`'s measurements, with the tracking store in `workdir`."""
     from tgo.config import resolve
 
-    workdir = tempfile.mkdtemp(prefix="tgo-bench-")
-    os.chdir(workdir)
     uri = f"sqlite:///{workdir}/mlflow.db"
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)

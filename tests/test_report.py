@@ -2,6 +2,7 @@
 output folder (figures, tables and report in their subfolders, logged to a run, a temporary one
 removed once used)."""
 
+import os
 import tempfile
 
 import pandas as pd
@@ -56,7 +57,7 @@ def test_one_document_renders_every_block_in_both_formats(tmp_path):
 def test_the_output_folder_lays_out_logs_and_cleans_up(store, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    with OutputFolder(None, prefix="tgo-test-", figure_format="svg", keep=False) as out:
+    with OutputFolder(None, prefix="tgo-test-", figure_format="svg") as out:
         assert out.root.parent == tmp_path / "tmp" and out.root.name.startswith("tgo-test-")
         figure = out.figure(_figure(), "epochs_effective_rank")
         assert figure == out.root / "figures" / "epochs_effective_rank.svg" and figure.read_text().lstrip().startswith(("<?xml", "<svg"))
@@ -71,9 +72,13 @@ def test_the_output_folder_lays_out_logs_and_cleans_up(store, tmp_path, monkeypa
                                                                for a in client.list_artifacts(run_id, sub)}
     assert {"figures/epochs_effective_rank.svg", "tables/trends.csv", "report/report.md", "report/report.html", "summary.json"} <= names
 
-    with OutputFolder(None, prefix="tgo-test-") as kept:  # kept by default: a result points into it
-        pass
-    assert kept.root.is_dir()
+    with OutputFolder(None, prefix="tgo-test-", keep=True) as kept:  # kept when asked (nothing logged), less its downloads
+        kept.download.mkdir()
+        kept.file("summary.json", "{}")
+    assert kept.root.is_dir() and os.listdir(kept.root) == ["summary.json"]
+    with pytest.raises(RuntimeError), OutputFolder(None, prefix="tgo-test-", keep=True) as failed:  # a failure removes it
+        raise RuntimeError("the command failed")
+    assert not failed.root.exists()
     with OutputFolder(tmp_path / "mine", prefix="tgo-test-", keep=False) as given:  # a folder given is never removed
         pass
     assert given.root == tmp_path / "mine" and given.root.is_dir()

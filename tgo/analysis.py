@@ -34,8 +34,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 import tgo
-from tgo import findings, plots, representations, runs, tgo2, tracking
-from tgo.errors import AnalysisError
+from tgo import findings, outputs, plots, representations, runs, tgo2, tracking
+from tgo.errors import AnalysisError, is_disk_full
 from tgo.findings import Finding
 from tgo.keys import HEAD_VIEW, Tag, finding_key, head_name, site_order
 from tgo.outputs import OutputFolder, Written
@@ -205,7 +205,8 @@ def analyze(
         sites: "<site>/<view>" pairs for the spectra and covariance figures (default: final/cls
             and the middle block's patch view).
         device: for a re-probe.
-        output_dir: where to write (default: a temporary folder).
+        output_dir: where to keep the files (default: none: a temporary folder, removed once they are
+            logged or when this fails; with log=False kept, less its downloads, as the only copy).
         log: log everything as an analysis run, a child of the training run.
         figures: draw the figures (False: tables, statistics and verdicts only, much faster).
         figure_format: png, pdf or svg (for papers: pdf or svg).
@@ -214,90 +215,95 @@ def analyze(
     resolve_device(device)  # checked before any work: torch would fail deep inside a re-probe
     tracking.check_tracking()
     run = tracking.get_run(run_id)
-    out = OutputFolder(output_dir, prefix="tgo-analysis-", figure_format=figure_format)
-    download = out.root / "download"
-    notes: list[str] = []
-    if run.info.status == "RUNNING":
-        notes.append(f"Run {run_id} is still running: this analyses the epochs logged so far.")
-    elif run.info.status != "FINISHED":
-        notes.append(f"Run {run_id} ended as {run.info.status}: this analyses the epochs it logged.")
-    chosen: list[tuple[str, str]] | None = None
-    if sites:
-        parts = [s.split("/") for s in sites]
-        if any(len(p) != 2 for p in parts):
-            raise AnalysisError(f"sites: expected <site>/<view> pairs such as final/cls, got {list(sites)}.")
-        chosen = [(site, view) for site, view in parts]
+    runs.check_active(run, AnalysisError)
+    # a temporary folder goes once logged, or when this fails; kept (less its downloads) when nothing is logged
+    with OutputFolder(output_dir, prefix="tgo-analysis-", figure_format=figure_format, keep=not log) as out:
+        download = out.download
+        notes: list[str] = []
+        if run.info.status == "RUNNING":
+            notes.append(f"Run {run_id} is still running: this analyses the epochs logged so far.")
+        elif run.info.status != "FINISHED":
+            notes.append(f"Run {run_id} ended as {run.info.status}: this analyses the epochs it logged.")
+        chosen: list[tuple[str, str]] | None = None
+        if sites:
+            parts = [s.split("/") for s in sites]
+            if any(len(p) != 2 for p in parts):
+                raise AnalysisError(f"sites: expected <site>/<view> pairs such as final/cls, got {list(sites)}.")
+            chosen = [(site, view) for site, view in parts]
 
-    spectra: dict[int, ProbeResult] = {}
-    covariances: dict[int, ProbeResult] = {}
-    if probe_size or data_dir:
-        spectra, size = reprobe(run_id, download, probe_size, data_dir, probe_seed, device, None, keep_covariance=chosen or [HEAD_VIEW])
-        covariances = spectra
-        geometry, source = runs.geometry_table(spectra), f"re-probe of the saved weights on {size} validation images"
-    else:
-        geometry, source, spectra = runs.read_geometry(run, download)
-    if geometry.empty:
-        raise AnalysisError(f"run {run_id} has no epochs of geometry yet.")
-    all_sites = site_order(geometry.site)
-    chosen = chosen or _default_sites(set(zip(geometry.site, geometry.view)))
-    unknown = [f"{s}/{v}" for s, v in chosen if not ((geometry.site == s) & (geometry.view == v)).any()]
-    if unknown:
-        raise AnalysisError(f"sites: {unknown} were not measured; measured sites are {all_sites} with views cls, patch, mean.")
-    scalars = runs.scalar_table(run_id, runs.SCALARS)
-    replicates, head = runs.replicates_of(spectra), runs.head_of(spectra)
-    if not replicates:
-        notes.append(
-            "This run has no standard errors (logged before tgo measured them, or probe_folds=1): findings "
-            "1-4 are judged by the trend test alone and finding 5 is left inconclusive. Re-probe its saved "
-            "weights (probe_size) to get them."
+        spectra: dict[int, ProbeResult] = {}
+        covariances: dict[int, ProbeResult] = {}
+        if probe_size or data_dir:
+            spectra, size = reprobe(run_id, download, probe_size, data_dir, probe_seed, device, None, keep_covariance=chosen or [HEAD_VIEW])
+            covariances = spectra
+            geometry, source = runs.geometry_table(spectra), f"re-probe of the saved weights on {size} validation images"
+        else:
+            geometry, source, spectra = runs.read_geometry(run, download)
+        if geometry.empty:
+            raise AnalysisError(f"run {run_id} has no epochs of geometry yet.")
+        all_sites = site_order(geometry.site)
+        chosen = chosen or _default_sites(set(zip(geometry.site, geometry.view)))
+        unknown = [f"{s}/{v}" for s, v in chosen if not ((geometry.site == s) & (geometry.view == v)).any()]
+        if unknown:
+            raise AnalysisError(f"sites: {unknown} were not measured; measured sites are {all_sites} with views cls, patch, mean.")
+        scalars = runs.scalar_table(run_id, runs.SCALARS)
+        replicates, head = runs.replicates_of(spectra), runs.head_of(spectra)
+        if not replicates:
+            notes.append(
+                "This run has no standard errors (logged before tgo measured them, or probe_folds=1): findings "
+                "1-4 are judged by the trend test alone and finding 5 is left inconclusive. Re-probe its saved "
+                "weights (probe_size) to get them."
+            )
+        trends = findings.trend_table(geometry, replicates)
+        wide = findings.everywhere(trends)
+        result = Analysis(
+            run_id,
+            geometry,
+            scalars,
+            trends,
+            findings.judge(geometry, replicates, head, trends=trends, wide=wide),
+            source,
+            notes=notes,
+            output_dir=out.root,
+            everywhere=wide,
+            head=head,
         )
-    trends = findings.trend_table(geometry, replicates)
-    wide = findings.everywhere(trends)
-    result = Analysis(
-        run_id,
-        geometry,
-        scalars,
-        trends,
-        findings.judge(geometry, replicates, head, trends=trends, wide=wide),
-        source,
-        notes=notes,
-        output_dir=out.root,
-        everywhere=wide,
-        head=head,
-    )
 
-    # TGO-II (findings 6-8): the kept features, token interaction and weight spectra
-    study = tgo2.judge(representations.read_kept(run_id, download / "features"), spectra, runs.weight_table(run), head)
-    result.findings += study.findings
-    result.notes += study.notes
-    result.tgo2 = study.tables
+        # TGO-II (findings 6-8): the kept features, token interaction and weight spectra
+        study = tgo2.judge(representations.read_kept(run_id, download / "features"), spectra, runs.weight_table(run), head)
+        result.findings += study.findings
+        result.notes += study.notes
+        result.tgo2 = study.tables
 
-    # covariance structure at the first and last epoch: a re-probe of those weights (cheap) unless done
-    epochs = sorted(geometry.epoch.unique())
-    if figures and not covariances and len(epochs) >= 1:
-        try:
-            covariances, _ = reprobe(run_id, download, 0, "", None, device, [epochs[0], epochs[-1]], keep_covariance=chosen)
-        except Exception as err:  # noqa: BLE001 - the figure is optional; say why it is missing
-            notes.append(f"Covariance figures skipped: {err}")
+        # covariance structure at the first and last epoch: a re-probe of those weights (cheap) unless done
+        epochs = sorted(geometry.epoch.unique())
+        if figures and not covariances and len(epochs) >= 1:
+            try:
+                covariances, _ = reprobe(run_id, download, 0, "", None, device, [epochs[0], epochs[-1]], keep_covariance=chosen)
+            except Exception as err:  # noqa: BLE001 - the figure is optional; say why it is missing
+                if is_disk_full(err):  # but a full disk is the folder's, and stops the analysis (OutputFolder)
+                    raise
+                notes.append(f"Covariance figures skipped: {err}")
 
-    _write_tables(result, out)
+        _write_tables(result, out)
 
-    # ---- figures (views without variance, such as pos_embed/cls, would only flatten the axes) ----
-    rank = geometry[geometry.observable == "effective_rank"].groupby(["site", "view"]).value.max()
-    flat = [f"{s}/{v}" for (s, v), value in rank.items() if value == 0]
-    shown = geometry[~(geometry.site + "/" + geometry.view).isin(flat)]
-    if flat:
-        notes.append(f"Left out of the figures (no variance at any epoch): {', '.join(flat)}.")
-    label = run.info.run_name or run_id[:8]
-    groups = _tgo1_figures(shown, spectra, covariances, chosen, label, int(epochs[-1]), out) if figures else {}
-    tgo2_groups = _tgo2_figures(study, label, out) if figures else {}
-    result.figures = [p for paths in (*groups.values(), *tgo2_groups.values()) for p in paths]
-    doc = _document(result, f"Geometry of run {label} ({run_id})", groups, tgo2_groups)
-    result.report_html, result.report_md = doc.write(out.root)
-    out.file("findings.json", json.dumps([f.__dict__ for f in result.findings], indent=2, default=float))
+        # ---- figures (views without variance, such as pos_embed/cls, would only flatten the axes) ----
+        rank = geometry[geometry.observable == "effective_rank"].groupby(["site", "view"]).value.max()
+        flat = [f"{s}/{v}" for (s, v), value in rank.items() if value == 0]
+        shown = geometry[~(geometry.site + "/" + geometry.view).isin(flat)]
+        if flat:
+            notes.append(f"Left out of the figures (no variance at any epoch): {', '.join(flat)}.")
+        label = run.info.run_name or run_id[:8]
+        groups = _tgo1_figures(shown, spectra, covariances, chosen, label, int(epochs[-1]), out) if figures else {}
+        tgo2_groups = _tgo2_figures(study, label, out) if figures else {}
+        result.figures = [p for paths in (*groups.values(), *tgo2_groups.values()) for p in paths]
+        doc = _document(result, f"Geometry of run {label} ({run_id})", groups, tgo2_groups)
+        result.report_html, result.report_md = doc.write(out.root)
+        out.file("findings.json", json.dumps([f.__dict__ for f in result.findings], indent=2, default=float))
 
-    if log:
-        result.analysis_run_id = _log(result, run, out)
+        if log:
+            result.analysis_run_id = _log(result, run, out)
+        out.as_logged(result)
     return result
 
 
@@ -383,8 +389,9 @@ def _log(result: Analysis, run, out: OutputFolder) -> str:
     """An analysis run, child of the training run, holding every file; tags link both ways."""
     tags = {Tag.KIND: "analysis", Tag.ANALYZED_RUN: result.run_id, Tag.VERSION: tgo.__version__, Tag.SOURCE: result.source}
     analysis_id = tracking.open_child_run(result.run_id, f"analysis of {run.info.run_name or result.run_id[:8]}", tags)
-    out.log(analysis_id, files=("findings.json",))
-    tracking.log_metrics(analysis_id, {finding_key(f.number): f.score for f in result.findings}, step=int(result.geometry.epoch.max()))
+    with outputs.failing_run(analysis_id, "analysis", f"tgo analyze {result.run_id}", f"training run {result.run_id} and its artifacts"):
+        out.log(analysis_id, files=("findings.json",))
+        tracking.log_metrics(analysis_id, {finding_key(f.number): f.score for f in result.findings}, step=int(result.geometry.epoch.max()))
     tracking.finish(analysis_id)
     tracking.set_tags(result.run_id, {Tag.ANALYSIS_RUN: analysis_id})
     return analysis_id

@@ -82,7 +82,8 @@ def _analyze_parser(sub) -> None:
         help="comma-separated <site>/<view> pairs for the spectra and covariance figures; empty: final/cls and the middle block's patch view",
     )
     p.add_argument("--device", default="auto", help="device of a re-probe")
-    p.add_argument("--output_dir", default="", help="also keep the files here (default: a temporary folder)")
+    p.add_argument("--output_dir", default="", help="also keep the files here (default: none kept; they are the analysis run's artifacts)")
+    p.add_argument("--no-figures", dest="figures", action="store_false", help="tables, statistics, verdicts and report only (faster)")
     p.add_argument("--figure_format", default="png", help="figure files: png, pdf or svg")
 
 
@@ -148,7 +149,11 @@ def _compare_parser(sub) -> None:
     )
     p.add_argument("run_a", help=COMPARE_HELP["run_a"])
     p.add_argument("run_b", help=COMPARE_HELP["run_b"])
-    p.add_argument("--output_dir", default="", help="also keep the files here (default: a temporary folder)")
+    p.add_argument(
+        "--output_dir",
+        default="",
+        help="also keep the files here (default: none kept, they are the comparison run's artifacts; with --no-log a temporary folder)",
+    )
     p.add_argument("--no-log", dest="log", action="store_false", help="write the files only; log no comparison run")
     p.add_argument("--no-figures", dest="figures", action="store_false", help="tables, tests and report only (faster)")
     p.add_argument("--figure_format", default="png", help=COMPARE_HELP["figure_format"])
@@ -280,6 +285,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         sites=[s.strip() for s in args.sites.split(",") if s.strip()] or None,
         device=args.device,
         output_dir=args.output_dir or None,
+        figures=args.figures,
         figure_format=args.figure_format,
     )
     for note in result.notes:
@@ -288,7 +294,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     for f in result.findings:
         print(f"  finding {f.number}: {f.verdict.upper():<17} {f.claim}")
         print(f"      {f.evidence}")
-    print(f"tgo: report {result.report_html}; analysis run {result.analysis_run_id}")
+    print(f"tgo: report {_where(result.report_html, result.output_dir, 'analysis', result.analysis_run_id)}")
     return 0
 
 
@@ -391,11 +397,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
             f"tgo: CKA between the runs at epoch {int(last.epoch.iloc[0])}: "
             + ", ".join(f"{r.site}/{r.view} {r.cka:.3f}" for r in last.itertuples())
         )
-    print(
-        f"tgo: report {result.report_html}"
-        + (f"; comparison run {result.comparison_run_id}" if result.comparison_run_id else " (not logged)")
-    )
+    print(f"tgo: report {_where(result.report_html, result.output_dir, 'comparison', result.comparison_run_id)}")
     return 0
+
+
+def _where(report, folder, kind: str, run_id: str) -> str:
+    """Where the report is: the folder kept (--output_dir, or a temporary one when nothing was
+    logged), or else only the artifact of the run it was logged to (the temporary folder is gone)."""
+    if folder is None:
+        return f"{report} in {kind} run {run_id} (its artifacts; --output_dir DIR also keeps the files)"
+    return f"{report}; {kind} run {run_id}" if run_id else f"{report} (not logged)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,7 +81,7 @@ from tgo import plots, runs, tracking, uncertainty
 from tgo.errors import AnalysisError, CompareError
 from tgo.findings import ALPHA, Replicates, benjamini_hochberg
 from tgo.keys import HEAD_VIEW, TOKEN_OBSERVABLE, TOKEN_VIEW, Tag, compare_key, cross_cka_key, site_order
-from tgo.outputs import OutputFolder, Written
+from tgo.outputs import OutputFolder, Written, failing_run
 from tgo.report import Document
 from tgo.spectral import OBSERVABLE_NAMES
 
@@ -464,6 +464,8 @@ class _RunInfo(Protocol):
     def status(self) -> str: ...
     @property
     def experiment_id(self) -> str: ...
+    @property
+    def lifecycle_stage(self) -> str: ...
 
 
 class _RunData(Protocol):
@@ -497,21 +499,23 @@ def _resolve(run_id: str, which: str) -> _Side:
         run = tracking.get_run(run_id)
     except tracking.TrackingError as err:
         raise CompareError(f"{which}: {err}") from None
+    runs.check_active(run, CompareError, f"{which}: ")
     tags = run.data.tags
     kind = tags.get(Tag.KIND, "")
     name = run.info.run_name or run_id[:8]
     if tags.get(Tag.SEED_RUNS):
         ids = [i for i in tags[Tag.SEED_RUNS].split(",") if i]
-        runs = []
+        members = []
         for seed_run in ids:
             try:
-                runs.append(tracking.get_run(seed_run))
+                members.append(tracking.get_run(seed_run))
             except tracking.TrackingError:
                 raise CompareError(
                     f"{which}: sweep parent {run_id} lists seed run {seed_run}, which is not in the tracking "
                     f"store {tracking.store_name()} (deleted?)."
                 ) from None
-        return _Side(run_id, run, runs, f"{name} ({len(runs)} seeds)")
+            runs.check_active(members[-1], CompareError, f"{which}: a seed run of sweep parent {run_id}: ")
+        return _Side(run_id, run, members, f"{name} ({len(members)} seeds)")
     if kind == "sweep":
         raise CompareError(
             f"{which}: run {run_id} is a sweep parent whose seeds have not all finished (it has no tag "
@@ -687,7 +691,8 @@ def compare(
 
     Args:
         run_a, run_b: a training run, or a sweep parent (tag tgo.seed_runs: its seed runs).
-        output_dir: where to write (default: a temporary folder).
+        output_dir: where to keep the files (default: none: a temporary folder, removed once they are
+            logged or when this fails; with log=False kept, less its downloads, as the only copy).
         log: log everything as a comparison run that links both (the child of neither: under
             `mlflow run`, the launcher run; else a new run in run_a's experiment), and tag both
             compared runs with `tgo.comparison_run`.
@@ -697,104 +702,106 @@ def compare(
     plots.check_format(figure_format)
     tracking.check_tracking()
     side_a, side_b = _resolve(run_a, "run_a"), _resolve(run_b, "run_b")
-    out = OutputFolder(output_dir, prefix="tgo-compare-", figure_format=figure_format)
-    download = out.root / "download"
-    _read_side(side_a, "run_a", download)
-    _read_side(side_b, "run_b", download)
-    epochs = matched_epochs(side_a.tables, side_b.tables)
-    if not epochs:
-        ea = sorted(set().union(*(set(t.epoch.unique()) for t in side_a.tables)))
-        eb = sorted(set().union(*(set(t.epoch.unique()) for t in side_b.tables)))
-        raise CompareError(
-            f"the runs share no probed epoch (run_a probed {ea}, run_b {eb}); compare runs probed at common epochs (probe_every)."
+    # a temporary folder goes once logged, or when this fails; kept (less its downloads) when nothing is logged
+    with OutputFolder(output_dir, prefix="tgo-compare-", figure_format=figure_format, keep=not log) as out:
+        download = out.download
+        _read_side(side_a, "run_a", download)
+        _read_side(side_b, "run_b", download)
+        epochs = matched_epochs(side_a.tables, side_b.tables)
+        if not epochs:
+            ea = sorted(set().union(*(set(t.epoch.unique()) for t in side_a.tables)))
+            eb = sorted(set().union(*(set(t.epoch.unique()) for t in side_b.tables)))
+            raise CompareError(
+                f"the runs share no probed epoch (run_a probed {ea}, run_b {eb}); compare runs probed at common epochs (probe_every)."
+            )
+        notes: list[str] = []
+        for side, which in ((side_a, "A"), (side_b, "B")):
+            for run in side.runs:
+                if run.info.status != "FINISHED":
+                    notes.append(f"Run {which} {run.info.run_id} is {run.info.status}: this compares the epochs it logged.")
+        if side_a.given == side_b.given:
+            notes.append("Run A and run B are the same run: every difference is 0 and every CKA 1.")
+
+        first_a, first_b = side_a.runs[0], side_b.runs[0]
+        if len(side_a.runs) == 1 and len(side_b.runs) == 1:
+            method = "jackknife"
+            identity_a, identity_b = _probe_identity(first_a, download), _probe_identity(first_b, download)
+            paired = bool(identity_a[0]) and identity_a == identity_b
+            diffs = run_differences(
+                side_a.tables[0], side_b.tables[0], side_a.replicates[0], side_b.replicates[0], paired=paired, epochs=epochs
+            )
+            notes.append(SCOPE_NOTE)
+            if not paired:
+                notes.append(
+                    "The runs were not probed on the same images in the same folds (tgo.probe_fingerprint, probe_seed or "
+                    "probe_folds differ): their standard errors combine as independent, sqrt(se_a^2 + se_b^2)."
+                )
+            if diffs.p.isna().all():
+                notes.append(
+                    "Neither run has jackknife replicates (probe_folds=1, or logged before tgo measured them): "
+                    "differences are reported without tests."
+                )
+        else:
+            method = "across runs"
+            diffs = seed_differences(side_a.tables, side_b.tables, epochs=epochs)
+            if min(len(side_a.runs), len(side_b.runs)) == 1:
+                notes.append("One side is a single run: it is tested as one more draw from the other side's runs.")
+        # ---- CKA (and, one run per side, intrinsic dimension) between the runs: the first seed run of each side ----
+        cka = pd.DataFrame(columns=["epoch", "site", "view", "cka", "se", "folds", "n_images"])
+        if not _same_images(first_a, first_b):
+            notes.append("The runs were probed on different images (tgo.probe_fingerprint differs or is missing): no CKA between them.")
+        else:
+            from tgo.representations import read_kept
+
+            kept_a = read_kept(first_a.info.run_id, download / "features")
+            kept_b = kept_a if first_b.info.run_id == first_a.info.run_id else read_kept(first_b.info.run_id, download / "features")
+            cka, cka_notes = cross_cka(kept_a, kept_b)
+            notes += cka_notes
+            if method != "jackknife" and len(cka):
+                notes.append(
+                    f"CKA between the runs: between the first seed run of each side ({first_a.info.run_id} and "
+                    f"{first_b.info.run_id}), not every pair of seeds."
+                )
+            if method == "jackknife":
+                dims = cross_intrinsic_dimension(kept_a, kept_b)
+                if len(dims):
+                    diffs = pd.concat([diffs, dims[dims.epoch.isin(epochs)]], ignore_index=True)
+        diffs = adjust(diffs)
+        last = epochs[-1]
+        differing = differing_at(diffs, last)
+
+        labels = (f"A: {side_a.label}", f"B: {side_b.label}")
+        summary = pd.concat(
+            [side_summary(side_a.tables, 0, epochs, side_a.replicates), side_summary(side_b.tables, 1, epochs, side_b.replicates)],
+            ignore_index=True,
         )
-    notes: list[str] = []
-    for side, which in ((side_a, "A"), (side_b, "B")):
-        for run in side.runs:
-            if run.info.status != "FINISHED":
-                notes.append(f"Run {which} {run.info.run_id} is {run.info.status}: this compares the epochs it logged.")
-    if side_a.given == side_b.given:
-        notes.append("Run A and run B are the same run: every difference is 0 and every CKA 1.")
-
-    first_a, first_b = side_a.runs[0], side_b.runs[0]
-    if len(side_a.runs) == 1 and len(side_b.runs) == 1:
-        method = "jackknife"
-        identity_a, identity_b = _probe_identity(first_a, download), _probe_identity(first_b, download)
-        paired = bool(identity_a[0]) and identity_a == identity_b
-        diffs = run_differences(
-            side_a.tables[0], side_b.tables[0], side_a.replicates[0], side_b.replicates[0], paired=paired, epochs=epochs
+        result = Comparison(
+            run_a,
+            run_b,
+            [r.info.run_id for r in side_a.runs],
+            [r.info.run_id for r in side_b.runs],
+            method,
+            epochs,
+            diffs,
+            differing,
+            cka,
+            summary,
+            labels,
+            side_a.head,
+            notes=notes,
+            output_dir=out.root,
         )
-        notes.append(SCOPE_NOTE)
-        if not paired:
-            notes.append(
-                "The runs were not probed on the same images in the same folds (tgo.probe_fingerprint, probe_seed or "
-                "probe_folds differ): their standard errors combine as independent, sqrt(se_a^2 + se_b^2)."
-            )
-        if diffs.p.isna().all():
-            notes.append(
-                "Neither run has jackknife replicates (probe_folds=1, or logged before tgo measured them): "
-                "differences are reported without tests."
-            )
-    else:
-        method = "across runs"
-        diffs = seed_differences(side_a.tables, side_b.tables, epochs=epochs)
-        if min(len(side_a.runs), len(side_b.runs)) == 1:
-            notes.append("One side is a single run: it is tested as one more draw from the other side's runs.")
-    # ---- CKA (and, one run per side, intrinsic dimension) between the runs: the first seed run of each side ----
-    cka = pd.DataFrame(columns=["epoch", "site", "view", "cka", "se", "folds", "n_images"])
-    if not _same_images(first_a, first_b):
-        notes.append("The runs were probed on different images (tgo.probe_fingerprint differs or is missing): no CKA between them.")
-    else:
-        from tgo.representations import read_kept
 
-        kept_a = read_kept(first_a.info.run_id, download / "features")
-        kept_b = kept_a if first_b.info.run_id == first_a.info.run_id else read_kept(first_b.info.run_id, download / "features")
-        cka, cka_notes = cross_cka(kept_a, kept_b)
-        notes += cka_notes
-        if method != "jackknife" and len(cka):
-            notes.append(
-                f"CKA between the runs: between the first seed run of each side ({first_a.info.run_id} and "
-                f"{first_b.info.run_id}), not every pair of seeds."
-            )
-        if method == "jackknife":
-            dims = cross_intrinsic_dimension(kept_a, kept_b)
-            if len(dims):
-                diffs = pd.concat([diffs, dims[dims.epoch.isin(epochs)]], ignore_index=True)
-    diffs = adjust(diffs)
-    last = epochs[-1]
-    differing = differing_at(diffs, last)
-
-    labels = (f"A: {side_a.label}", f"B: {side_b.label}")
-    summary = pd.concat(
-        [side_summary(side_a.tables, 0, epochs, side_a.replicates), side_summary(side_b.tables, 1, epochs, side_b.replicates)],
-        ignore_index=True,
-    )
-    result = Comparison(
-        run_a,
-        run_b,
-        [r.info.run_id for r in side_a.runs],
-        [r.info.run_id for r in side_b.runs],
-        method,
-        epochs,
-        diffs,
-        differing,
-        cka,
-        summary,
-        labels,
-        side_a.head,
-        notes=notes,
-        output_dir=out.root,
-    )
-
-    out.table(diffs, "differences")
-    out.table(cka, "cka")
-    out.table(summary, "summary")
-    groups = _figures(result, (side_a, side_b), out) if figures else {}
-    result.figures = [p for paths in groups.values() for p in paths]
-    result.report_html, result.report_md = _document(result, (side_a, side_b), groups).write(out.root)
-    out.file("comparison.json", json.dumps(_summary_json(result), indent=2, default=float))
-    if log:
-        result.comparison_run_id = _log(result, (side_a, side_b), out)
+        out.table(diffs, "differences")
+        out.table(cka, "cka")
+        out.table(summary, "summary")
+        groups = _figures(result, (side_a, side_b), out) if figures else {}
+        result.figures = [p for paths in groups.values() for p in paths]
+        result.report_html, result.report_md = _document(result, (side_a, side_b), groups).write(out.root)
+        out.file("comparison.json", json.dumps(_summary_json(result), indent=2, default=float))
+        if log:
+            result.comparison_run_id = _log(result, (side_a, side_b), out)
+        out.as_logged(result)
     return result
 
 
@@ -856,7 +863,8 @@ def _log(c: Comparison, sides: tuple[_Side, _Side], out: OutputFolder) -> str:
         "mlflow.note.content": note,
     }
     run_id = tracking.open_linked_run(c.run_a, f"compare {a.label} vs {b.label}"[:250], tags)
-    try:
+    compared = f"runs {c.run_a} and {c.run_b} and their artifacts" if c.run_a != c.run_b else f"run {c.run_a} and its artifacts"
+    with failing_run(run_id, "comparison", f"tgo compare {c.run_a} {c.run_b}", compared):
         out.log(run_id, files=("comparison.json",))
         last = c.differences[c.differences.epoch == c.last_epoch]
         metrics: dict[str, float] = {
@@ -869,9 +877,6 @@ def _log(c: Comparison, sides: tuple[_Side, _Side], out: OutputFolder) -> str:
         for step in sorted(c.cka.epoch.unique()) if len(c.cka) else []:
             at = c.cka[c.cka.epoch == step]
             tracking.log_metrics(run_id, {cross_cka_key(r.site, r.view): r.cka for r in at.itertuples()}, step=int(step))
-    except BaseException:
-        tracking.finish(run_id, "FAILED")
-        raise
     tracking.finish(run_id)
     for given in dict.fromkeys((c.run_a, c.run_b)):
         tracking.set_tags(given, {Tag.COMPARISON_RUN: run_id})

@@ -12,6 +12,7 @@ message line and that status, in one place). Each message names the problem and 
     +-- AnalysisError (ValueError) a run cannot be analysed as asked
     +-- CompareError (ValueError)  runs cannot be compared as asked
     +-- TrainingError (RuntimeError)   training cannot go on; exit 1 (the run exists and says why)
+    +-- DiskFullError (RuntimeError)   a folder or store tgo writes to is full; exit 1
 
 Each also derives from the builtin error a caller would expect (ValueError for bad input,
 RuntimeError for a failing service), so `except ValueError` keeps working.
@@ -22,6 +23,8 @@ error as one line with its URLs masked.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 
 
@@ -85,6 +88,38 @@ class TrainingError(TgoError, RuntimeError):
     """Training cannot go on (for example a non-finite loss); the last good checkpoint is kept."""
 
     exit_code = 1
+
+
+class DiskFullError(TgoError, RuntimeError):
+    """A folder or store tgo writes to has no space left (ENOSPC, or a quota: EDQUOT). `where` names
+    it (a folder, or a store's masked location); the message says what was kept and what to do.
+    Exit 1: not bad input, and the command may have left a run that says why (FAILED, tgo.error)."""
+
+    exit_code = 1
+
+    def __init__(self, message: str = "", where: str = "", detail: str = "") -> None:
+        super().__init__(message)
+        self.where, self.detail = where, detail  # detail: what had no room ("for artifact ... of run ...")
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether `err`, or an error it was raised from, is a full disk: an OSError with errno ENOSPC or
+    EDQUOT, a DiskFullError, or an error whose message quotes one (MLflow's artifact repositories
+    collect per-file failures into one MlflowException of text, shutil.copytree into a shutil.Error)."""
+    texts = tuple(os.strerror(code) for code in _FULL)
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, DiskFullError) or (isinstance(current, OSError) and current.errno in _FULL):
+            return True
+        if any(text in str(current) for text in texts):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 _PASSWORD = re.compile(r"(://[^/:@]*:)([^@/]*)@")  # scheme://user:PASSWORD@host

@@ -20,13 +20,26 @@ import numpy as np
 import pandas as pd
 
 from tgo import tracking, uncertainty
-from tgo.errors import AnalysisError
+from tgo.errors import AnalysisError, TgoError
 from tgo.keys import HEAD_VIEW, METRIC_PREFIX, TOKEN_OBSERVABLE, parse_metric_key, parse_weight_key
 from tgo.probe import ProbeResult
 
 SCALARS = ("train/loss", "train/acc1", "val/loss", "val/acc1", "val/acc5", "lr", "time/epoch_s", "time/probe_s")
 CONFIG_ARTIFACT = "/".join(tracking.config_artifact())  # the resolved TrainConfig (tgo.tracking.log_config)
 PROBE_SET_ARTIFACT = "probe/probe_set.json"  # probe indices, seed, dataset size and fingerprint
+
+
+def check_active(run, error: type[TgoError] = AnalysisError, prefix: str = "") -> None:
+    """Refuse a deleted run (in MLflow's trash, lifecycle stage "deleted") before anything is made:
+    MLflow still serves its data, but refuses every write that links to it ("must be in the
+    'active' state"), which came only after an analysis or comparison run had been made and finished."""
+    if run.info.lifecycle_stage == "deleted":
+        run_id = run.info.run_id
+        raise error(
+            f"{prefix}run {run_id} is deleted (in the trash of experiment {run.info.experiment_id}); nothing was "
+            f"created. Restore it first (mlflow runs restore --run-id {run_id}, with the same MLFLOW_TRACKING_URI) "
+            "and run the command again, or give another run."
+        )
 
 
 def read_config(run_id: str, folder: str | Path) -> dict:

@@ -293,7 +293,8 @@ def study(
             f"the study stopped: its first {repeated[0]} trials all failed with the same configuration "
             f"error, {repeated[1]} Fix the search space or the parameters."
         )
-    with OutputFolder(None, prefix="tgo-study-", figure_format=figure_format, keep=False) as out:
+    safe = "the trials' runs are unchanged, and the study's parent run may hold part of the summary"
+    with OutputFolder(None, prefix="tgo-study-", figure_format=figure_format, safe=safe) as out:
         return _summarise(s, parent, metrics, space, out)
 
 

@@ -225,7 +225,8 @@ def finding_counts(seed_findings: dict[int, list[findings.Finding]]) -> pd.DataF
 def aggregate_into(parent: str, seed_runs: dict[int, str], figure_format: str = "png") -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read every seed's geometry and scalars, and log their spread into the parent run (its
     downloads, tables and figures in a temporary folder, removed once logged)."""
-    with OutputFolder(None, prefix="tgo-sweep-", figure_format=figure_format, keep=False) as out:
+    safe = "the seed runs are unchanged, and the parent run may hold part of the aggregate"
+    with OutputFolder(None, prefix="tgo-sweep-", figure_format=figure_format, safe=safe) as out:
         return _aggregate(parent, seed_runs, out)
 
 

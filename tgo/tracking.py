@@ -35,7 +35,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import tgo
-from tgo.errors import ArtifactError, StoreWriteError, TrackingError, mask_url, short_error
+from tgo.errors import ArtifactError, DiskFullError, StoreWriteError, TrackingError, is_disk_full, mask_url, short_error
 from tgo.keys import Tag
 from tgo.liveness import grace_period, heartbeat_interval, process_alive, worker_id
 
@@ -80,10 +80,11 @@ def check_tracking() -> str:
             requests.get(uri.rstrip("/") + "/health", timeout=10).raise_for_status()
         except requests.RequestException as err:
             raise TrackingError(
-                f"cannot reach the MLflow tracking server at {uri} ({type(err).__name__}). Start it "
+                f"cannot reach the MLflow tracking server at {mask_url(uri)} ({type(err).__name__}). Start it "
                 "(mlflow server --backend-store-uri ... --host ... --port ...), or unset "
                 "MLFLOW_TRACKING_URI to log to ./mlflow.db."
             ) from None
+        _check_credentials(uri)
     else:
         try:
             with _schema_lock(uri):
@@ -91,6 +92,32 @@ def check_tracking() -> str:
         except Exception as err:  # noqa: BLE001 - any backend failure means we cannot log
             raise TrackingError(f"cannot open the MLflow tracking store {uri}: {err}") from None
     return uri
+
+
+def _check_credentials(uri: str) -> None:
+    """A server with authentication (`mlflow server --app-name basic-auth`) answers /health to anyone
+    and refuses everything else without valid credentials: one authenticated call, so that a wrong
+    or missing MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD is one message naming the server,
+    before any work, instead of an HTTP 401 traceback midway (or, for `get_run`, "no run"). The
+    message never repeats the credentials, nor MLflow's text about them."""
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except MlflowException as err:
+        status = err.get_http_status_code()
+        if status == 401:
+            given = "the credentials given" if os.environ.get("MLFLOW_TRACKING_USERNAME") else "no credentials"
+            raise TrackingError(
+                f"the MLflow tracking server at {mask_url(uri)} refused {given} (HTTP 401: not authenticated); "
+                "nothing was logged. Set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of "
+                "that server (or MLFLOW_TRACKING_TOKEN), and run the command again."
+            ) from None
+        if status == 403:
+            raise TrackingError(
+                f"the MLflow tracking server at {mask_url(uri)} accepted the credentials but refused access "
+                "(HTTP 403: permission denied); nothing was logged. Ask its administrator for permission on "
+                "the experiment, or use another account."
+            ) from None
+        raise TrackingError(f"the MLflow tracking server at {mask_url(uri)} failed a first request: {short_error(err)}") from None
 
 
 @contextlib.contextmanager
@@ -207,8 +234,11 @@ def open_child_run(parent_run_id: str, run_name: str, tags: dict[str, Any]) -> s
     return run_id
 
 
-def finish(run_id: str, status: str = "FINISHED") -> None:
-    """End a run tgo opened with the client; the launcher run is left to `mlflow run`, which closes it."""
+def finish(run_id: str, status: str = "FINISHED", error: str = "") -> None:
+    """End a run tgo opened with the client, with its error (if any) in tgo.error; the launcher run
+    gets the error too, and is left to `mlflow run`, which closes it (FAILED, as tgo exits non-zero)."""
+    if error:
+        MlflowClient().set_tag(run_id, Tag.ERROR, error[:5000])
     if run_id != launcher_run_id():
         MlflowClient().set_terminated(run_id, status)
 
@@ -472,7 +502,10 @@ def artifact_names(run_id: str, folder: str) -> list[str]:
 
 
 def log_folder(run_id: str, folder: str | Path, artifact_path: str | None = None) -> None:
-    MlflowClient().log_artifacts(run_id, str(folder), artifact_path)
+    """Log a folder's files as the run's artifacts under `artifact_path`; DiskFullError when the
+    artifact store is full (`_store_full`)."""
+    with _store_full(run_id):
+        MlflowClient().log_artifacts(run_id, str(folder), artifact_path)
 
 
 def log_json(run_id: str, obj: Any, artifact_path: str, name: str) -> None:
@@ -483,7 +516,24 @@ def log_json(run_id: str, obj: Any, artifact_path: str, name: str) -> None:
 
 
 def log_file(run_id: str, path: str | Path, artifact_path: str | None) -> None:
-    MlflowClient().log_artifact(run_id, str(path), artifact_path)
+    """Log one file as the run's artifact under `artifact_path`; DiskFullError when the artifact
+    store is full (`_store_full`)."""
+    with _store_full(run_id):
+        MlflowClient().log_artifact(run_id, str(path), artifact_path)
+
+
+@contextlib.contextmanager
+def _store_full(run_id: str):
+    """A full disk under the run's artifact store (a local folder's OSError, shutil.copytree's
+    shutil.Error, or a server's answer quoting it) as a DiskFullError whose `where` is the run's
+    artifact location, password masked; other errors pass through."""
+    try:
+        yield
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        where = mask_url(MlflowClient().get_run(run_id).info.artifact_uri)
+        raise DiskFullError(f"no space left in the artifact store {where}", where=where) from None
 
 
 def local_artifact_dir(run_id: str) -> Path | None:
@@ -569,12 +619,30 @@ def weights_epoch(path: str) -> int | None:
 
 def download(run_id: str, artifact: str, dst: str | Path) -> Path:
     """One artifact (a file or a folder) of a run, as a local path; TrackingError when the run lacks
-    it. (MLflow's own progress bars follow MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR, which the command
-    line sets to false unless the user set it: tgo draws its own.)"""
+    it, DiskFullError (`where` = dst) when `dst` has no room for it. (MLflow's own progress bars
+    follow MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR, which the command line sets to false unless the
+    user set it: tgo draws its own.)
+
+    Read through the run's artifact repository itself: `mlflow.artifacts.download_artifacts(run_id=...)`
+    turns every failure, a full disk under `dst` among them, into "Failed to download artifacts
+    from path ..., please ensure that the path is correct", which blamed the run for a full TMPDIR."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
     try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=str(dst)))
+        repo = get_artifact_repository(MlflowClient().get_run(run_id).info.artifact_uri)
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        return Path(repo.download_artifacts(artifact, dst_path=str(dst)))
     except (MlflowException, OSError) as err:
-        raise TrackingError(f"run {run_id} has no artifact {artifact} ({err}).") from None
+        if is_disk_full(err):
+            detail = f"for artifact {artifact} of run {run_id}"
+            raise DiskFullError(f"no space left in {dst} {detail}", where=str(dst), detail=detail) from None
+        if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+            raise TrackingError(f"artifact {artifact} of run {run_id} could not be written to {dst}: {short_error(err)}") from None
+        # MLflow's repositories list each file's failure on a line of its own: the last says why
+        lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.startswith("#####")]
+        raise TrackingError(
+            f"run {run_id} has no artifact {artifact} ({mask_url(lines[-1][:300] if lines else type(err).__name__)})."
+        ) from None
 
 
 def load_checkpoint(path: str | Path, what: str = "") -> dict:
