@@ -33,7 +33,17 @@ import torch
 from tqdm.auto import tqdm
 
 from tgo import tracking
-from tgo.checkpoints import Checkpoint, Series, architecture, find_checkpoints, fit_state_dict, load_weights, saved_args, vit_state_dict
+from tgo.checkpoints import (
+    Checkpoint,
+    Series,
+    WeightsChoice,
+    architecture,
+    find_checkpoints,
+    fit_state_dict,
+    load_weights,
+    saved_args,
+    vit_state_dict,
+)
 from tgo.config import PROBE_FIELDS, TrainConfig
 from tgo.data import build_datasets
 from tgo.errors import ConfigError, TgoError
@@ -49,6 +59,18 @@ log = logging.getLogger(__name__)
 STEP_UNITS = {"epochs": "epochs", "steps": "optimizer_steps"}  # Series.unit -> the run's tag tgo.step_unit
 PROBED_METRIC = "time/probe_s"  # logged last at every probed step: a step that has it is recorded whole
 Normalize = Literal["dataset", "model"]
+
+
+@dataclass(frozen=True)
+class Watch:
+    """What --follow watches: the source (as given), how its files are read, when to stop."""
+
+    source: str
+    epoch: int | None
+    weights: WeightsChoice
+    until: int | None
+    timeout: float
+    poll_s: float
 
 
 @dataclass
@@ -170,6 +192,25 @@ def probe_checkpoints(
         epochs=cfg.epochs,
     )
 
+    try:  # the monitor's working folder goes however the command ends
+        watch = Watch(checkpoints, epoch, weights, follow_until, follow_timeout, poll_s) if follow else None
+        return _record(monitor, series, model, cfg, source, run_id, normalize, trust_checkpoints, watch)
+    finally:
+        monitor.close()
+
+
+def _record(
+    monitor: GeometryMonitor,
+    series: Series,
+    model,
+    cfg: TrainConfig,
+    source: str,
+    run_id: str,
+    normalize: str,
+    trust: bool,
+    watch: Watch | None,
+) -> SeriesResult:
+    """Open (or continue) the run and probe every checkpoint of `series` not yet in it."""
     # ---- the run: the one given, or the one of this source, model, weights and probe set, or a new one ----
     existing = _existing_run(run_id, source, cfg, {Tag.PROBE_FINGERPRINT: monitor.probe_set.fingerprint, Tag.NORMALIZE: normalize})
     if existing:
@@ -178,23 +219,21 @@ def probe_checkpoints(
     rid = active.info.run_id
     lease = tracking.Lease(rid).start()
     monitor.record_into(rid)
-    result = SeriesResult(rid, series)
+    result = SeriesResult(rid, series, head=head_view(model))
     try:
-        result.head = head_view(model)
         done = set(tracking.logged_steps(rid, PROBED_METRIC))
         if done:
             log.info("run %s already has steps %s; probing only the others.", rid, sorted(done))
             todo = [c.step for c in series.checkpoints if c.step not in done]
             monitor.previous_features = _kept_features_before(rid, min(todo) if todo else max(done) + 1, monitor.folder)
-        _probe_all(series, done, model, monitor, cfg, trust_checkpoints, result)
-        if follow:
-            _follow(checkpoints, epoch, trust_checkpoints, weights, follow_until, follow_timeout, poll_s, done, model, monitor, cfg, result)
+        _probe_all(series, done, model, monitor, cfg, trust, result)
+        if watch is not None:
+            _follow(watch, done, model, monitor, cfg, trust, result)
         tracking.end_run("FINISHED")
     except BaseException as err:
         tracking.end_run("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", short(err))
         raise
     finally:
-        monitor.close()
         lease.stop()
     return result
 
@@ -304,22 +343,24 @@ def _snapshot(source: str) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _follow(source, epoch, trust, weights, until, timeout, poll_s, done, model, monitor, cfg, result) -> None:
+def _follow(watch: Watch, done: set[int], model, monitor: GeometryMonitor, cfg: TrainConfig, trust: bool, result: SeriesResult) -> None:
     """Watch the source and probe each new checkpoint once the source has been quiet for a poll."""
     last_new = time.monotonic()
-    before = _snapshot(source)
-    while until is None or until not in done:
-        if time.monotonic() - last_new > timeout:
-            log.info("no new checkpoint under %s for %.0f s; stopping.", source, timeout)
+    before = _snapshot(watch.source)
+    while watch.until is None or watch.until not in done:
+        if time.monotonic() - last_new > watch.timeout:
+            log.info("no new checkpoint under %s for %.0f s; stopping.", watch.source, watch.timeout)
             return
-        time.sleep(poll_s)
-        if not _watchable(source) and not Path(os.path.expanduser(source)).exists():
-            raise ConfigError(f"checkpoints: {source} disappeared while tgo probe --follow watched it; steps {sorted(done)} are recorded.")
-        now = _snapshot(source)
+        time.sleep(watch.poll_s)
+        if not _watchable(watch.source) and not Path(os.path.expanduser(watch.source)).exists():
+            raise ConfigError(
+                f"checkpoints: {watch.source} disappeared while tgo probe --follow watched it; steps {sorted(done)} are recorded."
+            )
+        now = _snapshot(watch.source)
         if now != before:  # something is being written: look again after the next poll
             before = now
             continue
-        series = find_checkpoints(source, epoch=epoch, trust=trust, weights=weights)
+        series = find_checkpoints(watch.source, epoch=watch.epoch, trust=trust, weights=watch.weights)
         new = [c for c in series.checkpoints if c.step not in done]
         if new:
             result.series = series

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import tempfile
 import time
 import uuid
@@ -691,7 +690,13 @@ def run(cfg: TrainConfig | None = None, *, parent_run_id: str = "", epoch_callba
 def _run(cfg: TrainConfig, given: set[str], d: Dist, parent_run_id: str = "", epoch_callback=None, on_start=None) -> TrainResult:
     if d.main:
         tracking.check_tracking()
-    tmp = tempfile.mkdtemp(prefix="tgo-")
+    # The working folder (downloads, each epoch's files before they are logged) goes however the
+    # run ends, a refused resume or a failed build included.
+    with tempfile.TemporaryDirectory(prefix="tgo-") as tmp:
+        return _train(cfg, given, d, tmp, parent_run_id, epoch_callback, on_start)
+
+
+def _train(cfg: TrainConfig, given: set[str], d: Dist, tmp: str, parent_run_id: str, epoch_callback, on_start) -> TrainResult:
     ckpt = None
     if cfg.resume:
         cfg, ckpt = _fetch_resume(cfg, given, d, tmp)
@@ -768,7 +773,6 @@ def _run(cfg: TrainConfig, given: set[str], d: Dist, parent_run_id: str = "", ep
     finally:
         if lease is not None:
             lease.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run_name(cfg: TrainConfig) -> str:
