@@ -226,7 +226,7 @@ def probe_costs(model: torch.nn.Module, sizes: Sizes, device: torch.device) -> d
     times: dict[str, list[float]] = {name: [] for name in runs}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # degenerate views at initialisation
-        for name, fn in runs.items():
+        for fn in runs.values():
             timed(device, fn)
         for _ in range(sizes.rounds):
             for name, fn in runs.items():
@@ -277,7 +277,12 @@ def similarity_cost(dim: int, images: int, sites: int) -> float:
 
     rng = np.random.default_rng(0)
     names = ["patch_embed", "pos_embed", *[f"block_{i:02d}" for i in range(sites - 3)], "final"]
-    features = {(s, v): rng.normal(size=(images, dim)).astype(np.float16) for s in names for v in ("cls", "mean") if s != "patch_embed" or v == "mean"}
+    features = {
+        (s, v): rng.normal(size=(images, dim)).astype(np.float16)
+        for s in names
+        for v in ("cls", "mean")
+        if s != "patch_embed" or v == "mean"
+    }
     start = time.perf_counter()
     feature_metrics(features, features)
     return time.perf_counter() - start
@@ -342,9 +347,8 @@ def nccl_check() -> None:
     """Under torchrun: an NCCL group of this one process, tgo's probe with its sums all-reduced and
     its kept features gathered over the group, and a DDP training step."""
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     from timm.models.vision_transformer import VisionTransformer
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
     from tgo.probe import probe
 
@@ -388,7 +392,9 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="tgo-bench-gpu-"))
     os.chdir(workdir)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    say(f"# {name}; torch {torch.__version__}; {sizes.model['model']} at {sizes.img} px, batch {sizes.batch}{' (--quick)' if args.quick else ''}")
+    say(
+        f"# {name}; torch {torch.__version__}; {sizes.model['model']} at {sizes.img} px, batch {sizes.batch}{' (--quick)' if args.quick else ''}"
+    )
     wall = time.perf_counter()
 
     rates: dict[str, float] = {}
@@ -431,7 +437,9 @@ def main() -> None:
             f"eigendecompositions on the device {costs['device']:.3f}, on the host {costs['host']:.3f}"
         )
         floor = eigen_floor(device, int(recipe.model.embed_dim), 528)
-        say(f"# 528 float64 eigendecompositions of the probe (44 site/views x 6 x 2): host {floor['host']:.2f} s, device {floor['device']:.2f} s")
+        say(
+            f"# 528 float64 eigendecompositions of the probe (44 site/views x 6 x 2): host {floor['host']:.2f} s, device {floor['device']:.2f} s"
+        )
         return f"device {costs['device'] / costs['inference']:.3f} host {costs['host'] / costs['inference']:.3f}"
 
     measured("probe_over_inference_gpu", probe_ratio)
@@ -441,14 +449,18 @@ def main() -> None:
         train = TGO1_TRAIN / rates["tgo1_recipe"]
         probe_s = costs["device"] * TGO1_PROBE / sizes.probe_images  # per image: scaled to 1000 in --quick
         epoch = train + TGO1_VAL * per_image_val + probe_s
-        say(f"# tgo1 epoch estimate: {epoch:.0f} s (train {train:.0f} s, validation {TGO1_VAL * per_image_val:.1f} s, probe {probe_s:.1f} s)")
+        say(
+            f"# tgo1 epoch estimate: {epoch:.0f} s (train {train:.0f} s, validation {TGO1_VAL * per_image_val:.1f} s, probe {probe_s:.1f} s)"
+        )
         return f"{probe_s / epoch:.4f}"
 
     measured("probe_share_tgo1_gpu", probe_share)
 
     def weights_and_features() -> None:
         w = weight_costs(recipe.model, device)
-        say(f"# weight spectra SVDs: batched on the device {w['device']:.2f} s, one by one on the host {w['host']:.2f} s; WeightWatcher's alpha {w['weightwatcher']:.2f} s")
+        say(
+            f"# weight spectra SVDs: batched on the device {w['device']:.2f} s, one by one on the host {w['host']:.2f} s; WeightWatcher's alpha {w['weightwatcher']:.2f} s"
+        )
         sim = similarity_cost(int(recipe.model.embed_dim), sizes.probe_images, len(recipe.model.blocks) + 3)
         say(f"# kept features' similarity and intrinsic dimension at a kept epoch (host): {sim:.2f} s")
 
