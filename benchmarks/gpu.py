@@ -433,7 +433,7 @@ def main() -> None:
         say(f"# tgo1 recipe (label smoothing, mixup, cutmix, EMA, drop path 0.1), eager: {rates['tgo1_recipe']:.0f} images/s")
         costs.update(probe_costs(recipe.model, sizes, device))
         say(
-            f"# seconds over {sizes.probe_images} images: bf16 inference {costs['inference']:.3f}, probe with the "
+            f"# seconds over {sizes.probe_images} images: {'bf16' if device.type == 'cuda' else 'float32'} inference {costs['inference']:.3f}, probe with the "
             f"eigendecompositions on the device {costs['device']:.3f}, on the host {costs['host']:.3f}"
         )
         floor = eigen_floor(device, int(recipe.model.embed_dim), 528)
