@@ -8,7 +8,8 @@ non-zero rows (cosine anisotropy). Memory is O(K D^2) whatever the number of row
 all folds give the spectra of every row; the totals less one fold give the delete-one-fold
 jackknife replicates (`tgo.uncertainty`), so the probe's standard errors cost no second pass and no
 stored activations. The spectra and observables are then computed in float64 by the pure functions
-of `tgo.spectral` (the functional core); this class only feeds them.
+of `tgo.spectral` (the functional core); this class only feeds them, and `spectra_of` takes their
+eigenvalues from numpy on the host or, on a GPU, from one batched torch.linalg.eigvalsh call.
 
 Folds. Rows arrive in fold order within a batch (`update(rows, counts)`: counts[k] rows of fold k,
 one after the other); the probe sorts each batch's images by fold before its forward pass, so every
@@ -193,24 +194,80 @@ class MomentAccumulator:
             self.n_nonzero.cpu().numpy(),
         )
 
-    def _spectra(self, n, s, g, u, nz) -> spectral.Spectra:
+    def _matrices(self, n, s, g, u, nz) -> spectral.MomentMatrices:
         shift = self.shift.cpu().numpy() if self.shift is not None else np.zeros(self.dim)
-        return spectral.spectra_from_moments(
+        return spectral.moment_matrices(
             n_samples=int(round(n)), shift=shift, shifted_sum=s, shifted_gram=g, unit_sum=u, n_nonzero=int(round(nz))
         )
 
-    def spectra(self) -> spectral.Spectra:
-        """The spectra of all rows seen (float64 numpy, via `tgo.spectral.spectra_from_moments`)."""
-        return self._spectra(*(m.sum(axis=0) for m in self._moments()))
-
-    def jackknife_spectra(self) -> list[spectral.Spectra]:
-        """For each fold k, the spectra of all rows but fold k's (empty when folds == 1): the totals
-        less fold k's moments (all groups share one shift, so this is exact algebra)."""
-        if self.folds < 2:
-            return []
+    def moment_matrices(self, replicates: bool = True) -> list[spectral.MomentMatrices]:
+        """The matrices of all rows seen, then (with `replicates` and folds > 1), for each fold k,
+        those of all rows but fold k's: the totals less fold k's moments (all groups share one
+        shift, so this is exact algebra). `spectra_of` turns them into spectra, on the host or in
+        one batch on a device."""
         per_group = self._moments()
         totals = [m.sum(axis=0) for m in per_group]
-        return [self._spectra(*(t - m[k] for t, m in zip(totals, per_group))) for k in range(self.folds)]
+        out = [self._matrices(*totals)]
+        if replicates and self.folds > 1:
+            out += [self._matrices(*(t - m[k] for t, m in zip(totals, per_group))) for k in range(self.folds)]
+        return out
+
+    def spectra(self) -> spectral.Spectra:
+        """The spectra of all rows seen (float64 numpy eigenvalues on the host)."""
+        return spectra_of(self.moment_matrices(replicates=False))[0]
+
+    def jackknife_spectra(self) -> list[spectral.Spectra]:
+        """For each fold k, the spectra of all rows but fold k's (empty when folds == 1)."""
+        return spectra_of(self.moment_matrices()[1:])
+
+
+Eigensolver = Literal["auto", "numpy", "torch"]
+
+
+def eigensolver_for(solver: Eigensolver, device: torch.device | str) -> Literal["numpy", "torch"]:
+    """The eigensolver that `solver` means on `device`: "auto" is torch's on a CUDA device (the
+    matrices go to the GPU, which does a batch of them in one call while the host's LAPACK does
+    one at a time: 88 per probe, 528 with the jackknife's five folds) and numpy's elsewhere."""
+    if solver not in ("auto", "numpy", "torch"):
+        raise ValueError(f"eigensolver must be 'auto', 'numpy' or 'torch', got {solver!r}.")
+    if solver == "auto":
+        return "torch" if torch.device(device).type == "cuda" else "numpy"
+    return solver
+
+
+def spectra_of(
+    matrices: Sequence[spectral.MomentMatrices], solver: Literal["numpy", "torch"] = "numpy", device: torch.device | str = "cpu"
+) -> list[spectral.Spectra]:
+    """The spectra of each of `matrices` (`MomentMatrices`), their eigenvalues in float64 from:
+
+      numpy  numpy's eigvalsh, one matrix at a time on the host (what `spectral.spectra_from_moments` does)
+      torch  torch.linalg.eigvalsh on `device`, every matrix of one shape in one stacked call
+
+    Both read each matrix's lower triangle, in float64: the observables' round-off floors (1e3 eps
+    of the largest eigenvalue) and the spectral flatness of a LayerNorm output, whose null direction
+    float32 reads as 1e-7 lambda_1, need it. Both give the same observables to round-off
+    (tests/test_probe.py runs both on the CPU). The formulas before and after the eigenvalues are
+    `tgo.spectral`'s (`moment_matrices`, `spectra_from_eigenvalues`), the same for both."""
+    problems = [p for m in matrices for p in m.eigenproblems()]
+    values = [np.linalg.eigvalsh(p) for p in problems] if solver == "numpy" else batched_eigvalsh(problems, device)
+    it = iter(values)
+    return [spectral.spectra_from_eigenvalues(m, [next(it) for _ in m.eigenproblems()]) for m in matrices]
+
+
+def batched_eigvalsh(matrices: Sequence[np.ndarray], device: torch.device | str) -> list[np.ndarray]:
+    """The eigenvalues (float64, ascending) of each symmetric matrix, from its lower triangle:
+    matrices of one shape are stacked and sent to `device` together, decomposed by one
+    torch.linalg.eigvalsh call, and only their eigenvalues come back."""
+    out: list[np.ndarray] = [np.zeros(0)] * len(matrices)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, m in enumerate(matrices):
+        by_shape.setdefault(m.shape, []).append(i)
+    for indices in by_shape.values():
+        stack = torch.from_numpy(np.stack([matrices[i] for i in indices])).to(device, torch.float64)
+        values = torch.linalg.eigvalsh(stack).cpu().numpy()
+        for i, v in zip(indices, values):
+            out[i] = v
+    return out
 
 
 class FoldSums:

@@ -44,14 +44,14 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Literal, Protocol, cast
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from tgo import keys, spectral, uncertainty
-from tgo.accumulate import FoldSums, MomentAccumulator, Precision
+from tgo.accumulate import Eigensolver, FoldSums, MomentAccumulator, Precision, eigensolver_for, spectra_of
 from tgo.keys import SE_PREFIX, VIEWS, metric_key
 from tgo.model import pooling_gap, probe_gaps
 
@@ -351,6 +351,7 @@ def probe(
     keep_covariance: Sequence[tuple[str, str]] = (),
     folds: int = uncertainty.DEFAULT_FOLDS,
     keep_features: bool = False,
+    eigensolver: Eigensolver = "auto",
 ) -> ProbeResult:
     """Measure the spectral geometry of a timm ViT at every site and token view over a probe loader.
 
@@ -378,6 +379,11 @@ def probe(
             `ProbeSet` loader yields it) or else from its place in the stream. 1: no uncertainty.
         keep_features: keep every image's cls and mean features of every site (float16, N x D)
             in `ProbeResult.features`, for similarity and intrinsic dimension (tgo.similarity).
+        eigensolver: where the eigenvalues of the accumulated covariances and second moments (2 per
+            site/view, and 2 per fold for the jackknife) come from: "numpy" (LAPACK on the host, one
+            matrix at a time), "torch" (torch.linalg.eigvalsh on `device`, a stack of them per call),
+            or "auto" (default: torch's on a CUDA device, numpy's elsewhere). float64 either way,
+            and the same observables to round-off (`tgo.accumulate.spectra_of`).
 
     Returns:
         A `ProbeResult`: eigenvalues, singular values, observables and sample count per site/view.
@@ -385,6 +391,7 @@ def probe(
     _check_model(model)
     sites = _checked_sites(model, sites, views, folds, patch_tokens_per_image)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    solver = eigensolver_for(eigensolver, device)
     dtype = next(model.parameters()).dtype  # the probe runs the model as it is (float32, or float64 in tests)
     dim, head = int(_vit(model).embed_dim), head_view(model)
     accs = _moment_accumulators(model, sites, views, dim, device=device, precision=precision, folds=folds)
@@ -422,7 +429,7 @@ def probe(
     if kept is not None:  # every rank's rows, rank after rank
         result.features, result.feature_rows = kept.gather(distributed)
     result.token_interaction, result.token_interaction_replicates = _token_results(interaction, distributed)
-    result.geometry = _geometry(accs, keep_covariance, distributed)
+    result.geometry = _geometry(accs, keep_covariance, distributed, solver, device)
     return result
 
 
@@ -436,10 +443,11 @@ def probe_model(
     progress: bool | None = False,
     keep_covariance=(),
     keep_features: bool = False,
+    eigensolver: Eigensolver = "auto",
 ) -> ProbeResult:
     """The geometry probe of `model` with the probe settings of `cfg` (precision, patch tokens, seed,
     folds): what training measures every epoch, and what the analysis's re-probe of saved weights
-    measures again."""
+    measures again. `eigensolver`: as `probe`'s (default: on the GPU where the probe runs on one)."""
     return probe(
         model,
         loader,
@@ -452,6 +460,7 @@ def probe_model(
         folds=cfg.probe_folds,
         keep_covariance=keep_covariance,
         keep_features=keep_features,
+        eigensolver=eigensolver,
     )
 
 
@@ -619,34 +628,61 @@ def _token_results(interaction: dict[str, FoldSums], distributed: bool) -> tuple
     return tokens, replicates
 
 
+# Matrices sent to a device eigensolver in one go (`_geometry`): 256 MiB of float64, 227 matrices
+# of 384 x 384 (ViT-S: 528 in three calls), so that the batch stays small beside what training holds.
+EIGEN_BATCH_BYTES = 256 * 2**20
+
+
 def _geometry(
-    accs: dict[tuple[str, str], MomentAccumulator], keep_covariance: Sequence[tuple[str, str]], distributed: bool
+    accs: dict[tuple[str, str], MomentAccumulator],
+    keep_covariance: Sequence[tuple[str, str]],
+    distributed: bool,
+    solver: Literal["numpy", "torch"] = "numpy",
+    device: torch.device | str = "cpu",
 ) -> dict[tuple[str, str], SiteViewGeometry]:
     """Each accumulator's spectra and observables (over every rank's rows when distributed), with
-    its jackknife replicates, and its covariance matrix where `keep_covariance` names the pair."""
+    its jackknife replicates, and its covariance matrix where `keep_covariance` names the pair.
+
+    The eigenvalues come from `solver` ("numpy": each site/view's matrices as they are formed, so
+    that the host holds one site/view's at a time, as before; "torch": the matrices of several
+    site/views, up to EIGEN_BATCH_BYTES, in one stacked call on `device`)."""
     keep = set(map(tuple, keep_covariance))
-    geometry = {}
+    geometry: dict[tuple[str, str], SiteViewGeometry] = {}
+    pending: list[tuple[tuple[str, str], list[spectral.MomentMatrices]]] = []
+
+    def solve() -> None:
+        spectra = iter(spectra_of([m for _, ms in pending for m in ms], solver, device))
+        for (site, view), ms in pending:
+            spec, *jack = [next(spectra) for _ in ms]
+            geometry[(site, view)] = SiteViewGeometry(
+                site=site,
+                view=view,
+                eigenvalues=spec.eigenvalues,
+                singular_values=spec.singular_values,
+                uncentered_singular_values=spec.uncentered_singular_values,
+                observables=spectral.observables_from_spectra(spec, label=f"{site}/{view}"),
+                n_samples=spec.n_samples,
+                degenerate=spec.degenerate,
+                covariance=spec.covariance if (site, view) in keep else None,
+                replicates=_replicates(jack, f"{site}/{view}"),
+            )
+        pending.clear()
+
+    size = 0
     for (site, view), acc in accs.items():
         if distributed:
             acc.all_reduce()
         try:
-            spec = acc.spectra()
-            replicates = _replicates(acc, f"{site}/{view}")
+            matrices = acc.moment_matrices()
         except ValueError as err:
             raise ValueError(f"probe site {site}, view {view}: {err}") from None
-        geometry[(site, view)] = SiteViewGeometry(
-            site=site,
-            view=view,
-            eigenvalues=spec.eigenvalues,
-            singular_values=spec.singular_values,
-            uncentered_singular_values=spec.uncentered_singular_values,
-            observables=spectral.observables_from_spectra(spec, label=f"{site}/{view}"),
-            n_samples=spec.n_samples,
-            degenerate=spec.degenerate,
-            covariance=spec.covariance if (site, view) in keep else None,
-            replicates=replicates,
-        )
-    return geometry
+        pending.append(((site, view), matrices))
+        size += sum(p.nbytes for m in matrices for p in m.eigenproblems())
+        if solver != "torch" or size >= EIGEN_BATCH_BYTES:
+            solve()
+            size = 0
+    solve()
+    return {key: geometry[key] for key in accs}  # the accumulators' order
 
 
 def token_interaction(patches: torch.Tensor) -> torch.Tensor:
@@ -667,10 +703,10 @@ def token_interaction(patches: torch.Tensor) -> torch.Tensor:
     return ((total * total).sum(dim=-1) - nonzero) / (t * (t - 1))
 
 
-def _replicates(acc: MomentAccumulator, label: str) -> np.ndarray | None:
-    """(K, n_observables): every observable without fold k, for each fold (None when K = 1).
-    A view that is degenerate as a whole warns once, from the full estimate, not K times more."""
-    jack = acc.jackknife_spectra()
+def _replicates(jack: Sequence[spectral.Spectra], label: str) -> np.ndarray | None:
+    """(K, n_observables): every observable without fold k, from the K replicates' spectra (None
+    when K = 1: no replicates). A view that is degenerate as a whole warns once, from the full
+    estimate, not K times more."""
     if not jack:
         return None
     with warnings.catch_warnings():

@@ -17,7 +17,9 @@ all-zero rows, fewer than 2 samples) return the documented value without NaN, in
 Two ways reach the same numbers:
 - `observables(X)`: the reference path for notebooks; a direct SVD of Xc and of X.
 - `observables_from_moments(...)`: the streaming path; eigenvalues of the covariance accumulated by
-  `tgo.accumulate.MomentAccumulator` (N, sum and Gram matrix).
+  `tgo.accumulate.MomentAccumulator` (N, sum and Gram matrix). It is split in two
+  (`moment_matrices`, then `spectra_from_eigenvalues`) so that the eigenvalues between the halves
+  may come from numpy on the host or from a batched eigensolver on a GPU.
 Both end in `observables_from_spectra`, so every observable has exactly one definition.
 """
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,18 +35,21 @@ import numpy as np
 __all__ = [
     "OBSERVABLE_NAMES",
     "DegenerateGeometryWarning",
+    "MomentMatrices",
     "Spectra",
     "alpha",
     "cosine_anisotropy",
     "effective_rank",
     "effective_rank_eig",
     "mean_abs_correlation",
+    "moment_matrices",
     "n_components",
     "observables",
     "observables_from_moments",
     "observables_from_spectra",
     "participation_ratio",
     "rankme",
+    "spectra_from_eigenvalues",
     "spectra_from_matrix",
     "spectra_from_moments",
     "spectral_anisotropy",
@@ -416,20 +422,53 @@ def spectra_from_matrix(X: np.ndarray) -> Spectra:
     )
 
 
-def spectra_from_moments(
+@dataclass(frozen=True)
+class MomentMatrices:
+    """The symmetric matrices of streamed moments whose eigenvalues give their `Spectra`, and what
+    else `spectra_from_eigenvalues` needs (made by `moment_matrices`).
+
+    covariance:     C (D x D), features of round-off variance zeroed (zeros when N < 2)
+    second_moment:  N M = sum_i x_i x_i^T (D x D; only its lower triangle is read), None when N = 0
+    noise_floor:    eigenvalues of C at or below it are round-off of the moments and count as 0
+    unit_sum, n_nonzero, n_samples: as in `Spectra`
+
+    The eigenvalues may come from anywhere that gives float64 eigenvalues of a symmetric matrix
+    from its lower triangle (numpy's eigvalsh on the host; torch.linalg.eigvalsh on a stack of
+    many, on a GPU: `tgo.accumulate.spectra_of`): this split is what lets them, while the formulas
+    stay here, once.
+    """
+
+    covariance: np.ndarray
+    second_moment: np.ndarray | None
+    noise_floor: float
+    unit_sum: np.ndarray
+    n_nonzero: int
+    n_samples: int
+
+    def eigenproblems(self) -> tuple[np.ndarray, ...]:
+        """The matrices whose eigenvalues `spectra_from_eigenvalues` takes, in its order: C when
+        N >= 2 (with fewer samples there is no variance to decompose), then N M when N >= 1."""
+        cov = self.covariance if self.n_samples >= 2 else None
+        return tuple(m for m in (cov, self.second_moment) if m is not None)
+
+
+def moment_matrices(
     n_samples: int,
     shift: np.ndarray,
     shifted_sum: np.ndarray,
     shifted_gram: np.ndarray,
     unit_sum: np.ndarray,
     n_nonzero: int,
-) -> Spectra:
-    """Spectra from streamed moments about a shift s (any fixed row, to avoid cancellation).
+) -> MomentMatrices:
+    """The covariance and second moment of streamed moments about a shift s (any fixed row, to
+    avoid cancellation), and the round-off floor of the covariance's eigenvalues.
 
     With y_i = x_i - s:  S = sum y_i,  G = sum y_i y_i^T, so
       C = (G - S S^T / N) / (N - 1)                      (covariance, exact in exact arithmetic)
       N M = sum x_i x_i^T = G + s S^T + S s^T + N s s^T  (uncentered second moment)
-    Eigenvalues come from numpy's eigvalsh (float64); singular values from them.
+    and the floor is the moments' round-off, a few eps of the shifted second moment per entry:
+      floor = 1e3 eps D max_j G_jj / N.
+    Raises ValueError when a moment holds NaN or inf.
     """
     n = int(n_samples)
     s = np.asarray(shift, dtype=np.float64)
@@ -438,35 +477,63 @@ def spectra_from_moments(
     for name, value in (("sum", S), ("Gram matrix", G), ("unit sum", np.asarray(unit_sum))):
         _check_finite(f"The accumulated {name}", value)
     d = G.shape[0]
-    r = max(0, min(d, n - 1))
+    floor = 0.0
     if n < 2:
         cov = np.zeros((d, d))
-        lam = np.zeros(r)
     else:
         cov = G - np.outer(S, S / n)
         cov += cov.T  # exactly symmetric (the accumulated Gram matrix is, up to round-off)
         cov /= 2 * (n - 1)
         cov = _drop_roundoff_features(cov, 1e3 * _EPS64 * np.diag(G) / n)
-        # Round-off of the moments: a few eps of the shifted second moment per entry.
         floor = 1e3 * _EPS64 * d * max(float(np.max(np.diag(G))) / n, 0.0)
-        lam = _clean(np.linalg.eigvalsh(cov), r, floor)
+    gram_x = None
     if n > 0:
         # G + s S^T + S s^T + N s s^T, as two outer products; eigvalsh reads one triangle only.
         half = S + 0.5 * n * s
         gram_x = G + np.outer(s, half)
         gram_x += np.outer(half, s)
-        sv_unc = np.sqrt(_clean(np.linalg.eigvalsh(gram_x), min(n, d), 0.0))
-    else:
-        sv_unc = np.zeros(0)
+    return MomentMatrices(cov, gram_x, floor, np.asarray(unit_sum, dtype=np.float64), int(n_nonzero), n)
+
+
+def spectra_from_eigenvalues(matrices: MomentMatrices, eigenvalues: Sequence[np.ndarray]) -> Spectra:
+    """The `Spectra` of streamed moments from the eigenvalues of `matrices.eigenproblems()`, one
+    array per matrix in that order (any order within an array):
+
+      lambda = eigenvalues of C, decreasing, length r = min(D, N - 1), those <= the floor set to 0
+      sigma  = sqrt((N - 1) lambda)
+      sv     = sqrt(eigenvalues of N M), decreasing, length min(N, D)
+    """
+    m, n = matrices, matrices.n_samples
+    if len(eigenvalues) != len(m.eigenproblems()):
+        raise ValueError(f"expected {len(m.eigenproblems())} arrays of eigenvalues (N = {n}), got {len(eigenvalues)}.")
+    values = iter(eigenvalues)
+    d = m.covariance.shape[0]
+    r = max(0, min(d, n - 1))
+    lam = _clean(next(values), r, m.noise_floor) if n >= 2 else np.zeros(r)
+    sv_unc = np.sqrt(_clean(next(values), min(n, d), 0.0)) if n > 0 else np.zeros(0)
     return Spectra(
         eigenvalues=lam,
         singular_values=np.sqrt(max(n - 1, 0) * lam),
         uncentered_singular_values=sv_unc,
-        covariance=cov,
-        unit_sum=np.asarray(unit_sum, dtype=np.float64),
-        n_nonzero=int(n_nonzero),
+        covariance=m.covariance,
+        unit_sum=m.unit_sum,
+        n_nonzero=m.n_nonzero,
         n_samples=n,
     )
+
+
+def spectra_from_moments(
+    n_samples: int,
+    shift: np.ndarray,
+    shifted_sum: np.ndarray,
+    shifted_gram: np.ndarray,
+    unit_sum: np.ndarray,
+    n_nonzero: int,
+) -> Spectra:
+    """Spectra from streamed moments about a shift s: `moment_matrices`, numpy's eigvalsh (float64)
+    of each, then `spectra_from_eigenvalues`."""
+    m = moment_matrices(n_samples, shift, shifted_sum, shifted_gram, unit_sum, n_nonzero)
+    return spectra_from_eigenvalues(m, [np.linalg.eigvalsh(p) for p in m.eigenproblems()])
 
 
 def observables_from_spectra(spectra: Spectra, label: str = "X") -> dict[str, float]:
