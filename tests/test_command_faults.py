@@ -232,3 +232,27 @@ def test_a_wrong_password_is_one_message_naming_the_server_never_the_password(tr
         mlflow.set_tracking_uri(None)
         os.killpg(proc.pid, 9)
         proc.wait(timeout=60)
+
+
+def test_a_damaged_or_foreign_spectra_file_is_one_message(trained_smoke_run, copy_store, tmp_path, capsys):
+    """Issue 24 item 4: a spectra file holding garbage, or an object array (which numpy would only
+    read by unpickling), ended analyze and compare in numpy's traceback about pickled data. The
+    training run's artifacts are copied first, so that the shared run stays whole."""
+    import numpy as np
+
+    from tgo import tracking
+
+    run_id = trained_smoke_run.result.run_id
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(tracking.local_artifact_dir(run_id), artifacts)
+    with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as db:
+        db.execute("UPDATE runs SET artifact_uri = ? WHERE run_uuid = ?", (str(artifacts), run_id))
+        db.commit()
+    spectra = artifacts / "geometry" / "spectra" / "epoch_0001.npz"
+    spectra.write_bytes(b"PK\x03\x04 not a zip archive" * 10)
+    garbage = _cli(capsys, "analyze", run_id, "--no-figures")
+    np.savez(spectra, **{"observable_names": np.array([object()], dtype=object)})
+    foreign = _cli(capsys, "compare", run_id, run_id, "--no-figures", "--no-log")
+    for proc in (garbage, foreign):
+        message = _one_message(proc, 2, "spectra/epoch_0001.npz is not a geometry file tgo wrote", "without unpickling anything")
+        assert "pickled" not in message and "allow_pickle" not in message

@@ -39,8 +39,10 @@ and the analysis does when it re-probes saved weights.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import warnings
+import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +54,7 @@ from tqdm.auto import tqdm
 
 from tgo import keys, spectral, uncertainty
 from tgo.accumulate import Eigensolver, FoldSums, MomentAccumulator, Precision, eigensolver_for, spectra_of
+from tgo.errors import ArtifactError
 from tgo.keys import SE_PREFIX, VIEWS, metric_key
 from tgo.model import pooling_gap, probe_gaps
 
@@ -164,13 +167,13 @@ class ProbeResult:
     @staticmethod
     def load_features(path: str | Path) -> dict[tuple[str, str], np.ndarray]:
         """The features a `save_features` file holds, (site, view) -> (N, D) float16."""
-        with np.load(Path(path), allow_pickle=False) as data:
+        with _npz(path) as data:
             return {tuple(k.split("/")): data[k] for k in data.files if "/" in k}
 
     @staticmethod
     def load_feature_rows(path: str | Path) -> FeatureRows | None:
         """Each feature row's place in the probe set and fold (None for files saved without them)."""
-        with np.load(Path(path), allow_pickle=False) as data:
+        with _npz(path) as data:
             if "_position" not in data.files:
                 return None
             return FeatureRows(data["_position"], data["_fold"], int(data["_folds"]))
@@ -248,7 +251,7 @@ class ProbeResult:
     @classmethod
     def load(cls, path: str | Path) -> ProbeResult:
         """Read a file written by `save` (no pickles: allow_pickle=False)."""
-        with np.load(Path(path), allow_pickle=False) as data:
+        with _npz(path) as data:
             names = [str(n) for n in data["observable_names"]]
             head = keys.parse_head(str(data["head_view"])) if "head_view" in data.files else keys.HEAD_VIEW
             pairs = dict.fromkeys(tuple(k.split("/")[:2]) for k in data.files if k.count("/") == 2)
@@ -276,6 +279,27 @@ class ProbeResult:
             tokens = {k.split("/", 1)[1]: float(data[k]) for k in data.files if k.startswith(f"{keys.TOKEN_FILE_KEY}/")}
             token_reps = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(f"{keys.TOKEN_FILE_KEY}_replicates/")}
         return cls(geometry, head, tokens, token_reps)
+
+
+@contextlib.contextmanager
+def _npz(path: str | Path):
+    """A geometry file tgo wrote (spectra or kept features), opened without unpickling anything;
+    ArtifactError naming it when it is damaged, cut short or not tgo's (an object array, garbage,
+    a missing entry), instead of numpy's traceback about pickled data."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            yield data
+    except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        text = str(err).splitlines()[0][:200] if str(err) else ""
+        # numpy's own text for an object array advises allow_pickle=True: the advice that would run a planted file
+        detail = "it holds Python objects, which only unpickling could read" if "pickle" in text else f"{type(err).__name__}: {text}"
+        raise ArtifactError(
+            f"{path.parent.name}/{path.name} is not a geometry file tgo wrote: it is damaged, cut short or foreign "
+            f"({detail}). tgo reads these files without "
+            "unpickling anything; the run's other epochs are intact. Replace or delete that artifact, or probe the epoch "
+            "again (tgo analyze --probe_size N re-probes saved weights)."
+        ) from None
 
 
 def _check_model(model: torch.nn.Module) -> None:
