@@ -3,10 +3,12 @@ device by timm's PrefetchLoader) gives the CPU path's batches, and worker proces
 epochs give an epoch the same augmentations whatever ran before it and however many workers there
 are (what a resumed run needs)."""
 
+import pytest
 import torch
 
 from tgo.config import resolve
 from tgo.data import build_datasets
+from tgo.probeset import ProbeSet
 from tgo.runtime import Dist, seed_epoch
 from tgo.train import _loaders
 
@@ -54,3 +56,68 @@ def test_workers_kept_between_epochs_augment_an_epoch_as_a_fresh_process_does():
         assert torch.equal(ta, tb) and torch.equal(a, b)
     first, _ = _epoch(cfg, 1)
     assert not all(torch.equal(a, b) for (a, _), (b, _) in zip(first, after_one, strict=True))  # epochs differ
+
+
+def _jpeg_tree(root, per_class: int = 6) -> None:
+    """train/ and val/ of two classes of 64 x 48 JPEGs (smooth colour ramps with noise), as DALI reads."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, 64)[None, :, None]
+    for split in ("train", "val"):
+        for k, c in enumerate(("a", "b")):
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                base = np.broadcast_to(ramp * (0.3 + 0.7 * k) + rng.integers(0, 60, 3), (48, 64, 3))
+                image = np.clip(base + rng.normal(0, 20, (48, 64, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(image).save(root / split / c / f"{i}.jpg", quality=90)
+
+
+def test_dali_gives_the_timm_path_labels_shapes_value_ranges_and_probe_set(tmp_path):
+    pytest.importorskip("nvidia.dali", exc_type=ImportError)
+    _jpeg_tree(tmp_path)
+    settings = dict(dataset="imagefolder", data_dir=str(tmp_path), num_classes=0, batch_size=4, probe_size=6, probe_batch_size=5,
+                    auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25, hflip=0.5, workers=1)
+    timm_cfg, dali_cfg = resolve("smoke", **settings), resolve("smoke", data_backend="dali", **settings)
+    data = build_datasets(timm_cfg)
+    probe = ProbeSet.from_dataset(data.val, 6, seed=0, folds=2)
+    timm_loaders = _loaders(timm_cfg, Dist(), data, probe, CPU, drop_last=True)
+    dali_loaders = _loaders(dali_cfg, Dist(), data, probe, CPU, drop_last=True)
+    low = (torch.tensor(0.0) - torch.tensor(data.mean)) / torch.tensor(data.std)
+    high = (torch.tensor(1.0) - torch.tensor(data.mean)) / torch.tensor(data.std)
+    for epoch in (1, 2):
+        batches = {}
+        for name, loaders in (("timm", timm_loaders), ("dali", dali_loaders)):
+            loaders[2].manual_seed(seed_epoch(0, epoch))
+            batches[name] = [(images.clone(), targets.clone()) for images, targets in loaders[0]]
+        assert len(batches["dali"]) == len(batches["timm"]) == 3
+        for (a, ta), (b, tb) in zip(batches["timm"], batches["dali"], strict=True):
+            assert torch.equal(ta, tb) and b.dtype == a.dtype == torch.float32 and b.shape == a.shape == (4, 3, 32, 32)
+            channels = b.transpose(0, 1).flatten(1)
+            assert (channels.min(1).values >= low - 1e-4).all() and (channels.max(1).values <= high + 1e-4).all()
+    dali_loaders[2].manual_seed(seed_epoch(0, 2))  # epoch 2 again (a resume): the same batches
+    again = [images for images, _ in dali_loaders[0]]
+    assert all(torch.equal(a, b) for a, (b, _) in zip(again, batches["dali"], strict=True))
+    val = {name: list(loaders[3]) for name, loaders in (("timm", timm_loaders), ("dali", dali_loaders))}
+    for (a, ta), (b, tb) in zip(val["timm"], val["dali"], strict=True):
+        assert torch.equal(ta, tb) and b.shape == a.shape
+        assert (b - a).abs().mean() < 0.1  # the same centre crop; DALI's resize against PIL's
+    probe_images = [[x.clone() for x in batch] for batch in timm_loaders[4]]
+    for a, b in zip(probe_images, dali_loaders[4], strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))  # the probe set's loader is the timm path's
+
+
+def test_dali_backend_needs_dali_or_a_jpeg_folder(tmp_path, capsys):
+    from tgo import cli
+
+    code = cli.main(["train", "--preset", "smoke", "--data_backend", "dali"])
+    assert code == 2 and "data_backend: dali reads JPEG folders" in capsys.readouterr().err
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        _jpeg_tree(tmp_path)
+        code = cli.main(["train", "--preset", "smoke", "--dataset", "imagefolder", "--data_dir", str(tmp_path), "--num_classes", "0",
+                         "--data_backend", "dali", "--probe_size", "6", "--batch_size", "4"])
+        err = capsys.readouterr().err
+        assert code == 2 and "data_backend=dali needs NVIDIA DALI" in err and "pip install nvidia-dali-cuda120" in err, err

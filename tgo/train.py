@@ -32,6 +32,7 @@ import time
 import uuid
 from collections.abc import Sized
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import torch
@@ -42,7 +43,7 @@ from tqdm.auto import tqdm
 
 from tgo import tracking
 from tgo.config import TrainConfig, from_dict, from_overrides
-from tgo.data import Datasets, SeededItems, SeededOrder, build_datasets, transforms, with_transform
+from tgo.data import ClassFolder, Datasets, SeededItems, SeededOrder, build_datasets, transforms, with_transform
 from tgo.errors import ConfigError, TrainingError
 from tgo.keys import HEAD_VIEW, Tag
 from tgo.measure import measure
@@ -61,8 +62,10 @@ if TYPE_CHECKING:  # timm is imported where it is used
     from timm.utils import ModelEmaV3
     from torch.utils.data.distributed import DistributedSampler
 
-    # A loader of (images, targets) batches: torch's DataLoader, or timm's PrefetchLoader around one.
-    Loader: TypeAlias = DataLoader | PrefetchLoader
+    from tgo.dali import DaliLoader
+
+    # A loader of (images, targets) batches: torch's DataLoader, timm's PrefetchLoader around one, or DALI's.
+    Loader: TypeAlias = DataLoader | PrefetchLoader | DaliLoader
 
 log = logging.getLogger(__name__)
 
@@ -331,6 +334,12 @@ def _train_sampler(cfg: TrainConfig, d: Dist, train: Dataset) -> RepeatAugSample
     return None
 
 
+def _check_batches(cfg: TrainConfig, data: Datasets, batches: int) -> None:
+    """Raise ConfigError when an epoch of this process would hold no training batch."""
+    if batches == 0:
+        raise ConfigError(f"batch_size: {cfg.batch_size} exceeds the {dataset_size(data.train)} training images per process; lower it.")
+
+
 def _loaders(
     cfg: TrainConfig,
     d: Dist,
@@ -375,6 +384,20 @@ def _loaders(
     pin = device.type == "cuda"
     generator = torch.Generator()
     sampler = _train_sampler(cfg, d, data.train)
+    val_shard = list(range(d.rank, dataset_size(data.val), d.world))  # disjoint shards, sums all-reduced
+    # The probe set's loader stays deterministic and normalised in its transform (tgo.probeset),
+    # whatever the backend.
+    probe_loader = probe_set.loader(cfg.probe_batch_size, cfg.workers, pin, d.rank, d.world) if probe_set else None
+    if cfg.data_backend == "dali":
+        from tgo.dali import DaliLoader
+
+        order = sampler if sampler is not None else RandomSampler(cast(Sized, data.train), generator=generator)
+        train_samples, val_samples = cast(ClassFolder, data.train).samples, cast(ClassFolder, data.val).samples
+        dali = partial(DaliLoader, cfg, mean=data.mean, std=data.std, device=device, generator=generator, rank=d.rank)
+        dali_train = dali(train_samples, order, True, batch_size=cfg.batch_size, drop_last=drop_last)
+        _check_batches(cfg, data, len(dali_train))
+        dali_val = dali(val_samples, val_shard, False, batch_size=cfg.probe_batch_size, drop_last=False)
+        return dali_train, sampler, generator, dali_val, probe_loader
     train_set, val_set = data.train, data.val
     if on_device:
         train_tf, eval_tf = transforms(cfg, data.mean, data.std, device_side=True)
@@ -409,17 +432,13 @@ def _loaders(
             generator=torch.Generator().manual_seed(0),
             **common,
         )
-    if len(train) == 0:
-        raise ConfigError(f"batch_size: {cfg.batch_size} exceeds the {dataset_size(data.train)} training images per process; lower it.")
-    val_shard = list(range(d.rank, dataset_size(data.val), d.world))  # disjoint shards, sums all-reduced
+    _check_batches(cfg, data, len(train))
     val: DataLoader = DataLoader(Subset(val_set, val_shard), batch_size=cfg.probe_batch_size, **common)
     train_loader: Loader = train
     val_loader: Loader = val
     if on_device:
         train_loader = PrefetchLoader(train, mean=data.mean, std=data.std, device=device, re_prob=cfg.reprob)
         val_loader = PrefetchLoader(val, mean=data.mean, std=data.std, device=device)
-    # The probe set's loader stays deterministic and normalised in its transform (tgo.probeset).
-    probe_loader = probe_set.loader(cfg.probe_batch_size, cfg.workers, pin, d.rank, d.world) if probe_set else None
     return train_loader, sampler, generator, val_loader, probe_loader
 
 
