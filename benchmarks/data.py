@@ -7,8 +7,9 @@ rand-m9-mstd0.5-inc1, horizontal flip, to a uint8 tensor, collated by timm's fas
 worker's share on a GPU: normalisation and random erasing run on the device (timm's PrefetchLoader).
 The images are real photographs: scikit-learn's two sample JPEGs (china.jpg, flower.jpg, 640 x 427),
 cut into --crops crops each of ImageNet's typical size, 500 x 375 px, mirrored or not, and
-re-encoded at quality 90 (about 100 KB each), read round and round from a temporary folder (the
-page cache: the decoding is timed, not the disk).
+re-encoded at quality 90 (about 55 KB each: smoother than ImageNet's photographs, about 110 KB at
+this size, which take longer to decode), read round and round from a temporary folder (the page
+cache: the decoding is timed, not the disk).
 
 One worker is the loop a DataLoader worker runs: torch limited to one thread, no worker process
 (the batches a worker sends through shared memory cost little beside the decoding). The CPU's own
@@ -20,6 +21,8 @@ Prints, each alone on a line:
   loader_images_per_s_per_worker: X     images per second one worker makes (the GPU path)
   workers_per_1000_images_per_s: X      workers (cores) per 1000 images/s of training throughput
 and, for context, loader_images_per_s_per_worker_cpu_path (normalised and erased in the worker),
+dali_cpu_images_per_s_per_thread where NVIDIA DALI is installed (tgo.dali's training pipeline run
+on one CPU thread once built, its build on a # line: for comparison only, DALI's point is the GPU),
 and lines starting with # for the seconds behind them, the cores the issue's anchor throughputs
 need (a ViT-S/16 step on an H100: about 2,000 images/s eager, 7,000 compiled; an RTX 3090 about
 1,050), and how busy other processes kept the cores meanwhile.
@@ -36,6 +39,8 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -70,12 +75,35 @@ def photographs(root: Path, crops: int) -> int:
     return n
 
 
-def timed(loader: DataLoader) -> float:
+def timed(loader: Iterable) -> float:
     """Seconds for one pass over the loader."""
     start = time.perf_counter()
     for _ in loader:
         pass
     return time.perf_counter() - start
+
+
+def dali_rate(cfg, folder: ClassFolder, args) -> tuple[float, float] | None:
+    """tgo.dali's training pipeline on one CPU thread: (images per second once built, seconds to
+    build it and make one batch, which every epoch pays), medians of the rounds; None without DALI."""
+    try:
+        from tgo.dali import DaliLoader, require
+
+        require()
+    except Exception:  # noqa: BLE001 - no DALI here: the line is left out
+        return None
+    generator = torch.Generator().manual_seed(0)
+
+    def loader(n: int) -> DaliLoader:
+        order = [i % len(folder) for i in range(n)]
+        return DaliLoader(replace(cfg, workers=1, reprob=0.0), folder.samples, order, True, IMAGENET_MEAN, IMAGENET_STD,
+                          args.batch_size, False, torch.device("cpu"), generator)
+
+    one, whole = loader(args.batch_size), loader(args.images)
+    timed(one)  # warm: DALI's first pipeline converts its conditionals and loads its plugins
+    rounds = [(timed(one), timed(whole)) for _ in range(args.rounds)]
+    first = statistics.median(a for a, _ in rounds)
+    return (args.images - args.batch_size) / statistics.median(b - a for a, b in rounds), first
 
 
 def main() -> None:
@@ -106,6 +134,7 @@ def main() -> None:
             for path, loader in loaders.items():
                 seconds[path].append(timed(loader))
         per_worker = {path: args.images / statistics.median(s) for path, s in seconds.items()}
+        dali = dali_rate(cfg, ClassFolder(str(root / "train")), args)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -118,6 +147,9 @@ def main() -> None:
     print(f"loader_images_per_s_per_worker: {rate:.0f}")
     print(f"workers_per_1000_images_per_s: {1000 / rate:.1f}")
     print(f"loader_images_per_s_per_worker_cpu_path: {per_worker['cpu']:.0f}")
+    if dali is not None:
+        print(f"dali_cpu_images_per_s_per_thread: {dali[0]:.0f}")
+        print(f"# dali: {dali[1]:.2f} s to build the pipeline and make the first batch of {args.batch_size} (every epoch)")
     for name, throughput in ANCHORS.items():
         print(f"# {name} at {throughput} images/s needs {throughput / rate:.0f} workers (cores) at this rate")
 

@@ -188,7 +188,9 @@ class DaliLoader:
         files = [self.samples[i][0] for i in indices]
         labels = [int(self.samples[i][1]) for i in indices]
         seed = (self.generator.initial_seed() * 1_000_003 + self.rank) % (2**31)
-        device_id = self.device.index or 0 if self.device.type == "cuda" else None
+        device_id = None  # DALI on the CPU
+        if self.device.type == "cuda":
+            device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         pipe = _pipeline(self.cfg, files, labels, self.training, self.mean, self.std, self.batch_size, device_id, seed)
         batches = DALIGenericIterator(
             pipe,
