@@ -121,3 +121,20 @@ def test_dali_backend_needs_dali_or_a_jpeg_folder(tmp_path, capsys):
                          "--data_backend", "dali", "--probe_size", "6", "--batch_size", "4"])
         err = capsys.readouterr().err
         assert code == 2 and "data_backend=dali needs NVIDIA DALI" in err and "pip install nvidia-dali-cuda120" in err, err
+
+
+def test_randaugment_posterize_to_zero_bits_gives_a_black_image_not_an_error():
+    """tgo1's RandAugment (rand-m9-mstd0.5-inc1) posterizes to 0 bits at its top magnitude, which
+    Pillow 13 refuses: a tgo1 epoch stopped within its first batches."""
+    from PIL import Image
+
+    from tgo.data import IMAGENET_MEAN, IMAGENET_STD, transforms
+
+    train, _ = transforms(resolve("smoke", auto_augment="rand-m9-mstd0.5-inc1"), IMAGENET_MEAN, IMAGENET_STD)
+    (augment,) = [t for t in train.transforms if hasattr(t, "ops")]
+    (op,) = [op for op in augment.ops if op.name == "PosterizeIncreasing"]
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0  # the top level, always applied
+    photo = Image.new("RGB", (8, 6), (200, 120, 40))
+    assert op(photo).getextrema() == ((0, 0), (0, 0), (0, 0))
+    op.magnitude = 9  # 1 bit kept: Pillow's posterize
+    assert op(photo).getpixel((0, 0)) == (128, 0, 0)

@@ -72,6 +72,7 @@ def transforms(cfg: TrainConfig, mean, std, device_side: bool = False):
         std=std,
         scale=(0.08, 1.0) if cfg.img_size >= 128 else (0.5, 1.0),
     )
+    _posterize_to_zero_bits(train)
     evaluate = create_transform(
         input_size=cfg.img_size,
         is_training=False,
@@ -82,6 +83,35 @@ def transforms(cfg: TrainConfig, mean, std, device_side: bool = False):
         use_prefetcher=device_side,
     )
     return train, evaluate
+
+
+def posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize, with 0 bits kept giving a black image, as Pillow gave before version 13.
+
+    timm's increasing posterize (RandAugment's `inc1` set, tgo1's) keeps 4 - int(level * 0.4) bits,
+    0 at the top level 10, which magnitude noise reaches (m9 with mstd 0.5: 2% of its draws); the
+    AutoAugment policies' posterize keeps 0 bits at their low levels. Pillow 13 refuses 0 bits
+    ("bits must be between or equal to 1 and 8"), which stopped a tgo1 epoch within its first
+    batches."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)  # every bit dropped: black, the mask Pillow 12 applied
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _posterize_to_zero_bits(transform) -> None:
+    """Point the posterize operations of timm's auto-augmentations inside `transform` (RandAugment's,
+    AugMix's ops; AutoAugment's sub-policies) at tgo's `posterize`, in place."""
+    from timm.data import auto_augment
+
+    for step in getattr(transform, "transforms", [transform]):
+        groups = getattr(step, "policy", None) or [getattr(step, "ops", [])]
+        for op in (op for group in groups for op in group):
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = posterize
 
 
 def with_transform(dataset: Dataset, transform) -> Dataset:
