@@ -91,8 +91,8 @@ def posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
     timm's increasing posterize (RandAugment's `inc1` set, tgo1's) keeps 4 - int(level * 0.4) bits,
     0 at the top level 10, which magnitude noise reaches (m9 with mstd 0.5: 2% of its draws); the
     AutoAugment policies' posterize keeps 0 bits at their low levels. Pillow 13 refuses 0 bits
-    ("bits must be between or equal to 1 and 8"), which stopped a tgo1 epoch within its first
-    batches."""
+    ("bits must be between or equal to 1 and 8"): 0.16% of tgo1's images, a third of its 256-image
+    batches, so every tgo1 epoch stopped within its first batches."""
     from PIL import ImageOps
 
     if bits_to_keep >= 8:
