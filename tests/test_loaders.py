@@ -108,7 +108,7 @@ def test_dali_gives_the_timm_path_labels_shapes_value_ranges_and_probe_set(tmp_p
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))  # the probe set's loader is the timm path's
 
 
-def test_dali_backend_needs_dali_or_a_jpeg_folder(tmp_path, capsys):
+def test_dali_backend_needs_dali_or_a_jpeg_folder(store, tmp_path, capsys):
     from tgo import cli
 
     code = cli.main(["train", "--preset", "smoke", "--data_backend", "dali"])
