@@ -1,9 +1,9 @@
 """NVIDIA DALI's data path (`data_backend=dali`, an optional extra): the training and validation
 images of an image folder decoded and augmented by DALI, on the GPU when training runs on one.
 
-Why: a tgo1 worker makes about 240 images/s on a CPU core (benchmarks/data.py, README), so the
-7,000 images/s of a compiled ViT-S/16 step on an H100 would need about 29 cores of PIL decoding and
-RandAugment. DALI decodes the JPEGs on the GPU (`decoders.image_random_crop`, device "mixed") and
+Why: the 7,000 images/s of a compiled ViT-S/16 step on an H100 need more cores of PIL decoding and
+RandAugment than the 8-16 a GPU usually gets (benchmarks/data.py; its figures are in the README's
+Performance section). DALI decodes the JPEGs on the GPU (`decoders.image_random_crop`, device "mixed") and
 runs the crop, RandAugment (DALI's own `auto_aug.rand_augment`), flip and normalisation there.
 
 What stays timm's or tgo's: the files and labels (the ClassFolder's, so ImageNet-100's class list
