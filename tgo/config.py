@@ -34,6 +34,7 @@ AmpMode = Literal["auto", "bf16", "fp16", "off"]
 Schedule = Literal["cosine", "step", "plateau", "poly", "tanh", "multistep"]
 ProbePrecision = Literal["float64", "float32"]
 ProbeWeights = Literal["model", "ema"]
+DataBackend = Literal["timm", "dali"]
 DATASETS, AMP_MODES, SCHEDULES = get_args(Dataset), get_args(AmpMode), get_args(Schedule)
 DEVICES_HELP = "auto, cpu, cuda, cuda:N or mps"
 DATASET_DEPENDENT = ("num_classes",)  # preset values that describe the preset's dataset, dropped for another one
@@ -60,7 +61,12 @@ class TrainConfig:
     synthetic_train_size: int = _field(512, "synthetic dataset: training images")
     synthetic_val_size: int = _field(128, "synthetic dataset: validation images")
     num_classes: int = _field(0, "classes of the head; 0 takes the dataset's count")
-    workers: int = _field(0, "DataLoader worker processes")
+    workers: int = _field(0, "DataLoader worker processes (data_backend=dali: DALI's CPU threads)")
+    data_backend: DataBackend = _field(
+        "timm",
+        "imagefolder/imagenet100: timm (PIL decoding and augmentation in worker processes) or dali (NVIDIA DALI: JPEG decoding "
+        "and augmentation on the GPU; pip install nvidia-dali-cuda120)",
+    )
     # model
     model: str = _field(
         "vit_small_patch16_224",
@@ -402,6 +408,18 @@ def _check(cfg: TrainConfig) -> None:
     need(0 < cfg.crop_pct <= 1, f"crop_pct: must be in (0, 1], got {cfg.crop_pct}.")
     need(cfg.amp in AMP_MODES, f"amp: unknown mode {cfg.amp!r}; choose one of {', '.join(AMP_MODES)}.")
     need(cfg.sched in SCHEDULES, f"sched: unknown schedule {cfg.sched!r}; choose one of {', '.join(SCHEDULES)}.")
+    need(
+        cfg.data_backend in get_args(DataBackend),
+        f"data_backend: choose {' or '.join(get_args(DataBackend))}, got {cfg.data_backend!r}.",
+    )
+    need(
+        cfg.data_backend == "timm" or cfg.dataset in ("imagefolder", "imagenet100"),
+        f"data_backend: dali reads JPEG folders (imagefolder, imagenet100), not dataset={cfg.dataset}; use data_backend=timm.",
+    )
+    need(
+        cfg.data_backend == "timm" or cfg.auto_augment.strip() in ("", "none") or cfg.auto_augment.strip().startswith("rand"),
+        f"auto_augment: data_backend=dali runs RandAugment specs only (rand-m9-mstd0.5-inc1) or none, not {cfg.auto_augment!r}.",
+    )
     need(cfg.probe_precision in ("float32", "float64"), f"probe_precision: choose float64 or float32, got {cfg.probe_precision!r}.")
     need(0 < cfg.model_ema_decay < 1, f"model_ema_decay: must be a number in (0, 1), got {cfg.model_ema_decay}.")
     need(cfg.probe_weights in ("model", "ema"), f"probe_weights: choose model or ema, got {cfg.probe_weights!r}.")

@@ -8,15 +8,19 @@ subset is drawn from the validation set (`tgo.probeset`).
 
 from __future__ import annotations
 
+import copy
 import os
+import random
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from torchvision.datasets import ImageFolder
 
 from tgo.config import TrainConfig
@@ -47,11 +51,17 @@ class Datasets:
 # --------------------------------------------------------------------------------------------------
 
 
-def transforms(cfg: TrainConfig, mean, std):
-    """(train, eval) transforms from timm for PIL images at cfg.img_size."""
+def transforms(cfg: TrainConfig, mean, std, device_side: bool = False):
+    """(train, eval) transforms from timm for PIL images at cfg.img_size.
+
+    device_side: stop at uint8 tensors (timm's `use_prefetcher`), for a loader that normalises and
+    erases on the device (timm's PrefetchLoader, tgo's loaders on a GPU): normalisation and random
+    erasing then leave the transform, every other step is the same.
+    """
     from timm.data import create_transform
 
     train = create_transform(
+        use_prefetcher=device_side,
         input_size=cfg.img_size,
         is_training=True,
         hflip=cfg.hflip,
@@ -62,10 +72,108 @@ def transforms(cfg: TrainConfig, mean, std):
         std=std,
         scale=(0.08, 1.0) if cfg.img_size >= 128 else (0.5, 1.0),
     )
+    _posterize_to_zero_bits(train)
     evaluate = create_transform(
-        input_size=cfg.img_size, is_training=False, interpolation="bicubic", crop_pct=cfg.crop_pct, mean=mean, std=std
+        input_size=cfg.img_size,
+        is_training=False,
+        interpolation="bicubic",
+        crop_pct=cfg.crop_pct,
+        mean=mean,
+        std=std,
+        use_prefetcher=device_side,
     )
     return train, evaluate
+
+
+def posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize, with 0 bits kept giving a black image, as Pillow gave before version 13.
+
+    timm's increasing posterize (RandAugment's `inc1` set, tgo1's) keeps 4 - int(level * 0.4) bits,
+    0 at the top level 10, which magnitude noise reaches (m9 with mstd 0.5: 2% of its draws); the
+    AutoAugment policies' posterize keeps 0 bits at their low levels. Pillow 13 refuses 0 bits
+    ("bits must be between or equal to 1 and 8"): 0.16% of tgo1's images, a third of its 256-image
+    batches, so every tgo1 epoch stopped within its first batches."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)  # every bit dropped: black, the mask Pillow 12 applied
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _posterize_to_zero_bits(transform) -> None:
+    """Point the posterize operations of timm's auto-augmentations inside `transform` (RandAugment's,
+    AugMix's ops; AutoAugment's sub-policies) at tgo's `posterize`, in place."""
+    from timm.data import auto_augment
+
+    for step in getattr(transform, "transforms", [transform]):
+        groups = getattr(step, "policy", None) or [getattr(step, "ops", [])]
+        for op in (op for group in groups for op in group):
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = posterize
+
+
+def with_transform(dataset: Dataset, transform) -> Dataset:
+    """A shallow copy of a dataset with another transform (the images and labels shared): the
+    loaders' device-side copy of a set whose own transform the probe set keeps. Every dataset here
+    (ArrayImages, torchvision's folders and CIFAR) applies `self.transform`, as timm's
+    `create_loader` assumes when it sets it."""
+    twin = copy.copy(dataset)
+    twin.transform = transform  # type: ignore[attr-defined]
+    return twin
+
+
+# --------------------------------------------------------------------------------------------------
+# augmentation seeds in worker processes
+# --------------------------------------------------------------------------------------------------
+
+
+class SeededOrder(Sampler):
+    """A sampler's indices, each paired with the epoch's seed and its position in the epoch:
+    (seed, position, index), for `SeededItems`.
+
+    The seed is the shuffling generator's own (`initial_seed()`, set by `train.run_epoch` every
+    epoch before the loader is iterated), read without drawing from it, so the order is the one the
+    wrapped sampler gives on its own.
+    """
+
+    def __init__(self, order: Sampler, generator: torch.Generator) -> None:
+        self.order, self.generator = order, generator
+
+    def __len__(self) -> int:
+        return len(self.order)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        seed = self.generator.initial_seed()
+        return ((seed, position, int(i)) for position, i in enumerate(self.order))
+
+
+class SeededItems(Dataset):
+    """A dataset read by worker processes with its augmentations seeded per image.
+
+    Worker processes that live across epochs (`persistent_workers`) would carry their random state
+    from one epoch to the next, so an epoch's augmentations would depend on how many epochs this
+    process had run: a resumed run would not repeat an uninterrupted one. Each image's draws are
+    instead seeded from (epoch seed, rank, position in the epoch) before its transform runs: the
+    augmentations are the same whatever the number of workers (a resume may change `workers`) and
+    differ between ranks and between the copies of repeated augmentation. Python's, numpy's and
+    torch's generators are all seeded, as timm's transforms draw from all three.
+    """
+
+    def __init__(self, dataset: Dataset, rank: int = 0) -> None:
+        self.dataset, self.rank = dataset, rank
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int, int]):
+        seed, position, index = key
+        state = np.random.SeedSequence([seed, self.rank, position]).generate_state(2)
+        random.seed(int(state[0]))
+        np.random.seed(int(state[1]))
+        torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+        return self.dataset[index]
 
 
 # --------------------------------------------------------------------------------------------------

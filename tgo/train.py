@@ -32,18 +32,20 @@ import math
 import tempfile
 import time
 import uuid
+from collections.abc import Sized
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, cast
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from tqdm.auto import tqdm
 
 from tgo import tracking
 from tgo.config import TrainConfig, from_dict, from_overrides
-from tgo.data import Datasets, build_datasets
+from tgo.data import ClassFolder, Datasets, SeededItems, SeededOrder, build_datasets, transforms, with_transform
 from tgo.errors import ArtifactError, ConfigError, TrainingError
 from tgo.keys import HEAD_VIEW, Tag
 from tgo.measure import measure
@@ -57,9 +59,15 @@ from tgo.weights import WeightSpectra
 if TYPE_CHECKING:  # timm is imported where it is used
     from timm.data import Mixup
     from timm.data.distributed_sampler import RepeatAugSampler
+    from timm.data.loader import PrefetchLoader
     from timm.scheduler.scheduler import Scheduler
     from timm.utils import ModelEmaV3
     from torch.utils.data.distributed import DistributedSampler
+
+    from tgo.dali import DaliLoader
+
+    # A loader of (images, targets) batches: torch's DataLoader, timm's PrefetchLoader around one, or DALI's.
+    Loader: TypeAlias = DataLoader | PrefetchLoader | DaliLoader
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +120,12 @@ class Setup:
     scaler: torch.amp.GradScaler
     mixup: Mixup | None  # timm's Mixup, or None
     loss_fn: torch.nn.Module
-    train_loader: DataLoader
+    train_loader: Loader
     sampler: (
         RepeatAugSampler | DistributedSampler | None
     )  # RepeatAugSampler (repeated_aug > 1) or DistributedSampler (torchrun); None: the loader shuffles
     generator: torch.Generator  # the shuffling generator, re-seeded every epoch
-    val_loader: DataLoader
+    val_loader: Loader
     probe_set: ProbeSet | None
     probe_loader: DataLoader | None
     ema: ModelEmaV3 | None = None  # timm's ModelEmaV3 (model_ema), or None
@@ -328,18 +336,42 @@ def _train_sampler(cfg: TrainConfig, d: Dist, train: Dataset) -> RepeatAugSample
     return None
 
 
+def _check_batches(cfg: TrainConfig, data: Datasets, batches: int) -> None:
+    """Raise ConfigError when an epoch of this process would hold no training batch."""
+    if batches == 0:
+        raise ConfigError(f"batch_size: {cfg.batch_size} exceeds the {dataset_size(data.train)} training images per process; lower it.")
+
+
 def _loaders(
-    cfg: TrainConfig, d: Dist, data: Datasets, probe_set: ProbeSet | None, device: torch.device, drop_last: bool
-) -> tuple[DataLoader, RepeatAugSampler | DistributedSampler | None, torch.Generator, DataLoader, DataLoader | None]:
+    cfg: TrainConfig,
+    d: Dist,
+    data: Datasets,
+    probe_set: ProbeSet | None,
+    device: torch.device,
+    drop_last: bool,
+    on_device: bool | None = None,
+) -> tuple[Loader, RepeatAugSampler | DistributedSampler | None, torch.Generator, Loader, DataLoader | None]:
     """The training, validation and probe loaders of this process.
 
+    The loaders are timm's parts rather than `timm.data.create_loader`, which does not fit tgo's
+    run: it makes its own samplers (a DistributedSampler seeded 0 without dropping, no
+    RepeatAugSampler outside torchrun, no DeiT rounding), takes no shuffling generator (tgo re-seeds
+    it every epoch, `run_epoch`), always drops the last training batch, and pads validation shards
+    with repeated images (tgo sums disjoint shards). Its pieces are used as it uses them: the
+    transforms stopping at uint8 (`use_prefetcher`), `fast_collate`, and `PrefetchLoader`, which
+    moves each batch to the GPU on a side stream one batch ahead and normalises and erases it there.
+    Workers stay alive between epochs (`persistent_workers`), each prefetching two batches (the
+    DataLoader's default), their augmentations seeded per image (`tgo.data.SeededItems`).
+
     Args:
-        cfg: the run's config (batch sizes, workers, repeated_aug).
+        cfg: the run's config (batch sizes, workers, repeated_aug, reprob).
         d: this process; validation and the probe run on disjoint shards of the ranks.
         data: the datasets.
         probe_set: the probe images, or None.
         device: where the batches go (pinned memory for a GPU).
         drop_last: drop the last short training batch.
+        on_device: normalise and erase on the device (timm's prefetcher); None: on a GPU. The CPU
+            normalises in the transform as before (the same cores would do the work either way).
 
     Returns:
         (train_loader, sampler, generator, val_loader, probe_loader): the training sampler (None:
@@ -348,24 +380,67 @@ def _loaders(
     Raises:
         ConfigError: a batch larger than this process's share of the training set.
     """
+    from timm.data.loader import PrefetchLoader, fast_collate
+
+    on_device = device.type == "cuda" if on_device is None else on_device
     pin = device.type == "cuda"
     generator = torch.Generator()
     sampler = _train_sampler(cfg, d, data.train)
-    train_loader = DataLoader(
-        data.train,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        shuffle=sampler is None,
+    val_shard = list(range(d.rank, dataset_size(data.val), d.world))  # disjoint shards, sums all-reduced
+    # The probe set's loader stays deterministic and normalised in its transform (tgo.probeset),
+    # whatever the backend.
+    probe_loader = probe_set.loader(cfg.probe_batch_size, cfg.workers, pin, d.rank, d.world) if probe_set else None
+    if cfg.data_backend == "dali":
+        from tgo.dali import DaliLoader
+
+        order = sampler if sampler is not None else RandomSampler(cast(Sized, data.train), generator=generator)
+        train_samples, val_samples = cast(ClassFolder, data.train).samples, cast(ClassFolder, data.val).samples
+        dali = partial(DaliLoader, cfg, mean=data.mean, std=data.std, device=device, generator=generator, rank=d.rank)
+        dali_train = dali(train_samples, order, True, batch_size=cfg.batch_size, drop_last=drop_last)
+        _check_batches(cfg, data, len(dali_train))
+        dali_val = dali(val_samples, val_shard, False, batch_size=cfg.probe_batch_size, drop_last=False)
+        return dali_train, sampler, generator, dali_val, probe_loader
+    train_set, val_set = data.train, data.val
+    if on_device:
+        train_tf, eval_tf = transforms(cfg, data.mean, data.std, device_side=True)
+        train_set, val_set = with_transform(data.train, train_tf), with_transform(data.val, eval_tf)
+    common: dict[str, Any] = dict(
         num_workers=cfg.workers,
         pin_memory=pin,
-        drop_last=drop_last,
-        generator=generator,
+        persistent_workers=cfg.workers > 0,
+        collate_fn=fast_collate if on_device else None,  # uint8 batches
     )
-    if len(train_loader) == 0:
-        raise ConfigError(f"batch_size: {cfg.batch_size} exceeds the {dataset_size(data.train)} training images per process; lower it.")
-    val_shard = list(range(d.rank, dataset_size(data.val), d.world))  # disjoint shards, sums all-reduced
-    val_loader = DataLoader(Subset(data.val, val_shard), batch_size=cfg.probe_batch_size, num_workers=cfg.workers, pin_memory=pin)
-    probe_loader = probe_set.loader(cfg.probe_batch_size, cfg.workers, pin, d.rank, d.world) if probe_set else None
+    if cfg.workers == 0:
+        # In this process: the augmentations draw from its generators, seeded every epoch.
+        train: DataLoader = DataLoader(
+            train_set,
+            batch_size=cfg.batch_size,
+            sampler=sampler,
+            shuffle=sampler is None,
+            drop_last=drop_last,
+            generator=generator,
+            **common,
+        )
+    else:
+        # The order is the sampler's (or the generator's shuffle), drawn in this process every
+        # epoch; the loader's own generator only seeds the workers once (SeededItems re-seeds them
+        # per image), so it is a fixed one and draws nothing from the run's generators.
+        order = sampler if sampler is not None else RandomSampler(cast(Sized, train_set), generator=generator)
+        train = DataLoader(
+            SeededItems(train_set, d.rank),
+            batch_size=cfg.batch_size,
+            sampler=SeededOrder(order, generator),
+            drop_last=drop_last,
+            generator=torch.Generator().manual_seed(0),
+            **common,
+        )
+    _check_batches(cfg, data, len(train))
+    val: DataLoader = DataLoader(Subset(val_set, val_shard), batch_size=cfg.probe_batch_size, **common)
+    train_loader: Loader = train
+    val_loader: Loader = val
+    if on_device:
+        train_loader = PrefetchLoader(train, mean=data.mean, std=data.std, device=device, re_prob=cfg.reprob)
+        val_loader = PrefetchLoader(val, mean=data.mean, std=data.std, device=device)
     return train_loader, sampler, generator, val_loader, probe_loader
 
 
@@ -429,7 +504,7 @@ def train_one_epoch(s: Setup, epoch: int) -> dict[str, float]:
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
-    loader: DataLoader,
+    loader: Loader,
     device: torch.device,
     amp: torch.dtype | None,
     d: Dist,
