@@ -79,6 +79,10 @@ class TrainConfig:
     opt: str = _field("adamw", "timm optimiser name (create_optimizer_v2), e.g. adamw, sgd, lamb")
     sched: Schedule = _field("cosine", f"timm schedule (create_scheduler_v2): {', '.join(get_args(Schedule))}")
     warmup_epochs: int = _field(1, "linear warm-up epochs")
+    sched_on_updates: bool = _field(
+        False,
+        "step the schedule after every optimiser update (timm's step_update) instead of once per epoch, so that the warm-up rises within the first epochs (per-epoch stepping, DeiT's, trains the whole first epoch at warmup_lr); not with sched=plateau",
+    )
     grad_clip: float = _field(0.0, "gradient norm clipping; 0 is off")
     smoothing: float = _field(0.1, "label smoothing")
     mixup: float = _field(0.0, "mixup alpha; 0 is off")
@@ -167,6 +171,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         batch_size=64,
         base_lr=1e-3,
         warmup_epochs=1,
+        sched_on_updates=True,
         weight_decay=0.05,
         smoothing=0.1,
         hflip=0.0,
@@ -189,6 +194,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_classes=4,
         base_lr=2e-3,
         warmup_epochs=0,
+        sched_on_updates=True,
         probe_size=32,
         probe_batch_size=32,
         hflip=0.0,
@@ -363,6 +369,10 @@ def _check(cfg: TrainConfig) -> None:
     need(0 < cfg.crop_pct <= 1, f"crop_pct: must be in (0, 1], got {cfg.crop_pct}.")
     need(cfg.amp in AMP_MODES, f"amp: unknown mode {cfg.amp!r}; choose one of {', '.join(AMP_MODES)}.")
     need(cfg.sched in SCHEDULES, f"sched: unknown schedule {cfg.sched!r}; choose one of {', '.join(SCHEDULES)}.")
+    need(
+        not (cfg.sched_on_updates and cfg.sched == "plateau"),
+        "sched_on_updates: plateau steps once per epoch, on the validation accuracy; set sched_on_updates=false with sched=plateau.",
+    )
     need(cfg.probe_precision in ("float32", "float64"), f"probe_precision: choose float64 or float32, got {cfg.probe_precision!r}.")
     need(cfg.repeated_aug >= 0, f"repeated_aug: must be an integer >= 0 (0 or 1: off; DeiT uses 3), got {cfg.repeated_aug}.")
     need(0 < cfg.model_ema_decay < 1, f"model_ema_decay: must be a number in (0, 1), got {cfg.model_ema_decay}.")
@@ -441,6 +451,9 @@ def from_overrides(values: dict[str, Any]) -> tuple[TrainConfig, set[str]]:
 def from_dict(values: dict[str, Any]) -> TrainConfig:
     """A config saved by `to_dict` (a checkpoint's or a run's), checked again."""
     values = dict(values)
+    # Saved before the setting existed: that run's schedule stepped once per epoch, whatever its
+    # preset now says (a resumed run goes on as it started).
+    values.setdefault("sched_on_updates", False)
     return resolve(values.pop("preset", "demo"), **values)
 
 
