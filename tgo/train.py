@@ -31,7 +31,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -213,7 +213,7 @@ def _model(cfg: TrainConfig, num_classes: int, device: torch.device) -> tuple[to
 FUSED_OPTIMIZERS = ("adam", "adamw")
 
 
-def optimizer_kwargs(opt: str, device: torch.device) -> dict[str, bool]:
+def optimizer_kwargs(opt: str, device: torch.device) -> dict[str, Any]:
     """What timm's create_optimizer_v2 passes on to the optimiser for `opt` on `device`: fused=True
     for torch's Adam and AdamW on CUDA (one kernel per step instead of several per parameter, and
     the GradScaler's inf check without a host read); nothing elsewhere, so that the CPU keeps
