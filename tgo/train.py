@@ -215,7 +215,7 @@ FUSED_OPTIMIZERS = ("adam", "adamw")
 
 def optimizer_kwargs(opt: str, device: torch.device) -> dict[str, Any]:
     """What timm's create_optimizer_v2 passes on to the optimiser for `opt` on `device`: fused=True
-    for torch's Adam and AdamW on CUDA (one kernel per step instead of several per parameter, and
+    for torch's Adam and AdamW on CUDA (a few kernels per step instead of several per parameter, and
     the GradScaler's inf check without a host read); nothing elsewhere, so that the CPU keeps
     torch's default implementation and its results."""
     name = opt.lower().split("_")[-1]  # timm's reading: lookahead_adamw is AdamW inside Lookahead
