@@ -208,8 +208,8 @@ def _model(cfg: TrainConfig, num_classes: int, device: torch.device) -> tuple[to
     return model, channels_last
 
 
-# torch's optimisers, by timm's name, that have a fused CUDA implementation (one kernel for every
-# parameter's update). On CUDA the others already default to their foreach (multi-tensor) form.
+# torch's optimisers, by timm's name, that have a fused CUDA implementation (all parameters' updates
+# in a few kernels). On CUDA the others already default to their foreach (multi-tensor) form.
 FUSED_OPTIMIZERS = ("adam", "adamw")
 
 
