@@ -405,3 +405,32 @@ def test_a_sweep_worker_judges_only_its_own_trials(store, tmp_path, monkeypatch)
     monkeypatch.setattr(train, "run", fake_run)
     result = sweep([0], storage=storage, study_name="own", preset="smoke", aggregate=False)
     assert result.failed == [] and result.complete and sorted(result.seed_runs) == [0]
+
+
+def test_a_trial_is_not_pruned_before_its_own_warm_up_has_ended(store, tmp_path, monkeypatch):
+    # Two trials without warm-up reach val/acc1 50 from epoch 1; the third warms up for 3 epochs
+    # (per epoch, its epoch 1 trains at warmup_lr: nothing learnt yet), then matches them. The
+    # median pruner used to stop it at epoch 1, below the others' median.
+    from types import SimpleNamespace
+
+    from tgo import train
+
+    space = tmp_path / "space.yaml"
+    space.write_text("warmup_epochs: {type: categorical, choices: [0, 3]}\n")
+    client = MlflowClient()
+    trained: dict[int, list[int]] = {}  # the epochs of each warm-up's trials
+
+    def fake_run(cfg, parent_run_id, epoch_callback, on_start, **_):  # a trial's training: its curve from its warm-up
+        run_id = client.create_run(client.get_run(parent_run_id).info.experiment_id, tags={"mlflow.parentRunId": parent_run_id}).info.run_id
+        on_start(run_id)
+        for epoch in range(1, cfg.epochs + 1):
+            trained.setdefault(cfg.warmup_epochs, []).append(epoch)
+            epoch_callback(epoch, {"val/acc1": 0.0 if epoch <= cfg.warmup_epochs else 50.0})
+        client.set_terminated(run_id)
+        return SimpleNamespace(run_id=run_id, metrics={"val/acc1": 50.0})
+
+    monkeypatch.setattr(train, "run", fake_run)
+    result = study(3, search_space=space, storage=f"journal:{tmp_path / 'warm.journal'}", study_name="warm", preset="smoke",
+                   epochs=5, sched_on_updates=False, experiment="studies", enqueue=[{"warmup_epochs": 0}] * 2 + [{"warmup_epochs": 3}])
+    assert list(result.trials.state) == ["COMPLETE"] * 3
+    assert trained[3] == [1, 2, 3, 4, 5]

@@ -86,6 +86,10 @@ class TrainConfig:
     opt: str = _field("adamw", "timm optimiser name (create_optimizer_v2), e.g. adamw, sgd, lamb")
     sched: Schedule = _field("cosine", f"timm schedule (create_scheduler_v2): {', '.join(get_args(Schedule))}")
     warmup_epochs: int = _field(1, "linear warm-up epochs")
+    sched_on_updates: bool = _field(
+        False,
+        "step the schedule after every optimiser update (timm's step_update) instead of once per epoch, so that the warm-up rises within the first epochs (per-epoch stepping, DeiT's, trains the whole first epoch at warmup_lr); not with sched=plateau",
+    )
     grad_clip: float = _field(0.0, "gradient norm clipping; 0 is off")
     smoothing: float = _field(0.1, "label smoothing")
     mixup: float = _field(0.0, "mixup alpha; 0 is off")
@@ -174,6 +178,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         batch_size=64,
         base_lr=1e-3,
         warmup_epochs=1,
+        sched_on_updates=True,
         weight_decay=0.05,
         smoothing=0.1,
         hflip=0.0,
@@ -196,6 +201,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_classes=4,
         base_lr=2e-3,
         warmup_epochs=0,
+        sched_on_updates=True,
         probe_size=32,
         probe_batch_size=32,
         hflip=0.0,
@@ -420,6 +426,10 @@ def _check(cfg: TrainConfig) -> None:
         cfg.data_backend == "timm" or cfg.auto_augment.strip() in ("", "none") or cfg.auto_augment.strip().startswith("rand"),
         f"auto_augment: data_backend=dali runs RandAugment specs only (rand-m9-mstd0.5-inc1) or none, not {cfg.auto_augment!r}.",
     )
+    need(
+        not (cfg.sched_on_updates and cfg.sched == "plateau"),
+        "sched_on_updates: plateau steps once per epoch, on the validation accuracy; set sched_on_updates=false with sched=plateau.",
+    )
     need(cfg.probe_precision in ("float32", "float64"), f"probe_precision: choose float64 or float32, got {cfg.probe_precision!r}.")
     need(0 < cfg.model_ema_decay < 1, f"model_ema_decay: must be a number in (0, 1), got {cfg.model_ema_decay}.")
     need(cfg.probe_weights in ("model", "ema"), f"probe_weights: choose model or ema, got {cfg.probe_weights!r}.")
@@ -492,6 +502,9 @@ def from_overrides(values: dict[str, Any]) -> tuple[TrainConfig, set[str]]:
 def from_dict(values: dict[str, Any]) -> TrainConfig:
     """A config saved by `to_dict` (a checkpoint's or a run's), checked again."""
     values = dict(values)
+    # Saved before the setting existed: that run's schedule stepped once per epoch, whatever its
+    # preset now says (a resumed run goes on as it started).
+    values.setdefault("sched_on_updates", False)
     return resolve(values.pop("preset", "demo"), **values)
 
 

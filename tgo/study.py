@@ -10,7 +10,8 @@
   val/acc1, val/acc5) or any geometry key geom/<site>/<view>/<observable>, each with :max or
   :min, the value at the last epoch. Several make a multi-objective study (Pareto front).
 - Pruning (single objective): the objective is reported every epoch and the pruner (MedianPruner
-  by default) stops unpromising trials; their runs end as KILLED with tgo.stopped_early.
+  by default) stops unpromising trials, each judged only after its own warm-up epochs; their runs
+  end as KILLED with tgo.stopped_early.
 - A trial that raises is recorded as FAIL (its run as FAILED) and the study goes on.
 - Storage (tgo.storage): SQLite by default, journal:PATH for several processes on one machine,
   PostgreSQL across machines; load_if_exists resumes a study; heartbeats retry dead workers'
@@ -238,16 +239,20 @@ def study(
             run_ids.append(run_id)
             trial_started(trial, run_id, {f"{Tag.PARAM_PREFIX}{k}": v for k, v in params.items()})
 
-        def report(epoch: int, m: dict) -> None:
-            if len(metrics) == 1 and epoch > 0 and metrics[0] in m:
-                trial.report(m[metrics[0]], epoch)
-                if trial.should_prune():
-                    raise train.StopTraining(f"pruned by {type(s.pruner).__name__} at epoch {epoch}")
-
         try:
             trial_cfg = from_dict(
                 {**cfg.to_dict(), **params, "run_name": f"{study_name} trial {trial.number}", "experiment": experiment, "resume": resume}
             )
+
+            def report(epoch: int, m: dict) -> None:
+                if len(metrics) == 1 and epoch > 0 and metrics[0] in m:
+                    trial.report(m[metrics[0]], epoch)
+                    # Judged only once its own warm-up has ended: until then its lr is still rising
+                    # (stepped per epoch, its first epoch trains at warmup_lr), and a trial with a
+                    # longer warm-up would lose to the others' epochs at full lr.
+                    if epoch > trial_cfg.warmup_epochs and trial.should_prune():
+                        raise train.StopTraining(f"pruned by {type(s.pruner).__name__} at epoch {epoch}")
+
             result = train.run(trial_cfg, parent_run_id=parent, epoch_callback=report, on_start=started)
         except train.StopTraining as stop:
             tracking.set_tags(run_ids[0], {Tag.TRIAL_STATE: "PRUNED"})

@@ -116,7 +116,7 @@ class Setup:
     model: torch.nn.Module  # the bare model: evaluated, probed and checkpointed
     train_model: torch.nn.Module  # what trains: the model, wrapped by DDP and torch.compile if asked
     optimizer: torch.optim.Optimizer
-    scheduler: Scheduler  # a timm scheduler, stepped once per epoch
+    scheduler: Scheduler  # a timm scheduler, stepped once per epoch or, with sched_on_updates, after every update
     scaler: torch.amp.GradScaler
     mixup: Mixup | None  # timm's Mixup, or None
     loss_fn: torch.nn.Module
@@ -158,15 +158,15 @@ def build(cfg: TrainConfig, d: Dist | None = None, ckpt: dict | None = None) -> 
     probe_set = _probe_set(cfg, data)
     model, channels_last = _model(cfg, data.num_classes, device)
     amp = amp_dtype(cfg, device)
-    optimizer, scheduler, scaler, ema = _optimisation(cfg, model, device, amp)
     mixup, loss_fn = _loss(cfg, data.num_classes)
-    start_epoch = _restore(ckpt, cfg, model, ema, optimizer, scheduler, scaler) if ckpt is not None else 0
-    train_model = _train_model(cfg, d, model, device)
     # The last short training batch is dropped under mixup (timm's Mixup asks for an even batch)
-    # and under torchrun.
+    # and under torchrun. The loaders come before the schedule, which may count their batches.
     train_loader, sampler, generator, val_loader, probe_loader = _loaders(
         cfg, d, data, probe_set, device, drop_last=d.enabled or mixup is not None
     )
+    optimizer, scheduler, scaler, ema = _optimisation(cfg, model, device, amp, updates_per_epoch=len(train_loader))
+    start_epoch = _restore(ckpt, cfg, model, ema, optimizer, scheduler, scaler, len(train_loader)) if ckpt is not None else 0
+    train_model = _train_model(cfg, d, model, device)
     return Setup(
         cfg,
         d,
@@ -218,16 +218,32 @@ def _model(cfg: TrainConfig, num_classes: int, device: torch.device) -> tuple[to
     return model, channels_last
 
 
+# torch's optimisers, by timm's name, that have a fused CUDA implementation (all parameters' updates
+# in a few kernels). On CUDA the others already default to their foreach (multi-tensor) form.
+FUSED_OPTIMIZERS = ("adam", "adamw")
+
+
+def optimizer_kwargs(opt: str, device: torch.device) -> dict[str, Any]:
+    """What timm's create_optimizer_v2 passes on to the optimiser for `opt` on `device`: fused=True
+    for torch's Adam and AdamW on CUDA (a few kernels per step instead of several per parameter, and
+    the GradScaler's inf check without a host read); nothing elsewhere, so that the CPU keeps
+    torch's default implementation and its results."""
+    name = opt.lower().split("_")[-1]  # timm's reading: lookahead_adamw is AdamW inside Lookahead
+    return {"fused": True} if device.type == "cuda" and name in FUSED_OPTIMIZERS else {}
+
+
 def _optimisation(
-    cfg: TrainConfig, model: torch.nn.Module, device: torch.device, amp: torch.dtype | None
+    cfg: TrainConfig, model: torch.nn.Module, device: torch.device, amp: torch.dtype | None, updates_per_epoch: int
 ) -> tuple[torch.optim.Optimizer, Scheduler, torch.amp.GradScaler, ModelEmaV3 | None]:
     """timm's optimiser and scheduler for `model`, the gradient scaler, and the weight average.
 
     Args:
         cfg: the run's config (opt, lr, weight decay, schedule, model_ema).
         model: the bare model.
-        device: where it trains (the scaler's device type).
+        device: where it trains (the scaler's device type, the optimiser's implementation).
         amp: the autocast dtype; the scaler scales the loss for float16 only.
+        updates_per_epoch: optimiser updates in an epoch (the training loader's batches), the unit
+            of the schedule with sched_on_updates.
 
     Returns:
         (optimizer, scheduler, scaler, ema): ema is timm's ModelEmaV3 with model_ema, else None.
@@ -235,7 +251,12 @@ def _optimisation(
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
-    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.resolved_lr, weight_decay=cfg.weight_decay)
+    optimizer = create_optimizer_v2(
+        model, opt=cfg.opt, lr=cfg.resolved_lr, weight_decay=cfg.weight_decay, **optimizer_kwargs(cfg.opt, device)
+    )
+    # Per epoch (DeiT's; timm's default): the lr changes between epochs, so the first one runs at
+    # warmup_lr throughout. With sched_on_updates, timm plans the same schedule in updates and
+    # train_one_epoch steps it after every update (step_update).
     scheduler, _ = create_scheduler_v2(
         optimizer,
         sched=cfg.sched,
@@ -243,6 +264,8 @@ def _optimisation(
         min_lr=cfg.min_lr,
         warmup_lr=cfg.warmup_lr,
         warmup_epochs=cfg.warmup_epochs,
+        step_on_epochs=not cfg.sched_on_updates,
+        updates_per_epoch=updates_per_epoch,
     )
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # loss scaling for fp16 only
     ema: ModelEmaV3 | None = None
@@ -275,8 +298,10 @@ def _restore(
     optimizer: torch.optim.Optimizer,
     scheduler: Scheduler,
     scaler: torch.amp.GradScaler,
+    updates_per_epoch: int,
 ) -> int:
-    """Load a checkpoint's weights (and weight average), optimiser, scaler and schedule in place.
+    """Load a checkpoint's weights (and weight average), optimiser, scaler and schedule in place
+    (`updates_per_epoch`: the schedule's unit with sched_on_updates).
 
     Returns:
         The epoch to start at: the one after the checkpoint's.
@@ -293,7 +318,10 @@ def _restore(
         # Extended (resume with more epochs): the schedule is planned anew over cfg.epochs, so
         # from here on the lr is what a cfg.epochs-long run has at each epoch (README). The
         # saved schedule would have kept its old length, leaving the new epochs at min_lr.
-        scheduler.step(start_epoch - 1)
+        if cfg.sched_on_updates:
+            scheduler.step_update((start_epoch - 1) * updates_per_epoch)  # the updates made so far
+        else:
+            scheduler.step(start_epoch - 1)
     return start_epoch
 
 
@@ -449,13 +477,29 @@ def _loaders(
 # --------------------------------------------------------------------------------------------------
 
 
+# Training steps between the host's reads of the device (the non-finite check and the progress bar).
+# A read (Tensor.item, tolist, bool of a tensor) makes the host wait until the device has finished
+# everything queued, so that on a GPU a read every step leaves the device idle while the host
+# prepares the next step; every HOST_READ_EVERY steps the wait is spread over that many. A run with
+# a non-finite loss stops at the next read: within HOST_READ_EVERY steps of it.
+HOST_READ_EVERY = 50
+
+
 def train_one_epoch(s: Setup, epoch: int) -> dict[str, float]:
-    """One pass over the training set. Returns train/loss, train/acc1 and train/images_per_s."""
+    """One pass over the training set. Returns train/loss, train/acc1 and train/images_per_s.
+
+    The running sums and the recent losses stay on the device; the host reads them every
+    HOST_READ_EVERY steps and at the end of the epoch (a constant number of reads per window,
+    whatever the step count), then stops at the first non-finite loss with the images trained
+    before it. With sched_on_updates the schedule is stepped after every update.
+    """
     cfg, device = s.cfg, s.device
     s.train_model.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.float64, device=device)
-    seen = 0
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss x images, correct top-1
+    losses = torch.zeros(HOST_READ_EVERY, dtype=torch.float64, device=device)  # the steps' losses since the last read
+    sizes: list[int] = []  # those steps' batch sizes (known to the host without asking the device)
+    seen = 0  # images before those steps
+    updates = (epoch - 1) * len(s.train_loader)  # optimiser updates before this epoch
     start = time.perf_counter()
     bar = tqdm(s.train_loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, disable=not s.d.main or None)
     for images, targets in bar:
@@ -469,13 +513,6 @@ def train_one_epoch(s: Setup, epoch: int) -> dict[str, float]:
         with autocast(device, s.amp):
             logits = s.train_model(images)  # (B, classes)
             loss = s.loss_fn(logits, targets)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise TrainingError(
-                f"non-finite training loss ({value}) at epoch {epoch}, after {seen} images. The run "
-                "stops here; its last good checkpoint (checkpoints/last.pt, the previous epoch) is "
-                "kept. Lower lr, enable grad_clip, or use amp=off."
-            )
         s.optimizer.zero_grad(set_to_none=True)
         s.scaler.scale(loss).backward()
         if cfg.grad_clip > 0:
@@ -485,20 +522,51 @@ def train_one_epoch(s: Setup, epoch: int) -> dict[str, float]:
         s.scaler.update()
         if s.ema is not None:
             s.ema.update(s.model)
+        if cfg.sched_on_updates:
+            updates += 1
+            s.scheduler.step_update(updates)  # the lr of the next update (timm's count, from 0 at the run's start)
         n = images.shape[0]
-        loss_sum += value * n
-        correct += (logits.detach().argmax(dim=1) == hard).sum()
-        seen += n
-        bar.set_postfix(loss=f"{value:.3f}")
-    stats = torch.tensor([loss_sum.item(), correct.item(), float(seen)], dtype=torch.float64, device=device)
+        loss = loss.detach()
+        losses[len(sizes)] = loss
+        sums[0] += loss.double() * n
+        sums[1] += (logits.detach().argmax(dim=1) == hard).sum()
+        sizes.append(n)
+        if len(sizes) == HOST_READ_EVERY:
+            _read_losses(losses, sizes, seen, epoch, bar)
+            seen += sum(sizes)
+            sizes.clear()
+    _read_losses(losses, sizes, seen, epoch, bar)
+    seen += sum(sizes)
+    stats = torch.cat([sums, sums.new_full((1,), float(seen))])
     if s.d.enabled:
         dist.all_reduce(stats)  # sums over the ranks' shards
+    loss_sum, correct, count = stats.tolist()
     elapsed = time.perf_counter() - start
     return {
-        "train/loss": stats[0].item() / max(stats[2].item(), 1),
-        "train/acc1": 100.0 * stats[1].item() / max(stats[2].item(), 1),
-        "train/images_per_s": stats[2].item() / elapsed,
+        "train/loss": loss_sum / max(count, 1),
+        "train/acc1": 100.0 * correct / max(count, 1),
+        "train/images_per_s": count / elapsed,
     }
+
+
+def _read_losses(losses: torch.Tensor, sizes: list[int], seen: int, epoch: int, bar: tqdm) -> None:
+    """The host's one read of the last len(sizes) steps' losses: the first non-finite one stops the
+    run (the message counts the images trained before its step); else the bar shows the last loss.
+
+    Raises:
+        TrainingError: a non-finite loss.
+    """
+    if not sizes:
+        return
+    values = losses[: len(sizes)].tolist()
+    for i, value in enumerate(values):
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"non-finite training loss ({value}) at epoch {epoch}, after {seen + sum(sizes[:i])} images. The run "
+                "stops here; its last good checkpoint (checkpoints/last.pt, the previous epoch) is "
+                "kept. Lower lr, enable grad_clip, or use amp=off."
+            )
+    bar.set_postfix(loss=f"{values[-1]:.3f}")
 
 
 @torch.no_grad()
@@ -559,7 +627,7 @@ def run_epoch(s: Setup, epoch: int) -> tuple[dict[str, float], ProbeResult | Non
         t0 = time.perf_counter()
         metrics.update(train_one_epoch(s, epoch))
         metrics.update(_validate(s))
-        s.scheduler.step(epoch, metrics["val/acc1"])  # sets the lr of the next epoch
+        s.scheduler.step(epoch, metrics["val/acc1"])  # sets the lr of the next epoch (a no-op when stepped per update)
         metrics["time/epoch_s"] = time.perf_counter() - t0
     else:
         metrics.update(_validate(s))
