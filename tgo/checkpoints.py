@@ -360,10 +360,12 @@ def _merge_copies(found: list[Checkpoint], trust: bool, weights: WeightsChoice) 
         group.sort(key=lambda c: (not c.path.name.startswith(_PREFERRED), c.path.name))
         first, others = group[0], group[1:]
         if others:
-            digest = _digest(first, trust, weights)
+            digest = ""  # hashed only for a copy that is not a hard link of the same file (timm links where it can)
             for other in others:
-                same_file = os.path.samefile(first.path, other.path)
-                if not same_file and _digest(other, trust, weights) != digest:
+                if os.path.samefile(first.path, other.path):
+                    continue
+                digest = digest or _digest(first, trust, weights)
+                if _digest(other, trust, weights) != digest:
                     raise ConfigError(
                         f"checkpoints: {first.name} and {other.name} both claim step {step} but hold different weights; "
                         "probe them apart (one file each, with --epoch) or move one out of the folder."
