@@ -92,6 +92,12 @@ class GeometryMonitor:
                 settings["model"] = name
             else:
                 tags.setdefault(Tag.MODEL, type(model).__name__)
+        # The run records the probe's settings and what was given; the data settings a monitor was not
+        # given are the preset's, which say nothing of the caller's own data (its class names the data instead).
+        self.fields = [f for f in PROBE_FIELDS if f.startswith("probe_") or f in ("weight_spectra", "feature_epochs") or f in settings]
+        dataset_of = probe_data.dataset if isinstance(probe_data, DataLoader) else probe_data
+        if "dataset" not in settings:
+            tags.setdefault(Tag.DATASET, type(dataset_of).__name__)
         self.cfg: TrainConfig = _config(settings)
         self.model = model
         self.device = resolve_device(self.cfg.device) if "device" in settings else _device_of(model)
@@ -141,7 +147,7 @@ class GeometryMonitor:
             )
         classes = self.data_classes if self.data_classes is not None else _count_classes(self.probe_set)
         dataset = {
-            "name": f"{self.cfg.dataset}-probe",
+            "name": f"{self.tags.get(Tag.DATASET, self.cfg.dataset)}-probe",
             "digest": record["fingerprint"][:32],
             "context": "probe",
             "source": {
@@ -153,7 +159,7 @@ class GeometryMonitor:
         record_probe_start(
             self._run_id,
             self.cfg,
-            PROBE_FIELDS,
+            self.fields,
             tags=self.tags,
             num_classes=classes,
             notes=self.notes,
