@@ -34,9 +34,14 @@ def images():
 
 @pytest.fixture(autouse=True)
 def _restore_mlflow_environment():
-    """MLflow 3's set_experiment / set_tracking_uri write os.environ; keep tests from leaking them."""
+    """MLflow 3's set_experiment / set_tracking_uri write os.environ; keep tests from leaking them, and
+    the fluent API's active experiment (a run started later in the same process, in another store,
+    would look for that experiment there)."""
+    import mlflow.tracking.fluent as fluent
+
     saved = {k: os.environ.get(k) for k in MLFLOW_ENV}
     yield
+    fluent._active_experiment_id = None
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
