@@ -166,3 +166,32 @@ def interrupted_and_resumed(**settings):
     (stopped,) = [r for r in mlflow.search_runs(experiment_names=[settings["experiment"]], output_format="list")
                   if r.info.run_id != whole.run_id]
     return whole, run(preset=settings["preset"], resume=stopped.info.run_id)
+
+
+VOLATILE = ("time/", "train/images_per_s", "system/")  # metrics that differ between identical runs
+
+
+def metric_steps(run_id: str) -> dict[str, dict[int, float]]:
+    """Every metric of the run, step -> value; fails on a step logged twice."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    out = {}
+    for key in client.get_run(run_id).data.metrics:
+        hist = client.get_metric_history(run_id, key)
+        steps = [m.step for m in hist]
+        assert len(steps) == len(set(steps)), f"{key} has duplicated steps {steps}"
+        out[key] = {m.step: m.value for m in hist}
+    return out
+
+
+def assert_same_metrics(a: dict, b: dict) -> None:
+    """Two runs' `metric_steps` hold the same metrics at the same steps, to float tolerance (VOLATILE left out)."""
+    import pytest
+
+    keys = {k for k in a if not k.startswith(VOLATILE)}
+    assert keys == {k for k in b if not k.startswith(VOLATILE)}
+    for key in keys:
+        assert a[key].keys() == b[key].keys(), key
+        for step in a[key]:
+            assert b[key][step] == pytest.approx(a[key][step], rel=1e-6, abs=1e-9), (key, step)

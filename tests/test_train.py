@@ -14,24 +14,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from helpers import ROOT, image_tree, mlflow_run, subprocess_env, tiny_vit
+from helpers import assert_same_metrics, metric_steps, ROOT, image_tree, mlflow_run, subprocess_env, tiny_vit
 from tgo import cli
 from tgo.probe import ProbeResult, probe
 from tgo.spectral import OBSERVABLE_NAMES
 
-VOLATILE = ("time/", "train/images_per_s", "system/")
 
 
-def _history(run_id: str) -> dict[str, dict[int, float]]:
-    client = MlflowClient()
-    keys = client.get_run(run_id).data.metrics
-    out = {}
-    for key in keys:
-        hist = client.get_metric_history(run_id, key)
-        steps = [m.step for m in hist]
-        assert len(steps) == len(set(steps)), f"{key} has duplicated steps {steps}"
-        out[key] = {m.step: m.value for m in hist}
-    return out
 
 
 def _geom_keys(depth: int) -> set[str]:
@@ -55,7 +44,7 @@ def test_mlflow_run_end_to_end(store, tmp_path):
     run = runs[0]
     assert run.info.status == "FINISHED"
     rid = run.info.run_id
-    history = _history(rid)
+    history = metric_steps(rid)
     expected = _geom_keys(depth=2) | {"val/loss", "val/acc1", "val/acc5", "lr", "time/probe_s", "time/checkpoint_s"}
     assert expected <= set(history)
     for key in expected:
@@ -121,13 +110,6 @@ def _train_cmd(*args) -> list[str]:
     return [sys.executable, str(ROOT / "entrypoints" / "train.py"), *args]
 
 
-def _compare(a: dict, b: dict) -> None:
-    keys = {k for k in a if not k.startswith(VOLATILE)}
-    assert keys == {k for k in b if not k.startswith(VOLATILE)}
-    for key in keys:
-        assert a[key].keys() == b[key].keys(), key
-        for step in a[key]:
-            assert b[key][step] == pytest.approx(a[key][step], rel=1e-6, abs=1e-9), (key, step)
 
 
 @pytest.mark.slow
@@ -149,14 +131,14 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(store, tmp_path):
     victim.wait(timeout=60)
     assert victim.returncode == -signal.SIGKILL and run_id
     assert MlflowClient().get_run(run_id).info.status == "RUNNING"  # a killed process cannot say otherwise
-    partial = _history(run_id)
+    partial = metric_steps(run_id)
     assert max(partial["val/loss"]) < 4
 
     proc = subprocess.run(_train_cmd("--resume", run_id), env=subprocess_env(store), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resuming run {run_id}" in proc.stdout
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
-    _compare(_history(whole), _history(run_id))
+    assert_same_metrics(metric_steps(whole), metric_steps(run_id))
 
 
 @pytest.mark.slow
@@ -300,7 +282,7 @@ def test_a_store_that_turns_read_only_ends_in_one_message_and_resume_continues(s
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert sorted(_history(run_id)["val/loss"]) == list(range(5))  # every epoch once
+    assert sorted(metric_steps(run_id)["val/loss"]) == list(range(5))  # every epoch once
 
 
 @pytest.mark.slow
@@ -321,7 +303,7 @@ def test_resume_from_a_checkpoint_whose_metrics_were_not_logged(store, tmp_path)
     torch.save(ckpt, tmp_path / "last.pt")
     client.log_artifact(gap, str(tmp_path / "last.pt"), "checkpoints")
     resumed = run(preset="smoke", resume=gap, epochs=2)
-    history = _history(gap)
+    history = metric_steps(gap)
     assert sorted(history["val/loss"]) == [0, 1, 2]
     assert history["val/loss"][1] == pytest.approx(first.history[1]["val/loss"])
     assert resumed.epoch == 2
@@ -337,7 +319,7 @@ def test_ddp_on_two_gloo_processes_measures_what_one_process_measures(store, tmp
     assert len(runs) == 1, "only rank 0 talks to MLflow"
     rid = runs[0].info.run_id
     assert runs[0].data.tags["tgo.world_size"] == "2"
-    history = _history(rid)
+    history = metric_steps(rid)
 
     # A single-process probe of the same images with the DDP run's weights, at epoch 0 and 1.
     from tgo.config import resolve
@@ -448,7 +430,7 @@ def test_non_finite_loss_fails_the_run_and_keeps_the_last_checkpoint(store, tmp_
     path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="checkpoints/last.pt", dst_path=str(tmp_path))
     ckpt = torch.load(path, weights_only=True)
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
-    assert sorted(_history(run.info.run_id)["val/loss"]) == list(range(ckpt["epoch"] + 1))
+    assert sorted(metric_steps(run.info.run_id)["val/loss"]) == list(range(ckpt["epoch"] + 1))
 
 
 def test_imagenet100_builder_reports_missing_classes_and_training_says_so(store, tmp_path, capsys):
@@ -476,7 +458,7 @@ def test_inside_an_active_run_training_is_a_nested_child(store):
         assert mlflow.active_run().info.run_id == parent.info.run_id  # the parent stays active
     child = MlflowClient().get_run(result.run_id)
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
-    assert sorted(_history(result.run_id)["geom/final/cls/effective_rank"]) == [0]
+    assert sorted(metric_steps(result.run_id)["geom/final/cls/effective_rank"]) == [0]
 
 
 class _Unpicklable:

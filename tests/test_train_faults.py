@@ -16,32 +16,14 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from helpers import image_tree, mlflow_run, subprocess_env
+from helpers import assert_same_metrics, metric_steps, image_tree, mlflow_run, subprocess_env
 from tgo import cli
 
-VOLATILE = ("time/", "train/images_per_s", "system/")
 MARKER = "tgo-test-planted-code-ran"  # the file a planted pickle would create if it were unpickled
 
 
-def _history(run_id: str) -> dict[str, dict[int, float]]:
-    """Every metric of the run, step -> value; fails on a step logged twice."""
-    client = MlflowClient()
-    out = {}
-    for key in client.get_run(run_id).data.metrics:
-        hist = client.get_metric_history(run_id, key)
-        steps = [m.step for m in hist]
-        assert len(steps) == len(set(steps)), f"{key} has duplicated steps {steps}"
-        out[key] = {m.step: m.value for m in hist}
-    return out
 
 
-def _same_metrics(a: dict, b: dict) -> None:
-    keys = {k for k in a if not k.startswith(VOLATILE)}
-    assert keys == {k for k in b if not k.startswith(VOLATILE)}
-    for key in keys:
-        assert a[key].keys() == b[key].keys(), key
-        for step in a[key]:
-            assert b[key][step] == pytest.approx(a[key][step], rel=1e-6, abs=1e-9), (key, step)
 
 
 def _artifacts(run_id: str, folder: str = "") -> list[str]:
@@ -102,7 +84,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_equal_to_an_uninterrup
     assert resumed.info.status == "FINISHED" and "tgo.lease" not in resumed.data.tags
 
     whole = run(preset="smoke", epochs=1, experiment="uninterrupted")
-    _same_metrics(_history(whole.run_id), _history(run_id))  # every step once, each as an uninterrupted run has it
+    assert_same_metrics(metric_steps(whole.run_id), metric_steps(run_id))  # every step once, each as an uninterrupted run has it
     assert _artifacts(run_id) == _artifacts(whole.run_id)  # the partial file is gone, nothing else is left
     params = lambda r: {k: v for k, v in r.data.params.items() if k != "config.experiment"}  # noqa: E731
     assert params(resumed) == params(client.get_run(whole.run_id))
@@ -216,7 +198,7 @@ def test_a_full_artifact_store_ends_in_one_message_and_resume_continues(store, t
         assert run.info.status == "FAILED" and "tgo.lease" not in run.data.tags
         assert run.data.tags["tgo.error"] in line and "is full" in run.data.tags["tgo.error"]
         assert not list(disk.rglob("*.partial"))  # the cut-short write is gone, its space free
-        assert sorted(_history(run_id)["val/loss"]) == [0]
+        assert sorted(metric_steps(run_id)["val/loss"]) == [0]
 
         # Space again: the resume continues at epoch 1 and ends with every epoch once.
         assert subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], capture_output=True).returncode == 0
@@ -224,7 +206,7 @@ def test_a_full_artifact_store_ends_in_one_message_and_resume_continues(store, t
         assert code == 0, err
         assert f"resuming run {run_id} at epoch 1 of 2" in out
         after = MlflowClient().get_run(run_id)
-        assert after.info.status == "FINISHED" and sorted(_history(run_id)["val/loss"]) == [0, 1, 2]
+        assert after.info.status == "FINISHED" and sorted(metric_steps(run_id)["val/loss"]) == [0, 1, 2]
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
