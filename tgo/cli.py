@@ -251,7 +251,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             for k, v in result.metrics.items()
             if (parts := parse_metric_key(k)) is None or (parts.site, parts.view) == result.head
         }
-        print(f"tgo: run {result.run_id} finished {result.epoch} epochs.")
+        if result.stopped_by:
+            print(f"tgo: run {result.run_id} stopped by alarm {result.stopped_by} at epoch {result.epoch} of {result.config.epochs}.")
+        else:
+            print(f"tgo: run {result.run_id} finished {result.epoch} epochs.")
         print(json.dumps(summary, indent=1, sort_keys=True))
     return 0
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, fields
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal, get_args
 
+from tgo import alarms as alarm_rules
 from tgo.errors import ConfigError
 
 Preset = Literal["demo", "smoke", "tgo1"]
@@ -35,6 +36,7 @@ Schedule = Literal["cosine", "step", "plateau", "poly", "tanh", "multistep"]
 ProbePrecision = Literal["float64", "float32"]
 ProbeWeights = Literal["model", "ema"]
 DataBackend = Literal["timm", "dali"]
+AlarmAction = Literal["warn", "stop"]
 DATASETS, AMP_MODES, SCHEDULES = get_args(Dataset), get_args(AmpMode), get_args(Schedule)
 DEVICES_HELP = "auto, cpu, cuda, cuda:N or mps"
 DATASET_DEPENDENT = ("num_classes",)  # preset values that describe the preset's dataset, dropped for another one
@@ -119,6 +121,17 @@ class TrainConfig:
     probe_weights: ProbeWeights = _field(
         "model",
         "weights the probe measures (and checkpoints/weights_epoch_XXXX.pt keeps): model, the trained weights, or ema, their average (needs model_ema)",
+    )
+    # alarms on the geometry while it is measured (tgo.alarms)
+    alarms: str = _field(
+        "default",
+        "rules on the geometry, ';'-separated: [name:] <site>/<view>/<observable> (< or >) <number | c*init | c*best> [for N] "
+        "(site, view: globs; head/<observable>: the view that feeds the head), each breach tested against its standard error; "
+        f"default: {alarm_rules.DEFAULT_ALARMS!r}; none: no alarm",
+    )
+    alarm_action: AlarmAction = _field(
+        "warn",
+        "when an alarm fires: warn (log line, metric alarm/<name>, tag tgo.alarm) or stop (also end the run, FINISHED, after its checkpoint)",
     )
     # run
     seed: int = _field(0, "training seed (initialisation, shuffling, augmentation)")
@@ -435,6 +448,8 @@ def _check(cfg: TrainConfig) -> None:
     need(cfg.probe_weights in ("model", "ema"), f"probe_weights: choose model or ema, got {cfg.probe_weights!r}.")
     need(cfg.probe_weights == "model" or cfg.model_ema, "probe_weights: ema needs model_ema=true (there is no weight average to measure).")
     _check_timm_names(cfg, need)
+    need(cfg.alarm_action in ("warn", "stop"), f"alarm_action: choose warn or stop, got {cfg.alarm_action!r}.")
+    alarm_rules.parse(cfg.alarms)  # a ConfigError naming the rule that does not parse
     device = cfg.device.lower()
     ok_device = device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit())
     need(ok_device, f"device: unknown device {cfg.device!r}; choose {DEVICES_HELP}.")
@@ -505,6 +520,7 @@ def from_dict(values: dict[str, Any]) -> TrainConfig:
     # Saved before the setting existed: that run's schedule stepped once per epoch, whatever its
     # preset now says (a resumed run goes on as it started).
     values.setdefault("sched_on_updates", False)
+    values.setdefault("alarms", "none")  # ... and had no alarms
     return resolve(values.pop("preset", "demo"), **values)
 
 
@@ -538,6 +554,8 @@ PROBE_FIELDS: tuple[str, ...] = (
     "probe_weights",
     "weight_spectra",
     "feature_epochs",
+    "alarms",
+    "alarm_action",
     "device",
     "experiment",
     "run_name",

@@ -10,6 +10,7 @@ Metrics (step = epoch unless said otherwise):
     similarity/<site>/cka_<against>       CKA with the final site / previous kept epoch   `similarity_key`
     intrinsic_dim/<site>/<view>           TwoNN intrinsic dimension         `intrinsic_dim_key`
     weights/<kind>/<site>/<observable>    weight spectra                    `weight_key`
+    alarm/<name>                          1 where an alarm rule is in alarm, else 0 (probed epochs)   `tgo.alarms.alarm_key`
     finding/<N>                           an analysis's verdict score       `finding_key`
     seeds/<stat>/<key>                    a sweep parent's spread over seeds   `seeds_key`
     seeds/finding/<N>[/<what>]            a sweep's verdict across seeds    `seeds_finding_key`
@@ -171,6 +172,9 @@ class Tag:
     ERROR = "tgo.error"  # the error a run (or trial) stopped with
     PREVIOUS_ERROR = "tgo.previous_error"  # ... before it was resumed
     STOPPED_EARLY = "tgo.stopped_early"  # why an epoch callback (a pruner) ended it
+    ALARM = "tgo.alarm"  # JSON: each alarm's first firing (alarm, rule, epoch, where, value, se, threshold, p, level)
+    STOPPED_BY = "tgo.stopped_by"  # JSON: the alarm(s) whose action stop ended the run, and at which epoch
+    PRUNED_BY = "tgo.pruned_by"  # a study trial's run: "pruner" or "alarm"
     RESUMES = "tgo.resumes"  # on a launcher run: the run it resumed
     RESUMED_PREFIX = "tgo.resumed."  # tgo.resumed.<field>: a setting changed on resume
     # probe runs: geometry of weights trained elsewhere (tgo probe, GeometryMonitor, the Lightning callback)
@@ -211,3 +215,4 @@ class TrialAttr:
     RETRY_OF = "tgo.retry_of"  # trial: the number of the dead trial it retries
     SLOT = "tgo.slot"  # trial: one of a study's n_trials slots
     SURPLUS = "tgo.surplus"  # trial: asked for once every slot was taken
+    PRUNED_BY = "tgo.pruned_by"  # trial: what pruned it, "pruner" (the study's) or "alarm" (a geometry alarm with action stop)

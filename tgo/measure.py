@@ -1,6 +1,7 @@
 """One epoch's measurement of a ViT, as every tgo run records it: the probe with a TrainConfig's
 settings (observables, their jackknife standard errors, token interaction), the kept features and
-their similarity at `feature_epochs`, the weight spectra with `weight_spectra`, and their times.
+their similarity at `feature_epochs`, the weight spectra with `weight_spectra`, their times, and
+the run's alarm rules tested on the probe's geometry (`tgo.alarms`: alarm/<name>).
 
     m = measure(model, probe_loader, cfg, device, epoch=3, previous_features=earlier.geometry.features)
     m.metrics["geom/final/cls/effective_rank"], m.metrics["geom_se/final/cls/effective_rank"]
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tgo.alarms import Alarms, EpochAlarms
 from tgo.config import TrainConfig
 from tgo.probe import ProbeResult, probe_model
 from tgo.similarity import feature_metrics
@@ -37,11 +39,14 @@ class Measurement:
             time/weights_s), keys from tgo.keys.
         geometry: the probe's result (spectra, replicates, kept features), or None without a probe.
         weights: the weight spectra, or None without weight_spectra.
+        alarms: what the alarm rules found on this epoch's geometry (None: no probe, no rules, or
+            not the recording process).
     """
 
     metrics: dict[str, float]
     geometry: ProbeResult | None
     weights: WeightSpectra | None
+    alarms: EpochAlarms | None = None
 
 
 def measure(
@@ -55,6 +60,7 @@ def measure(
     main: bool = True,
     progress: bool | None = False,
     previous_features: dict[tuple[str, str], np.ndarray] | None = None,
+    alarms: Alarms | None = None,
 ) -> Measurement:
     """Measure `model` at `epoch`.
 
@@ -71,6 +77,8 @@ def measure(
         progress: a progress bar over the probe's batches (None: only on a terminal).
         previous_features: the kept features of the last earlier kept epoch, for
             similarity/<site>/cka_previous.
+        alarms: the run's alarm rules and what they have seen, tested on the main process when the
+            probe ran (they then hold this epoch too).
     """
     metrics: dict[str, float] = {}
     geometry = None
@@ -92,4 +100,8 @@ def measure(
         weights = weight_spectra(model)
         metrics.update(weights.metrics())  # weights/<kind>/<site>/<observable>
         metrics["time/weights_s"] = time.perf_counter() - t0
-    return Measurement(metrics, geometry, weights)
+    found = None
+    if alarms and geometry is not None and main:
+        found = alarms.observe(epoch, geometry.observations(epoch))
+        metrics.update(found.metrics)  # alarm/<name>: 1 in alarm, 0 not, at every probed epoch
+    return Measurement(metrics, geometry, weights, found)

@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 
 from tgo import keys, spectral, uncertainty
 from tgo.accumulate import Eigensolver, FoldSums, MomentAccumulator, Precision, eigensolver_for, spectra_of
+from tgo.alarms import Observation
 from tgo.errors import ArtifactError
 from tgo.keys import SE_PREFIX, VIEWS, metric_key
 from tgo.model import pooling_gap, probe_gaps
@@ -207,6 +208,17 @@ class ProbeResult:
         if g is None or g.replicates is None:
             return {}
         return {metric_key(g.site, g.view, name, SE_PREFIX): se for name, se in g.stderr.items()}
+
+    def observations(self, epoch: int = -1) -> dict[tuple[str, str, str], Observation]:
+        """(site, view, name) -> the observable's value, jackknife standard error and folds K, at every
+        site and view (what alarm rules test, `tgo.alarms`); K = 1 without folds."""
+        out = {}
+        for g in self.geometry.values():
+            folds = g.replicates.shape[0] if g.replicates is not None else 1
+            se = g.stderr
+            for name, value in g.observables.items():
+                out[(g.site, g.view, name)] = Observation(float(value), se.get(name, float("nan")), folds, epoch)
+        return out
 
     def degenerate(self) -> list[str]:
         """The "<site>/<view>" pairs whose representation had no variance."""

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from tgo import tracking
+from tgo.alarms import EpochAlarms, alarm_rules_line
 from tgo.config import TrainConfig
 from tgo.errors import StoreWriteError, short_error
 from tgo.keys import SE_PREFIX, Tag, head_name, metric_key
@@ -37,6 +38,7 @@ __all__ = [
     "record_failure",
     "record_probe_start",
     "record_start",
+    "record_stop",
     "relog_missing",
 ]
 
@@ -84,8 +86,10 @@ def record_start(
         log.info(note)
     if ckpt is None:
         tracking.log_datasets(run_id, datasets)
+    log.info(alarm_rules_line(cfg.alarms, cfg.alarm_action, cfg.probe_folds, cfg.probe_every))
     if ckpt is not None:
         relog_missing(run_id, ckpt)
+        tracking.delete_tag(run_id, Tag.STOPPED_BY)  # stopped by an alarm once, it goes on now (tgo.alarm keeps the firing)
         log.info("resuming run %s at epoch %d of %d.", run_id, start_epoch, cfg.epochs)
     elif cfg.resume:
         log.info(
@@ -272,9 +276,13 @@ class EpochCommitter:
         geometry: ProbeResult | None,
         metrics: dict,
         weight_spectra: WeightSpectra | None = None,
+        alarms: tuple[EpochAlarms, list[dict]] | None = None,
     ) -> None:
+        """Record one epoch (in the background with `background=True`). `alarms`: what the alarm
+        rules found at this epoch and every alarm's first firing so far (the tag tgo.alarm), logged
+        after the epoch's metrics."""
         self.wait()
-        args = (epoch, epochs, checkpoint, weights, geometry, metrics, weight_spectra)
+        args = (epoch, epochs, checkpoint, weights, geometry, metrics, weight_spectra, alarms)
         if not self.background:
             self._commit(*args)
             self.wait()  # re-raises the writer's error
@@ -282,7 +290,7 @@ class EpochCommitter:
         self._thread = threading.Thread(target=self._commit, args=args, daemon=True)
         self._thread.start()
 
-    def _commit(self, epoch, epochs, checkpoint, weights, geometry, metrics, weight_spectra=None) -> None:
+    def _commit(self, epoch, epochs, checkpoint, weights, geometry, metrics, weight_spectra=None, alarms=None) -> None:
         try:
             if geometry is not None:
                 artifact_dir, name = tracking.spectra_artifact(epoch)
@@ -307,6 +315,8 @@ class EpochCommitter:
             self.recorded = epoch
             line = progress_line(epoch, epochs, metrics, geometry.head if geometry is not None else None)
             log.info(f"{self.label}: {line}" if self.label else line)
+            if alarms is not None:
+                record_alarms(self.run_id, *alarms)
         except Exception as err:  # noqa: BLE001 - handed to the training thread by wait()
             # A failure to write to the run's store (read-only, full, out of reach) is said so in one
             # message by run(); anything else is a bug, raised as it is.
@@ -338,6 +348,33 @@ class EpochCommitter:
         if self._error is not None:
             err, self._error = self._error, None
             raise err
+
+
+def record_alarms(run_id: str, found: EpochAlarms, fired: list[dict]) -> None:
+    """An epoch's alarms: one warning line per alarm that fired for the first time, and the tag
+    tgo.alarm (every alarm's first firing, as JSON) updated. alarm/<name> is among the metrics."""
+    for firing in found.fired:
+        log.warning("%s", firing.line())
+    if found.fired:
+        tracking.set_tags(run_id, {Tag.ALARM: json.dumps(fired, allow_nan=True)})
+
+
+def record_stop(run_id: str, found: EpochAlarms | None, epochs: int) -> None:
+    """A run ended by an alarm with action stop, after its epoch's checkpoint: the tag tgo.stopped_by
+    and the line that says how to go on (the run closes FINISHED; resume goes on as for any run)."""
+    fired = found.fired if found is not None else []
+    epoch = fired[0].epoch if fired else -1
+    names = ", ".join(f.alarm for f in fired) or "an alarm"
+    tracking.set_tags(run_id, {Tag.STOPPED_BY: json.dumps({"alarms": [f.alarm for f in fired], "epoch": epoch, "of": epochs})})
+    log.warning(
+        "run %s stopped at epoch %d of %d by %s (alarm_action=stop); its epochs so far are recorded with their checkpoint. "
+        "To go on anyway: tgo train --resume %s [--alarm_action warn].",
+        run_id,
+        epoch,
+        epochs,
+        names,
+        run_id,
+    )
 
 
 def progress_line(epoch: int, epochs: int, metrics: dict[str, float], head: tuple[str, str] | None) -> str:

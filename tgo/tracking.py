@@ -462,6 +462,12 @@ def set_tags(run_id: str, tags: dict[str, Any]) -> None:
     MlflowClient().log_batch(run_id, tags=[mlflow.entities.RunTag(k, str(v)) for k, v in tags.items()])
 
 
+def delete_tag(run_id: str, key: str) -> None:
+    """Remove a tag from a run, if it has it."""
+    if key in MlflowClient().get_run(run_id).data.tags:
+        MlflowClient().delete_tag(run_id, key)
+
+
 def base_tags(kind: str, preset: str, dataset: str, model: str) -> dict[str, str]:
     return {Tag.KIND: kind, Tag.PRESET: preset, Tag.DATASET: dataset, Tag.MODEL: model, Tag.VERSION: tgo.__version__}
 

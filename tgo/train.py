@@ -43,16 +43,18 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from tqdm.auto import tqdm
 
+from tgo import alarms as alarm_rules
 from tgo import tracking
+from tgo.alarms import Alarms, EpochAlarms
 from tgo.config import TrainConfig, from_dict, from_overrides
 from tgo.data import ClassFolder, Datasets, SeededItems, SeededOrder, build_datasets, transforms, with_transform
 from tgo.errors import ArtifactError, ConfigError, TrainingError
 from tgo.keys import HEAD_VIEW, Tag
 from tgo.measure import measure
 from tgo.model import create_model
-from tgo.probe import ProbeResult, head_view
+from tgo.probe import ProbeResult, head_view, site_names
 from tgo.probeset import ProbeSet, dataset_size
-from tgo.recording import EpochCommitter, cpu_copy, dataset_inputs, record_failure, record_start
+from tgo.recording import EpochCommitter, cpu_copy, dataset_inputs, record_failure, record_start, record_stop
 from tgo.runtime import Dist, amp_dtype, autocast, init_distributed, resolve_device, rng_state, seed_epoch, use_device
 from tgo.weights import WeightSpectra
 
@@ -83,6 +85,8 @@ RESUMABLE_CHANGES = (
     "run_name",
     "experiment",
     "checkpoint_epochs",
+    "alarms",
+    "alarm_action",
 )
 
 
@@ -96,6 +100,8 @@ class TrainResult:
     config: TrainConfig
     history: dict[int, dict[str, float]] = field(default_factory=dict)  # the epochs run by this call
     head: tuple[str, str] = HEAD_VIEW  # the (site, view) that feeds the model's head (tgo.probe.head_view)
+    stopped_by: str = ""  # the alarm(s) whose action stop ended the run at `epoch` (the tag tgo.stopped_by), or ""
+    alarms: list[dict] = field(default_factory=list)  # each alarm's first firing (the tag tgo.alarm)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,6 +137,7 @@ class Setup:
     ema: ModelEmaV3 | None = None  # timm's ModelEmaV3 (model_ema), or None
     previous_features: dict | None = None  # the probe features of the last kept epoch (feature_epochs)
     start_epoch: int = 0  # 0 for a new run; the epoch after the checkpoint's when resuming
+    alarms: Alarms = field(default_factory=lambda: Alarms([]))  # the run's alarm rules and what they have seen
 
     @property
     def probed(self) -> torch.nn.Module:
@@ -167,6 +174,7 @@ def build(cfg: TrainConfig, d: Dist | None = None, ckpt: dict | None = None) -> 
     optimizer, scheduler, scaler, ema = _optimisation(cfg, model, device, amp, updates_per_epoch=len(train_loader))
     start_epoch = _restore(ckpt, cfg, model, ema, optimizer, scheduler, scaler, len(train_loader)) if ckpt is not None else 0
     train_model = _train_model(cfg, d, model, device)
+    alarms = _alarms(cfg, model, ckpt)
     return Setup(
         cfg,
         d,
@@ -189,7 +197,16 @@ def build(cfg: TrainConfig, d: Dist | None = None, ckpt: dict | None = None) -> 
         probe_loader,
         ema=ema,
         start_epoch=start_epoch,
+        alarms=alarms,
     )
+
+
+def _alarms(cfg: TrainConfig, model: torch.nn.Module, ckpt: dict | None) -> Alarms:
+    """The run's alarm rules (cfg.alarms, parsed when the config was made), their sites held to the
+    model's own, and what a resumed run's rules had seen (its checkpoint)."""
+    rules = alarm_rules.parse(cfg.alarms)
+    alarm_rules.check_sites(rules, site_names(model), head_view(model))
+    return Alarms(rules, cfg.alarm_action, head_view(model)).load_state(ckpt.get("alarms") if ckpt is not None else None)
 
 
 def _probe_set(cfg: TrainConfig, data: Datasets) -> ProbeSet | None:
@@ -610,11 +627,12 @@ def _validate(s: Setup) -> dict[str, float]:
     return out
 
 
-def run_epoch(s: Setup, epoch: int) -> tuple[dict[str, float], ProbeResult | None, WeightSpectra | None]:
+def run_epoch(s: Setup, epoch: int) -> tuple[dict[str, float], ProbeResult | None, WeightSpectra | None, EpochAlarms | None]:
     """Epoch 0 measures the network at initialisation; epoch e >= 1 trains one pass first. Then
-    validation, and the probe when it is due (every probe_every epochs, and the last). Returns the
-    epoch's metrics (geometry and its standard errors, token interaction and, with weight_spectra,
-    the weight spectra included), the probe's result and the weight spectra."""
+    validation, and the probe when it is due (every probe_every epochs, and the last), with the
+    alarm rules tested on its geometry. Returns the epoch's metrics (geometry and its standard
+    errors, token interaction, alarm/<name> and, with weight_spectra, the weight spectra included),
+    the probe's result, the weight spectra and what the alarms found (None when not probed)."""
     cfg = s.cfg
     metrics: dict[str, float] = {"lr": s.optimizer.param_groups[0]["lr"]}
     if epoch > 0:
@@ -642,12 +660,13 @@ def run_epoch(s: Setup, epoch: int) -> tuple[dict[str, float], ProbeResult | Non
         main=s.d.main,
         progress=s.d.main and None,
         previous_features=s.previous_features,
+        alarms=s.alarms,
     )
     metrics.update(m.metrics)
     geometry, weights = m.geometry, m.weights
     if geometry is not None and geometry.features:
         s.previous_features = geometry.features
-    return metrics, geometry, weights
+    return metrics, geometry, weights, m.alarms
 
 
 # --------------------------------------------------------------------------------------------------
@@ -797,6 +816,7 @@ def _checkpoint(s: Setup, epoch: int, metrics: dict, run_id: str) -> dict:
         "scheduler": s.scheduler.state_dict(),
         "scaler": s.scaler.state_dict(),
         "rng": rng_state(),
+        "alarms": s.alarms.state(),  # a resumed run's alarms go on from what they had seen
         "metrics": metrics,
     }
 
@@ -886,15 +906,23 @@ def _train(cfg: TrainConfig, given: set[str], d: Dist, tmp: str, parent_run_id: 
         history: dict[int, dict[str, float]] = {}
         last_metrics = dict(ckpt["metrics"]) if ckpt is not None else {}
         keep = cfg.checkpoint_epoch_set()
+        stopped_by, last_epoch = "", cfg.epochs
         for epoch in range(s.start_epoch, cfg.epochs + 1):
-            metrics, geometry, spectra_of_weights = run_epoch(s, epoch)
+            metrics, geometry, spectra_of_weights, found = run_epoch(s, epoch)
             if d.main:
                 checkpoint = _checkpoint(s, epoch, metrics, run_id)
                 if committer.background:
                     checkpoint = cpu_copy(checkpoint)  # training goes on while the snapshot is written
                 weights = checkpoint["ema" if cfg.probe_weights == "ema" else "model"]  # the weights the probe measured
                 committer.submit(
-                    epoch, cfg.epochs, checkpoint, weights if epoch in keep else None, geometry, dict(metrics), spectra_of_weights
+                    epoch,
+                    cfg.epochs,
+                    checkpoint,
+                    weights if epoch in keep else None,
+                    geometry,
+                    dict(metrics),
+                    spectra_of_weights,
+                    alarms=(found, s.alarms.summary()) if found is not None else None,
                 )
                 if geometry is not None and epoch == s.start_epoch and geometry.degenerate():
                     tracking.set_tags(run_id, {Tag.DEGENERATE_VIEWS: ",".join(geometry.degenerate())})
@@ -903,10 +931,15 @@ def _train(cfg: TrainConfig, given: set[str], d: Dist, tmp: str, parent_run_id: 
                 if d.main:
                     committer.wait()  # the callback may read the run: its epoch is recorded first
                 epoch_callback(epoch, metrics)
+            if _stops(d, found):  # an alarm with action stop fired: the run ends here, its epoch recorded
+                stopped_by, last_epoch = ",".join(f.alarm for f in found.fired) if found is not None else "alarm", epoch
+                break
         if d.main:
             committer.wait()
+            if stopped_by:
+                record_stop(run_id, found, cfg.epochs)
             tracking.end_run("FINISHED")
-        return TrainResult(run_id, cfg.epochs, last_metrics, cfg, history, head_view(s.model))
+        return TrainResult(run_id, last_epoch, last_metrics, cfg, history, head_view(s.model), stopped_by, s.alarms.summary())
     except BaseException as err:
         if d.main:
             store_lost = record_failure(err, run_id, committer, stopped=isinstance(err, StopTraining))
@@ -916,6 +949,17 @@ def _train(cfg: TrainConfig, given: set[str], d: Dist, tmp: str, parent_run_id: 
     finally:
         if lease is not None:
             lease.stop()
+
+
+def _stops(d: Dist, found: EpochAlarms | None) -> bool:
+    """Whether an alarm with action stop fired this epoch: rank 0 tests the rules and tells every
+    rank (under torchrun), so that all leave the loop together."""
+    stop = found is not None and found.stop
+    if d.enabled:
+        box = [stop]
+        dist.broadcast_object_list(box, src=0)
+        stop = bool(box[0])
+    return stop
 
 
 def run_name(cfg: TrainConfig) -> str:
