@@ -9,9 +9,9 @@ import json
 
 import numpy as np
 import pytest
+from helpers import mlflow_run
 from mlflow.tracking import MlflowClient
 
-from helpers import mlflow_run
 from tgo import alarms
 from tgo.alarms import Alarms, Observation, parse
 from tgo.config import resolve
