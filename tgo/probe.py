@@ -211,9 +211,13 @@ class ProbeResult:
 
     def observations(self, epoch: int = -1) -> dict[tuple[str, str, str], Observation]:
         """(site, view, name) -> the observable's value, jackknife standard error and folds K, at every
-        site and view (what alarm rules test, `tgo.alarms`); K = 1 without folds."""
+        site and view (what alarm rules test, `tgo.alarms`); K = 1 without folds. Views without
+        variance (`degenerate`, e.g. the class token before the first block, the same for every
+        image) have no geometry to watch and are left out."""
         out = {}
         for g in self.geometry.values():
+            if g.degenerate:
+                continue
             folds = g.replicates.shape[0] if g.replicates is not None else 1
             se = g.stderr
             for name, value in g.observables.items():
