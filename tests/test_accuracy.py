@@ -206,18 +206,27 @@ def test_a_clear_monotone_relation_is_found_and_picks_the_same_epoch():
 
 def test_the_summary_names_the_observables_that_chose_the_epoch_accuracy_chose():
     epochs = 10
-    acc = np.array([10, 20, 30, 40, 50, 60, 70, 80, 90, 85.0])  # best at epoch 8
-    values = {("final", "cls", o): np.random.default_rng(1).normal(size=epochs) for o in OBSERVABLE_NAMES}
-    values[("final", "cls", "effective_rank")] = acc.copy()
-    values[("final", "cls", "alpha")] = -np.arange(epochs, dtype=float)  # tracks accuracy, but picks the last epoch
+    acc = np.array([10, 20, 30, 40, 50, 60, 70, 80, 90, 90.0])  # saturated: epochs 8 and 9 tie, accuracy picks 8
+    noise = np.random.default_rng(1)
+    values = {("final", "cls", o): noise.normal(size=epochs) for o in OBSERVABLE_NAMES}
+    values[("final", "cls", "rankme")] = acc + np.eye(epochs)[8]  # highest at epoch 8: agrees
+    values[("final", "cls", "effective_rank")] = acc + 0.1 * np.arange(epochs)  # highest at 9: tied with accuracy's best
+    values[("final", "cls", "spectral_anisotropy")] = acc.copy()  # rises with accuracy: against TGO-I, picks epoch 0
+    values[("final", "cls", "alpha")] = -np.arange(epochs) + 3 * np.eye(epochs)[8] + 3 * np.eye(epochs)[9]  # lowest at 7
     table = A.over_epochs(_geometry(values, range(epochs)), dict(enumerate(acc)))
+    row = _row(table, "final", "cls", "effective_rank")
+    assert row.pick == 9 and not row.agree and row.as_good
     text = A.summary(table)
-    assert "highest at epoch 8" in text and "effective_rank (rho 1) would have chosen epoch 8" in text
-    assert "alpha epoch 9 (val/acc1 85)" in text
+    assert "highest at epoch 8 (90)" in text and "4 of 16 observables track val/acc1" in text
+    assert "rankme (rho 0.997) would have chosen epoch 8, as accuracy did" in text
+    assert "effective_rank would have chosen epoch 9, where val/acc1 is as high" in text
+    assert "the others would have chosen worse, epoch 0 (val/acc1 10): spectral_anisotropy (against TGO-I's direction); epoch 7 (val/acc1 80): alpha." in text
     short = A.over_epochs(_geometry(values, range(epochs)).query("epoch < 4"), dict(enumerate(acc)))
     text = A.summary(short)
-    assert "no observable tracks val/acc1" in text and "takes 6 epochs" in text
-    assert "logged no" not in text and A.summary(short.iloc[:0]).startswith("No epoch has both")
+    assert "no observable tracks val/acc1" in text and "the smallest p that 4 epochs allow is 0.0833" in text and "takes 6 epochs" in text
+    assert A.summary(short.iloc[:0]).startswith("No epoch has both")
+    tied = A.over_epochs(_geometry(values, range(epochs)).query("epoch < 8"), {**dict(enumerate(acc)), **dict.fromkeys(range(5), 50.0)})  # 5 tied: 5! pairings at the extreme
+    assert (tied.p_floor[tied.rho.notna()] > 2 / math.factorial(8)).all() and "and the ties of val/acc1 allow" in A.summary(tied)
 
 
 def test_over_runs_correlates_the_runs_last_epochs_and_picks_a_run():

@@ -35,7 +35,8 @@ Method (the `METHOD` text of the report):
   exact p reaches from 6 epochs (runs) on.
 - The pick: the epoch (run) where the observable is best, argmax of direction x value, ties to the
   earliest epoch (the first run in the order given); accuracy's pick, argmax of val/acc1 over the
-  same epochs (runs); `agree` when they are the same. The direction is the one TGO-I expects for
+  same epochs (runs); `agree` when they are the same, `as_good` when val/acc1 at the observable's
+  pick equals its best (another epoch tied with accuracy's, as where val/acc1 saturates). The direction is the one TGO-I expects for
   the observable over training (`tgo.findings.TREND_FINDINGS`: up for effective_rank,
   participation_ratio, spectral_entropy and spectral_flatness, down for the anisotropies and
   alpha), up for rankme (Garrido et al.), and otherwise the sign of rho (`direction_from`
@@ -77,6 +78,7 @@ COLUMNS = [
     "rho",
     "p",
     "p_method",
+    "p_floor",
     "p_holm",
     "q",
     "significant",
@@ -86,6 +88,7 @@ COLUMNS = [
     "pick",
     "accuracy_pick",
     "agree",
+    "as_good",
     "accuracy_at_pick",
     "accuracy_best",
 ]
@@ -123,28 +126,35 @@ def _null(rx: tuple[int, ...], ry: tuple[int, ...]) -> np.ndarray:
     return np.sort(np.asarray(ry, dtype=np.int64)[_pairings(len(rx))] @ np.asarray(rx, dtype=np.int64))
 
 
-def spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float, str]:
-    """(Spearman's rho, its two-sided permutation p, "exact" or "permutation") of x and y; NaN and
-    "" when n < 3 or either series is constant.
+def _two_sided(null: np.ndarray, t: int, exact: bool) -> float:
+    """2 min(P(T >= t), P(T <= t)) capped at 1 over the sorted null (Monte Carlo: (1 + k) / (1 + B))."""
+    tail = min(len(null) - np.searchsorted(null, t, side="left"), np.searchsorted(null, t, side="right"))
+    return float(min(1.0, 2 * tail / len(null) if exact else 2 * (1 + tail) / (1 + len(null))))
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float, str, float]:
+    """(Spearman's rho, its two-sided permutation p, "exact" or "permutation", the smallest p these
+    two series' ranks allow) of x and y; NaN and "" when n < 3 or either series is constant.
 
     rho is Pearson's correlation of the average ranks (what scipy.stats.spearmanr computes). The
     test statistic is T = sum_i rank(x)_i rank(y)_i (rho is an increasing function of it), and
     p = 2 min(P(T >= t), P(T <= t)) capped at 1, over all n! pairings (n <= EXACT_MAX_N) or over
     RESAMPLES random ones, each tail then (1 + k) / (1 + RESAMPLES). The ranks are doubled average
-    ranks, integers, so ties compare exactly."""
+    ranks, integers, so ties compare exactly. The smallest p is that of the most extreme pairing
+    (rho = +-1 where no ties): 2/n! without ties, more where ties (saturated accuracy) leave the
+    test fewer distinct pairings."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return np.nan, np.nan, ""
+        return np.nan, np.nan, "", np.nan
     rx = np.rint(2 * scipy.stats.rankdata(x)).astype(np.int64)
     ry = np.rint(2 * scipy.stats.rankdata(y)).astype(np.int64)
     cx, cy = rx - rx.mean(), ry - ry.mean()
     rho = float(np.clip(cx @ cy / np.sqrt((cx @ cx) * (cy @ cy)), -1.0, 1.0))
-    null = _null(tuple(sorted(rx)), tuple(sorted(ry)))
-    t = int(rx @ ry)
-    tail = min(len(null) - np.searchsorted(null, t, side="left"), np.searchsorted(null, t, side="right"))
-    if len(rx) <= EXACT_MAX_N:
-        return rho, float(min(1.0, 2 * tail / len(null))), "exact"
-    return rho, float(min(1.0, 2 * (1 + tail) / (1 + len(null)))), "permutation"
+    sx, sy = np.sort(rx), np.sort(ry)
+    null = _null(tuple(sx), tuple(sy))
+    exact = len(rx) <= EXACT_MAX_N
+    floor = min(_two_sided(null, int(sx @ sy), exact), _two_sided(null, int(sx @ sy[::-1]), exact))
+    return rho, _two_sided(null, int(rx @ ry), exact), "exact" if exact else "permutation", floor
 
 
 def min_exact_p(n: int) -> float:
@@ -181,7 +191,7 @@ def _correlate(table: pd.DataFrame, unit: str, accuracy: pd.Series, alpha: float
     for (site, view, name), index in known.groupby(["site", "view", "observable"], sort=False).indices.items():
         labels = [all_labels[i] for i in places[index]]
         y, x = values[index], all_accuracy[places[index]]
-        rho, p, how = spearman(x, y)
+        rho, p, how, floor = spearman(x, y)
         prior = PRIOR_DIRECTIONS.get(name)
         direction, source = (prior[0], prior[1]) if prior else ((float(np.sign(rho)) if np.isfinite(rho) else 0.0), "in-sample")
         pick, at = _pick(labels, y, direction)
@@ -197,11 +207,13 @@ def _correlate(table: pd.DataFrame, unit: str, accuracy: pd.Series, alpha: float
                 "rho": rho,
                 "p": p,
                 "p_method": how,
+                "p_floor": floor,
                 "direction": int(direction),
                 "direction_from": source,
                 "pick": pick,
                 "accuracy_pick": best,
                 "agree": pick is not None and pick == best,
+                "as_good": at >= 0 and x[at] == x[best_at],  # another epoch (run) tied with accuracy's best
                 "accuracy_at_pick": x[at] if at >= 0 else np.nan,
                 "accuracy_best": x[best_at],
             }
@@ -237,8 +249,8 @@ def over_epochs(geometry: pd.DataFrame, accuracy: pd.Series | Mapping[int, float
         One row per site, view and observable (COLUMNS): n, rho, p and p_method ("exact" or
         "permutation"), p_holm, q, significant, significant_everywhere, direction and
         direction_from, pick (the epoch the observable picks; missing for a constant series),
-        accuracy_pick, agree, accuracy_at_pick (val/acc1 at the observable's pick) and
-        accuracy_best. Empty (with these columns) when no epoch has both.
+        accuracy_pick, agree, as_good (val/acc1 at the observable's pick equals its best: a pick
+        tied with accuracy's), accuracy_at_pick (val/acc1 there) and accuracy_best. Empty (with these columns) when no epoch has both.
     """
     acc = pd.Series(accuracy, dtype=float)
     acc.index = acc.index.astype(int)
@@ -285,13 +297,20 @@ def _g(x: float) -> str:
     return f"{x:.3g}"
 
 
-def _named(rows: pd.DataFrame) -> str:
-    """'effective_rank (rho 0.9), alpha (rho -0.8, direction chosen in-sample)'."""
-    parts = [
-        f"{r.observable} (rho {_g(r.rho)}{', direction chosen in-sample' if r.direction_from == 'in-sample' else ''})"
-        for r in rows.itertuples()
-    ]
-    return ", ".join(parts)
+def _named(rows: pd.DataFrame, rho: bool = False) -> str:
+    """'effective_rank (rho -0.9, against TGO-I's direction), stable_rank (in-sample direction)': the
+    observables, each marked where its direction was chosen in-sample or its rho runs against the
+    direction it was given."""
+
+    def one(r) -> str:
+        marks = [f"rho {_g(r.rho)}"] if rho else []
+        if r.direction_from == "in-sample":
+            marks.append("in-sample direction")
+        elif np.sign(r.rho) != r.direction:
+            marks.append(f"against {r.direction_from}'s direction")
+        return f"{r.observable} ({', '.join(marks)})" if marks else r.observable
+
+    return ", ".join(one(r) for r in rows.itertuples())
 
 
 def summary(table: pd.DataFrame, head: tuple[str, str] = HEAD_VIEW, unit: str = "epoch", alpha: float = ALPHA) -> str:
@@ -321,45 +340,52 @@ def summary(table: pd.DataFrame, head: tuple[str, str] = HEAD_VIEW, unit: str = 
         tested = int(at.p.notna().sum())
         tracking = at[at.significant]
         if tracking.empty:
-            reason = ""
+            reason, floor = "", at.p_floor.min()
             if n < 3:
                 reason = f" (a rank correlation needs 3 {unit}s, there are {n})"
-            elif tested and n <= EXACT_MAX_N and min_exact_p(n) >= alpha / tested:
+            elif tested and floor >= alpha / tested:
                 need = next(k for k in itertools.count(3) if min_exact_p(k) < alpha / tested)
+                ties = f" and the ties of {ACCURACY_KEY}" if n > EXACT_MAX_N or floor > min_exact_p(n) else ""
                 reason = (
-                    f" (with {n} {unit}s the exact p is at least {_g(min_exact_p(n))}; Holm's first step across "
-                    f"{tested} observables needs below {_g(alpha / tested)}, which takes {need} {unit}s)"
+                    f" (the smallest p that {n} {unit}s{ties} allow is {_g(floor)}; Holm's first step across {tested} "
+                    f"observables needs below {_g(alpha / tested)}{f', which takes {need} {unit}s without ties' if n < need else ''})"
                 )
             same = at[at.agree]
             text.append(
                 f"{where}, no observable tracks {ACCURACY_KEY} after Holm's correction{reason}; by the picks "
-                f"alone, without a test, {len(same)} of its {len(at)} observables pick {unit} {best}."
+                f"alone, without a test, {len(same)} of its {len(at)} observables would have chosen {unit} {best}."
             )
-        else:
-            agree, other = tracking[tracking.agree], tracking[~tracking.agree]
-            sentence = f"{where}, {len(tracking)} of {len(at)} observables track {ACCURACY_KEY} after Holm's correction"
+        else:  # a significant rho is finite, so each of these has a direction and a pick
+            agree = tracking[tracking.agree]
+            tied = tracking[~tracking.agree & tracking.as_good]
+            worse = tracking[~tracking.as_good]
+            parts = [f"{where}, {len(tracking)} of {len(at)} observables track {ACCURACY_KEY} after Holm's correction"]
             if len(agree):
-                sentence += f"; {_named(agree)} would have chosen {unit} {best}, as accuracy did"
-            if len(other):
-                picks = ", ".join(
-                    f"{r.observable} {unit} {r.pick} ({ACCURACY_KEY} {_g(r.accuracy_at_pick)})"
-                    if pd.notna(r.pick)
-                    else f"{r.observable} no pick (constant)"
-                    for r in other.itertuples()
-                )
-                sentence += f"; {'the others' if len(agree) else 'they'} would have chosen otherwise: {picks}"
-            text.append(sentence + ".")
+                parts.append(f"{_named(agree, rho=True)} would have chosen {unit} {best}, as accuracy did")
+            if len(tied):
+                picks = [str(p) for p in sorted(set(tied.pick))]
+                which = f"{unit} {picks[0]}" if len(picks) == 1 else f"{unit}s {', '.join(picks[:-1])} and {picks[-1]}"
+                parts.append(f"{_named(tied)} would have chosen {which}, where {ACCURACY_KEY} is as high")
+            if len(worse):
+                groups = [
+                    f"{unit} {pick} ({ACCURACY_KEY} {_g(group.accuracy_at_pick.iloc[0])}): {_named(group)}"
+                    for pick, group in sorted(worse.groupby("pick"), key=lambda g: g[1].accuracy_at_pick.iloc[0])
+                ]
+                parts.append(f"{'the others' if len(agree) + len(tied) else 'they'} would have chosen worse, " + "; ".join(groups))
+            text.append("; ".join(parts) + ".")
     pairs = table[["site", "view"]].drop_duplicates()
     if len(pairs) > 1:
         found = table[table.significant_everywhere]
         with_some = found[["site", "view"]].drop_duplicates()
         chose = found[found.agree][["site", "view"]].drop_duplicates()
+        as_good = found[found.as_good][["site", "view"]].drop_duplicates()
         across = f"Across all {len(pairs)} site/views (Benjamini-Hochberg)"
         if with_some.empty:
             text.append(f"{across}, none has an observable that tracks {ACCURACY_KEY}.")
         else:
             text.append(
-                f"{across}, {len(with_some)} have an observable that tracks {ACCURACY_KEY}, and at {len(chose)} of "
-                f"them one that does would have chosen {unit} {best}."
+                f"{across}, {len(with_some)} have an observable that tracks {ACCURACY_KEY}; at {len(chose)} of them "
+                f"one that does would have chosen {unit} {best}, at {len(as_good)} {unit} {best} or one where "
+                f"{ACCURACY_KEY} is as high."
             )
     return " ".join(text)

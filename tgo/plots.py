@@ -258,7 +258,7 @@ def accuracy_correlation_heatmap(table: pd.DataFrame, run_label: str = "", key: 
         ax.set_title(VIEW_TITLES[view])
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label=f"Spearman's rho with {key}")
-    fig.suptitle(f"Rank correlation of each observable with {key} (dot: significant){' - ' + run_label if run_label else ''}")
+    fig.suptitle(f"Rank correlation of each observable with {key} (dot: significant everywhere){' - ' + run_label if run_label else ''}")
     return fig
 
 
