@@ -60,6 +60,19 @@ def sqlite_store(folder: Path) -> str:
     return uri
 
 
+def store_copy(trained, folder: Path, artifacts: Path | None = None) -> str:
+    """A copy of the session smoke run's tracking database (conftest.trained_smoke_run) in `folder`,
+    whose experiments put new runs' artifacts in `artifacts` (default folder/mlruns); the existing
+    runs keep reading theirs, never written. What a test does in the copy (an analysis run, a
+    deleted run, a full artifact store) leaves the other tests' store as it was."""
+    shutil.copyfile(trained.folder / "mlflow.db", folder / "mlflow.db")
+    new = str(artifacts or folder / "mlruns")
+    with contextlib.closing(sqlite3.connect(folder / "mlflow.db")) as db:
+        db.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (str(trained.folder / "mlruns"), new))
+        db.commit()
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
 @contextlib.contextmanager
 def tracking_store(uri: str, cwd: Path | None = None):
     """`uri` the tracking store while inside (MLFLOW_TRACKING_URI and MLflow's own setting), and

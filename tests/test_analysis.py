@@ -41,7 +41,8 @@ def test_every_figure_is_a_readable_png(analysed):
     names = {p.name for p in analysed.figures}
     for name in OBSERVABLE_NAMES:
         assert f"epochs_{name}.png" in names and f"heatmap_{name}.png" in names
-    assert {"eigenspectra_final_cls.png", "singular_values_final_cls.png", "correlation_final_cls.png", "depth_profile.png"} <= names
+    assert {"eigenspectra_final_cls.png", "singular_values_final_cls.png", "correlation_final_cls.png", "depth_profile.png",
+            "accuracy_correlation.png"} <= names
     assert {"cka_sites_mean.png", "cka_sites_cls.png", "svcca_sites_mean.png", "cka_epochs_mean.png", "cka_epochs_cls.png",
             "intrinsic_dim.png", "token_interaction.png", "weight_alpha.png"} <= names  # TGO-II
     for path in analysed.figures:
@@ -163,6 +164,34 @@ def test_tgo2_tables_are_the_kept_features_measured_independently(analysed, trai
     assert by_number[8].method.startswith("non-inferiority") and "block_01" in by_number[8].evidence
 
 
+def test_the_correlation_with_accuracy_is_scipys_on_the_runs_own_numbers(analysed, trained):
+    """Over the run's 4 probed epochs, each with val/acc1: rho is scipy's spearmanr of the logged
+    geometry against the logged val/acc1, p the exact permutation p over all 4! pairings (enumerated
+    here), and the picks numpy's argmax; the table is written and the report has its section."""
+    import itertools
+
+    result, _, _ = trained
+    acc1 = {m.step: m.value for m in MlflowClient().get_metric_history(result.run_id, "val/acc1")}
+    table, g = analysed.accuracy, analysed.geometry
+    assert len(table) == len(g[["site", "view", "observable"]].drop_duplicates()) and (table.n == EPOCHS + 1).all()
+    epochs = sorted(acc1)
+    x = np.array([acc1[e] for e in epochs])
+    for site, view, name in [("final", "cls", "effective_rank"), ("block_00", "patch", "stable_rank"), ("final", "mean", "alpha")]:
+        y = g[(g.site == site) & (g.view == view) & (g.observable == name)].set_index("epoch").value.loc[epochs].to_numpy()
+        row = table[(table.site == site) & (table.view == view) & (table.observable == name)].iloc[0]
+        rho = scipy.stats.spearmanr(x, y).statistic
+        null = [scipy.stats.spearmanr(x, y[list(p)]).statistic for p in itertools.permutations(range(len(y)))]
+        p = min(1.0, 2 * min(np.mean(np.array(null) >= rho - 1e-12), np.mean(np.array(null) <= rho + 1e-12)))
+        assert row.rho == pytest.approx(rho) and row.p == pytest.approx(p) and row.p_method == "exact"
+        direction = {"effective_rank": 1, "alpha": -1}.get(name, np.sign(rho))
+        assert row.pick == epochs[int(np.argmax(direction * y))] and row.accuracy_pick == epochs[int(np.argmax(x))]
+    assert not table.significant.any()  # 4 epochs: the exact p is at least 1/12
+    csv = pd.read_csv(analysed.output_dir / "tables" / "accuracy_correlation.csv")
+    assert len(csv) == len(table)
+    md = analysed.report_md.read_text()
+    assert "## What the geometry says about accuracy" in md and analysed.accuracy_summary in md and "takes 6 epochs" in md
+
+
 def test_reprobe_on_more_images(trained):
     result, folder, _ = trained
     again = analyze(result.run_id, probe_size=48, output_dir=folder / "reprobe", log=False, figures=False)
@@ -194,6 +223,9 @@ def test_a_run_without_spectra_is_read_from_its_metric_histories(trained):
     assert out.findings[0].method in ("no test (too few epochs, no standard errors)",) and out.findings[4].verdict == "inconclusive"
     assert any("still running" in n for n in out.notes)
     assert any("Covariance figures skipped" in n for n in out.notes)
+    # no val/acc1 (as a probe run made by tgo probe): said in one sentence, no table
+    assert out.accuracy.empty and "logged no val/acc1" in out.accuracy_summary
+    assert out.accuracy_summary in out.report_md.read_text() and not (out.output_dir / "tables" / "accuracy_correlation.csv").exists()
 
 
 def test_bad_input_is_explained_and_writes_nothing_to_the_run(trained, tmp_path):

@@ -5,7 +5,7 @@ every command used to leave in TMPDIR. Each ends in one message that names what 
 safe and what to do, with no traceback, and leaves no run RUNNING and no folder behind.
 
 The runs read are the session's smoke run (conftest.trained_smoke_run) through a copy of its
-tracking database (`_store_copy`): the copy's runs read the same artifact files, never written, and
+tracking database (`helpers.store_copy`): the copy's runs read the same artifact files, never written, and
 what a test does in the copy (delete a run, fill its artifact store) leaves the other tests' store
 as it was."""
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import free_port, subprocess_env, wait_for_server
+from helpers import free_port, store_copy, subprocess_env, wait_for_server
 
 # torch keeps one compile cache per user in TMPDIR (torchinductor_<user>), shared and reused, not
 # per command: the tests put it beside TMPDIR, so that what is left in TMPDIR is tgo's alone.
@@ -65,17 +65,6 @@ def _tmpfs(path: Path, size: str):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-def _store_copy(trained, folder: Path, artifacts: Path | None = None) -> str:
-    """A copy of the smoke run's tracking database in `folder`, whose experiments put new runs'
-    artifacts in `artifacts` (default folder/mlruns); the existing runs keep reading theirs."""
-    shutil.copyfile(trained.folder / "mlflow.db", folder / "mlflow.db")
-    new = str(artifacts or folder / "mlruns")
-    with contextlib.closing(sqlite3.connect(folder / "mlflow.db")) as db:
-        db.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (str(trained.folder / "mlruns"), new))
-        db.commit()
-    return f"sqlite:///{folder / 'mlflow.db'}"
-
-
 def _runs(uri: str) -> dict[str, str]:
     """Every run of the store, active or deleted: id -> status."""
     client = MlflowClient(uri)
@@ -85,13 +74,13 @@ def _runs(uri: str) -> dict[str, str]:
 
 @pytest.fixture
 def copy_store(trained_smoke_run, tmp_path, monkeypatch):
-    """`_store_copy` in tmp_path as this process's tracking store, and tmp_path/tmp this process's
+    """`store_copy` in tmp_path as this process's tracking store, and tmp_path/tmp this process's
     TMPDIR (tempfile's cached choice too): for the commands run in-process with `_cli`."""
     import tempfile
 
     import mlflow
 
-    uri = _store_copy(trained_smoke_run, tmp_path)
+    uri = store_copy(trained_smoke_run, tmp_path)
     (tmp_path / "tmp").mkdir()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
@@ -121,7 +110,7 @@ def test_a_full_tmpdir_is_named_and_nothing_is_logged_or_left(trained_smoke_run,
     that has them; item 11: the failed command left its folder there."""
     import tempfile
 
-    uri = _store_copy(trained_smoke_run, tmp_path)
+    uri = store_copy(trained_smoke_run, tmp_path)
     run_id = trained_smoke_run.result.run_id
     before = _runs(uri)
     with _tmpfs(tmp_path / "tmp", "200k") as tmpdir:
@@ -146,7 +135,7 @@ def test_a_full_artifact_store_fails_the_analysis_run_in_one_message(trained_smo
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     with _tmpfs(tmp_path / "store", "16k") as store:  # room for the first table or two, not for the rest
-        uri = _store_copy(trained_smoke_run, tmp_path, artifacts=store)
+        uri = store_copy(trained_smoke_run, tmp_path, artifacts=store)
         proc = _tgo(uri, tmpdir, "analyze", run_id, "--no-figures")
         message = _one_message(proc, 1, "no space left in the artifact store", "marked FAILED", f"tgo analyze {run_id}",
                                f"{run_id} and its artifacts are unchanged")

@@ -86,6 +86,15 @@ def test_two_workers_on_one_journal_run_each_seed_once_and_aggregate(store, tmp_
     changes = np.array([h[max(h)] - h[min(h)] for h in per_child])
     half = scipy.stats.t.ppf(0.975, 2) * changes.std(ddof=1) / np.sqrt(3)
     assert (row["mean"], row.ci_low, row.ci_high) == pytest.approx((changes.mean(), changes.mean() - half, changes.mean() + half))
+    # What the geometry says about accuracy across the seeds: each seed's last epoch, against scipy.
+    table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent, artifact_path="tables/accuracy_correlation.csv"))
+    row = table[(table.site == "final") & (table.view == "cls") & (table.observable == "effective_rank")].iloc[0]
+    by_seed = sorted(zip((int(r.data.params["config.seed"]) for r in children), per_child, children), key=lambda t: t[0])
+    y = np.array([h[max(h)] for _, h, _ in by_seed])
+    x = np.array([max(client.get_metric_history(r.info.run_id, "val/acc1"), key=lambda m: m.step).value for _, _, r in by_seed])
+    assert row.n == 3 and row.accuracy_pick == by_seed[int(np.argmax(x))][0]
+    if np.ptp(x) and np.ptp(y):
+        assert row.rho == pytest.approx(scipy.stats.spearmanr(x, y).statistic) and row.pick == by_seed[int(np.argmax(y))][0]
 
     # Re-running the sweep reuses the finished seeds: no new training run.
     proc = subprocess.run(_sweep_cmd("0,1,2", storage, "two"), env=subprocess_env(store), capture_output=True, text=True, timeout=600)
@@ -180,6 +189,17 @@ def test_a_bad_trial_is_pruned_and_a_failing_one_recorded(store, tmp_path):
     pruned = client.get_run(runs[2])
     assert pruned.info.status == "KILLED" and pruned.data.tags["tgo.trial_state"] == "PRUNED" and "tgo.stopped_early" in pruned.data.tags
     assert client.get_run(runs[3]).info.status == "FAILED"
+    # what the geometry says about accuracy, over the completed trials only (0, 1, 4) at their last epoch
+    table = result.accuracy
+    assert table is not None and (table.n == 3).all() and set(table.accuracy_pick) <= {0, 1, 4}
+    assert "tables/accuracy_correlation.csv" in {a.path for a in client.list_artifacts(result.parent_run_id, "tables")}
+    finals = {n: client.get_run(runs[n]).data.metrics for n in (0, 1, 4)}
+    x = np.array([finals[n]["val/acc1"] for n in (0, 1, 4)])
+    y = np.array([finals[n]["geom/final/cls/effective_rank"] for n in (0, 1, 4)])
+    row = table[(table.site == "final") & (table.view == "cls") & (table.observable == "effective_rank")].iloc[0]
+    assert row.accuracy_pick == (0, 1, 4)[int(np.argmax(x))]
+    if np.ptp(x) and np.ptp(y):
+        assert row.rho == pytest.approx(scipy.stats.spearmanr(x, y).statistic) and row.pick == (0, 1, 4)[int(np.argmax(y))]
 
 
 @pytest.mark.slow

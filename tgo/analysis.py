@@ -17,6 +17,12 @@ Mann-Kendall trend test with Sen's slope, Spearman's rho (for reference), the sh
 dominant direction, and the combined p that the verdicts use. The verdicts and their method:
 `tgo.findings`; the definitions of the observables: docs/METRICS.md.
 
+What the geometry says about accuracy (`tgo.accuracy.over_epochs`, for a run that logged val/acc1):
+per site, view and observable, Spearman's rho with val/acc1 over the probed epochs with its test
+(Holm across a site/view's observables, Benjamini-Hochberg across the site/views, as for the
+verdicts), and the epoch each observable would pick as the best checkpoint next to the one
+accuracy picks (`accuracy`, tables/accuracy_correlation.csv, a report section).
+
 TGO-II (`tgo.tgo2.judge`): from the features the run kept (`tgo.representations`), its token
 interaction (the spectra files) and its weight spectra (metric histories): CKA/SVCCA tables and
 heat maps, intrinsic dimension, token and weight-alpha figures, and findings 6-8.
@@ -34,7 +40,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 import tgo
-from tgo import findings, outputs, plots, representations, runs, tgo2, tracking
+from tgo import accuracy, findings, outputs, plots, representations, runs, tgo2, tracking
 from tgo.errors import AnalysisError, is_disk_full
 from tgo.findings import Finding
 from tgo.keys import HEAD_VIEW, Tag, finding_key, head_name, site_order
@@ -60,6 +66,8 @@ class Analysis(Written):
     everywhere: pd.DataFrame = field(default_factory=pd.DataFrame)  # findings 1-4 at every site/view
     head: tuple[str, str] = HEAD_VIEW  # the view that feeds the classifier head
     tgo2: dict[str, pd.DataFrame] = field(default_factory=dict)  # TGO-II's tables (TGO2.tables)
+    accuracy: pd.DataFrame = field(default_factory=pd.DataFrame)  # tgo.accuracy.over_epochs; empty without val/acc1
+    accuracy_summary: str = ""  # its sentences in the report (tgo.accuracy.summary), or why there is no table
 
 
 # --------------------------------------------------------------------------------------------------
@@ -135,9 +143,12 @@ def _tgo2_figures(study: tgo2.TGO2, label: str, out: OutputFolder) -> dict[str, 
 # --------------------------------------------------------------------------------------------------
 
 
-def _document(a: Analysis, title: str, figure_groups: dict[str, list[Path]], tgo2_groups: dict[str, list[Path]]) -> Document:
+def _document(
+    a: Analysis, title: str, figure_groups: dict[str, list[Path]], tgo2_groups: dict[str, list[Path]], accuracy_figures: list[Path]
+) -> Document:
     """The analysis report: TGO-I's verdicts and their method, the everywhere counts, the most
-    significant changes and the figures; then TGO-II's verdicts, method and figures."""
+    significant changes, what the geometry says about accuracy, and the figures; then TGO-II's
+    verdicts, method and figures."""
     doc = Document(title).paragraph(f"Source of the geometry: {a.source}.")
     for note in a.notes:
         doc.note(note)
@@ -152,6 +163,7 @@ def _document(a: Analysis, title: str, figure_groups: dict[str, list[Path]], tgo
     columns = ["site", "view", "observable", "first", "last", "change", "change_se", "change_p", "kendall_tau", "trend_p", "p"]
     doc.heading("Most significant changes").table(a.trends.sort_values("p").head(15)[columns])
     doc.paragraph("All tests: tables/trends.csv; all values and standard errors: tables/geometry.csv.")
+    _accuracy_section(doc, a, accuracy_figures)
     for heading, paths in figure_groups.items():
         doc.figures(heading, paths)
     if tgo2_found:
@@ -164,6 +176,40 @@ def _document(a: Analysis, title: str, figure_groups: dict[str, list[Path]], tgo
         for heading, paths in tgo2_groups.items():
             doc.figures(heading, paths, level=3)
     return doc
+
+
+ACCURACY_HEADING = "What the geometry says about accuracy"
+ACCURACY_COLUMNS = [
+    "observable",
+    "n",
+    "rho",
+    "p",
+    "p_holm",
+    "significant",
+    "direction",
+    "direction_from",
+    "pick",
+    "agree",
+    "accuracy_at_pick",
+]
+
+
+def _accuracy_section(doc: Document, a: Analysis, figures: list[Path]) -> None:
+    """The rank correlation of each observable with val/acc1: the method, the summary sentences,
+    the head view's rows (every site/view in tables/accuracy_correlation.csv) and the heat map;
+    for a run without val/acc1, the sentence that says so."""
+    doc.heading(ACCURACY_HEADING)
+    if a.accuracy.empty:
+        doc.paragraph(a.accuracy_summary)
+        return
+    doc.headline(a.accuracy_summary)
+    doc.paragraph(accuracy.method("epoch"), lead="Method.")
+    site, view = a.head
+    head = a.accuracy[(a.accuracy.site == site) & (a.accuracy.view == view)]
+    doc.paragraph(f"At {site}/{view}, the view that feeds the head, sorted by Holm p:")
+    doc.table(head.sort_values("p_holm")[ACCURACY_COLUMNS], empty=f"{site}/{view} was not measured.")
+    doc.paragraph("Every site/view, with Benjamini-Hochberg's q: tables/accuracy_correlation.csv.")
+    doc.figures("Rank correlation with accuracy", figures, level=3)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,6 +302,16 @@ def analyze(
             )
         trends = findings.trend_table(geometry, replicates)
         wide = findings.everywhere(trends)
+        acc1 = scalars[scalars.key == accuracy.ACCURACY_KEY]
+        if acc1.empty:
+            accuracy_table = pd.DataFrame(columns=accuracy.COLUMNS)
+            accuracy_summary = (
+                f"This run logged no {accuracy.ACCURACY_KEY} (a probe run made by tgo probe has none): "
+                "there is no accuracy to correlate the geometry with."
+            )
+        else:
+            accuracy_table = accuracy.over_epochs(geometry, dict(zip(acc1.epoch, acc1.value)))
+            accuracy_summary = accuracy.summary(accuracy_table, head)
         result = Analysis(
             run_id,
             geometry,
@@ -267,6 +323,8 @@ def analyze(
             output_dir=out.root,
             everywhere=wide,
             head=head,
+            accuracy=accuracy_table,
+            accuracy_summary=accuracy_summary,
         )
 
         # TGO-II (findings 6-8): the kept features, token interaction and weight spectra
@@ -296,8 +354,14 @@ def analyze(
         label = run.info.run_name or run_id[:8]
         groups = _tgo1_figures(shown, spectra, covariances, chosen, label, int(epochs[-1]), out) if figures else {}
         tgo2_groups = _tgo2_figures(study, label, out) if figures else {}
-        result.figures = [p for paths in (*groups.values(), *tgo2_groups.values()) for p in paths]
-        doc = _document(result, f"Geometry of run {label} ({run_id})", groups, tgo2_groups)
+        shown_rho = result.accuracy[~(result.accuracy.site + "/" + result.accuracy.view).isin(flat)]
+        accuracy_figures = (
+            [out.figure(plots.accuracy_correlation_heatmap(shown_rho, label), "accuracy_correlation")]
+            if figures and shown_rho.rho.notna().any()
+            else []
+        )
+        result.figures = [p for paths in (*groups.values(), accuracy_figures, *tgo2_groups.values()) for p in paths]
+        doc = _document(result, f"Geometry of run {label} ({run_id})", groups, tgo2_groups, accuracy_figures)
         result.report_html, result.report_md = doc.write(out.root)
         out.file("findings.json", json.dumps([f.__dict__ for f in result.findings], indent=2, default=float))
 
@@ -308,11 +372,13 @@ def analyze(
 
 
 def _write_tables(result: Analysis, out: OutputFolder) -> None:
-    """The analysis's tables: geometry (also as Parquet, where pandas can), trends, everywhere, each
-    finding's tests, scalars and TGO-II's tables (the full CKA and SVCCA matrices among them)."""
+    """The analysis's tables: geometry (also as Parquet, where pandas can), trends, everywhere, the
+    correlation with accuracy (where the run has val/acc1), each finding's tests, scalars and TGO-II's tables (the full CKA and SVCCA matrices among them)."""
     out.table(result.geometry, "geometry")
     out.table(result.trends, "trends")
     out.table(result.everywhere, "everywhere")
+    if not result.accuracy.empty:
+        out.table(result.accuracy, "accuracy_correlation")
     out.table(pd.DataFrame([t | {"finding": f.number} for f in result.findings for t in f.tests]), "finding_tests")
     out.table(result.scalars, "scalars")
     for name, table in result.tgo2.items():

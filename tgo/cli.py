@@ -297,6 +297,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     for f in result.findings:
         print(f"  finding {f.number}: {f.verdict.upper():<17} {f.claim}")
         print(f"      {f.evidence}")
+    print(f"tgo: accuracy: {result.accuracy_summary}")
     print(f"tgo: report {_where(result.report_html, result.output_dir, 'analysis', result.analysis_run_id)}")
     return 0
 

@@ -236,6 +236,32 @@ def mean_and_band(summary: pd.DataFrame, observable: str, n_seeds: int) -> Figur
     return fig
 
 
+def accuracy_correlation_heatmap(table: pd.DataFrame, run_label: str = "", key: str = "val/acc1") -> Figure:
+    """Site x observable heat map of Spearman's rho between each observable and accuracy, one panel
+    per view, on one scale from -1 to 1 (blank where rho is undefined: a constant series); a dot
+    marks the cells significant across the site/views (Benjamini-Hochberg). `table`: columns
+    site, view, observable, rho, significant_everywhere (tgo.accuracy.over_epochs)."""
+    views = [v for v in VIEW_TITLES if v in set(table.view)]
+    sites = site_order(table.site)
+    names = [o for o in OBSERVABLE_NAMES if o in set(table.observable)]
+    fig = Figure(figsize=(0.42 * len(names) * len(views) + 2.5, 0.32 * len(sites) + 3.2))
+    axes = fig.subplots(1, len(views), squeeze=False)
+    image = None
+    for i, (ax, view) in enumerate(zip(axes[0], views)):
+        part = table[table.view == view]
+        grid = part.pivot_table(index="site", columns="observable", values="rho", dropna=False).reindex(index=sites, columns=names)
+        marked = part[part.significant_everywhere.astype(bool)]
+        image = ax.imshow(grid.to_numpy(dtype=float), vmin=-1, vmax=1, cmap="RdBu_r", aspect="auto", interpolation="nearest")
+        ax.plot([names.index(o) for o in marked.observable], [sites.index(s) for s in marked.site], "k.", ms=5)
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(sites)), sites if i == 0 else [""] * len(sites), fontsize=8)
+        ax.set_title(VIEW_TITLES[view])
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label=f"Spearman's rho with {key}")
+    fig.suptitle(f"Rank correlation of each observable with {key} (dot: significant everywhere){' - ' + run_label if run_label else ''}")
+    return fig
+
+
 # --------------------------------------------------------------------------------------------------
 # TGO-II: similarity, intrinsic dimension, token interaction, weight spectra (tables of
 # tgo.representations and tgo.analysis)

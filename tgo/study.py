@@ -18,7 +18,10 @@
   trials on RDB storages, and a PID check does it for journal storages.
 - The parent run (tgo.kind=study) gets Optuna's matplotlib figures (optimisation history,
   parameter importances, intermediate values, Pareto front, in figure_format) and a table of Spearman's rho between
-  each hyperparameter and each final-epoch observable of the head view (final/cls) across the completed trials.
+  each hyperparameter and each final-epoch observable of the head view (final/cls) across the completed trials,
+  and what the geometry says about accuracy across them (`tgo.accuracy.over_runs`: every site/view's
+  final-epoch observables against the trial's final val/acc1, the trial each would pick next to the
+  one accuracy picks; tables/accuracy_correlation.csv).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from optuna.trial import TrialState
 
-from tgo import plots, tracking, train
+from tgo import accuracy, plots, tracking, train
 from tgo.config import FIELD_TYPES, TrainConfig, from_dict, from_overrides
 from tgo.errors import ConfigError, short_error
 from tgo.keys import HEAD_VIEW, METRIC_PREFIX, Tag, TrialAttr, best_key, metric_key, parse_head, parse_metric_key
@@ -63,6 +66,7 @@ class StudyResult:
     trials: pd.DataFrame  # number, state, values, params, run id
     best_trials: list[int]
     correlations: pd.DataFrame | None = None
+    accuracy: pd.DataFrame | None = None  # tgo.accuracy.over_runs across the completed trials (3 or more)
     notes: list[str] = field(default_factory=list)
 
 
@@ -401,10 +405,21 @@ def _summarise(s: optuna.Study, parent: str, metrics: list[str], space: dict, ou
                 if np.all(np.isfinite(ys)) and np.ptp(ys) > 0:
                     rho, p = scipy.stats.spearmanr(xs, ys)
                     corr_rows.append({"hyperparameter": name, "metric": key, "spearman_rho": rho, "p_value": p, "n": len(xs)})
+        # every site/view's final-epoch geometry against the final val/acc1, over the trials in number order
+        last = [
+            (number, parts.site, parts.view, parts.observable, value)
+            for number, values in sorted(finals.items())
+            for key, value in values.items()
+            if (parts := parse_metric_key(key)) and parts.prefix == METRIC_PREFIX
+        ]
+        acc1 = {number: values[accuracy.ACCURACY_KEY] for number, values in sorted(finals.items()) if accuracy.ACCURACY_KEY in values}
+        result.accuracy = accuracy.over_runs(pd.DataFrame(last, columns=["run", "site", "view", "observable", "value"]), acc1)
     result.correlations = pd.DataFrame(corr_rows, columns=["hyperparameter", "metric", "spearman_rho", "p_value", "n"])
 
     out.table(trials, "trials")
     out.table(result.correlations, "hyperparameter_geometry_spearman")
+    if result.accuracy is not None:
+        out.table(result.accuracy, "accuracy_correlation")
     vis = optuna.visualization.matplotlib
     names = [f"{m} ({d.name.lower()})" for m, d in zip(metrics, s.directions)]
     plots_to_make = (

@@ -18,7 +18,9 @@ with the 95% confidence interval of the mean from Student's t (n - 1 degrees of 
 table, mean-and-band figures, and per TGO-I finding the number of seeds that support it with a
 one-sided sign test (scipy.stats.binomtest over the seeds that support or contradict it), and one
 verdict across seeds: the seeds' first-to-last changes combined with a t interval and test, Holm
-across the finding's observables (`tgo.findings.across_seeds`), logged as seeds/finding/<N>.
+across the finding's observables (`tgo.findings.across_seeds`), logged as seeds/finding/<N>; and
+what the geometry says about accuracy across the seeds (`tgo.accuracy.over_runs`: each observable's
+last-epoch value against the seed's last val/acc1, tables/accuracy_correlation.csv).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import scipy.stats
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from tgo import findings, plots, representations, runs, tgo2, tracking, train
+from tgo import accuracy, findings, plots, representations, runs, tgo2, tracking, train
 from tgo.config import from_dict, from_overrides
 from tgo.errors import ConfigError, mask_url, short_error
 from tgo.keys import Tag, TrialAttr, metric_key, seeds_finding_key, seeds_key, site_order
@@ -55,6 +57,7 @@ class SweepResult:
     failed: list[int | None] = field(default_factory=list)  # seeds whose last trial failed in this worker (None: before it drew one)
     summary: pd.DataFrame | None = None  # epoch, site, view, observable, n, mean, std, ci95_low, ci95_high
     findings: pd.DataFrame | None = None  # tgo.findings.across_seeds: per finding and observable
+    accuracy: pd.DataFrame | None = None  # tgo.accuracy.over_runs across the seeds at their last epoch
     notes: list[str] = field(default_factory=list)
 
 
@@ -196,7 +199,7 @@ def sweep(
             "that completes the last seed aggregates, or re-run the sweep once they are done."
         )
     elif aggregate:
-        result.summary, result.findings = aggregate_into(parent, completed, figure_format)
+        result.summary, result.findings, result.accuracy = aggregate_into(parent, completed, figure_format)
     return result
 
 
@@ -222,7 +225,7 @@ def finding_counts(seed_findings: dict[int, list[findings.Finding]]) -> pd.DataF
     return findings.across_seeds(pd.DataFrame(rows))
 
 
-def aggregate_into(parent: str, seed_runs: dict[int, str], figure_format: str = "png") -> tuple[pd.DataFrame, pd.DataFrame]:
+def aggregate_into(parent: str, seed_runs: dict[int, str], figure_format: str = "png") -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Read every seed's geometry and scalars, and log their spread into the parent run (its
     downloads, tables and figures in a temporary folder, removed once logged)."""
     safe = "the seed runs are unchanged, and the parent run may hold part of the aggregate"
@@ -230,8 +233,9 @@ def aggregate_into(parent: str, seed_runs: dict[int, str], figure_format: str = 
         return _aggregate(parent, seed_runs, out)
 
 
-def _aggregate(parent: str, seed_runs: dict[int, str], out: OutputFolder) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """`aggregate_into`, with the seeds' downloads, the tables and the figures in `out`."""
+def _aggregate(parent: str, seed_runs: dict[int, str], out: OutputFolder) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """`aggregate_into`, with the seeds' downloads, the tables and the figures in `out`: the summary
+    across seeds, the findings across seeds and the correlation with accuracy across seeds."""
     tables, seed_findings = [], {}
     for seed, run_id in tqdm(sorted(seed_runs.items()), desc="reading seeds", unit="run", disable=None):
         geometry, _, spectra = runs.read_spectra(run_id, out.root / run_id)
@@ -246,12 +250,17 @@ def _aggregate(parent: str, seed_runs: dict[int, str], out: OutputFolder) -> tup
     per_seed = pd.concat(tables, ignore_index=True)
     summary = summarise(per_seed, ["epoch", "site", "view", "observable"])
     counts = finding_counts(seed_findings)
+    # each seed's geometry and val/acc1 at its last epoch, seeds in order (ties go to the first)
+    per_run = per_seed.rename(columns={"seed": "run"})
+    acc1 = accuracy.at_last_epoch(per_run[(per_run.site == "") & (per_run.observable == accuracy.ACCURACY_KEY)]).sort_values("run")
+    last = accuracy.at_last_epoch(per_run[per_run.site != ""])
+    correlation = accuracy.over_runs(last, dict(zip(acc1.run, acc1.value)))
 
     joined = ",".join(seed_runs[s] for s in sorted(seed_runs))
     if tracking.get_run(parent).data.tags.get(Tag.SEED_RUNS) == joined:
         # Aggregated before from these very runs (the tag is set last): logging again would only
         # add every seeds/* step a second time to the parent's history.
-        return summary, counts
+        return summary, counts, correlation
     keys = np.asarray(
         [o if s == "" else metric_key(s, v, o) for s, v, o in zip(summary.site, summary.view, summary.observable)], dtype=object
     )
@@ -274,6 +283,7 @@ def _aggregate(parent: str, seed_runs: dict[int, str], out: OutputFolder) -> tup
     out.table(per_seed, "per_seed")
     out.table(summary, "seeds_summary")
     out.table(counts, "findings")
+    out.table(correlation, "accuracy_correlation")
     geo = summary[summary.site != ""]
     sites = site_order(geo.site)
     shown = [s for s in (sites[0], sites[len(sites) // 2], "final") if s in sites]
@@ -282,4 +292,4 @@ def _aggregate(parent: str, seed_runs: dict[int, str], out: OutputFolder) -> tup
     out.log(parent)
     tracking.set_tags(parent, {Tag.SEEDS: ",".join(map(str, sorted(seed_runs))), Tag.SEED_RUNS: joined})
     tracking.finish(parent)
-    return summary, counts
+    return summary, counts, correlation
