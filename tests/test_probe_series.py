@@ -608,3 +608,222 @@ def test_normalize_model_takes_the_models_own_data_config(store, tmp_path):
     expected = probe_model(model, probe_set.loader(cfg.probe_batch_size), cfg, "cpu")
     _assert_same(_logged(by_model.run_id, 0), {**expected.metrics(), **expected.stderr_metrics()})
     assert _logged(by_data.run_id, 0)["geom/final/cls/effective_rank"] != _logged(by_model.run_id, 0)["geom/final/cls/effective_rank"]
+
+
+# --------------------------------------------------------------------------------------------------
+# alarms: the same rules as tgo train's, in tgo probe (incremental, --follow), GeometryMonitor and
+# the Lightning callback, on a collapse built for the purpose
+# --------------------------------------------------------------------------------------------------
+
+# The final norm's weight zeroed but for one channel, and its bias zeroed, puts every final token on
+# one axis: the final/cls representation has rank 1, so its effective rank is exactly 1 (and so in
+# every fold: no standard error), far below half the full-rank value of a random ViT.
+COLLAPSE = "collapse: final/cls/effective_rank < 0.5*init"
+
+
+def _collapse(model) -> None:
+    with torch.no_grad():
+        model.norm.weight[1:] = 0.0
+        model.norm.bias.zero_()
+
+
+def _collapsing_series(folder: Path, steps=(0, 1, 2, 3), collapse_from: int = 2) -> None:
+    """Bare weight files vit_<step>.pt: the initialisation, then a little training per step, and the
+    final norm collapsed from step `collapse_from` on."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in steps:
+        if step > 0:
+            _train_a_little(model, opt, step)
+        if step == collapse_from:
+            _collapse(model)
+        torch.save(model.state_dict(), folder / f"vit_{step}.pt")
+
+
+def _history(run_id: str, key: str) -> dict[int, float]:
+    from mlflow.tracking import MlflowClient
+
+    return {m.step: m.value for m in MlflowClient().get_metric_history(run_id, key)}
+
+
+def _probe_run(experiment: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return run
+
+
+@pytest.mark.slow
+def test_probe_alarm_warns_from_the_step_of_the_collapse(store, tmp_path):
+    """`tgo probe --alarms RULE` in a process of its own: alarm/collapse 0 at the healthy steps and 1
+    from the collapse on, one warning line, the tag tgo.alarm at step 2, every step probed."""
+    _collapsing_series(tmp_path / "series")
+    done = subprocess.run(
+        [sys.executable, "-m", "tgo", "probe", "--checkpoints", str(tmp_path / "series"), "--preset", "smoke", "--device", "cpu",
+         "--alarms", COLLAPSE, "--experiment", "warn"],
+        env=subprocess_env(store), cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "alarms (warn when one fires; each breach tested against its standard error" in done.stdout
+    assert done.stdout.count("alarm collapse at epoch 2: final/cls/effective_rank 1 ") == 1, done.stdout
+    run = _probe_run("warn")
+    rank = _history(run.info.run_id, "geom/final/cls/effective_rank")
+    assert rank[2] == pytest.approx(1.0) and min(rank[0], rank[1]) > 2.0  # the constructed values
+    assert _history(run.info.run_id, "alarm/collapse") == {0: 0.0, 1: 0.0, 2: 1.0, 3: 1.0}
+    (fired,) = json.loads(run.data.tags["tgo.alarm"])
+    assert fired["alarm"] == "collapse" and fired["epoch"] == 2 and fired["where"] == "final/cls/effective_rank"
+    assert "tgo.stopped_by" not in run.data.tags and run.info.status == "FINISHED"
+
+
+def test_probe_alarm_stop_ends_the_probe_and_the_next_probe_goes_on(store, tmp_path, capsys):
+    """--alarm_action stop: the probe ends after step 2's record (FINISHED, tgo.stopped_by, step 3
+    unprobed, one line saying so); `tgo probe` of the same checkpoints again continues the run with
+    the alarms' state of step 2 (init from step 0: still in alarm at step 3, and the alarm that fired
+    does not stop it again)."""
+    from mlflow.tracking import MlflowClient
+
+    from tgo import cli
+
+    _collapsing_series(tmp_path / "series")
+    argv = ["probe", "--checkpoints", str(tmp_path / "series"), "--preset", "smoke", "--device", "cpu",
+            "--alarms", COLLAPSE, "--alarm_action", "stop"]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "probed steps [0, 1, 2]; stopped at step 2 by alarm collapse (alarm_action=stop), steps [3] not probed" in out, out
+    (run,) = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
+    rid = run.info.run_id
+    assert run.info.status == "FINISHED" and _steps(rid) == [0, 1, 2]
+    assert json.loads(run.data.tags["tgo.stopped_by"]) == {"alarms": ["collapse"], "epoch": 2, "of": 3}
+    assert _history(rid, "alarm/collapse") == {0: 0.0, 1: 0.0, 2: 1.0}
+    assert cli.main(argv) == 0  # again: the rest, in the same run, not stopped again
+    out = capsys.readouterr().out
+    assert "probed steps [3]; steps [0, 1, 2] were already in the run" in out and "stopped" not in out, out
+    (again,) = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
+    assert again.info.run_id == rid and again.info.status == "FINISHED" and _steps(rid) == [0, 1, 2, 3]
+    assert _history(rid, "alarm/collapse") == {0: 0.0, 1: 0.0, 2: 1.0, 3: 1.0}  # 0.5 x step 0's rank: the state went on
+    assert "tgo.stopped_by" not in again.data.tags and json.loads(again.data.tags["tgo.alarm"])[0]["epoch"] == 2
+
+
+def test_probe_follow_stops_following_at_a_stop_alarm(store, tmp_path):
+    """--follow with a stop rule: the collapsed checkpoints another thread writes while it follows
+    end the probe at the first of them, long before follow_timeout."""
+    import threading
+
+    from tgo.series import probe_checkpoints
+
+    folder = tmp_path / "train"
+    _collapsing_series(folder, steps=(0, 1))
+    later = tmp_path / "later"
+    _collapsing_series(later)
+
+    def write_once_followed() -> None:  # once the first scan's steps are recorded: it follows now
+        from mlflow.tracking import MlflowClient
+
+        client, deadline = MlflowClient(), time.time() + 60
+        while time.time() < deadline:
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+            if runs and 1 in [m.step for m in client.get_metric_history(runs[0].info.run_id, "time/probe_s")]:
+                break
+            time.sleep(0.2)
+        for step in (2, 3):  # what the training writes next: the collapse
+            (later / f"vit_{step}.pt").rename(folder / f"vit_{step}.pt")
+
+    writer = threading.Thread(target=write_once_followed)
+    writer.start()
+    start = time.monotonic()
+    result = probe_checkpoints(str(folder), follow=True, follow_timeout=60, poll_s=0.2, alarms=COLLAPSE, alarm_action="stop", **SMOKE)
+    writer.join()
+    assert len(result.series.checkpoints) == 4  # steps 2 and 3 were found by following, not by the first scan
+    assert result.probed == [0, 1, 2] and result.stopped_by == "collapse" and result.stopped_at == 2
+    assert time.monotonic() - start < 45  # it stopped following, it did not wait out the timeout
+    run = _probe_run("Default")
+    assert run.info.status == "FINISHED" and json.loads(run.data.tags["tgo.stopped_by"])["epoch"] == 2
+
+
+def test_probe_bad_alarm_rules_are_one_message_and_no_run(store, tmp_path, capsys):
+    from tgo import cli
+
+    _collapsing_series(tmp_path / "series", steps=(0,))
+    cases = {
+        "final/cls/nope < 3": "unknown observable 'nope'",
+        "block_99/cls/rankme < 3": "names the site 'block_99', which this model does not have",  # after the fit
+        "final/cls/rankme = 3": "use < or >",
+    }
+    for rule, message in cases.items():
+        argv = ["probe", "--checkpoints", str(tmp_path / "series"), "--preset", "smoke", "--device", "cpu", "--alarms", rule]
+        assert cli.main(argv) == 2, rule
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err, (rule, err)
+    assert _runs(store) == 0
+
+
+def test_geometry_monitor_should_stop_at_the_collapse(store):
+    import tgo
+    from tgo.data import build_datasets
+
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    monitor = tgo.GeometryMonitor(model, build_datasets(_cfg()).val, preset="smoke", device="cpu", alarms=COLLAPSE, alarm_action="stop")
+    seen = {}
+    for epoch in range(5):
+        if epoch > 0:
+            _train_a_little(model, opt, epoch)
+        if epoch == 2:
+            _collapse(model)
+        m = monitor.measure(epoch)
+        seen[epoch] = (monitor.should_stop, m.alarms.metrics["alarm/collapse"])
+        if monitor.should_stop:
+            break
+    monitor.close()
+    assert seen == {0: (False, 0.0), 1: (False, 0.0), 2: (True, 1.0)}
+    assert [f.alarm for f in monitor.stopped_by.fired] == ["collapse"]
+    run = tgo.tracking.get_run(monitor.run_id)
+    assert run.info.status == "FINISHED" and json.loads(run.data.tags["tgo.stopped_by"])["epoch"] == 2
+    assert run.data.params["config.alarm_action"] == "stop"
+
+
+def test_lightning_callback_stop_alarm_stops_the_trainer(store, tmp_path):
+    pytest.importorskip("lightning")
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow.tracking import MlflowClient
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tgo.data import build_datasets
+    from tgo.integrations.lightning import GeometryCallback
+
+    class Collapsing(pl.LightningModule):
+        """No update (lr 0) but the second epoch's: the final norm collapsed, as a diverging run's."""
+
+        def __init__(self):
+            super().__init__()
+            self.vit = _model()
+
+        def training_step(self, batch, _):
+            if self.current_epoch == 1:
+                _collapse(self.vit)
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.vit(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    torch.manual_seed(0)
+    train = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))), batch_size=8)
+    logger = MLFlowLogger(experiment_name="lightning-alarm", tracking_uri=store)
+    trainer = pl.Trainer(
+        max_epochs=5,
+        accelerator="cpu",
+        logger=logger,
+        callbacks=[GeometryCallback(build_datasets(_cfg()).val, preset="smoke", alarms=COLLAPSE, alarm_action="stop")],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(Collapsing(), train)
+    assert trainer.current_epoch == 2 < trainer.max_epochs  # stopped after the epoch that collapsed it
+    assert _steps(logger.run_id) == [0, 1, 2] and _history(logger.run_id, "alarm/collapse") == {0: 0.0, 1: 0.0, 2: 1.0}
+    run = MlflowClient().get_run(logger.run_id)
+    assert run.info.status == "FINISHED" and json.loads(run.data.tags["tgo.stopped_by"])["epoch"] == 2

@@ -318,6 +318,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
     )
     done = f"probed steps {result.probed}" if result.probed else "probed nothing new"
     skipped = f"; steps {result.skipped} were already in the run" if result.skipped else ""
+    if result.stopped_by:
+        left = sorted({c.step for c in result.series.checkpoints} - set(result.probed) - set(result.skipped))
+        rest = f", steps {left} not probed" if left else ""
+        skipped += f"; stopped at step {result.stopped_at} by alarm {result.stopped_by} (alarm_action=stop){rest}"
     print(f"tgo: run {result.run_id}: {done}{skipped} ({len(result.series.checkpoints)} checkpoints under {args.checkpoints}).")
     return 0
 

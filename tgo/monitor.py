@@ -16,6 +16,17 @@ probe_precision, feature_epochs, weight_spectra, device, ...). The run is the on
 (`run_id`), else the active MLflow run, else a new run in `experiment`. Under torch.distributed each
 rank probes its shard of the probe set and the sums are all-reduced; rank 0 records.
 
+Alarms: the run's alarm rules (`alarms`, `alarm_action`: tgo.alarms, as in tgo train; the
+default rules warn of a collapse of the head view) are tested at every `measure`, which logs
+alarm/<name> and, at a first firing, a warning line and the tag tgo.alarm. With
+alarm_action="stop" a firing sets `should_stop`, for the loop to leave:
+
+        if monitor.should_stop:
+            break
+    monitor.close()                         # the run tagged tgo.stopped_by, FINISHED
+
+Under torch.distributed rank 0 tests the rules and every rank sees the same `should_stop`.
+
 `tgo probe` (tgo.series) measures a series of checkpoints through this class, and
 tgo.integrations.lightning.GeometryCallback a Lightning Trainer's epochs.
 """
@@ -31,14 +42,16 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+from tgo import alarms as alarm_rules
 from tgo import tracking
+from tgo.alarms import Alarms, EpochAlarms
 from tgo.config import PROBE_FIELDS, TrainConfig, from_overrides
 from tgo.errors import ConfigError
 from tgo.keys import Tag
 from tgo.measure import Measurement, measure
-from tgo.probe import head_view
+from tgo.probe import head_view, site_names
 from tgo.probeset import ProbeSet, dataset_size
-from tgo.recording import EpochCommitter, record_probe_start
+from tgo.recording import EpochCommitter, record_probe_start, record_stop
 from tgo.runtime import resolve_device
 
 __all__ = ["GeometryMonitor"]
@@ -61,10 +74,18 @@ class GeometryMonitor:
         data_classes: the classes of the probe data, for the run's record (default: from its labels).
         notes: plain-language facts about the data, logged once and kept in a tag.
         **settings: tgo train's settings (names and checks of tgo.config.TrainConfig, e.g.
-            preset="smoke", probe_size=512, probe_folds=10, weight_spectra=True, device="cpu").
+            preset="smoke", probe_size=512, probe_folds=10, weight_spectra=True, device="cpu",
+            alarms="collapse: final/cls/effective_rank < 0.25*init", alarm_action="stop").
+
+    Attributes:
+        alarms: the alarm rules and what they have seen (`tgo.alarms.Alarms`; `load_state` goes on
+            from an earlier monitor's `alarms.state()`).
+        should_stop: an alarm with alarm_action="stop" has fired (on every rank).
+        stopped_by: what the rules found at the epoch where it fired (rank 0), else None.
 
     Raises:
-        ConfigError: a setting that is not valid, or a probe set larger than the probe data.
+        ConfigError: a setting that is not valid (an alarm rule among them, or one naming a site the
+            model lacks), or a probe set larger than the probe data.
     """
 
     def __init__(
@@ -94,12 +115,18 @@ class GeometryMonitor:
                 tags.setdefault(Tag.MODEL, type(model).__name__)
         # The run records the probe's settings and what was given; the data settings a monitor was not
         # given are the preset's, which say nothing of the caller's own data (its class names the data instead).
-        self.fields = [f for f in PROBE_FIELDS if f.startswith("probe_") or f in ("weight_spectra", "feature_epochs") or f in settings]
+        measured = ("weight_spectra", "feature_epochs", "alarms", "alarm_action")  # recorded whether given or not
+        self.fields = [f for f in PROBE_FIELDS if f.startswith("probe_") or f in measured or f in settings]
         dataset_of = probe_data.dataset if isinstance(probe_data, DataLoader) else probe_data
         if "dataset" not in settings:
             tags.setdefault(Tag.DATASET, type(dataset_of).__name__)
         self.cfg: TrainConfig = _config(settings)
         self.model = model
+        rules = alarm_rules.parse(self.cfg.alarms)  # parsed (and checked) with the config already
+        alarm_rules.check_sites(rules, site_names(model), head_view(model))
+        self.alarms = Alarms(rules, self.cfg.alarm_action, head_view(model))
+        self.stopped_by: EpochAlarms | None = None
+        self._should_stop = self._stop_recorded = False
         self.device = resolve_device(self.cfg.device) if "device" in settings else _device_of(model)
         dataset = probe_data.dataset if isinstance(probe_data, DataLoader) else probe_data
         try:
@@ -118,6 +145,12 @@ class GeometryMonitor:
         self._committer: EpochCommitter | None = None
         self.previous_features: dict | None = None
         self.measured: dict[int, Measurement] = {}
+
+    @property
+    def should_stop(self) -> bool:
+        """An alarm with alarm_action="stop" fired at a measured epoch (and stays True): the loop
+        should end there. The same on every rank under torch.distributed."""
+        return self._should_stop
 
     @property
     def run_id(self) -> str:
@@ -169,11 +202,18 @@ class GeometryMonitor:
         )
         self._committer = EpochCommitter(self._run_id, str(self.folder), background=False)
 
-    def measure(self, epoch: int, *, label: str = "") -> Measurement:
+    def measure(self, epoch: int, *, label: str = "", record: dict | None = None) -> Measurement:
         """Probe the model as it is now, as epoch `epoch` (training epochs completed; 0 before any
-        training), and record it: spectra and kept features first, then the metrics at step `epoch`,
-        and one summary line (named `label`, if given). Every rank calls it under
-        torch.distributed; rank 0 records. Returns the measurement."""
+        training), test the alarm rules on it and record it: spectra and kept features first, then
+        the metrics at step `epoch` (alarm/<name> among them), one summary line (named `label`, if
+        given), and a warning line and the tag tgo.alarm for an alarm that fires. Every rank calls it
+        under torch.distributed; rank 0 records.
+
+        `record`: what else to keep of this epoch (tgo probe: the checkpoint measured), logged with
+        the alarms' state as probe/checkpoints/step_XXXXXX.json before the epoch's metrics, so that
+        every epoch counted as measured has it and a later probe of the run goes on from it.
+
+        Returns the measurement (its `alarms`: what the rules found, on rank 0)."""
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
             raise ConfigError(f"epoch: expected a whole number >= 0 (training epochs completed, 0 = before training), got {epoch!r}.")
         if self.main and self._committer is None:
@@ -188,22 +228,59 @@ class GeometryMonitor:
             main=self.main,
             progress=self.main and self.progress,
             previous_features=self.previous_features,
+            alarms=self.alarms,
         )
         if m.geometry is not None and m.geometry.features:
             self.previous_features = m.geometry.features
         if self.main:
             assert self._committer is not None  # started above
-            metrics = dict(m.metrics)
+            if record is not None:
+                tracking.log_json(self._run_id, {**record, "alarms": self.alarms.state()}, *tracking.step_record_artifact(epoch))
             self._committer.label = label
-            self._committer.submit(epoch, self.cfg.epochs, None, None, m.geometry, metrics, m.weights)
+            found = (m.alarms, self.alarms.summary()) if m.alarms is not None else None
+            self._committer.submit(epoch, self.cfg.epochs, None, None, m.geometry, dict(m.metrics), m.weights, alarms=found)
             if m.geometry is not None and m.geometry.degenerate():
                 tracking.set_tags(self._run_id, {Tag.DEGENERATE_VIEWS: ",".join(m.geometry.degenerate())})
+        if self._stops(m.alarms) and not self._should_stop:
+            self._should_stop, self.stopped_by = True, m.alarms
         self.measured[epoch] = m
         return m
 
+    def _stops(self, found: EpochAlarms | None) -> bool:
+        """Whether an alarm with action stop fired at this epoch: rank 0 tests the rules and tells
+        every rank (one broadcast per epoch, only where the action is stop: the same on every rank)."""
+        stop = found is not None and found.stop
+        if self.distributed and self.alarms and self.alarms.action == "stop":
+            box = [stop]
+            dist.broadcast_object_list(box, src=0)
+            stop = bool(box[0])
+        return stop
+
+    def record_stop(self, go_on: str = "") -> bool:
+        """Tag the run tgo.stopped_by (once, rank 0) when a stop alarm fired at the last epoch
+        measured, that is, the loop did stop there (a loop that went on past it was not stopped).
+        `go_on`: the sentence that says how to continue (tgo probe has its own). `close` calls it.
+        Returns whether the run is tagged."""
+        stopped = self.stopped_by
+        if not (self.main and self._run_id and stopped is not None and stopped.fired and self.measured):
+            return False
+        if max(self.measured) != stopped.fired[0].epoch:
+            return False
+        if not self._stop_recorded:
+            record_stop(
+                self._run_id,
+                stopped,
+                self.cfg.epochs,
+                go_on=go_on or "its epochs so far are recorded; a loop that records into the run again goes on from there.",
+            )
+            self._stop_recorded = True
+        return True
+
     def close(self, status: str = "FINISHED") -> None:
         """Close the run if this monitor opened it (a run given, or the caller's active run, is the
-        caller's to close), and remove the working folder."""
+        caller's to close), after `record_stop` when it ends well, and remove the working folder."""
+        if status == "FINISHED":
+            self.record_stop()
         if self._opened and self._run_id:
             tracking.finish(self._run_id, status)
             self._opened = False

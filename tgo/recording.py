@@ -162,6 +162,7 @@ def record_probe_start(
     )
     if dataset is not None:
         tracking.log_datasets(run_id, [dataset])
+    log.info(alarm_rules_line(cfg.alarms, cfg.alarm_action, cfg.probe_folds, cfg.probe_every))
 
 
 def dataset_inputs(cfg: TrainConfig, train: Dataset, val: Dataset, num_classes: int, probe_record: dict | None) -> list[dict]:
@@ -359,22 +360,18 @@ def record_alarms(run_id: str, found: EpochAlarms, fired: list[dict]) -> None:
         tracking.set_tags(run_id, {Tag.ALARM: json.dumps(fired, allow_nan=True)})
 
 
-def record_stop(run_id: str, found: EpochAlarms | None, epochs: int) -> None:
-    """A run ended by an alarm with action stop, after its epoch's checkpoint: the tag tgo.stopped_by
-    and the line that says how to go on (the run closes FINISHED; resume goes on as for any run)."""
+def record_stop(run_id: str, found: EpochAlarms | None, epochs: int, *, go_on: str = "") -> None:
+    """A run ended by an alarm with action stop, after its epoch's record: the tag tgo.stopped_by
+    and the line that says how to go on (the run closes FINISHED). `go_on`: that sentence for a run
+    that is not tgo train's (tgo probe, GeometryMonitor); by default, train's resume."""
     fired = found.fired if found is not None else []
     epoch = fired[0].epoch if fired else -1
     names = ", ".join(f.alarm for f in fired) or "an alarm"
     tracking.set_tags(run_id, {Tag.STOPPED_BY: json.dumps({"alarms": [f.alarm for f in fired], "epoch": epoch, "of": epochs})})
-    log.warning(
-        "run %s stopped at epoch %d of %d by %s (alarm_action=stop); its epochs so far are recorded with their checkpoint. "
-        "To go on anyway: tgo train --resume %s [--alarm_action warn].",
-        run_id,
-        epoch,
-        epochs,
-        names,
-        run_id,
+    go_on = go_on or (
+        f"its epochs so far are recorded with their checkpoint. To go on anyway: tgo train --resume {run_id} [--alarm_action warn]."
     )
+    log.warning("run %s stopped at epoch %d of %d by %s (alarm_action=stop); %s", run_id, epoch, epochs, names, go_on)
 
 
 def progress_line(epoch: int, epochs: int, metrics: dict[str, float], head: tuple[str, str] | None) -> str:

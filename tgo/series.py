@@ -14,6 +14,13 @@ the checkpoints not yet measured are probed; `follow` keeps watching the source 
 process trains and probes each new checkpoint once the folder has been quiet for one poll, until the
 step `follow_until` or `follow_timeout` seconds without a new checkpoint.
 
+The run's alarm rules (`alarms`, `alarm_action`: tgo.alarms, as in tgo train) are tested at every
+step. What they have seen rides in each step's record (probe/checkpoints/step_XXXXXX.json), so a
+later probe of the run, or `follow` started again, goes on from it. With alarm_action=stop a firing
+ends the probe after that step's record (FINISHED, tagged tgo.stopped_by; `follow` stops
+following); probing the run again goes on with the next steps, and the alarm that fired does not
+stop it again.
+
 Bad input (nothing found, a file that is not a checkpoint, another architecture, two different
 checkpoints claiming one step, a file that needs unpickling without `trust_checkpoints`) is
 refused before a run is made.
@@ -22,6 +29,7 @@ refused before a run is made.
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import time
@@ -46,7 +54,7 @@ from tgo.checkpoints import (
 )
 from tgo.config import PROBE_FIELDS, TrainConfig
 from tgo.data import build_datasets
-from tgo.errors import ConfigError, TgoError
+from tgo.errors import ConfigError, TgoError, TrackingError
 from tgo.keys import Tag
 from tgo.model import create_model
 from tgo.monitor import GeometryMonitor, _config
@@ -84,6 +92,10 @@ class SeriesResult:
         skipped: the steps the run had already measured.
         metrics: each probed step's metrics.
         head: the (site, view) that feeds the model's head.
+        stopped_by: the alarm(s) with alarm_action=stop that ended this call's probe (tag
+            tgo.stopped_by), or "".
+        stopped_at: the step where they fired, or None.
+        alarms: each alarm's first firing in the run so far (the tag tgo.alarm).
     """
 
     run_id: str
@@ -92,6 +104,9 @@ class SeriesResult:
     skipped: list[int] = field(default_factory=list)
     metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     head: tuple[str, str] = ("final", "cls")
+    stopped_by: str = ""
+    stopped_at: int | None = None
+    alarms: list[dict] = field(default_factory=list)
 
 
 def _source_key(source: str) -> str:
@@ -137,10 +152,11 @@ def probe_checkpoints(
         **settings: tgo train's settings that apply to a probe (tgo.config.PROBE_FIELDS: model,
             img_size, patch_size, depth, num_classes (0: the checkpoint's head), dataset, data_dir,
             probe_size, probe_seed, probe_folds, probe_batch_size, probe_patch_tokens, probe_weights,
-            feature_epochs, weight_spectra, device, experiment, run_name, ...).
+            feature_epochs, weight_spectra, alarms, alarm_action, device, experiment, run_name, ...).
 
     Raises:
-        ConfigError: bad input (see the module docstring), before any run is made.
+        ConfigError: bad input (see the module docstring; an alarm rule that does not parse, or
+            names a site the model lacks, among it), before any run is made.
     """
     given = _settings(settings)
     weights = given.get("probe_weights", "model")
@@ -177,7 +193,7 @@ def probe_checkpoints(
 
         data = build_datasets(_replace(cfg, num_classes=0), resolve_data_config({}, model=model))
 
-    monitor = GeometryMonitor(
+    monitor = GeometryMonitor(  # the alarm rules' sites are held to the model's here, before any run
         model,
         data.val,
         tags={
@@ -226,9 +242,21 @@ def _record(
             log.info("run %s already has steps %s; probing only the others.", rid, sorted(done))
             todo = [c.step for c in series.checkpoints if c.step not in done]
             monitor.previous_features = _kept_features_before(rid, min(todo) if todo else max(done) + 1, monitor.folder)
+            if monitor.alarms:
+                monitor.alarms.load_state(_alarm_state(rid, max(done), monitor.folder))
+            if todo or watch is not None:  # stopped by an alarm once, it goes on now (tgo.alarm keeps the firing)
+                tracking.delete_tag(rid, Tag.STOPPED_BY)
         _probe_all(series, done, model, monitor, cfg, trust, result)
-        if watch is not None:
+        if watch is not None and not monitor.should_stop:
             _follow(watch, done, model, monitor, cfg, trust, result)
+        result.alarms = monitor.alarms.summary()
+        if monitor.should_stop and monitor.stopped_by is not None:
+            result.stopped_by = ",".join(f.alarm for f in monitor.stopped_by.fired)
+            result.stopped_at = monitor.stopped_by.fired[0].epoch
+            monitor.record_stop(
+                go_on="its steps so far are recorded. tgo probe of the same checkpoints again probes the rest "
+                "(the alarm that fired does not stop it again; --alarm_action warn lets none stop it)."
+            )
         tracking.end_run("FINISHED")
     except BaseException as err:
         tracking.end_run("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", short(err))
@@ -247,6 +275,20 @@ def _kept_features_before(run_id: str, step: int, folder: Path) -> dict | None:
     if not earlier:
         return None
     return ProbeResult.load_features(tracking.download(run_id, "/".join(tracking.features_artifact(earlier[-1])), folder))
+
+
+def _alarm_state(run_id: str, step: int, folder: Path) -> dict | None:
+    """What the alarms had seen after `step` (its record), or None for a run probed before its
+    records kept it: its alarms then start again from the next step (their init is that step's)."""
+    artifact_dir, name = tracking.step_record_artifact(step)
+    try:
+        path = tracking.download(run_id, f"{artifact_dir}/{name}", folder / "records")
+        state = json.loads(path.read_text()).get("alarms")
+    except (TrackingError, OSError, ValueError):
+        state = None
+    if state is None:
+        log.info("run %s keeps no alarm state at step %d; its alarms start again from the next step probed.", run_id, step)
+    return state
 
 
 def short(err: BaseException) -> str:
@@ -309,6 +351,8 @@ def _probe_all(
     for c in tqdm(todo, desc="checkpoints", unit="ckpt", disable=None):
         _probe_one(c, model, monitor, cfg, trust, result)
         done.add(c.step)
+        if monitor.should_stop:  # an alarm with action stop fired: the later steps stay unprobed
+            return
 
 
 def _probe_one(c: Checkpoint, model, monitor: GeometryMonitor, cfg: TrainConfig, trust: bool, result: SeriesResult) -> None:
@@ -316,13 +360,8 @@ def _probe_one(c: Checkpoint, model, monitor: GeometryMonitor, cfg: TrainConfig,
     with torch.no_grad():
         model.load_state_dict(state)
     del state
-    m = monitor.measure(c.step, label=c.name)
-    tracking.log_json(
-        monitor.run_id,
-        {"step": c.step, "file": str(c.path), "layout": c.layout, "source_epoch": c.source_epoch, "copies": [str(p) for p in c.copies]},
-        "probe/checkpoints",
-        f"step_{c.step:06d}.json",
-    )
+    record = {"step": c.step, "file": str(c.path), "layout": c.layout, "source_epoch": c.source_epoch, "copies": [str(p) for p in c.copies]}
+    m = monitor.measure(c.step, label=c.name, record=record)  # the record, with the alarms' state, before the step's metrics
     result.probed.append(c.step)
     result.metrics[c.step] = m.metrics
 
@@ -367,4 +406,6 @@ def _follow(watch: Watch, done: set[int], model, monitor: GeometryMonitor, cfg: 
             for c in new:
                 _probe_one(c, model, monitor, cfg, trust, result)
                 done.add(c.step)
+                if monitor.should_stop:  # an alarm with action stop fired: following ends here
+                    return
             last_new = time.monotonic()

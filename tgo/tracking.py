@@ -612,6 +612,12 @@ def weight_spectra_artifact(epoch: int) -> tuple[str, str]:
     return "geometry/weights", f"epoch_{epoch:04d}.npz"
 
 
+def step_record_artifact(step: int) -> tuple[str, str]:
+    """A probe run's record of one step (tgo probe: the checkpoint file measured, and the alarms'
+    state after it, which a later probe of the run goes on from)."""
+    return "probe/checkpoints", f"step_{step:06d}.json"
+
+
 def weights_artifact(epoch: int) -> tuple[str, str]:
     return "checkpoints", f"weights_epoch_{epoch:04d}.pt"
 

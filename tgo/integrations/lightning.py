@@ -14,6 +14,10 @@ one. Under DDP every rank probes its shard of the probe set and the sums are all
 `train_ddp` does); rank 0 records. The ViT is the LightningModule itself if it is one, else the
 attribute `model_attr` names, else its first submodule with a ViT's token layout.
 
+The run's alarm rules (`alarms`, `alarm_action`, as in tgo train) are tested at every measured
+epoch; with alarm_action="stop" a firing sets `trainer.should_stop` (Lightning's own way to end a
+fit, as EarlyStopping does), and the run is tagged tgo.stopped_by when the fit ends.
+
 Needs the `lightning` extra (`pip install "tgo[lightning]"`).
 """
 
@@ -44,7 +48,8 @@ class GeometryCallback(pl.Callback):
         every_n_epochs: measure after every n-th training epoch (and after the last).
         model_attr: the attribute of the LightningModule that holds the ViT (default: found).
         **settings: tgo train's settings for the probe (tgo.config.TrainConfig names: probe_size,
-            probe_folds, probe_seed, probe_batch_size, feature_epochs, weight_spectra, ...).
+            probe_folds, probe_seed, probe_batch_size, feature_epochs, weight_spectra, alarms,
+            alarm_action, ...).
     """
 
     def __init__(self, probe_data: Dataset | DataLoader, *, every_n_epochs: int = 1, model_attr: str = "", **settings: Any) -> None:
@@ -84,7 +89,15 @@ class GeometryCallback(pl.Callback):
             settings.setdefault("epochs", trainer.max_epochs)  # feature_epochs' "last"
         self.monitor = GeometryMonitor(self._vit(pl_module), self.probe_data, run_id=self._run_id(trainer) or None, **settings)
         if trainer.global_step == 0:  # a fit that starts from a checkpoint has measured its epoch 0 already
-            self.monitor.measure(0)
+            self._measure(trainer, 0)
+
+    def _measure(self, trainer: pl.Trainer, epoch: int) -> None:
+        """Measure, and ask the trainer to stop when an alarm with action stop has fired (every rank
+        sees the same `should_stop`: the monitor broadcasts rank 0's)."""
+        assert self.monitor is not None
+        self.monitor.measure(epoch)
+        if self.monitor.should_stop:
+            trainer.should_stop = True
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.monitor is None or trainer.sanity_checking:
@@ -92,7 +105,7 @@ class GeometryCallback(pl.Callback):
         done = trainer.current_epoch + 1  # training epochs completed (Lightning counts from 0)
         last = trainer.max_epochs is not None and done >= trainer.max_epochs
         if done % self.every_n_epochs == 0 or last:
-            self.monitor.measure(done)
+            self._measure(trainer, done)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.monitor is not None:
