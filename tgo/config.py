@@ -131,7 +131,7 @@ class TrainConfig:
     )
     alarm_action: AlarmAction = _field(
         "warn",
-        "when an alarm fires: warn (log line, metric alarm/<name>, tag tgo.alarm) or stop (also end the run, FINISHED, after its checkpoint)",
+        "when an alarm fires: warn (log line, metric alarm/<name>, tag tgo.alarm) or stop (also end the run after that epoch's record, FINISHED, tagged tgo.stopped_by; a Lightning fit is asked to stop)",
     )
     # run
     seed: int = _field(0, "training seed (initialisation, shuffling, augmentation)")
