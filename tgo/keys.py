@@ -17,6 +17,7 @@ Metrics (step = epoch unless said otherwise):
     cka/<site>/<view>                     a comparison's CKA between the runs   `cross_cka_key`
     compare/<what>                        a comparison's counts             `compare_key`
     best/<metric>                         a study's best objective value    `best_key`
+    study/<what>                          a study's trials by how they ended (complete, pruned_by_pruner, pruned_by_alarm, fail)   `study_key`
 
 Sites, in forward order: patch_embed, pos_embed, block_00 .. block_{depth-1}, final. Views: cls,
 patch, mean. Token interaction (the mean cosine between an image's distinct patch tokens) is one
@@ -155,6 +156,12 @@ def best_key(metric: str) -> str:
     return f"best/{metric}"
 
 
+def study_key(what: str) -> str:
+    """study/<what>: a study parent's count of trials that ended so (complete, pruned_by_pruner,
+    pruned_by_alarm, fail)."""
+    return f"study/{what}"
+
+
 class Tag:
     """The tags tgo sets on MLflow runs (MLflow's own, mlflow.*, are spelled where they are set)."""
 
@@ -186,6 +193,7 @@ class Tag:
     STUDY = "tgo.study"
     SEEDS = "tgo.seeds"
     SEED_RUNS = "tgo.seed_runs"  # a sweep parent's seed runs, set once every seed is aggregated
+    STOPPED_SEEDS = "tgo.stopped_seeds"  # JSON on a sweep parent: seed -> the tgo.stopped_by of its run (an alarm ended it early)
     SWEEP_PARENT = "tgo.sweep_parent"  # on another worker's launcher run
     TRIAL_NUMBER = "tgo.trial_number"
     TRIAL_STATE = "tgo.trial_state"  # RUNNING, COMPLETE, PRUNED, FAIL
@@ -216,3 +224,4 @@ class TrialAttr:
     SLOT = "tgo.slot"  # trial: one of a study's n_trials slots
     SURPLUS = "tgo.surplus"  # trial: asked for once every slot was taken
     PRUNED_BY = "tgo.pruned_by"  # trial: what pruned it, "pruner" (the study's) or "alarm" (a geometry alarm with action stop)
+    PRUNED_BECAUSE = "tgo.pruned_because"  # trial: why, in words (the pruner and epoch, or the alarm's firing with its numbers)

@@ -12,6 +12,12 @@
 - Pruning (single objective): the objective is reported every epoch and the pruner (MedianPruner
   by default) stops unpromising trials, each judged only after its own warm-up epochs; their runs
   end as KILLED with tgo.stopped_early.
+- Pruning on geometry (any study): with alarm_action=stop, a trial whose alarm (tgo.alarms) is in
+  alarm at a probed epoch is pruned there, before the pruner judges it, instead of ending FINISHED as
+  a lone run would: it is a trial the study gave up, like the pruner's. Either way the trial is
+  PRUNED with TrialAttr.PRUNED_BY ("pruner" or "alarm") and PRUNED_BECAUSE, its run KILLED with
+  tgo.stopped_early, tgo.trial_state PRUNED, tgo.pruned_by and the reason (for an alarm, its firing
+  with the numbers) in the run's note; the summary counts the two apart.
 - A trial that raises is recorded as FAIL (its run as FAILED) and the study goes on.
 - Storage (tgo.storage): SQLite by default, journal:PATH for several processes on one machine,
   PostgreSQL across machines; load_if_exists resumes a study; heartbeats retry dead workers'
@@ -21,11 +27,15 @@
   each hyperparameter and each final-epoch observable of the head view (final/cls) across the completed trials,
   and what the geometry says about accuracy across them (`tgo.accuracy.over_runs`: every site/view's
   final-epoch observables against the trial's final val/acc1, the trial each would pick next to the
-  one accuracy picks; tables/accuracy_correlation.csv).
+  one accuracy picks; tables/accuracy_correlation.csv);
+  the trials table has a pruned_by column, the parent the metrics study/<state> (`keys.study_key`),
+  and the figures count the pruner's prunes and the alarms' apart (the intermediate values draw
+  alarm-pruned trials dashed).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import warnings
@@ -44,9 +54,10 @@ from matplotlib.figure import Figure
 from optuna.trial import TrialState
 
 from tgo import accuracy, plots, tracking, train
+from tgo.alarms import ALARM_PREFIX, Firing
 from tgo.config import FIELD_TYPES, TrainConfig, from_dict, from_overrides
 from tgo.errors import ConfigError, short_error
-from tgo.keys import HEAD_VIEW, METRIC_PREFIX, Tag, TrialAttr, best_key, metric_key, parse_head, parse_metric_key
+from tgo.keys import HEAD_VIEW, METRIC_PREFIX, Tag, TrialAttr, best_key, metric_key, parse_head, parse_metric_key, study_key
 from tgo.outputs import OutputFolder
 from tgo.spectral import OBSERVABLE_NAMES
 from tgo.storage import mark_worker, open_storage, optuna_errors_only, reclaim_dead_trials
@@ -55,6 +66,7 @@ from tgo.workers import RESUME_REFUSED, fail_dead_run, parent_run, retried_run, 
 DEFAULT_SPACE = Path(__file__).resolve().parent / "data" / "search_space.yaml"  # shipped inside the package
 SCALAR_OBJECTIVES = ("train/loss", "train/acc1", "val/loss", "val/acc1", "val/acc5")
 PRUNERS = ("median", "hyperband", "successive_halving", "none")
+PRUNER, ALARM, SURPLUS = "pruner", "alarm", "surplus"  # what pruned a trial (TrialAttr.PRUNED_BY; surplus: no slot was left)
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +167,20 @@ def suggest(trial: optuna.Trial, space: dict[str, dict]) -> dict:
     return params
 
 
+def _alarm_reason(run_id: str, names: list[str], epoch: int) -> str:
+    """Why a trial is pruned by its alarms `names` at `epoch`: each one's first firing with its
+    numbers, as the run's tag tgo.alarm holds it (written with the epoch's record, before the epoch
+    callback; a retried trial's run may have fired before the worker died)."""
+    try:
+        fired = [Firing(**f) for f in json.loads(tracking.get_run(run_id).data.tags.get(Tag.ALARM, "[]"))]
+    except (ValueError, TypeError):  # a tag another tgo version wrote: the names still say it
+        fired = []
+    lines = [f.line() for f in fired if f.alarm in names]  # "alarm <name> at epoch <first firing>: <numbers>"
+    if not lines:
+        return f"pruned by an alarm at epoch {epoch} (alarm_action=stop): {', '.join(names)} in alarm"
+    return f"pruned by an alarm at epoch {epoch} (alarm_action=stop): {'; '.join(lines)}"
+
+
 def _pruner(name: str) -> optuna.pruners.BasePruner:
     makers: dict[str, Callable[[], optuna.pruners.BasePruner]] = {
         "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
@@ -238,6 +264,7 @@ def study(
         resume = retried_run(trial, parent)
         mark_worker(trial)
         run_ids: list[str] = []
+        stopped_by: list[str] = []  # PRUNER or ALARM, set where the trial's training is stopped
 
         def started(run_id: str) -> None:
             run_ids.append(run_id)
@@ -251,15 +278,28 @@ def study(
             def report(epoch: int, m: dict) -> None:
                 if len(metrics) == 1 and epoch > 0 and metrics[0] in m:
                     trial.report(m[metrics[0]], epoch)
+                # Called before train's own alarm stop (which would end the run FINISHED): the
+                # study prunes the trial instead, and before the pruner, whose verdict it overrides.
+                in_alarm = sorted(k.partition("/")[2] for k, v in m.items() if k.startswith(f"{ALARM_PREFIX}/") and v == 1)
+                if in_alarm and trial_cfg.alarm_action == "stop":
+                    stopped_by.append(ALARM)
+                    raise train.StopTraining(_alarm_reason(run_ids[0], in_alarm, epoch))
+                if len(metrics) == 1 and epoch > 0 and metrics[0] in m:
                     # Judged only once its own warm-up has ended: until then its lr is still rising
                     # (stepped per epoch, its first epoch trains at warmup_lr), and a trial with a
                     # longer warm-up would lose to the others' epochs at full lr.
                     if epoch > trial_cfg.warmup_epochs and trial.should_prune():
+                        stopped_by.append(PRUNER)
                         raise train.StopTraining(f"pruned by {type(s.pruner).__name__} at epoch {epoch}")
 
             result = train.run(trial_cfg, parent_run_id=parent, epoch_callback=report, on_start=started)
         except train.StopTraining as stop:
-            tracking.set_tags(run_ids[0], {Tag.TRIAL_STATE: "PRUNED"})
+            by = stopped_by[-1] if stopped_by else PRUNER
+            trial.set_user_attr(TrialAttr.PRUNED_BY, by)
+            trial.set_user_attr(TrialAttr.PRUNED_BECAUSE, str(stop))
+            tracking.set_tags(run_ids[0], {Tag.TRIAL_STATE: "PRUNED", Tag.PRUNED_BY: by})
+            tracking.set_note(run_ids[0], f"Trial {trial.number} of study {study_name}: {stop}.")
+            log.info("study %s: trial %d %s (its run %s).", study_name, trial.number, stop, run_ids[0])
             raise optuna.TrialPruned(str(stop)) from None
         except Exception as err:
             # Reported in one line by this worker (below); Optuna's own report, a traceback per
@@ -368,6 +408,57 @@ def _same_config_error(s: optuna.Study, first: int = 2) -> tuple[int, str] | Non
     return None
 
 
+def pruned_by(t: optuna.trial.FrozenTrial) -> str:
+    """What pruned a trial ("" if it is not PRUNED): its TrialAttr.PRUNED_BY (PRUNER or ALARM), else
+    SURPLUS (asked for once every slot was taken), else PRUNER (a study from before tgo told them apart)."""
+    if t.state != TrialState.PRUNED:
+        return ""
+    if TrialAttr.PRUNED_BY in t.user_attrs:
+        return str(t.user_attrs[TrialAttr.PRUNED_BY])
+    return SURPLUS if t.user_attrs.get(TrialAttr.SURPLUS) else PRUNER
+
+
+def _ended(trials: pd.DataFrame) -> dict[str, int]:
+    """The study's trials by how they ended (surplus trials, never one of its slots, left out): the
+    parent's metrics study/<what>."""
+    if trials.empty:
+        return dict.fromkeys(("complete", "pruned_by_pruner", "pruned_by_alarm", "fail"), 0)
+    return {
+        "complete": int((trials.state == "COMPLETE").sum()),
+        "pruned_by_pruner": int((trials.pruned_by == PRUNER).sum()),
+        "pruned_by_alarm": int((trials.pruned_by == ALARM).sum()),
+        "fail": int((trials.state == "FAIL").sum()),
+    }
+
+
+def _mark_pruned(fig: Figure, trials: pd.DataFrame) -> None:
+    """An Optuna figure that tells the pruner's prunes from the alarms': the counts under its title,
+    and where it draws a line per trial ("Trial<N>": the intermediate values) alarm-pruned trials
+    dashed with x markers, each pruned line labelled by what pruned it."""
+    by = dict(zip(trials.number, trials.pruned_by))
+    for ax in fig.axes:
+        drawn = False
+        for line in ax.get_lines():
+            label = str(line.get_label())
+            if not (label.startswith("Trial") and label[5:].isdigit()):
+                continue
+            drawn, what = True, by.get(int(label[5:]), "")
+            if what == ALARM:
+                line.set_linestyle("--")
+                line.set_marker("x")
+            if what in (ALARM, PRUNER):
+                line.set_label(f"{label} (pruned by {'an alarm' if what == ALARM else 'the pruner'})")
+        if drawn and ax.get_legend() is not None:
+            ax.legend(bbox_to_anchor=(1.05, 1), loc="upper left", borderaxespad=0.0)  # Optuna's placement, the new labels
+    ended = _ended(trials)
+    if fig.axes and (ended["pruned_by_pruner"] or ended["pruned_by_alarm"]):
+        ax = fig.axes[0]
+        ax.set_title(
+            f"{ax.get_title()}\n{ended['pruned_by_pruner']} trial(s) pruned by the pruner, {ended['pruned_by_alarm']} by an alarm",
+            fontsize="small",
+        )
+
+
 def _summarise(s: optuna.Study, parent: str, metrics: list[str], space: dict, out: OutputFolder) -> StudyResult:
     """Trials table, Optuna figures and the hyperparameter x geometry correlations, written in
     `out` and logged into the parent."""
@@ -378,6 +469,7 @@ def _summarise(s: optuna.Study, parent: str, metrics: list[str], space: dict, ou
             {
                 "number": t.number,
                 "state": t.state.name,
+                "pruned_by": pruned_by(t),
                 **dict(zip(metrics, values)),
                 **{f"param.{k}": v for k, v in t.params.items()},
                 "run_id": t.user_attrs.get(TrialAttr.RUN, ""),
@@ -387,6 +479,9 @@ def _summarise(s: optuna.Study, parent: str, metrics: list[str], space: dict, ou
     complete = [t for t in s.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     best = [t.number for t in s.best_trials] if complete else []
     result = StudyResult(s.study_name, parent, trials, best)
+    for t in s.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
+        if pruned_by(t) == ALARM:
+            result.notes.append(f"trial {t.number} {t.user_attrs.get(TrialAttr.PRUNED_BECAUSE, 'pruned by an alarm')}.")
 
     # Spearman's rho between each hyperparameter and each final-epoch observable of the head view
     # (final/cls, or final/mean for an average-pooled model: every trial has the same model).
@@ -437,13 +532,16 @@ def _summarise(s: optuna.Study, parent: str, metrics: list[str], space: dict, ou
                 warnings.simplefilter("ignore")
                 ax: Axes | np.ndarray = make()  # these plots give one Axes; an array of them (multi-panel plots) is handled too
             fig = ax.figure if hasattr(ax, "figure") else np.ravel(ax)[0].figure
+            _mark_pruned(cast(Figure, fig), trials)
             out.figure(cast(Figure, fig), f"optuna_{name}")  # Optuna draws on a figure of its own (plt.subplots), not a subfigure
         except (ValueError, RuntimeError, ZeroDivisionError) as err:
             result.notes.append(f"{name} figure skipped: {err}")
     out.log(parent)
     tags = {Tag.OBJECTIVES: ",".join(metrics), Tag.N_TRIALS: len(trials), Tag.BEST_TRIALS: ",".join(map(str, best))}
     tracking.set_tags(parent, tags)
+    ended: dict[str, float] = {study_key(what): n for what, n in _ended(trials).items()}
     if len(metrics) == 1 and complete:
-        tracking.log_metrics(parent, {best_key(metrics[0]): s.best_value}, step=len(trials))
+        ended[best_key(metrics[0])] = s.best_value
+    tracking.log_metrics(parent, ended, step=len(trials))
     tracking.finish(parent)
     return result

@@ -21,10 +21,20 @@ verdict across seeds: the seeds' first-to-last changes combined with a t interva
 across the finding's observables (`tgo.findings.across_seeds`), logged as seeds/finding/<N>; and
 what the geometry says about accuracy across the seeds (`tgo.accuracy.over_runs`: each observable's
 last-epoch value against the seed's last val/acc1, tables/accuracy_correlation.csv).
+
+Alarms (alarms, alarm_action) pass to every seed's run like any train setting. A seed whose run an
+alarm with alarm_action=stop ended early is complete all the same (its run is FINISHED, with fewer
+epochs; unlike a study, a sweep prunes nothing: a seed that collapses is a result about the
+setting). The aggregate is per epoch, so from its stop on a stopped seed is simply absent (`n` in
+the summary counts the seeds that reached each epoch) and no last epoch of one seed is averaged
+with another's; the verdicts across seeds take each seed's change up to its own last epoch. The
+stopped seeds are named: a warning, a note, SweepResult.stopped and the parent's tag
+tgo.stopped_seeds (seed -> its run's tgo.stopped_by).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -58,6 +68,7 @@ class SweepResult:
     summary: pd.DataFrame | None = None  # epoch, site, view, observable, n, mean, std, ci95_low, ci95_high
     findings: pd.DataFrame | None = None  # tgo.findings.across_seeds: per finding and observable
     accuracy: pd.DataFrame | None = None  # tgo.accuracy.over_runs across the seeds at their last epoch
+    stopped: dict[int, dict] = field(default_factory=dict)  # seed -> its run's tgo.stopped_by (alarms, epoch, of): ended early by an alarm
     notes: list[str] = field(default_factory=list)
 
 
@@ -199,8 +210,33 @@ def sweep(
             "that completes the last seed aggregates, or re-run the sweep once they are done."
         )
     elif aggregate:
+        result.stopped = stopped_seeds(completed)
+        if result.stopped:
+            for seed, why in sorted(result.stopped.items()):
+                note = (
+                    f"seed {seed}'s run {completed[seed]} was stopped by alarm {', '.join(why.get('alarms', [])) or '?'} at epoch "
+                    f"{why.get('epoch')} of {why.get('of')} (alarm_action=stop): after that epoch the aggregate covers the other "
+                    "seeds only, and its verdicts take this seed's change up to that epoch."
+                )
+                log.warning("sweep %s: %s", study_name, note)
+                result.notes.append(note)
+            tracking.set_tags(parent, {Tag.STOPPED_SEEDS: json.dumps({str(k): v for k, v in sorted(result.stopped.items())})})
         result.summary, result.findings, result.accuracy = aggregate_into(parent, completed, figure_format)
     return result
+
+
+def stopped_seeds(seed_runs: dict[int, str]) -> dict[int, dict]:
+    """The seeds whose run an alarm with alarm_action=stop ended early: seed -> the run's tag
+    tgo.stopped_by ({"alarms": [...], "epoch": E, "of": N}); a resumed run that went on has lost it."""
+    out = {}
+    for seed, run_id in seed_runs.items():
+        text = tracking.get_run(run_id).data.tags.get(Tag.STOPPED_BY)
+        if text:
+            try:
+                out[seed] = dict(json.loads(text))
+            except (ValueError, TypeError):
+                out[seed] = {"alarms": [], "epoch": None, "of": None, "tag": text}
+    return out
 
 
 def summarise(per_seed: pd.DataFrame, group: Sequence[str]) -> pd.DataFrame:

@@ -462,6 +462,11 @@ def set_tags(run_id: str, tags: dict[str, Any]) -> None:
     MlflowClient().log_batch(run_id, tags=[mlflow.entities.RunTag(k, str(v)) for k, v in tags.items()])
 
 
+def set_note(run_id: str, text: str) -> None:
+    """The run's note (MLflow's description, shown on its page in the UI)."""
+    set_tags(run_id, {"mlflow.note.content": text})
+
+
 def delete_tag(run_id: str, key: str) -> None:
     """Remove a tag from a run, if it has it."""
     if key in MlflowClient().get_run(run_id).data.tags:
