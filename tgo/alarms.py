@@ -367,6 +367,14 @@ class Alarms:
         self.first: dict[str, Firing] = {}
         self.uses_errors: bool | None = None  # None until an epoch is seen
 
+    @classmethod
+    def for_sites(cls, text: str, action: Action, sites: Iterable[str], head: tuple[str, str] = HEAD_VIEW) -> Alarms:
+        """The alarms of an `alarms` setting for a model with these `sites` and `head` view: the
+        rules parsed and their site globs held to the model's own (ConfigError, before any work)."""
+        rules = parse(text)
+        check_sites(rules, sites, head)
+        return cls(rules, action, head)
+
     def __bool__(self) -> bool:
         return bool(self.rules)
 

@@ -42,7 +42,6 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from tgo import alarms as alarm_rules
 from tgo import tracking
 from tgo.alarms import Alarms, EpochAlarms
 from tgo.config import PROBE_FIELDS, TrainConfig, from_overrides
@@ -52,7 +51,7 @@ from tgo.measure import Measurement, measure
 from tgo.probe import head_view, site_names
 from tgo.probeset import ProbeSet, dataset_size
 from tgo.recording import EpochCommitter, record_probe_start, record_stop
-from tgo.runtime import resolve_device
+from tgo.runtime import rank0_flag, resolve_device
 
 __all__ = ["GeometryMonitor"]
 
@@ -122,9 +121,7 @@ class GeometryMonitor:
             tags.setdefault(Tag.DATASET, type(dataset_of).__name__)
         self.cfg: TrainConfig = _config(settings)
         self.model = model
-        rules = alarm_rules.parse(self.cfg.alarms)  # parsed (and checked) with the config already
-        alarm_rules.check_sites(rules, site_names(model), head_view(model))
-        self.alarms = Alarms(rules, self.cfg.alarm_action, head_view(model))
+        self.alarms = Alarms.for_sites(self.cfg.alarms, self.cfg.alarm_action, site_names(model), head_view(model))
         self.stopped_by: EpochAlarms | None = None
         self._should_stop = self._stop_recorded = False
         self.device = resolve_device(self.cfg.device) if "device" in settings else _device_of(model)
@@ -241,20 +238,11 @@ class GeometryMonitor:
             self._committer.submit(epoch, self.cfg.epochs, None, None, m.geometry, dict(m.metrics), m.weights, alarms=found)
             if m.geometry is not None and m.geometry.degenerate():
                 tracking.set_tags(self._run_id, {Tag.DEGENERATE_VIEWS: ",".join(m.geometry.degenerate())})
-        if self._stops(m.alarms) and not self._should_stop:
+        # Rank 0 tests the rules and tells every rank (a broadcast only where the action is stop).
+        if rank0_flag(m.alarms is not None and m.alarms.stop, self.distributed and self.alarms.action == "stop") and not self._should_stop:
             self._should_stop, self.stopped_by = True, m.alarms
         self.measured[epoch] = m
         return m
-
-    def _stops(self, found: EpochAlarms | None) -> bool:
-        """Whether an alarm with action stop fired at this epoch: rank 0 tests the rules and tells
-        every rank (one broadcast per epoch, only where the action is stop: the same on every rank)."""
-        stop = found is not None and found.stop
-        if self.distributed and self.alarms and self.alarms.action == "stop":
-            box = [stop]
-            dist.broadcast_object_list(box, src=0)
-            stop = bool(box[0])
-        return stop
 
     def record_stop(self, go_on: str = "") -> bool:
         """Tag the run tgo.stopped_by (once, rank 0) when a stop alarm fired at the last epoch

@@ -168,6 +168,16 @@ def autocast(device: torch.device, amp: torch.dtype | None) -> AbstractContextMa
 # --------------------------------------------------------------------------------------------------
 
 
+def rank0_flag(flag: bool, distributed: bool) -> bool:
+    """Rank 0's `flag` on every rank (a broadcast under torch.distributed), so that a decision rank 0
+    takes alone, such as an alarm's stop, is the same everywhere; `flag` as it is otherwise."""
+    if not distributed:
+        return flag
+    box = [flag]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
 def seed_epoch(seed: int, epoch: int) -> int:
     """Seed torch, numpy and random with one seed per (run seed, epoch): every epoch starts from a
     known RNG state, whatever ran before it (a resume, or another epoch's probe).

@@ -43,7 +43,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from tqdm.auto import tqdm
 
-from tgo import alarms as alarm_rules
 from tgo import tracking
 from tgo.alarms import Alarms, EpochAlarms
 from tgo.config import TrainConfig, from_dict, from_overrides
@@ -55,7 +54,7 @@ from tgo.model import create_model
 from tgo.probe import ProbeResult, head_view, site_names
 from tgo.probeset import ProbeSet, dataset_size
 from tgo.recording import EpochCommitter, cpu_copy, dataset_inputs, record_failure, record_start, record_stop
-from tgo.runtime import Dist, amp_dtype, autocast, init_distributed, resolve_device, rng_state, seed_epoch, use_device
+from tgo.runtime import Dist, amp_dtype, autocast, init_distributed, rank0_flag, resolve_device, rng_state, seed_epoch, use_device
 from tgo.weights import WeightSpectra
 
 if TYPE_CHECKING:  # timm is imported where it is used
@@ -204,9 +203,8 @@ def build(cfg: TrainConfig, d: Dist | None = None, ckpt: dict | None = None) -> 
 def _alarms(cfg: TrainConfig, model: torch.nn.Module, ckpt: dict | None) -> Alarms:
     """The run's alarm rules (cfg.alarms, parsed when the config was made), their sites held to the
     model's own, and what a resumed run's rules had seen (its checkpoint)."""
-    rules = alarm_rules.parse(cfg.alarms)
-    alarm_rules.check_sites(rules, site_names(model), head_view(model))
-    return Alarms(rules, cfg.alarm_action, head_view(model)).load_state(ckpt.get("alarms") if ckpt is not None else None)
+    alarms = Alarms.for_sites(cfg.alarms, cfg.alarm_action, site_names(model), head_view(model))
+    return alarms.load_state(ckpt.get("alarms") if ckpt is not None else None)
 
 
 def _probe_set(cfg: TrainConfig, data: Datasets) -> ProbeSet | None:
@@ -931,7 +929,9 @@ def _train(cfg: TrainConfig, given: set[str], d: Dist, tmp: str, parent_run_id: 
                 if d.main:
                     committer.wait()  # the callback may read the run: its epoch is recorded first
                 epoch_callback(epoch, metrics)
-            if _stops(d, found):  # an alarm with action stop fired: the run ends here, its epoch recorded
+            # An alarm with action stop fired: the run ends here, its epoch recorded. Rank 0 tests the
+            # rules and tells every rank, so that all leave the loop together.
+            if rank0_flag(found is not None and found.stop, d.enabled and s.alarms.action == "stop"):
                 stopped_by, last_epoch = ",".join(f.alarm for f in found.fired) if found is not None else "alarm", epoch
                 break
         if d.main:
@@ -949,17 +949,6 @@ def _train(cfg: TrainConfig, given: set[str], d: Dist, tmp: str, parent_run_id: 
     finally:
         if lease is not None:
             lease.stop()
-
-
-def _stops(d: Dist, found: EpochAlarms | None) -> bool:
-    """Whether an alarm with action stop fired this epoch: rank 0 tests the rules and tells every
-    rank (under torchrun), so that all leave the loop together."""
-    stop = found is not None and found.stop
-    if d.enabled:
-        box = [stop]
-        dist.broadcast_object_list(box, src=0)
-        stop = bool(box[0])
-    return stop
 
 
 def run_name(cfg: TrainConfig) -> str:
